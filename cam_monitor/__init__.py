@@ -1,2 +1,15 @@
-"""cam_monitor: Grad-CAM monitoring for training image classifiers."""
+"""cam_monitor: Grad-CAM monitoring for image classifiers while they train.
+
+The engine (:func:`compute_cams`) works in any PyTorch loop; :class:`CAMMonitor` wires it into
+PyTorch Lightning.
+"""
+from .engine import CAMResult, cam_pass, compute_cams
+from .errors import CAMError, HookNotFiredError, InputError, LayerNotFoundError, LayerNotSpatialError, TargetError
+from .methods import METHODS
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "CAMError", "CAMResult", "HookNotFiredError", "InputError", "LayerNotFoundError", "LayerNotSpatialError",
+    "METHODS", "TargetError", "cam_pass", "compute_cams",
+]

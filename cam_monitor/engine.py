@@ -1,0 +1,229 @@
+"""The CAM engine: one forward and one backward through the layers after the target layer.
+
+How it stays cheap and side-effect free:
+- the forward runs under ``no_grad`` up to the target layer; a forward hook clones the layer's
+  output into a fresh leaf and switches grad mode on, so autograd records only the tail of the
+  network (target layer -> logits);
+- gradients come from ``torch.autograd.grad`` w.r.t. that leaf, never ``.backward()``, so no
+  parameter ``.grad`` is touched; K targets per image share the one recorded graph through a
+  batched (vmapped) backward;
+- the pass runs in eval mode inside ``inference_mode(False)``; every submodule's own ``training``
+  flag, the global RNG state and the global grad mode are restored afterwards, also on error.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence, Union
+
+import torch
+from torch import nn
+
+from .errors import InputError, LayerNotSpatialError, TargetError
+from .layers import LayerSpec, ReshapeSpec, hook_not_fired, resolve_layer, to_grid, unwrap_compiled
+from .methods import METHODS, check_methods
+
+TargetSpec = Union[None, int, Sequence[int], torch.Tensor]
+OutputTransform = Callable[[Any], torch.Tensor]
+
+
+@dataclass
+class CAMResult:
+    """Everything one CAM pass produced.
+
+    ``maps[method]`` is (B, K, h, w) float32, ReLU'd and not normalised; ``logits`` (B, classes)
+    float32 and ``targets`` (B, K) long are detached; ``squeeze_targets`` records whether the
+    caller asked for one target per image (so :func:`compute_cams` drops the K axis).
+    """
+
+    maps: dict[str, torch.Tensor]
+    logits: torch.Tensor
+    targets: torch.Tensor
+    layer_name: str
+    squeeze_targets: bool
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """(h, w) of the maps: the target layer's spatial resolution."""
+        first = next(iter(self.maps.values()))
+        return int(first.shape[-2]), int(first.shape[-1])
+
+    @property
+    def scores(self) -> torch.Tensor:
+        """(B, K) logits of the target classes."""
+        return self.logits.gather(1, self.targets)
+
+
+@contextlib.contextmanager
+def preserved_model_state(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """Run the body in eval mode, then restore each submodule's ``training`` flag and the RNG."""
+    flags = [(m, m.training) for m in model.modules()]
+    cuda_devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=cuda_devices):
+            model.eval()
+            yield
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+def default_output_transform(output: Any) -> torch.Tensor:
+    """Pick the logits from a model output: a tensor, ``output["logits"]`` or ``output[0]``."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict) and "logits" in output:
+        return output["logits"]
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(
+        f"cannot find logits in a model output of type {type(output).__name__}; "
+        "pass output_transform=lambda out: <the (B, num_classes) logits>"
+    )
+
+
+def check_images(images: torch.Tensor) -> None:
+    """Raise :class:`InputError` unless ``images`` is a floating (B, C, H, W) tensor with B > 0."""
+    if not isinstance(images, torch.Tensor):
+        raise InputError(f"images must be a torch.Tensor of shape (B, C, H, W), got {type(images).__name__}")
+    if images.dim() != 4:
+        hint = " (add a batch axis with images.unsqueeze(0))" if images.dim() == 3 else ""
+        raise InputError(f"images must be 4-D (B, C, H, W), got shape {tuple(images.shape)}{hint}")
+    if images.shape[0] == 0:
+        raise InputError("images is an empty batch (B = 0)")
+    if not images.is_floating_point():
+        raise InputError(f"images must be a floating tensor (normalised as the model expects), got {images.dtype}")
+
+
+def resolve_targets(targets: TargetSpec, logits: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Return ``(targets (B, K) long, squeeze)`` checked against the logits' batch and classes."""
+    batch, num_classes = logits.shape
+    if targets is None:
+        return logits.argmax(dim=1, keepdim=True), True
+    if isinstance(targets, int):
+        t = torch.full((batch,), targets, dtype=torch.long, device=logits.device)
+    else:
+        t = torch.as_tensor(targets, device=logits.device)
+    if t.is_floating_point() or t.dtype == torch.bool:
+        raise TargetError(f"targets must hold integer class indices, got dtype {t.dtype}")
+    if t.dim() not in (1, 2) or t.shape[0] != batch:
+        raise TargetError(
+            f"targets must have shape ({batch},) or ({batch}, K) to match the {batch} images, got {tuple(t.shape)}")
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_classes):
+        bad = t[(t < 0) | (t >= num_classes)].unique().tolist()
+        raise TargetError(f"target classes {bad} are out of range for a model with {num_classes} classes (0..{num_classes - 1})")
+    squeeze = t.dim() == 1
+    return (t.unsqueeze(1) if squeeze else t).long(), squeeze
+
+
+def _capture_hook(store: dict[str, torch.Tensor], layer_name: str) -> Callable:
+    """Forward hook: keep a cloned leaf of the output and record autograd from here on."""
+    def hook(_module: nn.Module, _inputs: tuple, output: Any) -> torch.Tensor:
+        if not isinstance(output, torch.Tensor):
+            raise LayerNotSpatialError(
+                f"layer {layer_name!r} returns a {type(output).__name__}, not a tensor; target a submodule "
+                "that returns the feature tensor")
+        leaf = output.detach().clone().requires_grad_(True)
+        store["act"] = leaf
+        torch.set_grad_enabled(True)
+        return leaf.clone()
+    return hook
+
+
+def _target_gradients(logits: torch.Tensor, act: torch.Tensor, targets: torch.Tensor, sign: float) -> torch.Tensor:
+    """d(logit[b, targets[b, k]])/d(act) for every k, as (B, K, *act.shape[1:])."""
+    k = targets.shape[1]
+    onehot = torch.zeros((k, *logits.shape), dtype=logits.dtype, device=logits.device)
+    onehot.scatter_(2, targets.t().unsqueeze(2), sign)
+    if k == 1:
+        (grad,) = torch.autograd.grad(logits, act, grad_outputs=onehot[0])
+        return grad.unsqueeze(1)
+    try:
+        (grad,) = torch.autograd.grad(logits, act, grad_outputs=onehot, is_grads_batched=True, retain_graph=True)
+    except RuntimeError:
+        # Some ops have no batching rule for their backward; fall back to one backward per target.
+        grad = torch.stack([torch.autograd.grad(logits, act, grad_outputs=onehot[i], retain_graph=True)[0]
+                            for i in range(k)])
+    return grad.transpose(0, 1)
+
+
+def cam_pass(
+    model: nn.Module,
+    images: torch.Tensor,
+    layer: LayerSpec = None,
+    targets: TargetSpec = None,
+    method: str | Sequence[str] = "gradcam",
+    *,
+    output_transform: OutputTransform | None = None,
+    reshape: ReshapeSpec = None,
+    counterfactual: bool = False,
+) -> CAMResult:
+    """Run one CAM pass and return maps, logits and targets (see :func:`compute_cams`)."""
+    check_images(images)
+    methods = check_methods(method)
+    transform = output_transform or default_output_transform
+    inner = unwrap_compiled(model)
+    with preserved_model_state(inner, images.device), torch.inference_mode(False), torch.no_grad():
+        x = images.clone()
+        name, module = resolve_layer(inner, layer, x)
+        store: dict[str, torch.Tensor] = {}
+        handle = module.register_forward_hook(_capture_hook(store, name))
+        try:
+            output = inner(x)
+        finally:
+            handle.remove()
+        if "act" not in store:
+            raise hook_not_fired(model, name)
+        logits = transform(output)
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise InputError(f"the model's logits must be (B, num_classes), got {shape}; pass output_transform=")
+        if not logits.requires_grad:
+            raise LayerNotSpatialError(f"the logits do not depend on layer {name!r} (is its output detached?)")
+        tgt, squeeze = resolve_targets(targets, logits.detach())
+        grads = _target_gradients(logits, store["act"], tgt, -1.0 if counterfactual else 1.0)
+        torch.set_grad_enabled(False)
+        act = to_grid(store["act"].detach(), reshape, name).float()
+        b, k = grads.shape[:2]
+        grads_grid = to_grid(grads.reshape(b * k, *grads.shape[2:]), reshape, name).float()
+        grads_grid = grads_grid.reshape(b, k, *grads_grid.shape[1:])
+        with torch.autocast(device_type=act.device.type, enabled=False):
+            maps = {m: METHODS[m](act, grads_grid) for m in methods}
+        return CAMResult(maps=maps, logits=logits.detach().float(), targets=tgt, layer_name=name, squeeze_targets=squeeze)
+
+
+def compute_cams(
+    model: nn.Module,
+    images: torch.Tensor,
+    layer: LayerSpec = None,
+    targets: TargetSpec = None,
+    method: str | Sequence[str] = "gradcam",
+    *,
+    output_transform: OutputTransform | None = None,
+    reshape: ReshapeSpec = None,
+    counterfactual: bool = False,
+) -> torch.Tensor | dict[str, torch.Tensor]:
+    """Class activation maps of ``model`` for ``images`` at ``layer``.
+
+    Args:
+        model: any ``nn.Module`` returning logits (or see ``output_transform``); a
+            ``torch.compile`` wrapper is unwrapped to its eager module for the pass.
+        images: (B, C, H, W) floating tensor, preprocessed as the model expects.
+        layer: dotted name from ``model.named_modules()``, a submodule, or ``None`` for the last
+            layer with a spatial 4-D output.
+        targets: ``None`` = predicted class; an int, (B,) or (B, K) class indices. K targets are
+            computed from the one forward with a batched backward.
+        method: one of ``gradcam``, ``gradcam++``, ``xgradcam``, ``hirescam``, ``layercam``, or a
+            tuple of them (a dict ``{method: maps}`` is returned, all from the same pass).
+        output_transform: picks the (B, classes) pre-softmax logits from the model's output.
+        reshape: for token layers (B, N, C): ``(h, w)``, a callable, or None to infer a square grid.
+        counterfactual: use negated gradients (regions that argue against the class).
+
+    Returns:
+        float32 maps at the layer's resolution, ReLU'd, not normalised: (B, h, w) for one target
+        per image, (B, K, h, w) for (B, K) targets; a dict of those for a tuple of methods.
+    """
+    result = cam_pass(model, images, layer, targets, method, output_transform=output_transform,
+                      reshape=reshape, counterfactual=counterfactual)
+    maps = {m: (v[:, 0] if result.squeeze_targets else v) for m, v in result.maps.items()}
+    return maps[method] if isinstance(method, str) else maps

@@ -1,0 +1,158 @@
+"""Resolve the target layer of a model and turn its output into a (B, C, h, w) grid.
+
+Why a module of its own: layer lookup (dotted names, typo suggestions, automatic choice) and
+token-to-grid reshaping are the two places where user models differ most; the engine should
+only ever see a module and a function that maps its output onto a spatial grid.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+import weakref
+from typing import Callable, Sequence, Union
+
+import torch
+from torch import nn
+
+from .errors import HookNotFiredError, LayerNotFoundError, LayerNotSpatialError
+
+LayerSpec = Union[str, nn.Module, None]
+ReshapeSpec = Union[None, Sequence[int], Callable[[torch.Tensor], torch.Tensor]]
+
+_COMPILED_PREFIX = "_orig_mod."
+_auto_layer_cache: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """Return the eager module behind a ``torch.compile`` wrapper (or ``model`` itself).
+
+    Compiled graphs do not run Python forward hooks placed after compilation, so the CAM pass
+    always runs the original module; its parameters are the same objects, so maps are identical.
+    """
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
+def resolve_layer(model: nn.Module, layer: LayerSpec, probe: torch.Tensor | None = None) -> tuple[str, nn.Module]:
+    """Find the target layer and return ``(dotted_name, module)``.
+
+    ``layer`` may be a dotted name from ``model.named_modules()`` (a ``_orig_mod.`` prefix from
+    ``torch.compile`` is accepted), a submodule, or ``None`` to pick the last layer whose output
+    is a 4-D tensor with more than one spatial position (``probe`` is needed for that).
+    """
+    if layer is None:
+        if probe is None:
+            raise ValueError("layer=None needs a probe batch to find the last spatial layer")
+        return find_last_spatial_layer(model, probe)
+    named = dict(model.named_modules())
+    if isinstance(layer, nn.Module):
+        for name, module in named.items():
+            if module is layer:
+                return name, module
+        raise LayerNotFoundError(
+            f"the module {type(layer).__name__} passed as layer is not a submodule of "
+            f"{type(model).__name__}; pass one of model.named_modules() or its dotted name"
+        )
+    if not isinstance(layer, str):
+        raise TypeError(f"layer must be a dotted module name, an nn.Module or None, got {type(layer).__name__}")
+    key = layer[len(_COMPILED_PREFIX):] if layer.startswith(_COMPILED_PREFIX) else layer
+    if key in named and key != "":
+        return key, named[key]
+    close = difflib.get_close_matches(key, [n for n in named if n], n=5, cutoff=0.6)
+    hint = f" Did you mean: {', '.join(repr(c) for c in close)}?" if close else (
+        " List the valid names with [n for n, _ in model.named_modules()].")
+    raise LayerNotFoundError(f"model {type(model).__name__} has no layer named {layer!r}.{hint}")
+
+
+def find_last_spatial_layer(model: nn.Module, probe: torch.Tensor) -> tuple[str, nn.Module]:
+    """Run one image through ``model`` and return the last module with a spatial 4-D output.
+
+    The result is cached per model and input shape, so the discovery forward runs once.
+    """
+    key = tuple(probe.shape[1:])
+    cache = _auto_layer_cache.setdefault(model, {})
+    if key in cache:
+        name = cache[key]
+        return name, dict(model.named_modules())[name]
+    order: list[str] = []
+    handles = []
+
+    def make_hook(name: str) -> Callable:
+        def hook(_m: nn.Module, _i: tuple, out: object) -> None:
+            if isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[2] * out.shape[3] > 1:
+                order.append(name)
+        return hook
+
+    for name, module in model.named_modules():
+        if name:
+            handles.append(module.register_forward_hook(make_hook(name)))
+    try:
+        with torch.no_grad():
+            model(probe[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    if not order:
+        raise LayerNotSpatialError(
+            f"no submodule of {type(model).__name__} produced a 4-D (B, C, h, w) output with h*w > 1; "
+            "pass layer=<dotted name> (and reshape=(h, w) for token layers)"
+        )
+    cache[key] = order[-1]
+    return order[-1], dict(model.named_modules())[order[-1]]
+
+
+def to_grid(t: torch.Tensor, reshape: ReshapeSpec, layer_name: str) -> torch.Tensor:
+    """Map a layer output (or its gradient) to a (B, C, h, w) grid.
+
+    4-D tensors pass through. Token tensors (B, N, C) are reshaped: ``reshape=(h, w)`` drops the
+    ``N - h*w`` leading (class/register) tokens; ``None`` infers a square grid from N or N - 1; a
+    callable receives the raw tensor and must return (B, C, h, w).
+    """
+    if callable(reshape):
+        grid = reshape(t)
+        if not isinstance(grid, torch.Tensor) or grid.dim() != 4:
+            raise LayerNotSpatialError(f"reshape callable for layer {layer_name!r} must return a (B, C, h, w) tensor")
+        return grid
+    if t.dim() == 4:
+        if t.shape[2] * t.shape[3] <= 1:
+            raise LayerNotSpatialError(
+                f"layer {layer_name!r} outputs {tuple(t.shape)}: a 1x1 grid has no spatial extent; "
+                "choose an earlier layer (e.g. the last convolutional block before pooling)"
+            )
+        return t
+    if t.dim() == 3:
+        n_tokens = t.shape[1]
+        h, w = _token_grid(n_tokens, reshape, layer_name)
+        spatial = t[:, n_tokens - h * w:, :]
+        return spatial.transpose(1, 2).reshape(t.shape[0], t.shape[2], h, w)
+    raise LayerNotSpatialError(
+        f"layer {layer_name!r} outputs a {t.dim()}-D tensor {tuple(t.shape)}; a CAM needs (B, C, h, w) "
+        "or tokens (B, N, C): choose a convolutional or transformer-block layer"
+    )
+
+
+def _token_grid(n_tokens: int, reshape: ReshapeSpec, layer_name: str) -> tuple[int, int]:
+    """Return the (h, w) token grid for ``n_tokens`` tokens, explicit or inferred."""
+    if reshape is not None:
+        h, w = (int(v) for v in reshape)  # type: ignore[union-attr]
+        if h * w > n_tokens or h * w <= 1:
+            raise LayerNotSpatialError(
+                f"reshape=({h}, {w}) does not fit the {n_tokens} tokens of layer {layer_name!r}")
+        return h, w
+    for prefix in (0, 1):
+        side = math.isqrt(n_tokens - prefix)
+        if side > 1 and side * side == n_tokens - prefix:
+            return side, side
+    raise LayerNotSpatialError(
+        f"layer {layer_name!r} outputs {n_tokens} tokens, which is not a square grid (with or without "
+        "one class token); pass reshape=(h, w) or a callable returning (B, C, h, w)"
+    )
+
+
+def hook_not_fired(model: nn.Module, layer_name: str) -> HookNotFiredError:
+    """Build the error for a target layer the forward pass never called."""
+    return HookNotFiredError(
+        f"layer {layer_name!r} was not called during {type(model).__name__}.forward, so no activation was "
+        "captured. Choose a layer on the path from input to logits; for a torch.compile'd model pass the "
+        "module itself or model._orig_mod"
+    )

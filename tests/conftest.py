@@ -1,0 +1,57 @@
+"""Shared small models and inputs for the test suite (CPU, random weights, fast)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+
+class SmallCNN(nn.Module):
+    """Conv/BN/ReLU features, a Dropout, global average pooling and a linear head."""
+
+    def __init__(self, num_classes: int = 5, width: int = 8) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1, stride=2), nn.BatchNorm2d(2 * width), nn.ReLU(),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(inplace=True),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.drop = nn.Dropout(0.5)
+        self.head = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(self.pool(self.features(x)).flatten(1)))
+
+
+class GapLinear(nn.Module):
+    """A CAM-able model by construction: features -> GAP -> Linear (the CAM oracle holds exactly)."""
+
+    def __init__(self, num_classes: int = 4) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 7, 3, padding=1))
+        self.fc = nn.Linear(7, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x).mean(dim=(2, 3)))
+
+
+def make_trained_bn(model: nn.Module) -> nn.Module:
+    """Give BatchNorm layers non-trivial running stats so eval/train mode differ."""
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(8, 3, 16, 16))
+    return model
+
+
+@pytest.fixture
+def small_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return make_trained_bn(SmallCNN()).eval()
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(6, 3, 16, 16, generator=g)
