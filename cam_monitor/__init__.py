@@ -3,7 +3,8 @@
 The engine (:func:`compute_cams`) works in any PyTorch loop; :class:`CAMMonitor` wires it into
 PyTorch Lightning.
 """
-from .engine import CAMResult, cam_pass, compute_cams
+from .engine import CAMResult, cam_pass, compute_cams, masked_scores
+from .probes import ProbeSet
 from .errors import CAMError, HookNotFiredError, InputError, LayerNotFoundError, LayerNotSpatialError, TargetError
 from .methods import METHODS
 
@@ -11,5 +12,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CAMError", "CAMResult", "HookNotFiredError", "InputError", "LayerNotFoundError", "LayerNotSpatialError",
-    "METHODS", "TargetError", "cam_pass", "compute_cams",
+    "METHODS", "ProbeSet", "TargetError", "cam_pass", "compute_cams", "masked_scores",
 ]

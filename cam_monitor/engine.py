@@ -227,3 +227,32 @@ def compute_cams(
                       reshape=reshape, counterfactual=counterfactual)
     maps = {m: (v[:, 0] if result.squeeze_targets else v) for m, v in result.maps.items()}
     return maps[method] if isinstance(method, str) else maps
+
+
+def masked_scores(
+    model: nn.Module,
+    images: torch.Tensor,
+    maps: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    output_transform: OutputTransform | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class probabilities on the images and on ``images * map`` (one extra forward, no grad).
+
+    ``maps`` (B, h, w) are min-max scaled and upsampled to the images, as the Grad-CAM++ paper's
+    "explanation map"; ``targets`` (B,) are the classes whose softmax probability is returned.
+    Returns ``(y, o)``, inputs of :func:`cam_monitor.metrics.average_drop` and
+    :func:`cam_monitor.metrics.increase_in_confidence`. Same state guarantees as :func:`cam_pass`.
+    """
+    from .maps import minmax, upsample
+
+    check_images(images)
+    transform = output_transform or default_output_transform
+    inner = unwrap_compiled(model)
+    weights = upsample(minmax(maps.float()), images.shape[-2:]).to(images.device, images.dtype)[:, None]
+    with preserved_model_state(inner, images.device), torch.no_grad():
+        both = torch.cat([images, images * weights])
+        probs = transform(inner(both)).float().softmax(dim=1)
+    idx = targets.long().view(-1, 1).to(probs.device)
+    b = images.shape[0]
+    return probs[:b].gather(1, idx)[:, 0], probs[b:].gather(1, idx)[:, 0]
