@@ -1,0 +1,211 @@
+"""Overlays, probe grids, filmstrips and metric-curve figures, as tensors and PNG files.
+
+Everything is a small function on tensors (in the spirit of ``torchvision.utils``): maps are
+upsampled bilinearly and min-max scaled *for display only*, coloured through a lookup table
+built from matplotlib's colormap registry, and alpha-blended over the un-normalised image. Text
+captions use Pillow (already a torchvision dependency); there is no OpenCV dependency.
+"""
+from __future__ import annotations
+
+import io
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg", force=False)
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from PIL import Image, ImageDraw, ImageFont  # noqa: E402
+from torchvision.io import decode_png, encode_png  # noqa: E402
+from torchvision.utils import make_grid  # noqa: E402
+
+from .errors import InputError  # noqa: E402
+from .maps import minmax, upsample  # noqa: E402
+
+RED = (1.0, 0.1, 0.1)
+GREEN = (0.1, 0.9, 0.2)
+CAPTION_LINE_PX = 12
+
+
+@lru_cache(maxsize=16)
+def _lut(cmap: str) -> torch.Tensor:
+    try:
+        colormap = matplotlib.colormaps[cmap]
+    except KeyError:
+        raise InputError(f"unknown colormap {cmap!r}; use a name from matplotlib.colormaps, e.g. 'jet' or 'viridis'") from None
+    return torch.from_numpy(colormap(np.linspace(0.0, 1.0, 256))[:, :3]).float()
+
+
+def colormap_lut(cmap: str = "jet") -> torch.Tensor:
+    """(256, 3) RGB lookup table in [0, 1] from matplotlib's colormap registry."""
+    return _lut(cmap).clone()
+
+
+def apply_colormap(values: torch.Tensor, cmap: str = "jet") -> torch.Tensor:
+    """Colour (B, H, W) values in [0, 1] into (B, 3, H, W) RGB."""
+    lut = _lut(cmap).to(values.device)
+    idx = (values.clamp(0, 1) * 255).round().long()
+    return lut[idx].permute(0, 3, 1, 2)
+
+
+def _as_rgb(images: torch.Tensor) -> torch.Tensor:
+    if images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise InputError(f"display images must be (B, 1 or 3, H, W) in [0, 1], got {tuple(images.shape)}")
+    images = images.float().clamp(0, 1)
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+
+
+def overlay(images: torch.Tensor, maps: torch.Tensor, alpha: float = 0.4, cmap: str = "jet") -> torch.Tensor:
+    """Blend coloured maps over display images: (1 - alpha) * image + alpha * colour(minmax(map)).
+
+    ``images`` (B, C, H, W) in [0, 1] (un-normalised); ``maps`` (B, h, w) raw, upsampled to (H, W).
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise InputError(f"alpha must be in [0, 1], got {alpha}")
+    rgb = _as_rgb(images)
+    if maps.dim() != 3 or maps.shape[0] != rgb.shape[0]:
+        raise InputError(f"maps must be (B, h, w) with B = {rgb.shape[0]}, got {tuple(maps.shape)}")
+    heat = apply_colormap(minmax(upsample(maps.to(rgb.device), rgb.shape[-2:])), cmap)
+    return (1.0 - alpha) * rgb + alpha * heat
+
+
+def mask_boundary(masks: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) bool: mask pixels with a 4-neighbour outside the mask (a 1-px contour)."""
+    m = masks.bool()[:, None].float()
+    eroded = -F.max_pool2d(-m, kernel_size=3, stride=1, padding=1)
+    return (m.bool() & ~eroded.bool())[:, 0]
+
+
+def draw_contours(images: torch.Tensor, masks: torch.Tensor, color: Sequence[float]) -> torch.Tensor:
+    """Paint the contour of each (B, H, W) mask onto (B, 3, H, W) images in ``color``."""
+    edge = mask_boundary(masks.to(images.device))[:, None]
+    c = torch.tensor(color, dtype=images.dtype, device=images.device)[None, :, None, None]
+    return torch.where(edge, c, images)
+
+
+@lru_cache(maxsize=1)
+def _font() -> ImageFont.ImageFont:
+    return ImageFont.load_default()
+
+
+def caption(tile: torch.Tensor, lines: Sequence[str]) -> torch.Tensor:
+    """Append a white strip with ``lines`` of black text under a (3, H, W) tile."""
+    width = tile.shape[-1]
+    strip = Image.new("L", (width, CAPTION_LINE_PX * len(lines) + 2), 255)
+    draw = ImageDraw.Draw(strip)
+    for i, line in enumerate(lines):
+        draw.text((2, 1 + i * CAPTION_LINE_PX), line, fill=0, font=_font())
+    text = torch.from_numpy(np.asarray(strip, dtype=np.float32) / 255.0).to(tile.device)
+    return torch.cat([tile, text.expand(3, -1, -1)], dim=1)
+
+
+def _fmt(value: float | None, spec: str = ".2f") -> str:
+    return "n/a" if value is None or value != value else format(value, spec)
+
+
+def probe_grid(
+    images: torch.Tensor,
+    maps: torch.Tensor,
+    *,
+    ids: Sequence[str],
+    labels: Sequence[int],
+    preds: Sequence[int] | None = None,
+    scores: Sequence[float] | None = None,
+    spurious_energy: Sequence[float] | None = None,
+    spurious_masks: torch.Tensor | None = None,
+    object_masks: torch.Tensor | None = None,
+    nrow: int = 8,
+    alpha: float = 0.4,
+    cmap: str = "jet",
+    class_names: Sequence[str] | None = None,
+    tile_size: int | None = None,
+) -> torch.Tensor:
+    """One captioned overlay tile per probe, arranged in a grid: (3, GH, GW) float in [0, 1].
+
+    Caption: id; label and prediction (score); spurious energy. Spurious mask contours are red,
+    object contours green. ``tile_size`` resizes each tile's longer side (useful for small images
+    whose captions would not fit); masks are resized with nearest, maps bilinearly from the grid.
+    """
+    if tile_size is not None and max(images.shape[-2:]) != tile_size:
+        scale = tile_size / max(images.shape[-2:])
+        size = (max(1, round(images.shape[-2] * scale)), max(1, round(images.shape[-1] * scale)))
+        images = F.interpolate(images.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
+        resize_mask = lambda m: None if m is None else F.interpolate(m[:, None].float(), size=size, mode="nearest")[:, 0].bool()  # noqa: E731
+        spurious_masks, object_masks = resize_mask(spurious_masks), resize_mask(object_masks)
+    tiles = overlay(images, maps, alpha, cmap)
+    if spurious_masks is not None:
+        tiles = draw_contours(tiles, spurious_masks, RED)
+    if object_masks is not None:
+        tiles = draw_contours(tiles, object_masks, GREEN)
+    name = (lambda c: class_names[c]) if class_names else str
+    out = []
+    for i in range(tiles.shape[0]):
+        line2 = f"y={name(int(labels[i]))}"
+        if preds is not None:
+            line2 += f" p={name(int(preds[i]))}"
+        if scores is not None:
+            line2 += f" ({_fmt(float(scores[i]))})"
+        lines = [str(ids[i])[:28], line2]
+        if spurious_energy is not None:
+            lines.append(f"spur {_fmt(float(spurious_energy[i]))}")
+        out.append(caption(tiles[i], lines))
+    return make_grid(torch.stack(out), nrow=min(nrow, len(out)), padding=2, pad_value=1.0)
+
+
+def filmstrip(frames: Sequence[torch.Tensor], titles: Sequence[str]) -> torch.Tensor:
+    """One probe's overlays across evaluations, left to right, each captioned: (3, H', W')."""
+    if not frames or len(frames) != len(titles):
+        raise InputError(f"filmstrip needs one title per frame, got {len(frames)} frames and {len(titles)} titles")
+    tiles = [caption(f, [t]) for f, t in zip(frames, titles)]
+    return make_grid(torch.stack(tiles), nrow=len(tiles), padding=2, pad_value=1.0)
+
+
+def metric_curves(steps: Sequence[int], per_probe: Mapping[str, torch.Tensor], ids: Sequence[str] | None = None,
+                  max_probe_lines: int = 16) -> Figure:
+    """Figure with one panel per metric: thin lines per probe, a thick line for the NaN-aware mean.
+
+    ``per_probe[name]`` is (E, N): E evaluations (at ``steps``) by N probes.
+    """
+    names = list(per_probe)
+    fig, axes = plt.subplots(1, max(1, len(names)), figsize=(4 * max(1, len(names)), 3), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        values = per_probe[name].float().cpu().numpy()
+        for j in range(min(values.shape[1], max_probe_lines)):
+            ax.plot(steps, values[:, j], lw=0.7, alpha=0.4, label=None if ids is None else str(ids[j]))
+        with np.errstate(all="ignore"):
+            mean = np.nanmean(np.where(np.isnan(values).all(axis=1, keepdims=True), 0.0, values), axis=1)
+        ax.plot(steps, mean, lw=2.5, color="black", label="mean")
+        ax.set_title(name)
+        ax.set_xlabel("global step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def figure_to_tensor(fig: Figure, dpi: int = 100) -> torch.Tensor:
+    """Render a matplotlib figure to a (3, H, W) float tensor and close it."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    data = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+    return decode_png(data)[:3].float() / 255.0
+
+
+def save_png(image: torch.Tensor, path: str | os.PathLike) -> Path:
+    """Write a (3, H, W) float [0, 1] image as PNG atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = encode_png((image.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8))
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_bytes(data.numpy().tobytes())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
