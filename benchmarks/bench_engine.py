@@ -229,6 +229,34 @@ def run_model(model: str, args: argparse.Namespace, device: torch.device) -> dic
     return {"model": model, "layer": case.layer_name, "batch": list(case.images.shape), "variants": rows}
 
 
+def run_render(args: argparse.Namespace, device: torch.device, n: int = 64) -> dict:
+    """Rendering a 64-tile probe grid vs the CAM pass over the same 64 probes (ResNet-18 layer4)."""
+    from cam_monitor import metrics
+    from cam_monitor.render import probe_grid
+
+    case = build_case("resnet18", n, args.size, device)
+    spur = metrics.border_mask(args.size, args.size).expand(n, -1, -1)
+    state: dict[str, torch.Tensor] = {}
+
+    def cam():
+        state["maps"] = cm.compute_cams(case.model, case.images, case.layer, case.targets)
+
+    def render():
+        maps = state["maps"]
+        probe_grid(case.images.sigmoid(), maps, ids=[f"probe_{i:03d}" for i in range(n)], labels=case.targets.tolist(),
+                   preds=case.targets.tolist(), scores=[0.5] * n,
+                   spurious_energy=metrics.energy_fraction(maps, spur).tolist(), spurious_masks=spur)
+
+    cam()
+    times = time_interleaved({"cam_monitor gradcam (64 probes)": cam, "render 64-tile probe grid": render},
+                             args.repeats, device)
+    base = statistics.median(times["cam_monitor gradcam (64 probes)"])
+    return {"model": "resnet18 (render)", "layer": "layer4", "batch": list(case.images.shape),
+            "variants": {k: {"median_s": statistics.median(v), "min_s": min(v), "max_s": max(v),
+                             "x_forward": statistics.median(v) / base, "max_abs_diff_vs_ours": None}
+                         for k, v in times.items()}}
+
+
 def print_table(result: dict) -> None:
     print(f"\n### {result['model']} `{result['layer']}`, batch {' x '.join(map(str, result['batch']))}\n")
     print("| variant | median s | min s | max s | x forward | peak mem MB | mem x forward | max diff vs ours |")
@@ -250,6 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--no-memory", dest="memory", action="store_false")
+    p.add_argument("--no-render", dest="render", action="store_false", help="skip the rendering-cost table")
     p.add_argument("--out", default=None)
     p.add_argument("--_memory-of", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -264,6 +293,11 @@ def main(argv: list[str] | None = None) -> None:
         result = run_model(model, args, device)
         results["models"].append(result)
         print_table(result)
+    if args.render:
+        result = run_render(args, device)
+        results["render"] = result
+        print_table(result)
+        print("(x forward here = x the CAM pass over the same 64 probes)")
     out = args.out or os.path.join(os.path.dirname(__file__), "results", f"engine_{device.type}.json")
     with open(out + ".tmp", "w") as f:
         json.dump(results, f, indent=2)

@@ -1,0 +1,100 @@
+"""The demo's Lightning pieces: a small CNN classifier and the Decoy Digits data module.
+
+Both take plain typed arguments so they work from a LightningCLI YAML (``configs/demo.yaml``).
+"""
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from .data import NUM_CLASSES, DecoyDigits, DecoySplit, make_decoy_digits
+
+
+class SmallCNN(nn.Module):
+    """Three conv blocks (32 -> 16 -> 8 px), global average pooling, one linear layer.
+
+    ``features`` ends on an 8x8 grid (stride 4): the layer the demo explains.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = NUM_CLASSES, width: int = 16) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1, stride=2), nn.BatchNorm2d(2 * width), nn.ReLU(),
+            nn.Conv2d(2 * width, 4 * width, 3, padding=1, stride=2), nn.BatchNorm2d(4 * width), nn.ReLU(),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(4 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.features(x)).flatten(1))
+
+
+class DigitClassifier(L.LightningModule):
+    """Cross-entropy training of :class:`SmallCNN` with Adam; logs ``train/loss``, ``val/loss``, ``val/acc``."""
+
+    def __init__(self, lr: float = 3e-3, width: int = 16) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = SmallCNN(width=width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.log("val/loss", F.cross_entropy(logits, y))
+        self.log("val/acc", (logits.argmax(1) == y).float().mean(), prog_bar=True)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+
+
+def split_dataset(split: DecoySplit) -> TensorDataset:
+    """(image, label) pairs of a split, for a DataLoader."""
+    return TensorDataset(split.images, split.labels)
+
+
+class DecoyDigitsDataModule(L.LightningDataModule):
+    """Decoy Digits for Lightning: ``variant="shortcut"`` (decoy codes the label) or ``"control"``.
+
+    Validation always uses matched decoys (the realistic case where validation shares the bias);
+    ``data`` holds every split, including the ground-truth test splits, after :meth:`setup`.
+    """
+
+    def __init__(self, variant: str = "shortcut", batch_size: int = 64, seed: int = 0, correlation: float = 1.0,
+                 num_workers: int = 0) -> None:
+        super().__init__()
+        if variant not in ("shortcut", "control"):
+            raise ValueError(f"variant must be 'shortcut' or 'control', got {variant!r}")
+        self.variant, self.batch_size, self.seed = variant, batch_size, seed
+        self.correlation, self.num_workers = correlation, num_workers
+        self.data: DecoyDigits | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.data is None:
+            self.data = make_decoy_digits(self.seed, self.correlation)
+
+    def _loader(self, split: DecoySplit, shuffle: bool) -> DataLoader:
+        gen = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(split_dataset(split), batch_size=self.batch_size, shuffle=shuffle, generator=gen,
+                          num_workers=self.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.data is not None
+        split = self.data.train_shortcut if self.variant == "shortcut" else self.data.train_control
+        return self._loader(split, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        assert self.data is not None
+        return self._loader(self.data.val, shuffle=False)
