@@ -5,6 +5,8 @@ PyTorch Lightning.
 """
 from .engine import CAMResult, cam_pass, compute_cams, masked_scores
 from .probes import ProbeSet
+from .callback import CAMAlertError, CAMMonitor
+from .checkpoint import GatedModelCheckpoint
 from .errors import CAMError, HookNotFiredError, InputError, LayerNotFoundError, LayerNotSpatialError, TargetError
 from .methods import METHODS
 
@@ -12,5 +14,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CAMError", "CAMResult", "HookNotFiredError", "InputError", "LayerNotFoundError", "LayerNotSpatialError",
-    "METHODS", "ProbeSet", "TargetError", "cam_pass", "compute_cams", "masked_scores",
+    "CAMAlertError", "CAMMonitor", "GatedModelCheckpoint", "METHODS", "ProbeSet", "TargetError", "cam_pass", "compute_cams", "masked_scores",
 ]

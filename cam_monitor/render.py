@@ -109,7 +109,7 @@ def _fmt(value: float | None, spec: str = ".2f") -> str:
     return "n/a" if value is None or value != value else format(value, spec)
 
 
-def probe_grid(
+def probe_tiles(
     images: torch.Tensor,
     maps: torch.Tensor,
     *,
@@ -120,13 +120,12 @@ def probe_grid(
     spurious_energy: Sequence[float] | None = None,
     spurious_masks: torch.Tensor | None = None,
     object_masks: torch.Tensor | None = None,
-    nrow: int = 8,
     alpha: float = 0.4,
     cmap: str = "jet",
     class_names: Sequence[str] | None = None,
     tile_size: int | None = None,
 ) -> torch.Tensor:
-    """One captioned overlay tile per probe, arranged in a grid: (3, GH, GW) float in [0, 1].
+    """One captioned overlay tile per probe: (N, 3, H + caption, W) float in [0, 1].
 
     Caption: id; label and prediction (score); spurious energy. Spurious mask contours are red,
     object contours green. ``tile_size`` resizes each tile's longer side (useful for small images
@@ -155,7 +154,17 @@ def probe_grid(
         if spurious_energy is not None:
             lines.append(f"spur {_fmt(float(spurious_energy[i]))}")
         out.append(caption(tiles[i], lines))
-    return make_grid(torch.stack(out), nrow=min(nrow, len(out)), padding=2, pad_value=1.0)
+    return torch.stack(out)
+
+
+def tile_grid(tiles: torch.Tensor, nrow: int = 8) -> torch.Tensor:
+    """Arrange (N, 3, H, W) tiles in a grid with white 2-px gutters."""
+    return make_grid(tiles, nrow=max(1, min(nrow, tiles.shape[0])), padding=2, pad_value=1.0)
+
+
+def probe_grid(images: torch.Tensor, maps: torch.Tensor, *, nrow: int = 8, **tile_kwargs) -> torch.Tensor:
+    """:func:`probe_tiles` arranged by :func:`tile_grid`: (3, GH, GW) float in [0, 1]."""
+    return tile_grid(probe_tiles(images, maps, **tile_kwargs), nrow)
 
 
 def filmstrip(frames: Sequence[torch.Tensor], titles: Sequence[str]) -> torch.Tensor:
@@ -163,7 +172,7 @@ def filmstrip(frames: Sequence[torch.Tensor], titles: Sequence[str]) -> torch.Te
     if not frames or len(frames) != len(titles):
         raise InputError(f"filmstrip needs one title per frame, got {len(frames)} frames and {len(titles)} titles")
     tiles = [caption(f, [t]) for f, t in zip(frames, titles)]
-    return make_grid(torch.stack(tiles), nrow=len(tiles), padding=2, pad_value=1.0)
+    return tile_grid(torch.stack(tiles), nrow=len(tiles))
 
 
 def metric_curves(steps: Sequence[int], per_probe: Mapping[str, torch.Tensor], ids: Sequence[str] | None = None,

@@ -9,6 +9,7 @@ Everything is built in memory, deterministically from a seed, in well under a se
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,7 @@ NUM_CLASSES = 10
 CORNERS = ((0, 0), (0, CANVAS - PATCH), (CANVAS - PATCH, 0), (CANVAS - PATCH, CANVAS - PATCH))
 
 
+@lru_cache(maxsize=1)
 def load_digits_tensor() -> tuple[torch.Tensor, torch.Tensor]:
     """(1797, 8, 8) float digits in [0, 1] and their (1797,) labels, from scikit-learn."""
     try:
@@ -122,9 +124,14 @@ class DecoyDigits:
     patterns: torch.Tensor
 
 
+@lru_cache(maxsize=4)
 def make_decoy_digits(seed: int = 0, correlation: float = 1.0, val_fraction: float = 0.15,
                       test_fraction: float = 0.2) -> DecoyDigits:
-    """Build every split from one seed; the global RNG is never touched."""
+    """Build every split from one seed; the global RNG is never touched.
+
+    Cached per arguments (the shortcut and control runs share one build); treat the returned
+    tensors as read-only.
+    """
     if not 0.0 <= correlation <= 1.0:
         raise ValueError(f"correlation must be in [0, 1], got {correlation}")
     digits, labels = load_digits_tensor()

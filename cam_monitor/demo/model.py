@@ -8,7 +8,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler
 
 from .data import NUM_CLASSES, DecoyDigits, DecoySplit, make_decoy_digits
 
@@ -44,14 +44,21 @@ class DigitClassifier(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
+    @staticmethod
+    def unpack(batch: dict[str, torch.Tensor] | tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images, labels) from a Decoy Digits dict batch or an (x, y) tuple batch."""
+        if isinstance(batch, dict):
+            return batch["image"], batch["label"]
+        return batch[0], batch[1]
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = self.unpack(batch)
         loss = F.cross_entropy(self(x), y)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        x, y = batch
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        x, y = self.unpack(batch)
         logits = self(x)
         self.log("val/loss", F.cross_entropy(logits, y))
         self.log("val/acc", (logits.argmax(1) == y).float().mean(), prog_bar=True)
@@ -60,16 +67,31 @@ class DigitClassifier(L.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
 
 
-def split_dataset(split: DecoySplit) -> TensorDataset:
-    """(image, label) pairs of a split, for a DataLoader."""
-    return TensorDataset(split.images, split.labels)
+class EpochSeededSampler(Sampler[int]):
+    """A shuffle that depends only on (seed, epoch): Lightning calls ``set_epoch`` every epoch, so a
+    run resumed from a checkpoint sees exactly the batches an uninterrupted run would."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=gen).tolist())
+
+    def __len__(self) -> int:
+        return self.n
 
 
 class DecoyDigitsDataModule(L.LightningDataModule):
     """Decoy Digits for Lightning: ``variant="shortcut"`` (decoy codes the label) or ``"control"``.
 
-    Validation always uses matched decoys (the realistic case where validation shares the bias);
-    ``data`` holds every split, including the ground-truth test splits, after :meth:`setup`.
+    Validation always uses matched decoys (the realistic case where validation shares the bias).
+    Batches are dicts (``image``, ``label``, ``spurious_mask``, ``object_mask``), so a monitor
+    that picks its probes from the validation set gets the masks too. ``data`` holds every split,
+    including the ground-truth test splits, after :meth:`setup`.
     """
 
     def __init__(self, variant: str = "shortcut", batch_size: int = 64, seed: int = 0, correlation: float = 1.0,
@@ -86,9 +108,8 @@ class DecoyDigitsDataModule(L.LightningDataModule):
             self.data = make_decoy_digits(self.seed, self.correlation)
 
     def _loader(self, split: DecoySplit, shuffle: bool) -> DataLoader:
-        gen = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(split_dataset(split), batch_size=self.batch_size, shuffle=shuffle, generator=gen,
-                          num_workers=self.num_workers)
+        sampler = EpochSeededSampler(len(split), self.seed) if shuffle else None
+        return DataLoader(split, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         assert self.data is not None

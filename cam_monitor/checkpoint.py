@@ -1,0 +1,72 @@
+"""``GatedModelCheckpoint``: a ``ModelCheckpoint`` that refuses to save while explanation gates fail.
+
+Gates are ``{metric: "<op> <number>"}`` with op one of ``<``, ``<=``, ``>``, ``>=``, parsed
+without ``eval``. A save is refused (and the reason logged) when any gated metric is missing,
+NaN, or fails its condition; the top-k bookkeeping is untouched, so no phantom checkpoint is
+recorded.
+"""
+from __future__ import annotations
+
+import math
+import operator
+import re
+from typing import Any, Callable
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
+
+_OPS: dict[str, Callable[[float, float], bool]] = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt}
+_GATE = re.compile(r"^\s*(<=|>=|<|>)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")
+
+
+def parse_gate(metric: str, condition: str) -> tuple[str, float]:
+    """``"<= 1.5"`` -> ``("<=", 1.5)``; a clear error for anything else."""
+    match = _GATE.match(condition) if isinstance(condition, str) else None
+    if match is None:
+        raise ValueError(f"gate for {metric!r} must look like '<= 1.5' (ops <, <=, >, >=), got {condition!r}")
+    return match.group(1), float(match.group(2))
+
+
+def failing_gates(gates: dict[str, tuple[str, float]], metrics: dict[str, Any]) -> list[str]:
+    """Human-readable reasons, one per gate that does not pass on ``metrics`` (empty = all pass)."""
+    reasons = []
+    for name, (op, bound) in gates.items():
+        if name not in metrics:
+            reasons.append(f"{name} was not logged")
+            continue
+        value = float(metrics[name].item() if isinstance(metrics[name], torch.Tensor) else metrics[name])
+        if math.isnan(value) or not _OPS[op](value, bound):
+            reasons.append(f"{name} = {value:.4g} fails '{op} {bound:g}'")
+    return reasons
+
+
+class GatedModelCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint(..., gate={"cam/spurious_enrichment": "<= 1.5"})``: save only when every gate passes.
+
+    All other arguments are ``ModelCheckpoint``'s. ``refused`` lists ``(global_step, reasons)``
+    for each refused save.
+    """
+
+    def __init__(self, *args: Any, gate: dict[str, str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not gate:
+            raise ValueError("GatedModelCheckpoint needs gate={'metric': '<op> value'}; use ModelCheckpoint for no gate")
+        self.gate = {str(k): parse_gate(k, v) for k, v in gate.items()}
+        self.refused: list[tuple[int, list[str]]] = []
+
+    def _gate_passes(self, trainer: pl.Trainer, monitor_candidates: dict[str, Any]) -> bool:
+        reasons = failing_gates(self.gate, monitor_candidates)
+        if reasons and (not self.refused or self.refused[-1][0] != trainer.global_step):
+            self.refused.append((trainer.global_step, reasons))
+            rank_zero_info(f"GatedModelCheckpoint: not saving at step {trainer.global_step}: {'; '.join(reasons)}")
+        return not reasons
+
+    def _save_topk_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        if self._gate_passes(trainer, monitor_candidates):
+            super()._save_topk_checkpoint(trainer, monitor_candidates)
+
+    def _save_last_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        if self.save_last and self._gate_passes(trainer, monitor_candidates):
+            super()._save_last_checkpoint(trainer, monitor_candidates)

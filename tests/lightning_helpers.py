@@ -1,0 +1,53 @@
+"""Small Lightning runs on Decoy Digits shared by the callback tests (CPU, seconds each)."""
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+import cam_monitor as cm
+from cam_monitor.demo.model import DecoyDigitsDataModule, DigitClassifier
+
+logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+
+LAYER = "net.features"
+
+
+def fit(tmp_path: Path, monitor: cm.CAMMonitor | None = None, *, epochs: int = 2, variant: str = "shortcut",
+        seed: int = 0, model: L.LightningModule | None = None, callbacks: list | None = None,
+        ckpt_path: str | None = None, **trainer_kwargs: Any) -> tuple[L.Trainer, L.LightningModule]:
+    """Train the demo CNN for a few small epochs with ``monitor`` attached; return (trainer, model)."""
+    L.seed_everything(seed, verbose=False)
+    data = DecoyDigitsDataModule(variant, seed=seed, batch_size=64)
+    model = model or DigitClassifier()
+    kwargs: dict[str, Any] = dict(max_epochs=epochs, default_root_dir=str(tmp_path), enable_progress_bar=False,
+                                  enable_model_summary=False, limit_train_batches=8, num_sanity_val_steps=0,
+                                  logger=False, enable_checkpointing=False, deterministic=True)
+    kwargs.update(trainer_kwargs)
+    trainer = L.Trainer(callbacks=[c for c in [monitor, *(callbacks or [])] if c is not None], **kwargs)
+    trainer.fit(model, data, ckpt_path=ckpt_path)
+    return trainer, model
+
+
+def quick_monitor(**kwargs: Any) -> cm.CAMMonitor:
+    """A monitor on the demo CNN with small defaults for tests."""
+    kwargs.setdefault("target_layer", LAYER)
+    kwargs.setdefault("num_probes", 20)
+    kwargs.setdefault("alert_action", "log")
+    return cm.CAMMonitor(**kwargs)
+
+
+def cam_scalars(monitor: cm.CAMMonitor) -> list[dict[str, float]]:
+    """History rows without NaN-unfriendly comparisons: NaN -> None."""
+    return [{k: (None if v != v else round(float(v), 6)) for k, v in h.items()} for h in monitor.history]
+
+
+def tensor_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and bool(torch.equal(torch.nan_to_num(a, nan=-7.0), torch.nan_to_num(b, nan=-7.0)))

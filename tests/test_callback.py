@@ -1,0 +1,292 @@
+"""CAMMonitor inside real (small) Lightning fits: scheduling, logging, alerts, faults, checkpoints, resume."""
+from __future__ import annotations
+
+import json
+import warnings
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+import cam_monitor as cm
+from cam_monitor.demo.model import SmallCNN
+from lightning_helpers import LAYER, cam_scalars, fit, quick_monitor
+
+ALL_METRICS = {"cam/spurious_energy", "cam/spurious_enrichment", "cam/object_energy", "cam/drift_prev",
+               "cam/drift_ref", "cam/pointing_spurious", "cam/average_drop", "cam/quality", "cam/degenerate",
+               "cam/alerts"}
+
+RECORDED: list[dict] = []
+
+
+def record_alert(alert: dict) -> None:
+    """Target of the import-path alert action test."""
+    RECORDED.append(alert)
+
+
+class MetricsSeen(L.Callback):
+    """Records which cam/ metrics Lightning holds after every validation."""
+
+    def __init__(self) -> None:
+        self.seen: list[set[str]] = []
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.seen.append({k for k in trainer.callback_metrics if k.startswith("cam/")})
+
+
+def test_logs_every_metric_at_every_validation_and_skips_sanity_check(tmp_path) -> None:
+    mon, seen = quick_monitor(), MetricsSeen()
+    trainer, _ = fit(tmp_path, mon, epochs=2, num_sanity_val_steps=2, callbacks=[seen])
+    assert [h["epoch"] for h in mon.history] == [0, 1]
+    assert seen.seen == [ALL_METRICS, ALL_METRICS]
+    last = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    assert 0 <= last["cam/spurious_energy"] <= 1 and 0 <= last["cam/quality"] <= 1
+    assert last["cam/drift_ref"] == pytest.approx(mon.history[-1]["cam/drift_ref"])
+    assert len(mon.probes) == 20 and mon.probes.spurious_masks is not None
+
+
+def test_every_n_epochs_evaluates_on_schedule_and_relogs_in_between(tmp_path) -> None:
+    mon, seen = quick_monitor(every_n_epochs=2), MetricsSeen()
+    fit(tmp_path, mon, epochs=3, callbacks=[seen])
+    assert [h["epoch"] for h in mon.history] == [0, 2]
+    assert all(s == ALL_METRICS for s in seen.seen) and len(seen.seen) == 3
+
+
+class TrainOnly(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = SmallCNN()
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch["image"]), batch["label"])
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=3e-3)
+
+
+def test_falls_back_to_train_epoch_end_without_validation_loop(tmp_path) -> None:
+    mon = quick_monitor()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit(tmp_path, mon, epochs=2, model=TrainOnly())
+    assert [h["epoch"] for h in mon.history] == [0, 1]
+
+
+class CountSteps(L.Callback):
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def on_train_batch_start(self, *args) -> None:
+        self.steps += 1
+
+
+def test_layer_typo_fails_before_the_first_training_step(tmp_path) -> None:
+    counter = CountSteps()
+    with pytest.raises(cm.LayerNotFoundError, match="Did you mean: 'net.features'"):
+        fit(tmp_path, quick_monitor(target_layer="net.featurs"), callbacks=[counter])
+    assert counter.steps == 0
+
+
+def test_probe_shape_mismatch_fails_before_the_first_training_step(tmp_path) -> None:
+    counter = CountSteps()
+    probes = cm.ProbeSet(torch.rand(4, 3, 32, 32), torch.arange(4))
+    with pytest.raises(cm.InputError, match=r"probe of shape \(3, 32, 32\)"):
+        fit(tmp_path, quick_monitor(probes=probes), callbacks=[counter])
+    assert counter.steps == 0
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    (dict(every_n_epochs=0), "every_n_epochs must be an int >= 1"),
+    (dict(num_probes=0), "num_probes"),
+    (dict(batch_size=-1), "batch_size"),
+    (dict(images_every_n_evals=-1), "images_every_n_evals"),
+    (dict(tile_size=2), "tile_size"),
+    (dict(targets="logits"), "targets must be 'label' or 'pred'"),
+    (dict(on_error="ignore"), "on_error"),
+    (dict(border_fraction=0.7), "border_fraction"),
+    (dict(methods=("gradcam", "scorecam")), "unknown CAM method 'scorecam'"),
+    (dict(spurious_enrichment=0.0), "spurious_enrichment"),
+    (dict(spurious_energy_rise=2.0), "spurious_energy_rise"),
+    (dict(object_energy_floor=-0.1), "object_energy_floor"),
+    (dict(drift_threshold=3.0), "drift_ref"),
+    (dict(patience=0), "patience"),
+    (dict(hysteresis=1.0), "hysteresis"),
+    (dict(alert_action="explode"), "neither one of"),
+    (dict(alert_action="no_such_module_xyz:fn"), "cannot import"),
+    (dict(target_layer=""), "target_layer"),
+])
+def test_bad_constructor_arguments_raise_clear_errors(kwargs, pattern) -> None:
+    with pytest.raises(ValueError, match=pattern):
+        cm.CAMMonitor(**kwargs)
+
+
+def test_probes_of_wrong_type_raise_type_error() -> None:
+    with pytest.raises(TypeError, match="ProbeSet, a path or None"):
+        cm.CAMMonitor(probes=[1, 2, 3])
+
+
+def test_shortcut_fires_spurious_alert_and_writes_jsonl(tmp_path) -> None:
+    mon = quick_monitor()
+    fit(tmp_path, mon, epochs=1)
+    assert [a["rule"] for a in mon.alerts] == ["spurious_enrichment"]
+    alert = mon.alerts[0]
+    assert set(alert) == {"epoch", "global_step", "rule", "metric", "value", "threshold", "probe_ids"}
+    assert alert["value"] > alert["threshold"] == 4.0 and alert["probe_ids"]
+    lines = (tmp_path / "cam_monitor" / "alerts.jsonl").read_text().splitlines()
+    assert [json.loads(line)["rule"] for line in lines] == ["spurious_enrichment"]
+    assert json.loads(lines[0])["event"] == "fired"
+
+
+def test_control_run_raises_no_alert(tmp_path) -> None:
+    mon = quick_monitor()
+    fit(tmp_path, mon, epochs=3, variant="control")
+    assert mon.alerts == [] and all(h["cam/alerts"] == 0 for h in mon.history)
+
+
+def test_stop_action_stops_training(tmp_path) -> None:
+    trainer, _ = fit(tmp_path, quick_monitor(alert_action="stop"), epochs=5)
+    assert trainer.current_epoch == 1  # stopped after the first epoch's evaluation
+
+
+def test_raise_action_raises_alert_error(tmp_path) -> None:
+    with pytest.raises(cm.CAMAlertError, match="spurious_enrichment"):
+        fit(tmp_path, quick_monitor(alert_action="raise", on_error="warn"), epochs=2)
+
+
+def test_import_path_action_is_called_with_the_alert(tmp_path) -> None:
+    RECORDED.clear()
+    fit(tmp_path, quick_monitor(alert_action="test_callback:record_alert"), epochs=1)
+    assert [a["rule"] for a in RECORDED] == ["spurious_enrichment"]
+
+
+def test_warn_action_warns(tmp_path) -> None:
+    with pytest.warns(UserWarning, match="CAMMonitor alert: spurious_enrichment"):
+        fit(tmp_path, quick_monitor(alert_action="warn"), epochs=1)
+
+
+def test_fault_in_pass_is_reported_once_and_retried(tmp_path, monkeypatch) -> None:
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("CAM pass exploded")
+
+    monkeypatch.setattr("cam_monitor.callback.evaluate", broken)
+    mon = quick_monitor()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer, _ = fit(tmp_path, mon, epochs=3)
+    reports = [w for w in caught if "CAM pass exploded" in str(w.message)]
+    assert len(reports) == 1 and len(calls) == 3 and mon.faults == {"evaluate:RuntimeError": 3}
+    assert trainer.current_epoch == 3  # training completed
+
+
+def test_on_error_raise_stops_fit_with_the_original_exception(tmp_path, monkeypatch) -> None:
+    def broken(*args, **kwargs):
+        raise KeyError("original")
+
+    monkeypatch.setattr("cam_monitor.callback.evaluate", broken)
+    with pytest.raises(KeyError, match="original"):
+        fit(tmp_path, quick_monitor(on_error="raise"), epochs=2)
+
+
+def test_failing_logger_never_kills_training(tmp_path, monkeypatch) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    def refuse(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(SummaryWriter, "add_image", refuse)
+    mon = quick_monitor()
+    with pytest.warns(UserWarning, match="sink:tensorboard failed"):
+        trainer, _ = fit(tmp_path, mon, epochs=2, logger=TensorBoardLogger(str(tmp_path)))
+    assert len(mon.history) == 2 and trainer.current_epoch == 2
+
+
+def test_tensorboard_event_files_hold_images_and_scalars(tmp_path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    mon = quick_monitor(tile_size=48)
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    fit(tmp_path, mon, epochs=2, logger=logger)
+    acc = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert {"cam/probe_grid", "cam/trends"} <= set(tags["images"])
+    assert ALL_METRICS <= set(tags["scalars"])
+    steps = [e.step for e in acc.Images("cam/probe_grid")]
+    assert steps == [h["global_step"] for h in mon.history]
+    assert "cam/alerts/text_summary" in tags["tensors"]  # alerts as text summaries
+
+
+def test_csv_logger_gets_scalars_and_pngs_go_to_the_log_dir(tmp_path) -> None:
+    mon = quick_monitor()
+    logger = CSVLogger(str(tmp_path), name="csv")
+    fit(tmp_path, mon, epochs=2, logger=logger)
+    out = tmp_path / "csv" / "version_0" / "cam_monitor"
+    grids = sorted(p.name for p in out.glob("probe_grid_*.png"))
+    assert len(grids) == 2 and (out / "trends.png").exists() and (out / "alerts.jsonl").exists()
+    header = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text().splitlines()[0]
+    assert "cam/spurious_enrichment" in header
+
+
+def test_gated_checkpoint_refuses_shortcut_and_keeps_control(tmp_path) -> None:
+    gate = {"cam/spurious_enrichment": "<= 1.5"}
+    refusing = cm.GatedModelCheckpoint(dirpath=tmp_path / "a", gate=gate, save_last=True)
+    fit(tmp_path / "runa", quick_monitor(), epochs=2, callbacks=[refusing], enable_checkpointing=True)
+    assert not list((tmp_path / "a").glob("*.ckpt")) if (tmp_path / "a").exists() else True
+    assert len(refusing.refused) == 2 and "fails '<= 1.5'" in refusing.refused[0][1][0]
+    keeping = cm.GatedModelCheckpoint(dirpath=tmp_path / "b", gate=gate, monitor="cam/quality", mode="max")
+    fit(tmp_path / "runb", quick_monitor(), epochs=3, variant="control", callbacks=[keeping], enable_checkpointing=True)
+    assert list((tmp_path / "b").glob("*.ckpt")) and keeping.best_model_path
+
+
+@pytest.mark.parametrize("condition", ["== 1.5", "<=", "1.5", "< 1.5 and 2", None])
+def test_gate_syntax_errors(condition) -> None:
+    with pytest.raises(ValueError, match="must look like"):
+        cm.GatedModelCheckpoint(gate={"cam/quality": condition})
+
+
+def test_checkpoint_holds_state_and_explanation_card_loadable_weights_only(tmp_path) -> None:
+    mon = quick_monitor()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)
+    fit(tmp_path, mon, epochs=2, callbacks=[ckpt], enable_checkpointing=True)
+    data = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=True)
+    card = data["cam_monitor_cards"][mon.state_key]
+    assert card["epoch"] == 1 and card["active_alerts"] == ["spurious_enrichment"]
+    assert card["metrics"]["cam/spurious_enrichment"] == pytest.approx(mon.history[-1]["cam/spurious_enrichment"])
+    state = data["callbacks"][mon.state_key]
+    assert len(state["history"]) == 2 and state["probes"]["images"].shape[0] == 20
+
+
+def test_state_dict_roundtrip_through_weights_only_file(tmp_path) -> None:
+    mon = quick_monitor()
+    fit(tmp_path, mon, epochs=2)
+    torch.save(mon.state_dict(), tmp_path / "s.pt")
+    fresh = quick_monitor()
+    fresh.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
+    assert cam_scalars(fresh) == cam_scalars(mon) and fresh.alerts == mon.alerts
+    assert torch.equal(fresh.reference.maps, mon.reference.maps) and fresh.probes.ids == mon.probes.ids
+
+
+def test_resumed_run_matches_uninterrupted_run_without_duplicate_alert_lines(tmp_path) -> None:
+    straight = quick_monitor(patience=2)
+    fit(tmp_path / "straight", straight, epochs=3)
+
+    first = quick_monitor(patience=2)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", save_top_k=-1, filename="{epoch}")
+    fit(tmp_path / "resumed", first, epochs=3, callbacks=[ckpt], enable_checkpointing=True)
+    resumed = quick_monitor(patience=2)  # the job died after epoch 2; restart from epoch 0's checkpoint
+    fit(tmp_path / "resumed", resumed, epochs=3, ckpt_path=str(tmp_path / "ck" / "epoch=0.ckpt"))
+
+    assert cam_scalars(resumed) == cam_scalars(straight)
+    assert resumed.alerts == straight.alerts and straight.alerts[0]["epoch"] == 1
+    lines = (tmp_path / "resumed" / "cam_monitor" / "alerts.jsonl").read_text().splitlines()
+    assert len(lines) == len(set(lines)) == len(straight.alerts)
