@@ -63,13 +63,13 @@ def _below(value: float, threshold: float, hysteresis: float) -> str:
 
 
 def _offenders(ids: list[str], values: torch.Tensor | None, test: Callable[[torch.Tensor], torch.Tensor],
-               limit: int = 10) -> list[str]:
+               descending: bool = True, limit: int = 10) -> list[str]:
     """Ids of the probes whose own value breaks the rule, worst first (at most ``limit``)."""
     if values is None:
         return []
-    bad = test(values) & ~torch.isnan(values)
-    idx = bad.nonzero()[:, 0].tolist()
-    return [ids[i] for i in idx][:limit]
+    bad = (test(values) & ~torch.isnan(values)).nonzero()[:, 0]
+    order = values[bad].argsort(descending=descending, stable=True)
+    return [ids[i] for i in bad[order].tolist()][:limit]
 
 
 @dataclass
@@ -109,7 +109,8 @@ def check_rules(agg: dict[str, float], ref: dict[str, float] | None, per_probe: 
         obj = agg["cam/object_energy"]
         checks.append(Check("object_energy_floor", "cam/object_energy", obj, t.object_energy_floor,
                             _below(obj, t.object_energy_floor, h),
-                            _offenders(ids, per_probe.get("object_energy"), lambda v: v < t.object_energy_floor)))
+                            _offenders(ids, per_probe.get("object_energy"), lambda v: v < t.object_energy_floor,
+                                       descending=False)))
     if ref is not None:
         drift = agg["cam/drift_ref"]
         level = _above(drift, t.drift_ref, h)

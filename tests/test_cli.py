@@ -26,3 +26,16 @@ def test_no_subcommand_prints_usage_and_fails(capsys) -> None:
 def test_demo_rejects_bad_epochs() -> None:
     with pytest.raises(SystemExit):
         main(["demo", "--epochs", "0"])
+
+
+def test_lightning_cli_config_wires_the_callback(tmp_path) -> None:
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    with pytest.warns(UserWarning, match="CAMMonitor alert"):
+        main(["fit", "--config", str(config), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "8",
+              "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path),
+              "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    alerts = list(tmp_path.rglob("cam_monitor/alerts.jsonl"))
+    assert len(alerts) == 1 and "spurious_enrichment" in alerts[0].read_text()
+    assert not list(tmp_path.rglob("*.ckpt"))  # the gate refused the shortcut model's checkpoint

@@ -1,0 +1,44 @@
+"""Run by tests/test_ddp.py in a subprocess: a 2-process CPU DDP fit with CAMMonitor.
+
+Usage: python tests/ddp_script.py OUT_DIR ACTION
+Each rank writes rank<r>.json (its step, epoch, monitor history and alerts); rank 0 also writes
+the final weights and the monitor state so the test can recompute the metrics in one process.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+
+from lightning_helpers import LAYER, quick_monitor  # noqa: E402
+from cam_monitor.demo.model import DecoyDigitsDataModule, DigitClassifier  # noqa: E402
+
+
+def main() -> None:
+    out, action = Path(sys.argv[1]), sys.argv[2]
+    warnings.filterwarnings("ignore")
+    L.seed_everything(0, verbose=False)
+    monitor = quick_monitor(num_probes=15, batch_size=4, alert_action=action, tile_size=32)
+    trainer = L.Trainer(callbacks=[monitor], accelerator="cpu", devices=2, strategy="ddp", max_epochs=3, limit_train_batches=4,
+                        limit_val_batches=2, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(out))
+    model = DigitClassifier()
+    trainer.fit(model, DecoyDigitsDataModule("shortcut", batch_size=32))
+    rank = trainer.global_rank
+    record = {"rank": rank, "world": trainer.world_size, "global_step": trainer.global_step,
+              "epoch": trainer.current_epoch, "history": monitor.history, "alerts": monitor.alerts,
+              "pid": os.getpid(), "faults": monitor.faults}
+    (out / f"rank{rank}.json").write_text(json.dumps(record))
+    if rank == 0:
+        torch.save({"model": model.state_dict(), "monitor": monitor.state_dict()}, out / "final.pt")
+
+
+if __name__ == "__main__":
+    main()

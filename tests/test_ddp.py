@@ -1,0 +1,58 @@
+"""DDP on 2 CPU processes: sharded probes give the single-process metrics; stop never hangs."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cam_monitor.demo.model import DigitClassifier
+from cam_monitor.evaluation import evaluate
+from cam_monitor.probes import ProbeSet
+from lightning_helpers import LAYER
+
+SCRIPT = Path(__file__).with_name("ddp_script.py")
+
+
+def run_ddp(out: Path, action: str) -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_"))}
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(out), action], env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_ddp_metrics_equal_single_process_and_every_rank_agrees(tmp_path) -> None:
+    ranks = run_ddp(tmp_path, "log")
+    assert ranks[0]["world"] == 2 and ranks[0]["pid"] != ranks[1]["pid"]
+    assert ranks[0]["history"] == ranks[1]["history"] and len(ranks[0]["history"]) == 3
+    assert ranks[0]["alerts"] == ranks[1]["alerts"] and ranks[0]["alerts"]
+    # only rank 0 wrote files
+    assert len((tmp_path / "cam_monitor" / "alerts.jsonl").read_text().splitlines()) == len(ranks[0]["alerts"])
+
+    saved = torch.load(tmp_path / "final.pt", weights_only=True)
+    model = DigitClassifier()
+    model.load_state_dict(saved["model"])
+    state = saved["monitor"]
+    probes = ProbeSet.from_state(state["probes"])
+    assert len(probes) == 15  # not divisible by the world size
+    ref = state["reference"]["maps"]
+    prev_hist = state["history"][-2]
+    single = evaluate(model, probes, LAYER, epoch=2, global_step=ranks[0]["global_step"], batch_size=4,
+                      previous=None, reference=ref)
+    last = state["history"][-1]
+    for key in ("cam/spurious_energy", "cam/spurious_enrichment", "cam/object_energy", "cam/pointing_spurious",
+                "cam/drift_ref", "cam/average_drop", "cam/quality"):
+        assert single.aggregates[key] == pytest.approx(last[key], rel=1e-5, abs=1e-6), key
+    assert torch.allclose(single.maps, state["previous_maps"], atol=1e-6)
+    assert prev_hist["epoch"] == 1
+
+
+def test_ddp_stop_action_stops_every_rank_at_the_same_step(tmp_path) -> None:
+    ranks = run_ddp(tmp_path, "stop")
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] == 4  # stopped after the first epoch
+    assert ranks[0]["epoch"] == ranks[1]["epoch"] == 1
