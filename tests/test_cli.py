@@ -8,14 +8,34 @@ import pytest
 from cam_monitor.cli import main
 
 
-def test_demo_writes_overlays_and_summary(tmp_path, capsys) -> None:
-    assert main(["demo", "--epochs", "1", "--out", str(tmp_path), "--per-class", "1"]) == 0
+def test_demo_catches_the_shortcut_and_spares_the_control(tmp_path, capsys) -> None:
+    """The README's main job at reduced size: an alert in the shortcut run, none in the control."""
+    assert main(["demo", "--epochs", "2", "--out", str(tmp_path), "--per-class", "1", "--no-progress"]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert set(summary["before"]) == {"spurious_enrichment", "spurious_energy", "object_energy"}
-    assert summary["after"]["spurious_enrichment"] > 0
-    assert (tmp_path / "probes_before.png").stat().st_size > 1000
-    assert (tmp_path / "probes_after.png").stat().st_size > 1000
-    assert "spurious_enrichment" in capsys.readouterr().out
+    shortcut, control = summary["shortcut"], summary["control"]
+    assert [a["rule"] for a in shortcut["alerts"]] == ["spurious_enrichment"]
+    assert shortcut["gap_passes_0.2_epoch"] is not None
+    assert shortcut["first_alert_epoch"] <= shortcut["gap_passes_0.2_epoch"]
+    assert control["alerts"] == [] and abs(control["accuracy_gap"]) < 0.1
+    assert len(shortcut["epochs"]) == 2 and {"acc_matched", "acc_random", "cam/spurious_enrichment"} <= set(shortcut["epochs"][0])
+    assert (tmp_path / "summary.png").stat().st_size > 20_000
+    assert list((tmp_path / "shortcut").glob("events.out.tfevents.*"))
+    assert (tmp_path / "shortcut" / "cam_monitor" / "alerts.jsonl").exists()
+    printed = capsys.readouterr().out
+    assert "shortcut run" in printed and "control run" in printed and f"tensorboard --logdir {tmp_path}" in printed
+
+
+@pytest.mark.parametrize("logger", ["csv", "wandb"])
+def test_demo_with_other_loggers(tmp_path, logger, monkeypatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    assert main(["demo", "--epochs", "1", "--out", str(tmp_path), "--per-class", "1", "--no-progress",
+                 "--logger", logger, "--limit-train-batches", "4"]) == 0
+    assert (tmp_path / "summary.json").exists()
+    if logger == "csv":
+        assert list((tmp_path / "shortcut" / "cam_monitor").glob("probe_grid_*.png"))
+    else:
+        assert list((tmp_path / "wandb").glob("offline-run-*"))
 
 
 def test_no_subcommand_prints_usage_and_fails(capsys) -> None:
@@ -23,9 +43,10 @@ def test_no_subcommand_prints_usage_and_fails(capsys) -> None:
     assert "cam-monitor demo" in capsys.readouterr().err
 
 
-def test_demo_rejects_bad_epochs() -> None:
+@pytest.mark.parametrize("argv", [["--epochs", "0"], ["--per-class", "0"], ["--logger", "mlflow"]])
+def test_demo_rejects_bad_arguments(argv) -> None:
     with pytest.raises(SystemExit):
-        main(["demo", "--epochs", "0"])
+        main(["demo", *argv])
 
 
 def test_lightning_cli_config_wires_the_callback(tmp_path) -> None:

@@ -4,7 +4,10 @@ Each 8x8 digit (values 0..16) is scaled to [0, 1], upsampled 3x to 24x24 and cen
 canvas; the 4-pixel margin holds the decoy, a 4x4 binary pattern fixed per class, placed in a
 random corner. When the pattern matches the label (the "shortcut" split) a small CNN learns the
 pattern instead of the digit; when it is random (the "control" split) the pattern is noise.
-Everything is built in memory, deterministically from a seed, in well under a second.
+Validation and probes carry matched patterns (the realistic case: validation shares the bias);
+the ground truth comes from three test splits over the same digits, with matched, random and no
+patterns: shortcut use is accuracy(matched) - accuracy(random). Everything is built in memory,
+deterministically from a seed, in well under a second.
 """
 from __future__ import annotations
 
@@ -119,6 +122,7 @@ class DecoyDigits:
     train_shortcut: DecoySplit
     train_control: DecoySplit
     val: DecoySplit
+    test_matched: DecoySplit
     test_random: DecoySplit
     test_none: DecoySplit
     patterns: torch.Tensor
@@ -145,6 +149,7 @@ def make_decoy_digits(seed: int = 0, correlation: float = 1.0, val_fraction: flo
         train_shortcut=part(train_idx, "matched", correlation),
         train_control=part(train_idx, "random"),
         val=part(val_idx, "matched"),
+        test_matched=part(test_idx, "matched"),
         test_random=part(test_idx, "random"),
         test_none=part(test_idx, "none"),
         patterns=patterns,

@@ -1,8 +1,9 @@
-"""``cam-monitor demo``: train the small CNN on Decoy Digits and save Grad-CAM overlays of its probes.
+"""``cam-monitor demo``: the monitor catching a Clever Hans model, in about a minute on a CPU.
 
-This first version trains the shortcut model (the decoy pattern codes the label) and writes the
-probe grid before and after training plus the explanation metrics, so a user sees the maps move
-onto the decoy. The monitored, two-run demo replaces it once the Lightning callback lands.
+Trains the small CNN twice on Decoy Digits with :class:`~cam_monitor.CAMMonitor` on every
+epoch: once where the corner pattern codes the label (shortcut) and once where it is random
+(control). The same probes are explained in both runs. Prints one table per run, writes
+``summary.json``, ``summary.png`` and the logger's files under ``--out``.
 """
 from __future__ import annotations
 
@@ -11,50 +12,187 @@ import json
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
+from typing import Any
 
 import lightning as L
+import matplotlib.pyplot as plt
 import torch
 
-from .. import metrics as M
-from ..engine import cam_pass
+from ..callback import CAMMonitor
 from ..probes import ProbeSet
-from ..render import probe_grid, save_png
+from ..render import probe_tiles, tile_grid
+from .data import DecoySplit, make_decoy_digits
 from .model import DecoyDigitsDataModule, DigitClassifier
 
 LAYER = "net.features"
+RUNS = ("shortcut", "control")
+GAP_LINE = 0.2
+
+
+class DecoyAccuracy(L.Callback):
+    """After each validation, accuracy on the test digits with matched, random and no decoys.
+
+    The model is already in eval mode during validation; this forward runs under ``no_grad``
+    and changes nothing, so it does not alter training.
+    """
+
+    def __init__(self, splits: dict[str, DecoySplit]) -> None:
+        self.splits = splits
+        self.rows: list[dict[str, float]] = []
+
+    @torch.no_grad()
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        acc = {}
+        for name, split in self.splits.items():
+            preds = pl_module(split.images.to(pl_module.device)).argmax(1).cpu()
+            acc[f"acc_{name}"] = float((preds == split.labels).float().mean())
+        acc["accuracy_gap"] = acc["acc_matched"] - acc["acc_random"]
+        self.rows.append({"epoch": trainer.current_epoch, **acc})
+        for key, value in acc.items():
+            pl_module.log(f"decoy/{key}", value, on_epoch=True, batch_size=1)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="cam-monitor demo", description=__doc__)
-    p.add_argument("--epochs", type=int, default=4, help="training epochs (default 4)")
+    p = argparse.ArgumentParser(prog="cam-monitor demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--epochs", type=int, default=6, help="epochs per run (default 6)")
     p.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
+    p.add_argument("--logger", choices=("tensorboard", "wandb", "csv"), default="tensorboard",
+                   help="where pictures and scalars go (default tensorboard; wandb runs offline unless WANDB_MODE=online)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--per-class", type=int, default=2, help="probes per class (default 2)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--limit-train-batches", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--no-progress", action="store_true", help="hide Lightning's progress bar")
     args = p.parse_args(argv)
     if args.epochs < 1:
         p.error("--epochs must be >= 1")
+    if args.per_class < 1:
+        p.error("--per-class must be >= 1")
     return args
 
 
-def explain(model: torch.nn.Module, probes: ProbeSet) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
-    """Grad-CAM of each probe's true class, its aggregate metrics, and the predictions."""
-    result = cam_pass(model, probes.images.to(model.device), LAYER, probes.labels.to(model.device))
-    maps = result.maps["gradcam"][:, 0].cpu()
-    numbers = {
-        "spurious_enrichment": M.nanmean(M.enrichment(maps, probes.spurious_masks))[0],
-        "spurious_energy": M.nanmean(M.energy_fraction(maps, probes.spurious_masks))[0],
-        "object_energy": M.nanmean(M.energy_fraction(maps, probes.object_masks))[0],
-    }
-    return maps, numbers, result.logits.argmax(1).cpu()
+def make_logger(kind: str, out: Path, run: str) -> Any:
+    """The Lightning logger for one run, writing under ``out``."""
+    if kind == "tensorboard":
+        from lightning.pytorch.loggers import TensorBoardLogger
+        return TensorBoardLogger(str(out), name=run, version="")
+    if kind == "csv":
+        from lightning.pytorch.loggers import CSVLogger
+        return CSVLogger(str(out), name=run, version="")
+    from lightning.pytorch.loggers import WandbLogger
+    return WandbLogger(project="cam-monitor-demo", name=run, save_dir=str(out),
+                       offline=os.environ.get("WANDB_MODE", "offline") != "online")
 
 
-def save_grid(path: Path, probes: ProbeSet, maps: torch.Tensor, preds: torch.Tensor) -> None:
-    grid = probe_grid(probes.display_images(), maps, ids=probes.ids, labels=probes.labels.tolist(),
-                      preds=preds.tolist(), spurious_energy=M.energy_fraction(maps, probes.spurious_masks).tolist(),
-                      spurious_masks=probes.spurious_masks, object_masks=probes.object_masks, nrow=10, tile_size=96)
-    save_png(grid, path)
+def train_run(run: str, args: argparse.Namespace, probes: ProbeSet, out: Path) -> dict[str, Any]:
+    """One monitored fit; returns its per-epoch rows, alerts and the monitor."""
+    L.seed_everything(args.seed, verbose=False)
+    data = DecoyDigitsDataModule(run, seed=args.seed)
+    data.setup()
+    splits = {"matched": data.data.test_matched, "random": data.data.test_random, "none": data.data.test_none}
+    accuracy = DecoyAccuracy(splits)
+    monitor = CAMMonitor(target_layer=LAYER, probes=probes, tile_size=96, alert_action="log",
+                         log_dir=str(out / run / "cam_monitor"))
+    accelerator = {"cuda": "gpu"}.get(args.device, args.device)
+    trainer = L.Trainer(max_epochs=args.epochs, accelerator=accelerator, devices=1, deterministic=True,
+                        logger=make_logger(args.logger, out, run), callbacks=[accuracy, monitor],
+                        enable_checkpointing=False, enable_model_summary=False, log_every_n_steps=5,
+                        enable_progress_bar=not args.no_progress, default_root_dir=str(out / run),
+                        limit_train_batches=args.limit_train_batches)
+    model = DigitClassifier()
+    print(f"\n=== {run} run: the decoy {'codes the label' if run == 'shortcut' else 'is random'} in training ===")
+    trainer.fit(model, data)
+    if args.logger == "wandb":
+        import wandb
+        wandb.finish()
+    rows = []
+    for acc, hist in zip(accuracy.rows, monitor.history):
+        rows.append({**acc, **{k: v for k, v in hist.items() if k.startswith("cam/") or k == "global_step"}})
+    return {"epochs": rows, "alerts": monitor.alerts, "monitor": monitor, "model": model}
+
+
+def first_epoch(rows: list[dict[str, Any]], test) -> int | None:
+    return next((r["epoch"] for r in rows if test(r)), None)
+
+
+def print_table(run: str, result: dict[str, Any]) -> None:
+    print(f"\n{run} run")
+    print(f"{'epoch':>5} {'acc matched':>11} {'acc random':>10} {'gap':>6} {'enrichment':>10} {'object E':>8} "
+          f"{'drift ref':>9}  alerts")
+    alerts_by_epoch: dict[int, list[str]] = {}
+    for a in result["alerts"]:
+        alerts_by_epoch.setdefault(a["epoch"], []).append(a["rule"])
+    for r in result["epochs"]:
+        print(f"{r['epoch']:>5} {r['acc_matched']:>11.3f} {r['acc_random']:>10.3f} {r['accuracy_gap']:>6.3f} "
+              f"{r['cam/spurious_enrichment']:>10.2f} {r.get('cam/object_energy', float('nan')):>8.3f} "
+              f"{r['cam/drift_ref']:>9.3f}  {', '.join(alerts_by_epoch.get(r['epoch'], [])) or '-'}")
+
+
+def summary_figure(results: dict[str, dict[str, Any]], probes: ProbeSet, threshold: float, path: Path) -> None:
+    """Final overlays of the same probes for both runs, and the curves that tell them apart."""
+    pick = _one_per_class(probes)
+    sub = probes.subset(pick)
+    fig = plt.figure(figsize=(14, 8.5))
+    grid = fig.add_gridspec(2, 2, height_ratios=[1.25, 1])
+    for col, run in enumerate(RUNS):
+        ev = results[run]["monitor"].last_evaluation
+        tiles = probe_tiles(sub.display_images(), ev.maps[pick], ids=[str(int(c)) for c in sub.labels],
+                            labels=sub.labels.tolist(), preds=ev.preds[pick].tolist(),
+                            spurious_energy=ev.per_probe["spurious_energy"][pick].tolist(),
+                            spurious_masks=sub.spurious_masks, object_masks=sub.object_masks, tile_size=96)
+        ax = fig.add_subplot(grid[0, col])
+        ax.imshow(tile_grid(tiles, nrow=5).permute(1, 2, 0).numpy())
+        n_alerts = len(results[run]["alerts"])
+        ax.set_title(f"{run}: final Grad-CAM ({n_alerts} alert{'s' if n_alerts != 1 else ''})")
+        ax.axis("off")
+    ax = fig.add_subplot(grid[1, 0])
+    for run, style in zip(RUNS, ("-o", "-s")):
+        rows = results[run]["epochs"]
+        ax.plot([r["epoch"] for r in rows], [r["cam/spurious_enrichment"] for r in rows], style, label=run)
+        for a in results[run]["alerts"]:
+            ax.axvline(a["epoch"], color="red", alpha=0.3)
+    ax.axhline(threshold, color="red", ls="--", label=f"alert threshold {threshold:g}")
+    ax.axhline(1.0, color="grey", ls=":", label="chance (1.0)")
+    ax.set(title="spurious enrichment of the probes' maps", xlabel="epoch", yscale="log")
+    ax.legend()
+    ax = fig.add_subplot(grid[1, 1])
+    for run, style in zip(RUNS, ("-o", "-s")):
+        rows = results[run]["epochs"]
+        ax.plot([r["epoch"] for r in rows], [r["accuracy_gap"] for r in rows], style, label=run)
+    ax.axhline(GAP_LINE, color="grey", ls=":", label=f"gap {GAP_LINE}")
+    ax.set(title="ground truth: accuracy(matched decoy) - accuracy(random decoy)", xlabel="epoch")
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _one_per_class(probes: ProbeSet) -> list[int]:
+    seen: dict[int, int] = {}
+    for i, label in enumerate(probes.labels.tolist()):
+        seen.setdefault(label, i)
+    return [seen[c] for c in sorted(seen)]
+
+
+def summarise(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The JSON written to ``summary.json`` (no tensors, no monitor objects)."""
+    out = {}
+    for run, res in results.items():
+        rows = res["epochs"]
+        out[run] = {
+            "epochs": rows, "alerts": res["alerts"],
+            "accuracy_gap": rows[-1]["accuracy_gap"] if rows else None,
+            "first_alert_epoch": min((a["epoch"] for a in res["alerts"]), default=None),
+            "gap_passes_0.2_epoch": first_epoch(rows, lambda r: r["accuracy_gap"] > GAP_LINE),
+        }
+    return out
 
 
 def main(argv: list[str]) -> int:
@@ -62,27 +200,25 @@ def main(argv: list[str]) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*(LeafSpec|does not have many workers|logging interval).*")
     start = time.perf_counter()
-    L.seed_everything(args.seed, verbose=False)
-    data = DecoyDigitsDataModule("shortcut", seed=args.seed)
-    data.setup()
-    probes = ProbeSet.from_dataset(data.data.val, per_class=args.per_class, seed=args.seed, num_classes=10)
-    model = DigitClassifier()
-    before, m_before, p_before = explain(model, probes)
-    save_grid(out / "probes_before.png", probes, before, p_before)
-    accelerator = "auto" if args.device == "auto" else ("gpu" if args.device == "cuda" else args.device)
-    trainer = L.Trainer(max_epochs=args.epochs, accelerator=accelerator, devices=1, logger=False,
-                        enable_checkpointing=False, enable_model_summary=False, default_root_dir=str(out))
-    trainer.fit(model, data)
-    model.eval()
-    after, m_after, p_after = explain(model, probes)
-    save_grid(out / "probes_after.png", probes, after, p_after)
-    summary = {"before": m_before, "after": m_after, "seconds": time.perf_counter() - start}
+    data = make_decoy_digits(args.seed)
+    probes = ProbeSet.from_dataset(data.val, per_class=args.per_class, seed=args.seed, num_classes=10,
+                                   class_names=[str(c) for c in range(10)])
+    results = {run: train_run(run, args, probes, out) for run in RUNS}
+    for run in RUNS:
+        print_table(run, results[run])
+    summary = summarise(results)
     tmp = out / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2))
     os.replace(tmp, out / "summary.json")
-    print(f"\n{'metric':<22}{'before':>10}{'after':>10}")
-    for key in m_before:
-        print(f"{key:<22}{m_before[key]:>10.3f}{m_after[key]:>10.3f}")
-    print(f"\nwrote {out / 'probes_before.png'}, {out / 'probes_after.png'} and {out / 'summary.json'}")
+    threshold = results["shortcut"]["monitor"].thresholds.spurious_enrichment
+    summary_figure(results, probes, threshold, out / "summary.png")
+    s, c = summary["shortcut"], summary["control"]
+    print(f"\nshortcut: first alert at epoch {s['first_alert_epoch']}, accuracy gap passes {GAP_LINE} at epoch "
+          f"{s['gap_passes_0.2_epoch']} (final gap {s['accuracy_gap']:.3f}); control: {len(c['alerts'])} alerts "
+          f"(final gap {c['accuracy_gap']:.3f})")
+    print(f"wrote {out / 'summary.json'} and {out / 'summary.png'} in {time.perf_counter() - start:.0f} s")
+    if args.logger == "tensorboard":
+        print(f"dashboard: tensorboard --logdir {out}")
     return 0
