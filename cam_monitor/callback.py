@@ -57,7 +57,8 @@ class CAMMonitor(Callback):
         batch_size: probes per CAM chunk, so a large probe set never runs the device out of memory.
         images_every_n_evals: render and send pictures every N-th evaluation (0 = never).
         max_grid_probes: at most this many probes in the pictures.
-        tile_size: tile size of the pictures (longer side, px); ``None`` keeps the image size.
+        tile_size: tile size of the pictures (longer side, px; default 128); ``None`` keeps the
+            image size (large grids cost more to encode and send).
         faithfulness: compute ``cam/average_drop`` (one extra forward on image x map).
         border_fraction: width of the default spurious region (a border band) when probes have no
             spurious masks.
@@ -83,7 +84,7 @@ class CAMMonitor(Callback):
         batch_size: int = 64,
         images_every_n_evals: int = 1,
         max_grid_probes: int = 32,
-        tile_size: int | None = None,
+        tile_size: int | None = 128,
         faithfulness: bool = True,
         border_fraction: float = 0.1,
         spurious_enrichment: float = 4.0,

@@ -236,11 +236,13 @@ def masked_scores(
     targets: torch.Tensor,
     *,
     output_transform: OutputTransform | None = None,
+    logits: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Class probabilities on the images and on ``images * map`` (one extra forward, no grad).
 
     ``maps`` (B, h, w) are min-max scaled and upsampled to the images, as the Grad-CAM++ paper's
     "explanation map"; ``targets`` (B,) are the classes whose softmax probability is returned.
+    Pass the CAM pass's ``logits`` to skip re-running the model on the unmasked images.
     Returns ``(y, o)``, inputs of :func:`cam_monitor.metrics.average_drop` and
     :func:`cam_monitor.metrics.increase_in_confidence`. Same state guarantees as :func:`cam_pass`.
     """
@@ -251,8 +253,10 @@ def masked_scores(
     inner = unwrap_compiled(model)
     weights = upsample(minmax(maps.float()), images.shape[-2:]).to(images.device, images.dtype)[:, None]
     with preserved_model_state(inner, images.device), torch.no_grad():
-        both = torch.cat([images, images * weights])
-        probs = transform(inner(both)).float().softmax(dim=1)
+        batch = images * weights if logits is not None else torch.cat([images, images * weights])
+        probs = transform(inner(batch)).float().softmax(dim=1)
+    if logits is not None:
+        probs = torch.cat([logits.float().to(probs.device).softmax(dim=1), probs])
     idx = targets.long().view(-1, 1).to(probs.device)
     b = images.shape[0]
     return probs[:b].gather(1, idx)[:, 0], probs[b:].gather(1, idx)[:, 0]

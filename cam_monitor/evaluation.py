@@ -79,7 +79,8 @@ def compute_shard(model: nn.Module, probes: ProbeSet, index: torch.Tensor, layer
         parts["logits"].append(res.logits.cpu())
         parts["targets"].append(res.targets[:, 0].cpu())
         if faithfulness:
-            y, o = masked_scores(model, images, maps[:, 0], res.targets[:, 0], output_transform=output_transform)
+            y, o = masked_scores(model, images, maps[:, 0], res.targets[:, 0], output_transform=output_transform,
+                                 logits=res.logits)
             parts["y"].append(y.cpu())
             parts["o"].append(o.cpu())
     return {k: torch.cat(v) for k, v in parts.items() if v}

@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from .errors import InputError
 from .maps import upsample
@@ -71,17 +70,6 @@ def default_tolerance(map_size: tuple[int, int], image_size: tuple[int, int]) ->
     return 0.5 * max(image_size[0] / map_size[0], image_size[1] / map_size[1])
 
 
-def dilate(masks: torch.Tensor, radius: float) -> torch.Tensor:
-    """Bool masks grown by a disk of ``radius`` pixels (Euclidean), batched."""
-    r = int(math.floor(radius))
-    if r <= 0:
-        return masks.bool()
-    ys, xs = torch.meshgrid(torch.arange(-r, r + 1), torch.arange(-r, r + 1), indexing="ij")
-    disk = ((ys**2 + xs**2) <= radius**2).float().to(masks.device)
-    grown = F.conv2d(masks.float()[:, None], disk[None, None], padding=r)[:, 0]
-    return grown > 0
-
-
 def pointing_game(maps: torch.Tensor, masks: torch.Tensor, tolerance: float | None = None) -> torch.Tensor:
     """1.0 if the map's maximum lies within ``tolerance`` pixels of the mask, else 0.0.
 
@@ -94,8 +82,14 @@ def pointing_game(maps: torch.Tensor, masks: torch.Tensor, tolerance: float | No
     if tolerance < 0:
         raise InputError(f"tolerance must be >= 0 pixels, got {tolerance}")
     a, m = _check_pair(maps, masks)
+    w = a.shape[-1]
     idx = a.flatten(1).argmax(1)
-    hit = dilate(m, tolerance).flatten(1).gather(1, idx[:, None])[:, 0].float()
+    py, px = (idx // w).float(), (idx % w).float()
+    ys = torch.arange(a.shape[-2], device=a.device, dtype=torch.float32)
+    xs = torch.arange(w, device=a.device, dtype=torch.float32)
+    dist2 = (ys[None, :, None] - py[:, None, None]) ** 2 + (xs[None, None, :] - px[:, None, None]) ** 2
+    nearest = torch.where(m, dist2, torch.full_like(dist2, float("inf"))).flatten(1).amin(1)
+    hit = (nearest <= tolerance**2).float()
     bad = _constant(a) | (m.flatten(1).sum(1) == 0)
     return torch.where(bad, torch.full_like(hit, _NAN), hit)
 

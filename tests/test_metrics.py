@@ -234,3 +234,21 @@ def test_metric_ranges_hold_for_random_shapes_and_masks(b, h, w, scale, seed, ze
     other = torch.rand(b, h, w, generator=g)
     rho = M.spearman(maps, other)
     assert (rho[~torch.isnan(rho)].abs() <= 1 + 1e-6).all()
+
+
+def test_masked_scores_reuses_logits_and_matches_plain_forward() -> None:
+    import cam_monitor as cm
+    from conftest import SmallCNN, make_trained_bn
+
+    torch.manual_seed(0)
+    model = make_trained_bn(SmallCNN()).eval()
+    x = torch.randn(4, 3, 16, 16)
+    res = cm.cam_pass(model, x, "features.7")
+    maps, t = res.maps["gradcam"][:, 0], res.targets[:, 0]
+    y1, o1 = cm.masked_scores(model, x, maps, t)
+    y2, o2 = cm.masked_scores(model, x, maps, t, logits=res.logits)
+    torch.testing.assert_close(y1, y2)
+    torch.testing.assert_close(o1, o2)
+    from cam_monitor.maps import minmax
+    want = model(x * upsample(minmax(maps), (16, 16))[:, None]).softmax(1).gather(1, t[:, None])[:, 0]
+    torch.testing.assert_close(o1, want.detach())

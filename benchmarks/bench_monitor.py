@@ -1,0 +1,149 @@
+"""What the monitor costs: one full evaluation vs an inference forward, and training overhead.
+
+1. ResNet-18 (random weights), 64 probes at 224 px: an inference-mode forward of the batch vs
+   one full monitor evaluation (CAM pass + metrics + rendering + TensorBoard write), with and
+   without the faithfulness forward; tiles at the monitor's default 128 px; interleaved rounds,
+   median/min/max.
+2. The demo's shortcut fit (Decoy Digits, 6 epochs) with the monitor on every epoch vs off,
+   alternating runs; wall time of ``trainer.fit``.
+
+    python benchmarks/bench_monitor.py [--repeats 5] [--fit-repeats 3]
+
+Prints Markdown tables and writes ``benchmarks/results/monitor_<device>.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+import torchvision
+from torch.utils.tensorboard import SummaryWriter
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_engine import machine, time_interleaved  # noqa: E402
+
+import cam_monitor as cm  # noqa: E402
+from cam_monitor.evaluation import evaluate  # noqa: E402
+from cam_monitor.render import probe_tiles, tile_grid  # noqa: E402
+from cam_monitor.sinks import Panel, TensorBoardSink  # noqa: E402
+
+
+def monitor_evaluation(repeats: int, device: torch.device, n: int = 64, size: int = 224) -> dict:
+    """Table 1: forward vs full evaluation on ``n`` probes."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).eval().to(device)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(n, 3, size, size, generator=g)
+    spur = torch.zeros(n, size, size, dtype=torch.bool)
+    spur[:, :32, :32] = True
+    obj = torch.zeros(n, size, size, dtype=torch.bool)
+    obj[:, 56:168, 56:168] = True
+    probes = cm.ProbeSet(images, torch.randint(0, 1000, (n,), generator=g), spur, obj,
+                         mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    batch = images.to(device)
+    writer = SummaryWriter(tempfile.mkdtemp(prefix="cam_bench_tb_"))
+    sink = TensorBoardSink(writer)
+    state: dict = {"step": 0, "prev": None, "ref": None}
+
+    def forward():
+        with torch.inference_mode():
+            model(batch)
+
+    def full(faithfulness: bool):
+        def run():
+            ev = evaluate(model, probes, "layer4", epoch=0, global_step=state["step"], batch_size=n, device=device,
+                          previous=state["prev"], reference=state["ref"], faithfulness=faithfulness)
+            tiles = probe_tiles(probes.display_images(), ev.maps, ids=probes.ids, labels=probes.labels.tolist(),
+                                preds=ev.preds.tolist(), scores=ev.probs.tolist(),
+                                spurious_energy=ev.per_probe["spurious_energy"].tolist(),
+                                spurious_masks=spur, object_masks=obj, tile_size=128)
+            sink.log_evaluation(ev, Panel(tile_grid(tiles), tiles, None, probes.ids, probes.labels.tolist()))
+            state["step"] += 1
+            state["prev"] = ev.maps
+            state["ref"] = state["ref"] if state["ref"] is not None else ev.maps
+        return run
+
+    times = time_interleaved({"inference forward (64 x 224)": forward,
+                              "monitor evaluation, no faithfulness": full(False),
+                              "monitor evaluation (default, + faithfulness forward)": full(True)}, repeats, device)
+    writer.close()
+    base = statistics.median(times["inference forward (64 x 224)"])
+    return {name: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t),
+                   "x_forward": statistics.median(t) / base} for name, t in times.items()}
+
+
+def demo_fit_seconds(with_monitor: bool, epochs: int, root: str) -> float:
+    """Wall time of the demo's shortcut fit, with or without CAMMonitor."""
+    from cam_monitor.demo.model import DecoyDigitsDataModule, DigitClassifier
+
+    L.seed_everything(0, verbose=False)
+    data = DecoyDigitsDataModule("shortcut")
+    data.setup()
+    callbacks = [cm.CAMMonitor(target_layer="net.features", num_probes=20, tile_size=96, alert_action="log")] \
+        if with_monitor else []
+    trainer = L.Trainer(max_epochs=epochs, callbacks=callbacks, logger=L.pytorch.loggers.TensorBoardLogger(root),
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=root)
+    start = time.perf_counter()
+    trainer.fit(DigitClassifier(), data)
+    return time.perf_counter() - start
+
+
+def training_overhead(repeats: int, epochs: int) -> dict:
+    """Table 2: alternate monitored and unmonitored fits; medians and the overhead."""
+    runs: dict[str, list[float]] = {"monitor off": [], "monitor on every epoch": []}
+    demo_fit_seconds(False, 1, tempfile.mkdtemp())  # warm-up: imports, data build
+    for r in range(repeats):
+        order = [False, True] if r % 2 == 0 else [True, False]
+        for on in order:
+            runs["monitor on every epoch" if on else "monitor off"].append(
+                demo_fit_seconds(on, epochs, tempfile.mkdtemp(prefix="cam_bench_fit_")))
+    off = statistics.median(runs["monitor off"])
+    return {name: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t),
+                   "x_forward": statistics.median(t) / off} for name, t in runs.items()}
+
+
+def print_table(title: str, rows: dict, ratio_name: str) -> None:
+    print(f"\n### {title}\n")
+    print(f"| variant | median s | min s | max s | {ratio_name} |")
+    print("|---|---:|---:|---:|---:|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['median_s']:.3f} | {r['min_s']:.3f} | {r['max_s']:.3f} | {r['x_forward']:.2f} |")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--fit-repeats", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    device = torch.device(args.device)
+    result = {"machine": machine(), "device": str(device)}
+    print(f"machine: {result['machine']}; device {device}")
+    result["evaluation"] = monitor_evaluation(args.repeats, device)
+    print_table("One monitor evaluation, ResNet-18 layer4, 64 probes at 224 px", result["evaluation"], "x forward")
+    result["training"] = training_overhead(args.fit_repeats, args.epochs)
+    print_table(f"Demo shortcut fit, {args.epochs} epochs, TensorBoard logger", result["training"], "x off")
+    out = args.out or os.path.join(os.path.dirname(__file__), "results", f"monitor_{device.type}.json")
+    with open(out + ".tmp", "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(out + ".tmp", out)
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
