@@ -22,7 +22,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from . import metrics as M
 from .alerts import AlertBook, AlertThresholds, check_rules, resolve_action
 from .engine import cam_pass
-from .errors import CAMError, InputError
+from .errors import CAMError, InputError, TargetError
 from .evaluation import PER_PROBE, Evaluation, evaluate
 from .layers import resolve_layer, unwrap_compiled
 from .methods import check_methods
@@ -140,7 +140,7 @@ class CAMMonitor(Callback):
         self.book = AlertBook(patience)
         self.alerts: list[dict[str, Any]] = []
         self.history: list[dict[str, Any]] = []
-        self.per_probe_history: dict[str, list[torch.Tensor]] = {}
+        self.per_probe_history: dict[str, torch.Tensor] = {}  # metric -> (evaluations, probes)
         self.reference: Evaluation | None = None
         self.previous_maps: torch.Tensor | None = None
         self.last_evaluation: Evaluation | None = None
@@ -170,8 +170,9 @@ class CAMMonitor(Callback):
         first = self.probes.images[:1].to(pl_module.device)
         targets = self.probes.labels[:1].to(pl_module.device) if self.targets == "label" else None
         try:
-            cam_pass(pl_module, first, self.target_layer, targets, self.methods, reshape=self.reshape,
-                     output_transform=self.output_transform)
+            result = cam_pass(pl_module, first, self.target_layer, targets, self.methods, reshape=self.reshape,
+                              output_transform=self.output_transform)
+            self._check_probe_labels(result.logits.shape[1])
         except CAMError as err:
             raise type(err)(f"CAMMonitor check before training failed: {err}") from err
         except Exception as err:  # noqa: BLE001 - e.g. a conv rejecting the probes' channel count
@@ -179,6 +180,16 @@ class CAMMonitor(Callback):
                 f"CAMMonitor could not run a probe of shape {tuple(self.probes.images.shape[1:])} through "
                 f"{type(pl_module).__name__} before training ({type(err).__name__}: {err}); make the probes match "
                 "the model's input (channels, size, normalisation)") from err
+
+    def _check_probe_labels(self, num_classes: int) -> None:
+        """With ``targets="label"`` every probe label must be a class of the model."""
+        if self.targets != "label":
+            return
+        bad = (self.probes.labels < 0) | (self.probes.labels >= num_classes)
+        if bad.any():
+            ids = [self.probes.ids[i] for i in bad.nonzero()[:, 0].tolist()][:10]
+            raise TargetError(f"target classes {self.probes.labels[bad].unique().tolist()} are out of range for a model "
+                              f"with {num_classes} classes (0..{num_classes - 1}): probes {ids}")
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -205,7 +216,7 @@ class CAMMonitor(Callback):
         return {
             "version": STATE_VERSION,
             "history": [dict(h) for h in self.history],
-            "per_probe_history": {k: torch.stack(v) for k, v in self.per_probe_history.items() if v},
+            "per_probe_history": dict(self.per_probe_history),
             "alerts": [dict(a) for a in self.alerts],
             "book": self.book.state_dict(),
             "previous_maps": self.previous_maps,
@@ -220,7 +231,7 @@ class CAMMonitor(Callback):
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"CAMMonitor state version {state.get('version')!r} is not {STATE_VERSION}")
         self.history = [dict(h) for h in state["history"]]
-        self.per_probe_history = {k: list(v.unbind(0)) for k, v in state["per_probe_history"].items()}
+        self.per_probe_history = dict(state["per_probe_history"])
         self.alerts = [dict(a) for a in state["alerts"]]
         self.book.load_state_dict(state["book"])
         self.previous_maps = state["previous_maps"]
@@ -283,7 +294,9 @@ class CAMMonitor(Callback):
         self.history.append({"epoch": ev.epoch, "global_step": ev.global_step, **ev.aggregates})
         for name in PER_PROBE:
             if name in ev.per_probe:
-                self.per_probe_history.setdefault(name, []).append(ev.per_probe[name].float().cpu())
+                row = ev.per_probe[name].float().cpu()[None]
+                old = self.per_probe_history.get(name)
+                self.per_probe_history[name] = row if old is None else torch.cat([old, row])
         self.previous_maps = ev.maps
         if self.reference is None:
             self.reference = ev
@@ -332,7 +345,7 @@ class CAMMonitor(Callback):
                             object_masks=None if p.object_masks is None else p.object_masks[:n],
                             class_names=p.class_names, tile_size=self.tile_size)
         steps = [h["global_step"] for h in self.history]
-        per_probe = {f"cam/{k}": torch.stack(v)[:, :n] for k, v in self.per_probe_history.items() if k in TREND_METRICS}
+        per_probe = {f"cam/{k}": v[:, :n] for k, v in self.per_probe_history.items() if k in TREND_METRICS}
         trends = figure_to_tensor(metric_curves(steps, per_probe, p.ids[:n])) if per_probe else None
         return Panel(grid=tile_grid(tiles, nrow=8), tiles=tiles, trends=trends, ids=p.ids[:n],
                      labels=p.labels[:n].tolist())

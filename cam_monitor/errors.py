@@ -29,3 +29,7 @@ class TargetError(CAMError, IndexError):
 
 class InputError(CAMError, ValueError):
     """Images, masks or labels have the wrong shape, dtype or values."""
+
+
+class NonFiniteOutputError(CAMError, FloatingPointError):
+    """The model produced NaN or inf logits for some probes, so their maps mean nothing."""

@@ -15,6 +15,7 @@ from torch import nn
 
 from . import metrics as M
 from .engine import OutputTransform, cam_pass, masked_scores
+from .errors import NonFiniteOutputError
 from .layers import LayerSpec, ReshapeSpec
 from .probes import ProbeSet
 
@@ -149,6 +150,11 @@ def evaluate(model: nn.Module, probes: ProbeSet, layer: LayerSpec, *, epoch: int
     local = compute_shard(model, probes, index, layer, methods, targets_mode, batch_size, device, faithfulness,
                           output_transform, reshape)
     full = gather_shards(local, len(probes), world, gather)
+    bad = ~torch.isfinite(full["logits"]).all(1)
+    if bad.any():
+        raise NonFiniteOutputError(
+            f"the model's logits are NaN or inf for probes {[probes.ids[i] for i in bad.nonzero()[:, 0].tolist()][:10]}; "
+            "no maps were recorded for this evaluation")
     maps = full["maps"][:, 0].float()
     per_probe = probe_metrics(maps, probes, previous, reference, full.get("y"), full.get("o"), border_fraction)
     aggregates, degenerate = aggregate(per_probe)
