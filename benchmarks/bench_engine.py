@@ -298,11 +298,20 @@ def main(argv: list[str] | None = None) -> None:
         results["render"] = result
         print_table(result)
         print("(x forward here = x the CAM pass over the same 64 probes)")
-    out = args.out or os.path.join(os.path.dirname(__file__), "results", f"engine_{device.type}.json")
-    with open(out + ".tmp", "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(out + ".tmp", out)
-    print(f"\nwrote {out}")
+    write_json(results, args.out or default_result_path("engine", device))
+
+
+def default_result_path(name: str, device: torch.device) -> str:
+    """``benchmarks/results/<name>_<device type>.json``."""
+    return os.path.join(os.path.dirname(__file__), "results", f"{name}_{device.type}.json")
+
+
+def write_json(result: dict, path: str) -> None:
+    """Write ``result`` atomically (temporary file, then rename) and say where."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(path + ".tmp", path)
+    print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":

@@ -14,9 +14,7 @@ Prints Markdown tables and writes ``benchmarks/results/monitor_<device>.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import statistics
 import sys
 import tempfile
@@ -30,7 +28,7 @@ import torchvision
 from torch.utils.tensorboard import SummaryWriter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import machine, time_interleaved  # noqa: E402
+from bench_engine import default_result_path, machine, time_interleaved, write_json  # noqa: E402
 
 import cam_monitor as cm  # noqa: E402
 from cam_monitor.evaluation import evaluate  # noqa: E402
@@ -138,11 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     print_table("One monitor evaluation, ResNet-18 layer4, 64 probes at 224 px", result["evaluation"], "x forward")
     result["training"] = training_overhead(args.fit_repeats, args.epochs)
     print_table(f"Demo shortcut fit, {args.epochs} epochs, TensorBoard logger", result["training"], "x off")
-    out = args.out or os.path.join(os.path.dirname(__file__), "results", f"monitor_{device.type}.json")
-    with open(out + ".tmp", "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(out + ".tmp", out)
-    print(f"\nwrote {out}")
+    write_json(result, args.out or default_result_path("monitor", device))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from . import metrics as M
 from .alerts import AlertBook, AlertThresholds, check_rules, resolve_action
 from .engine import cam_pass
 from .errors import CAMError, InputError, TargetError
@@ -360,7 +359,8 @@ class CAMMonitor(Callback):
             self._alert_log = AlertLog(self._out_dir / "alerts.jsonl")
         written = self._alert_log.append(event)
         if self._alert_log.repaired:
-            warnings.warn(f"CAMMonitor: dropped a torn last line from {self._alert_log.path} (a process died mid-write)")
+            warnings.warn(f"CAMMonitor: dropped a torn last line from {self._alert_log.path} (a process died mid-write)",
+                          stacklevel=2)
             self._alert_log.repaired = False
         if written:
             for sink in self._sinks_for(trainer):

@@ -152,7 +152,7 @@ class AlertLog:
             raw = self.path.read_bytes()
             lines = raw.split(b"\n")
             good: list[bytes] = []
-            for i, line in enumerate(lines):
+            for line in lines:
                 if not line.strip():
                     continue
                 try:

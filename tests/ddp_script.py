@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
-from lightning_helpers import LAYER, quick_monitor  # noqa: E402
+from lightning_helpers import quick_monitor  # noqa: E402
 from cam_monitor.demo.model import DecoyDigitsDataModule, DigitClassifier  # noqa: E402
 
 

@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 import cam_monitor as cm
 from cam_monitor.demo.model import SmallCNN
-from lightning_helpers import LAYER, cam_scalars, fit, quick_monitor
+from lightning_helpers import cam_scalars, fit, quick_monitor
 
 ALL_METRICS = {"cam/spurious_energy", "cam/spurious_enrichment", "cam/object_energy", "cam/drift_prev",
                "cam/drift_ref", "cam/pointing_spurious", "cam/average_drop", "cam/quality", "cam/degenerate",

@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 import torchvision
 from torch import nn
 
 import cam_monitor as cm
-from conftest import GapLinear, SmallCNN, make_trained_bn
+from conftest import GapLinear
 
 ALL = tuple(cm.METHODS)
 

@@ -1,7 +1,6 @@
 """ProbeSet: builders, persistence and clear errors naming the offending probe."""
 from __future__ import annotations
 
-import pickle
 
 import pytest
 import torch

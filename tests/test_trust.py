@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import re
 import socket
 import subprocess
@@ -23,7 +22,7 @@ from torch import nn
 
 import cam_monitor as cm
 from cam_monitor.demo.model import DigitClassifier
-from lightning_helpers import LAYER, fit, quick_monitor
+from lightning_helpers import fit, quick_monitor
 
 ROOT = Path(__file__).resolve().parents[1]
 
