@@ -7,7 +7,6 @@ captions use Pillow (already a torchvision dependency); there is no OpenCV depen
 """
 from __future__ import annotations
 
-import io
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -20,9 +19,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
-from torchvision.io import decode_png, encode_png  # noqa: E402
+from torchvision.io import encode_png  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
 
 from .errors import InputError  # noqa: E402
@@ -179,31 +179,37 @@ def metric_curves(steps: Sequence[int], per_probe: Mapping[str, torch.Tensor], i
                   max_probe_lines: int = 16) -> Figure:
     """Figure with one panel per metric: thin lines per probe, a thick line for the NaN-aware mean.
 
-    ``per_probe[name]`` is (E, N): E evaluations (at ``steps``) by N probes.
+    ``per_probe[name]`` is (E, N): E evaluations (at ``steps``) by N probes. The figure is built
+    with the object-oriented API (no pyplot state) and a fixed layout, so it is cheap to redraw
+    at every evaluation.
     """
     names = list(per_probe)
-    fig, axes = plt.subplots(1, max(1, len(names)), figsize=(4 * max(1, len(names)), 3), squeeze=False)
-    for ax, name in zip(axes[0], names):
+    fig = Figure(figsize=(4 * max(1, len(names)), 3))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, max(1, len(names)), squeeze=False)[0]
+    for ax, name in zip(axes, names):
         values = per_probe[name].float().cpu().numpy()
-        for j in range(min(values.shape[1], max_probe_lines)):
-            ax.plot(steps, values[:, j], lw=0.7, alpha=0.4, label=None if ids is None else str(ids[j]))
+        lines = values[:, : min(values.shape[1], max_probe_lines)]
+        ax.plot(steps, lines, lw=0.7, alpha=0.4)
         with np.errstate(all="ignore"):
             mean = np.nanmean(np.where(np.isnan(values).all(axis=1, keepdims=True), 0.0, values), axis=1)
         ax.plot(steps, mean, lw=2.5, color="black", label="mean")
         ax.set_title(name)
         ax.set_xlabel("global step")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.05, right=0.99, bottom=0.17, top=0.88, wspace=0.25)
     return fig
 
 
 def figure_to_tensor(fig: Figure, dpi: int = 100) -> torch.Tensor:
-    """Render a matplotlib figure to a (3, H, W) float tensor and close it."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    plt.close(fig)
-    data = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
-    return decode_png(data)[:3].float() / 255.0
+    """Rasterise a matplotlib figure to a (3, H, W) float tensor (Agg canvas, no PNG round trip)."""
+    fig.set_dpi(dpi)
+    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
+    canvas.draw()
+    rgba = np.asarray(canvas.buffer_rgba())
+    image = torch.from_numpy(rgba[..., :3].copy()).permute(2, 0, 1).float() / 255.0
+    plt.close(fig)  # releases pyplot-managed figures; a no-op for others
+    return image
 
 
 def save_png(image: torch.Tensor, path: str | os.PathLike) -> Path:
