@@ -7,12 +7,14 @@ from .engine import CAMResult, cam_pass, compute_cams, masked_scores
 from .probes import ProbeSet
 from .callback import CAMAlertError, CAMMonitor
 from .checkpoint import GatedModelCheckpoint
-from .errors import CAMError, HookNotFiredError, InputError, LayerNotFoundError, LayerNotSpatialError, TargetError
+from .errors import (CAMError, HookNotFiredError, InputError, LayerNotFoundError, LayerNotSpatialError,
+                     NonFiniteOutputError, TargetError)
 from .methods import METHODS
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CAMError", "CAMResult", "HookNotFiredError", "InputError", "LayerNotFoundError", "LayerNotSpatialError",
-    "CAMAlertError", "CAMMonitor", "GatedModelCheckpoint", "METHODS", "ProbeSet", "TargetError", "cam_pass", "compute_cams", "masked_scores",
+    "CAMAlertError", "CAMError", "CAMMonitor", "CAMResult", "GatedModelCheckpoint", "HookNotFiredError", "InputError",
+    "LayerNotFoundError", "LayerNotSpatialError", "METHODS", "NonFiniteOutputError", "ProbeSet", "TargetError",
+    "cam_pass", "compute_cams", "masked_scores",
 ]

@@ -144,7 +144,6 @@ class CAMMonitor(Callback):
         self.previous_maps: torch.Tensor | None = None
         self.last_evaluation: Evaluation | None = None
         self.faults: dict[str, int] = {}
-        self._reference_state: dict[str, Any] | None = None
         self._out_dir: Path | None = None
         self._sinks: list[Any] | None = None
         self._alert_log: AlertLog | None = None
@@ -234,7 +233,6 @@ class CAMMonitor(Callback):
         self.alerts = [dict(a) for a in state["alerts"]]
         self.book.load_state_dict(state["book"])
         self.previous_maps = state["previous_maps"]
-        self._reference_state = state["reference"]
         self.reference = None
         if state["reference"] is not None:
             r = state["reference"]
@@ -248,9 +246,8 @@ class CAMMonitor(Callback):
 
     @staticmethod
     def _has_validation(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
-        if not is_overridden("validation_step", pl_module) or trainer.limit_val_batches == 0:
-            return False
-        return True
+        """Whether validation runs at all (else the monitor evaluates at the end of each training epoch)."""
+        return is_overridden("validation_step", pl_module) and trainer.limit_val_batches != 0
 
     def _should_evaluate(self, trainer: pl.Trainer) -> bool:
         """The one place that decides whether this validation runs a full evaluation."""
