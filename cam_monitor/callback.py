@@ -26,13 +26,14 @@ from .evaluation import PER_PROBE, Evaluation, evaluate
 from .layers import resolve_layer, unwrap_compiled
 from .methods import check_methods
 from .probes import ProbeSet, _dataset_labels
-from .render import figure_to_tensor, metric_curves, probe_tiles, tile_grid
+from .render import figure_to_tensor, filmstrip, metric_curves, probe_tiles, tile_grid
 from .sinks import AlertLog, FileSink, Panel, TensorBoardSink, WandbSink
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 TREND_METRICS = ("spurious_energy", "spurious_enrichment", "object_energy", "drift_ref")
+FILMSTRIP_FRAMES = 8
 
 
 class CAMAlertError(CAMError, RuntimeError):
@@ -56,6 +57,8 @@ class CAMMonitor(Callback):
         batch_size: probes per CAM chunk, so a large probe set never runs the device out of memory.
         images_every_n_evals: render and send pictures every N-th evaluation (0 = never).
         max_grid_probes: at most this many probes in the pictures.
+        filmstrip_probes: the first N probes also get a filmstrip of their maps over the last
+            eight evaluations (``cam/filmstrip``); 0 = none.
         tile_size: tile size of the pictures (longer side, px; default 128); ``None`` keeps the
             image size (large grids cost more to encode and send).
         faithfulness: compute ``cam/average_drop`` (one extra forward on image x map).
@@ -83,6 +86,7 @@ class CAMMonitor(Callback):
         batch_size: int = 64,
         images_every_n_evals: int = 1,
         max_grid_probes: int = 32,
+        filmstrip_probes: int = 4,
         tile_size: int | None = 128,
         faithfulness: bool = True,
         border_fraction: float = 0.1,
@@ -107,6 +111,7 @@ class CAMMonitor(Callback):
         _check_int("batch_size", batch_size, 1)
         _check_int("images_every_n_evals", images_every_n_evals, 0)
         _check_int("max_grid_probes", max_grid_probes, 1)
+        _check_int("filmstrip_probes", filmstrip_probes, 0)
         if tile_size is not None:
             _check_int("tile_size", tile_size, 8)
         if targets not in ("label", "pred"):
@@ -130,6 +135,7 @@ class CAMMonitor(Callback):
         self.num_probes, self.every_n_epochs, self.targets = num_probes, every_n_epochs, targets
         self.batch_size, self.images_every_n_evals = batch_size, images_every_n_evals
         self.max_grid_probes, self.tile_size, self.faithfulness = max_grid_probes, tile_size, faithfulness
+        self.filmstrip_probes = filmstrip_probes
         self.border_fraction, self.on_error, self.log_dir = border_fraction, on_error, log_dir
         self.probe_seed = probe_seed
         self.mean = None if mean is None else tuple(mean)
@@ -140,6 +146,8 @@ class CAMMonitor(Callback):
         self.alerts: list[dict[str, Any]] = []
         self.history: list[dict[str, Any]] = []
         self.per_probe_history: dict[str, torch.Tensor] = {}  # metric -> (evaluations, probes)
+        self.filmstrip_maps: torch.Tensor | None = None  # (last <= 8 evaluations, filmstrip probes, h, w)
+        self.filmstrip_steps: list[int] = []
         self.reference: Evaluation | None = None
         self.previous_maps: torch.Tensor | None = None
         self.last_evaluation: Evaluation | None = None
@@ -215,6 +223,8 @@ class CAMMonitor(Callback):
             "version": STATE_VERSION,
             "history": [dict(h) for h in self.history],
             "per_probe_history": dict(self.per_probe_history),
+            "filmstrip_maps": self.filmstrip_maps,
+            "filmstrip_steps": list(self.filmstrip_steps),
             "alerts": [dict(a) for a in self.alerts],
             "book": self.book.state_dict(),
             "previous_maps": self.previous_maps,
@@ -230,6 +240,8 @@ class CAMMonitor(Callback):
             raise ValueError(f"CAMMonitor state version {state.get('version')!r} is not {STATE_VERSION}")
         self.history = [dict(h) for h in state["history"]]
         self.per_probe_history = dict(state["per_probe_history"])
+        self.filmstrip_maps = state["filmstrip_maps"]
+        self.filmstrip_steps = [int(v) for v in state["filmstrip_steps"]]
         self.alerts = [dict(a) for a in state["alerts"]]
         self.book.load_state_dict(state["book"])
         self.previous_maps = state["previous_maps"]
@@ -293,6 +305,11 @@ class CAMMonitor(Callback):
                 row = ev.per_probe[name].float().cpu()[None]
                 old = self.per_probe_history.get(name)
                 self.per_probe_history[name] = row if old is None else torch.cat([old, row])
+        if self.filmstrip_probes:
+            frame = ev.maps[None, : self.filmstrip_probes]
+            old = self.filmstrip_maps
+            self.filmstrip_maps = (frame if old is None else torch.cat([old, frame]))[-FILMSTRIP_FRAMES:]
+            self.filmstrip_steps = (self.filmstrip_steps + [ev.global_step])[-FILMSTRIP_FRAMES:]
         self.previous_maps = ev.maps
         if self.reference is None:
             self.reference = ev
@@ -344,7 +361,23 @@ class CAMMonitor(Callback):
         per_probe = {f"cam/{k}": v[:, :n] for k, v in self.per_probe_history.items() if k in TREND_METRICS}
         trends = figure_to_tensor(metric_curves(steps, per_probe, p.ids[:n])) if per_probe else None
         return Panel(grid=tile_grid(tiles, nrow=8), tiles=tiles, trends=trends, ids=p.ids[:n],
-                     labels=p.labels[:n].tolist())
+                     labels=p.labels[:n].tolist(), filmstrip=self._filmstrip())
+
+    def _filmstrip(self) -> torch.Tensor | None:
+        """One row per filmstrip probe: its overlay at each of the last evaluations."""
+        if self.filmstrip_maps is None:
+            return None
+        p = self.probes
+        rows = []
+        for j in range(self.filmstrip_maps.shape[1]):
+            maps = self.filmstrip_maps[:, j]
+            frames = probe_tiles(p.display_images()[j:j + 1].expand(len(maps), -1, -1, -1), maps,
+                                 ids=[p.ids[j]] * len(maps), labels=[int(p.labels[j])] * len(maps),
+                                 spurious_masks=None if p.spurious_masks is None else p.spurious_masks[j:j + 1].expand(len(maps), -1, -1),
+                                 object_masks=None if p.object_masks is None else p.object_masks[j:j + 1].expand(len(maps), -1, -1),
+                                 class_names=p.class_names, tile_size=self.tile_size)
+            rows.append(filmstrip(list(frames), [f"step {s}" for s in self.filmstrip_steps]))
+        return torch.cat(rows, dim=1)
 
     def _publish(self, trainer: pl.Trainer, ev: Evaluation) -> None:
         panel = self._panel(ev)

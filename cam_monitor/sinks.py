@@ -23,13 +23,19 @@ from .render import save_png
 
 @dataclass
 class Panel:
-    """The pictures of one evaluation: the probe grid, per-probe tiles and the trends figure."""
+    """The pictures of one evaluation: the probe grid, per-probe tiles, the trends figure and the
+    filmstrip (first probes over the last evaluations)."""
 
     grid: torch.Tensor
     tiles: torch.Tensor
     trends: torch.Tensor | None
     ids: Sequence[str]
     labels: Sequence[int]
+    filmstrip: torch.Tensor | None = None
+
+    def extra_images(self) -> dict[str, torch.Tensor]:
+        """The optional pictures that exist for this evaluation, by tag."""
+        return {tag: img for tag, img in (("trends", self.trends), ("filmstrip", self.filmstrip)) if img is not None}
 
 
 def image_summary(tag: str, image: torch.Tensor) -> Any:
@@ -60,8 +66,8 @@ class TensorBoardSink:
 
     def log_evaluation(self, ev: Evaluation, panel: Panel) -> None:
         self._add_image("cam/probe_grid", panel.grid, ev.global_step)
-        if panel.trends is not None:
-            self._add_image("cam/trends", panel.trends, ev.global_step)
+        for tag, image in panel.extra_images().items():
+            self._add_image(f"cam/{tag}", image, ev.global_step)
         self.writer.flush()
 
     def log_alert(self, event: dict[str, Any]) -> None:
@@ -88,8 +94,8 @@ class WandbSink:
             table.add_data(*row, *[float(ev.per_probe[m][i]) for m in metric_names])
         payload = {"cam/probe_grid": wandb.Image(_hwc(panel.grid), caption=f"epoch {ev.epoch} step {ev.global_step}"),
                    "cam/probes": table, "trainer/global_step": ev.global_step}
-        if panel.trends is not None:
-            payload["cam/trends"] = wandb.Image(_hwc(panel.trends))
+        for tag, image in panel.extra_images().items():
+            payload[f"cam/{tag}"] = wandb.Image(_hwc(image))
         self.run.log(payload)
 
     def log_alert(self, event: dict[str, Any]) -> None:
@@ -106,7 +112,8 @@ class WandbSink:
 
 
 class FileSink:
-    """PNG files under a folder: ``probe_grid_e<epoch>_s<step>.png`` per evaluation and ``trends.png``."""
+    """PNG files under a folder: ``probe_grid_e<epoch>_s<step>.png`` per evaluation, and the latest
+    ``trends.png`` and ``filmstrip.png``."""
 
     name = "files"
 
@@ -115,8 +122,8 @@ class FileSink:
 
     def log_evaluation(self, ev: Evaluation, panel: Panel) -> None:
         save_png(panel.grid, self.folder / f"probe_grid_e{ev.epoch:03d}_s{ev.global_step:07d}.png")
-        if panel.trends is not None:
-            save_png(panel.trends, self.folder / "trends.png")
+        for tag, image in panel.extra_images().items():
+            save_png(image, self.folder / f"{tag}.png")
 
     def log_alert(self, event: dict[str, Any]) -> None:
         """Alerts always go to :class:`AlertLog`; nothing more to write here."""

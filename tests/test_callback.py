@@ -192,7 +192,7 @@ def test_tensorboard_event_files_hold_images_and_scalars(tmp_path) -> None:
     acc = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "scalars": 0})
     acc.Reload()
     tags = acc.Tags()
-    assert {"cam/probe_grid", "cam/trends"} <= set(tags["images"])
+    assert {"cam/probe_grid", "cam/trends", "cam/filmstrip"} <= set(tags["images"])
     assert ALL_METRICS <= set(tags["scalars"])
     steps = [e.step for e in acc.Images("cam/probe_grid")]
     assert steps == [h["global_step"] for h in mon.history]
@@ -206,6 +206,9 @@ def test_csv_logger_gets_scalars_and_pngs_go_to_the_log_dir(tmp_path) -> None:
     out = tmp_path / "csv" / "version_0" / "cam_monitor"
     grids = sorted(p.name for p in out.glob("probe_grid_*.png"))
     assert len(grids) == 2 and (out / "trends.png").exists() and (out / "alerts.jsonl").exists()
+    from torchvision.io import read_image
+    strip = read_image(str(out / "filmstrip.png"))
+    assert strip.shape[1] > strip.shape[2] / 4  # 4 probes stacked, 2 evaluations side by side
     header = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text().splitlines()[0]
     assert "cam/spurious_enrichment" in header
 

@@ -49,6 +49,7 @@ def test_wandb_offline_run_holds_images_table_and_alerts(tmp_path, monkeypatch) 
     media = run_dir / "files" / "media"
     assert len(list((media / "images" / "cam").glob("probe_grid_*.png"))) == 2
     assert list((media / "images" / "cam").glob("trends_*.png"))
+    assert len(list((media / "images" / "cam").glob("filmstrip_*.png"))) == 2
     tables = sorted((media / "table" / "cam").glob("probes_*.table.json"))
     assert len(tables) == 2
     table = json.loads(tables[0].read_text())
