@@ -71,6 +71,9 @@ class CAMMonitor(Callback):
         on_error: ``"warn"`` (a fault in the monitor is reported once per kind and training goes
             on; the next evaluation retries) or ``"raise"``.
         log_dir: where ``alerts.jsonl`` and PNGs go; default ``<trainer.log_dir>/cam_monitor``.
+        reference: what drift and the reference rules compare with: ``"first"`` (the first
+            evaluation, after the first epoch) or ``"fit_start"`` (the model before its first
+            training step, e.g. the pretrained model being fine-tuned).
         mean / std: display normalisation of probes picked from data (un-normalise overlays).
         reshape: ``(h, w)`` of a token layer whose grid is not square.
     """
@@ -99,6 +102,7 @@ class CAMMonitor(Callback):
         alert_action: str = "warn",
         on_error: str = "warn",
         log_dir: str | None = None,
+        reference: str = "first",
         probe_seed: int = 0,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
@@ -116,6 +120,8 @@ class CAMMonitor(Callback):
             _check_int("tile_size", tile_size, 8)
         if targets not in ("label", "pred"):
             raise ValueError(f"targets must be 'label' or 'pred', got {targets!r}")
+        if reference not in ("first", "fit_start"):
+            raise ValueError(f"reference must be 'first' or 'fit_start', got {reference!r}")
         if on_error not in ("warn", "raise"):
             raise ValueError(f"on_error must be 'warn' or 'raise', got {on_error!r}")
         if not 0 < border_fraction < 0.5:
@@ -137,6 +143,7 @@ class CAMMonitor(Callback):
         self.max_grid_probes, self.tile_size, self.faithfulness = max_grid_probes, tile_size, faithfulness
         self.filmstrip_probes = filmstrip_probes
         self.border_fraction, self.on_error, self.log_dir = border_fraction, on_error, log_dir
+        self.reference_mode = reference
         self.probe_seed = probe_seed
         self.mean = None if mean is None else tuple(mean)
         self.std = None if std is None else tuple(std)
@@ -186,6 +193,10 @@ class CAMMonitor(Callback):
                 f"CAMMonitor could not run a probe of shape {tuple(self.probes.images.shape[1:])} through "
                 f"{type(pl_module).__name__} before training ({type(err).__name__}: {err}); make the probes match "
                 "the model's input (channels, size, normalisation)") from err
+        if self.reference_mode == "fit_start" and self.reference is None:
+            self.reference = self._guarded("reference", lambda: self._evaluate(trainer, pl_module), trainer)
+            if self.reference is not None:
+                self.previous_maps = self.reference.maps
 
     def _check_probe_labels(self, num_classes: int) -> None:
         """With ``targets="label"`` every probe label must be a class of the model."""

@@ -67,6 +67,8 @@ CONSTRUCTOR_CASES = [
     (dict(alert_action="explode"), "neither one of"),
     (dict(alert_action="no_such_module_xyz:fn"), "cannot import"),
     (dict(target_layer=""), "target_layer"),
+    (dict(reference="pretrained"), "reference must be 'first' or 'fit_start'"),
+    (dict(filmstrip_probes=-1), "filmstrip_probes"),
 ]
 
 

@@ -266,3 +266,14 @@ def test_resumed_run_matches_uninterrupted_run_without_duplicate_alert_lines(tmp
     assert resumed.alerts == straight.alerts and straight.alerts[0]["epoch"] == 1
     lines = (tmp_path / "resumed" / "cam_monitor" / "alerts.jsonl").read_text().splitlines()
     assert len(lines) == len(set(lines)) == len(straight.alerts)
+
+
+def test_fit_start_reference_lets_rise_and_drift_rules_fire_only_for_the_shortcut(tmp_path) -> None:
+    shortcut = quick_monitor(reference="fit_start")
+    fit(tmp_path / "s", shortcut, epochs=2, limit_train_batches=None)
+    assert shortcut.reference.epoch == 0 and shortcut.reference.global_step == 0
+    assert {a["rule"] for a in shortcut.alerts} == {"spurious_enrichment", "spurious_energy_rise", "drift_off_object"}
+    assert shortcut.history[0]["cam/drift_prev"] > 0  # the first evaluation already compares with fit start
+    control = quick_monitor(reference="fit_start")
+    fit(tmp_path / "c", control, epochs=2, variant="control", limit_train_batches=None)
+    assert control.alerts == [] and control.history[-1]["cam/drift_ref"] > 0.5  # moved onto the digit: no alert
