@@ -362,7 +362,8 @@ class CAMMonitor(Callback):
         n = min(len(self.probes), self.max_grid_probes)
         p = self.probes
         spur = p.spurious_masks
-        tiles = probe_tiles(p.display_images()[:n], ev.maps[:n], ids=p.ids[:n], labels=p.labels[:n].tolist(),
+        display = p.display_images()
+        tiles = probe_tiles(display[:n], ev.maps[:n], ids=p.ids[:n], labels=p.labels[:n].tolist(),
                             preds=ev.preds[:n].tolist(), scores=ev.probs[:n].tolist(),
                             spurious_energy=ev.per_probe["spurious_energy"][:n].tolist(),
                             spurious_masks=None if spur is None else spur[:n],
@@ -372,9 +373,9 @@ class CAMMonitor(Callback):
         per_probe = {f"cam/{k}": v[:, :n] for k, v in self.per_probe_history.items() if k in TREND_METRICS}
         trends = figure_to_tensor(metric_curves(steps, per_probe, p.ids[:n])) if per_probe else None
         return Panel(grid=tile_grid(tiles, nrow=8), tiles=tiles, trends=trends, ids=p.ids[:n],
-                     labels=p.labels[:n].tolist(), filmstrip=self._filmstrip())
+                     labels=p.labels[:n].tolist(), filmstrip=self._filmstrip(display))
 
-    def _filmstrip(self) -> torch.Tensor | None:
+    def _filmstrip(self, display: torch.Tensor) -> torch.Tensor | None:
         """One row per filmstrip probe: its overlay at each of the last evaluations."""
         if self.filmstrip_maps is None:
             return None
@@ -382,7 +383,7 @@ class CAMMonitor(Callback):
         rows = []
         for j in range(self.filmstrip_maps.shape[1]):
             maps = self.filmstrip_maps[:, j]
-            frames = probe_tiles(p.display_images()[j:j + 1].expand(len(maps), -1, -1, -1), maps,
+            frames = probe_tiles(display[j:j + 1].expand(len(maps), -1, -1, -1), maps,
                                  ids=[p.ids[j]] * len(maps), labels=[int(p.labels[j])] * len(maps),
                                  spurious_masks=None if p.spurious_masks is None else p.spurious_masks[j:j + 1].expand(len(maps), -1, -1),
                                  object_masks=None if p.object_masks is None else p.object_masks[j:j + 1].expand(len(maps), -1, -1),

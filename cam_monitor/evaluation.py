@@ -17,6 +17,7 @@ from . import metrics as M
 from .engine import OutputTransform, cam_pass, masked_scores
 from .errors import NonFiniteOutputError
 from .layers import LayerSpec, ReshapeSpec
+from .maps import upsample
 from .probes import ProbeSet
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
@@ -102,13 +103,16 @@ def probe_metrics(maps: torch.Tensor, probes: ProbeSet, prev: torch.Tensor | Non
     spur = probes.spurious_masks
     if spur is None:
         spur = M.border_mask(h, w, border_fraction).expand(len(probes), -1, -1)
+    # Upsample once for every mask metric; the pointing tolerance still comes from the layer grid.
+    up = upsample(maps, (h, w))
+    tolerance = M.default_tolerance(tuple(maps.shape[-2:]), (h, w))
     out = {
-        "spurious_energy": M.energy_fraction(maps, spur),
-        "spurious_enrichment": M.enrichment(maps, spur),
-        "pointing_spurious": M.pointing_game(maps, spur),
+        "spurious_energy": M.energy_fraction(up, spur),
+        "spurious_enrichment": M.enrichment(up, spur),
+        "pointing_spurious": M.pointing_game(up, spur, tolerance),
     }
     if probes.object_masks is not None:
-        out["object_energy"] = M.energy_fraction(maps, probes.object_masks)
+        out["object_energy"] = M.energy_fraction(up, probes.object_masks)
     zeros = torch.zeros(len(probes))
     out["drift_prev"] = zeros.clone() if prev is None else 1.0 - M.spearman(maps, prev)
     out["drift_ref"] = zeros.clone() if ref is None else 1.0 - M.spearman(maps, ref)
