@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_image
 
+from .atomic import atomic_path
 from .errors import InputError
 
 Box = Sequence[float]
@@ -137,14 +138,8 @@ class ProbeSet:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the probe set atomically (a temporary file renamed into place)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        try:
+        with atomic_path(path) as tmp:
             torch.save(self.state(), tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ProbeSet":

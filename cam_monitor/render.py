@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 from torchvision.io import encode_png  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
 
+from .atomic import atomic_path  # noqa: E402
 from .errors import InputError  # noqa: E402
 from .maps import minmax, upsample  # noqa: E402
 
@@ -214,13 +215,7 @@ def figure_to_tensor(fig: Figure, dpi: int = 100) -> torch.Tensor:
 
 def save_png(image: torch.Tensor, path: str | os.PathLike) -> Path:
     """Write a (3, H, W) float [0, 1] image as PNG atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = encode_png((image.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8))
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    with atomic_path(path) as tmp:
         tmp.write_bytes(data.numpy().tobytes())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return Path(path)

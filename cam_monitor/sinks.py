@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import torch
 from torchvision.io import encode_png
 
+from .atomic import atomic_path
 from .evaluation import Evaluation
 from .render import save_png
 
@@ -168,9 +169,8 @@ class AlertLog:
                 except (json.JSONDecodeError, UnicodeDecodeError):
                     self.repaired = True
             if self.repaired or (raw and not raw.endswith(b"\n")):
-                tmp = self.path.with_name(self.path.name + ".tmp")
-                tmp.write_bytes(b"".join(g + b"\n" for g in good))
-                os.replace(tmp, self.path)
+                with atomic_path(self.path) as tmp:
+                    tmp.write_bytes(b"".join(g + b"\n" for g in good))
         self._keys = keys
         return keys
 

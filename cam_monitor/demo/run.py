@@ -20,6 +20,7 @@ import lightning as L
 import matplotlib.pyplot as plt
 import torch
 
+from ..atomic import atomic_path
 from ..callback import CAMMonitor
 from ..probes import ProbeSet
 from ..render import probe_tiles, tile_grid
@@ -168,10 +169,9 @@ def summary_figure(results: dict[str, dict[str, Any]], probes: ProbeSet, thresho
     ax.set(title="ground truth: accuracy(matched decoy) - accuracy(random decoy)", xlabel="epoch")
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _one_per_class(probes: ProbeSet) -> list[int]:
@@ -209,9 +209,8 @@ def main(argv: list[str]) -> int:
     for run in RUNS:
         print_table(run, results[run])
     summary = summarise(results)
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, out / "summary.json")
+    with atomic_path(out / "summary.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2))
     threshold = results["shortcut"]["monitor"].thresholds.spurious_enrichment
     summary_figure(results, probes, threshold, out / "summary.png")
     s, c = summary["shortcut"], summary["control"]
