@@ -31,9 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine import default_result_path, machine, time_interleaved, write_json  # noqa: E402
 
 import cam_monitor as cm  # noqa: E402
-from cam_monitor.evaluation import evaluate  # noqa: E402
 from cam_monitor.render import probe_tiles, tile_grid  # noqa: E402
-from cam_monitor.sinks import Panel, TensorBoardSink  # noqa: E402
+from cam_monitor.evaluation import EvalSettings, Placement, evaluate  # noqa: E402
+from cam_monitor.report import Panel  # noqa: E402
+from cam_monitor.sinks import TensorBoardSink  # noqa: E402
 
 
 def monitor_evaluation(repeats: int, device: torch.device, n: int = 64, size: int = 224) -> dict:
@@ -63,8 +64,9 @@ def monitor_evaluation(repeats: int, device: torch.device, n: int = 64, size: in
 
     def full(faithfulness: bool):
         def run():
-            ev = evaluate(model, probes, "layer4", epoch=0, global_step=state["step"], batch_size=n, device=device,
-                          previous=state["prev"], reference=state["ref"], faithfulness=faithfulness)
+            ev = evaluate(model, probes, EvalSettings("layer4", batch_size=n, faithfulness=faithfulness),
+                          Placement(device=device), epoch=0, global_step=state["step"], previous=state["prev"],
+                          reference=state["ref"])
             tiles = probe_tiles(probes.display_images(), ev.maps, ids=probes.ids, labels=probes.labels.tolist(),
                                 preds=ev.preds.tolist(), scores=ev.probs.tolist(),
                                 spurious_energy=ev.per_probe["spurious_energy"].tolist(),
@@ -72,7 +74,7 @@ def monitor_evaluation(repeats: int, device: torch.device, n: int = 64, size: in
             sink.log_evaluation(ev, Panel(tile_grid(tiles), tiles, None, probes.ids, probes.labels.tolist()))
             state["step"] += 1
             state["prev"] = ev.maps
-            state["ref"] = state["ref"] if state["ref"] is not None else ev.maps
+            state["ref"] = state["ref"] if state["ref"] is not None else ev.as_reference()
         return run
 
     times = time_interleaved({"inference forward (64 x 224)": forward,

@@ -5,16 +5,17 @@ PyTorch Lightning.
 """
 from .engine import CAMResult, cam_pass, compute_cams, masked_scores
 from .probes import ProbeSet
-from .callback import CAMAlertError, CAMMonitor
+from .callback import CAMMonitor
 from .checkpoint import GatedModelCheckpoint
-from .errors import (CAMError, HookNotFiredError, InputError, LayerNotFoundError, LayerNotSpatialError,
-                     NonFiniteOutputError, TargetError)
+from .errors import (CAMAlertError, CAMError, HookNotFiredError, InputError, LayerNotFoundError, LayerNotSpatialError,
+                     NonFiniteOutputError, ScheduleError, TargetError)
+from .sinks import register_sink
 from .methods import METHODS
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CAMAlertError", "CAMError", "CAMMonitor", "CAMResult", "GatedModelCheckpoint", "HookNotFiredError", "InputError",
-    "LayerNotFoundError", "LayerNotSpatialError", "METHODS", "NonFiniteOutputError", "ProbeSet", "TargetError",
-    "cam_pass", "compute_cams", "masked_scores",
+    "LayerNotFoundError", "LayerNotSpatialError", "METHODS", "NonFiniteOutputError", "ProbeSet", "ScheduleError", "TargetError",
+    "cam_pass", "compute_cams", "masked_scores", "register_sink",
 ]

@@ -1,75 +1,99 @@
-"""Alert rules and their small state machine (patience and hysteresis), saved in checkpoints.
+"""Alert rules as a table of small rule objects, and their state machine (patience, hysteresis).
 
-A rule looks at one evaluation's aggregates (and the reference evaluation's) and says one of
-three things: ``fire`` (the condition holds), ``clear`` (safely past the threshold, by the
-hysteresis margin) or ``hold`` (in between, or undefined because the metric is NaN). A rule
-fires after ``patience`` consecutive ``fire`` evaluations and stays active until ``clear``, so a
-metric hovering at its threshold does not flap. Pure Python: no Lightning, no I/O.
+A :class:`Rule` watches one metric of an evaluation (a bare name such as ``spurious_enrichment``;
+every value a rule reads is a metric the monitor also logs, so an alert line's ``metric`` and
+``value`` are exactly what its dashboard shows). On each evaluation a rule says ``fire`` (past
+its threshold), ``clear`` (safely back, by the hysteresis margin) or ``hold`` (in between, or the
+metric is NaN). :class:`AlertBook` fires a rule after ``patience`` consecutive ``fire`` verdicts and
+keeps it active until ``clear``, so a metric hovering at its threshold does not flap.
+Pure Python: no Lightning, no I/O.
 """
 from __future__ import annotations
 
 import importlib
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 
 FIRE, CLEAR, HOLD = "fire", "clear", "hold"
 ACTIONS = ("log", "warn", "stop", "raise")
+Direction = Literal["above", "below"]
+#: ``guard(aggregates, reference_aggregates)``: an extra condition a rule needs to fire.
+Guard = Callable[[dict[str, float], dict[str, float]], bool]
 
 
 @dataclass(frozen=True)
-class AlertThresholds:
-    """Thresholds of the built-in rules (defaults documented in the README's alert table)."""
+class Rule:
+    """One alert rule: ``metric`` compared with ``threshold`` in ``direction``.
 
-    spurious_enrichment: float = 4.0
-    spurious_energy_rise: float = 0.15
-    object_energy_floor: float = 0.3
-    drift_ref: float = 0.5
-    patience: int = 1
-    hysteresis: float = 0.1
+    ``needs_reference`` rules are skipped until a reference evaluation exists; ``guard`` (given
+    this evaluation's and the reference's aggregates) must also hold for the rule to fire.
+    """
 
-    def __post_init__(self) -> None:
-        checks = {
-            "spurious_enrichment": self.spurious_enrichment > 0,
-            "spurious_energy_rise": 0 < self.spurious_energy_rise <= 1,
-            "object_energy_floor": 0 <= self.object_energy_floor <= 1,
-            "drift_ref": 0 < self.drift_ref <= 2,
-            "patience": isinstance(self.patience, int) and self.patience >= 1,
-            "hysteresis": 0 <= self.hysteresis < 1,
-        }
-        ranges = {"spurious_enrichment": "> 0", "spurious_energy_rise": "in (0, 1]", "object_energy_floor": "in [0, 1]",
-                  "drift_ref": "in (0, 2] (drift is 1 - Spearman rho)", "patience": "an int >= 1", "hysteresis": "in [0, 1)"}
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(f"alert threshold {name}={getattr(self, name)!r} must be {ranges[name]}")
+    name: str
+    metric: str
+    direction: Direction
+    threshold: float
+    needs_reference: bool = False
+    guard: Guard | None = None
 
+    def level(self, value: float, hysteresis: float) -> str:
+        """``fire``, ``clear`` or ``hold`` for ``value`` (NaN holds)."""
+        if math.isnan(value):
+            return HOLD
+        margin = hysteresis * abs(self.threshold)
+        if self.direction == "above":
+            return FIRE if value > self.threshold else CLEAR if value <= self.threshold - margin else HOLD
+        return FIRE if value < self.threshold else CLEAR if value >= self.threshold + margin else HOLD
 
-def _above(value: float, threshold: float, hysteresis: float) -> str:
-    if math.isnan(value):
-        return HOLD
-    if value > threshold:
-        return FIRE
-    return CLEAR if value <= threshold - hysteresis * abs(threshold) else HOLD
-
-
-def _below(value: float, threshold: float, hysteresis: float) -> str:
-    if math.isnan(value):
-        return HOLD
-    if value < threshold:
-        return FIRE
-    return CLEAR if value >= threshold + hysteresis * abs(threshold) else HOLD
+    def offenders(self, values: torch.Tensor | None, ids: list[str], limit: int = 10) -> list[str]:
+        """Ids of the probes whose own value is past the threshold, worst first (at most ``limit``)."""
+        if values is None:
+            return []
+        past = values > self.threshold if self.direction == "above" else values < self.threshold
+        bad = (past & ~torch.isnan(values)).nonzero()[:, 0]
+        order = values[bad].argsort(descending=self.direction == "above", stable=True)
+        return [ids[i] for i in bad[order].tolist()][:limit]
 
 
-def _offenders(ids: list[str], values: torch.Tensor | None, test: Callable[[torch.Tensor], torch.Tensor],
-               descending: bool = True, limit: int = 10) -> list[str]:
-    """Ids of the probes whose own value breaks the rule, worst first (at most ``limit``)."""
-    if values is None:
-        return []
-    bad = (test(values) & ~torch.isnan(values)).nonzero()[:, 0]
-    order = values[bad].argsort(descending=descending, stable=True)
-    return [ids[i] for i in bad[order].tolist()][:limit]
+def _moved_off_object(agg: dict[str, float], ref: dict[str, float]) -> bool:
+    """Drift counts only when the maps moved away from the object (or, without object masks, onto
+    the spurious region): a model learning to look *at* the object drifts too, and that is good."""
+    if "object_energy" in agg and "object_energy" in ref:
+        return agg["object_energy"] < ref["object_energy"]
+    return agg["spurious_energy_rise"] > 0
+
+
+#: rule name -> (the CAMMonitor argument that sets its threshold, valid range as text, check).
+_VALID: dict[str, tuple[str, str, Callable[[float], bool]]] = {
+    "spurious_enrichment": ("spurious_enrichment", "> 0", lambda v: v > 0),
+    "spurious_energy_rise": ("spurious_energy_rise", "in (0, 1]", lambda v: 0 < v <= 1),
+    "object_energy_floor": ("object_energy_floor", "in [0, 1]", lambda v: 0 <= v <= 1),
+    "drift_off_object": ("drift_threshold", "in (0, 2] (drift is 1 - Spearman rho)", lambda v: 0 < v <= 2),
+}
+
+
+def default_rules(spurious_enrichment: float = 4.0, spurious_energy_rise: float = 0.15,
+                  object_energy_floor: float = 0.3, drift_threshold: float = 0.5) -> tuple[Rule, ...]:
+    """The built-in rules (README, "Alerts"), with their thresholds checked."""
+    rules = (
+        Rule("spurious_enrichment", "spurious_enrichment", "above", spurious_enrichment),
+        Rule("spurious_energy_rise", "spurious_energy_rise", "above", spurious_energy_rise, needs_reference=True),
+        Rule("object_energy_floor", "object_energy", "below", object_energy_floor),
+        Rule("drift_off_object", "drift_ref", "above", drift_threshold, needs_reference=True, guard=_moved_off_object),
+    )
+    for rule in rules:
+        arg, text, ok = _VALID[rule.name]
+        if not isinstance(rule.threshold, (int, float)) or isinstance(rule.threshold, bool) or not ok(rule.threshold):
+            raise ValueError(f"{arg}={rule.threshold!r} (threshold of alert rule {rule.name}) must be {text}")
+    return rules
+
+
+def rule_threshold(rules: tuple[Rule, ...], name: str) -> float:
+    """The threshold of the rule called ``name``."""
+    return next(r.threshold for r in rules if r.name == name)
 
 
 @dataclass
@@ -84,57 +108,43 @@ class Check:
     probe_ids: list[str]
 
 
-def check_rules(agg: dict[str, float], ref: dict[str, float] | None, per_probe: dict[str, torch.Tensor],
-                ref_per_probe: dict[str, torch.Tensor] | None, ids: list[str], t: AlertThresholds) -> list[Check]:
-    """Evaluate every built-in rule that applies to these metrics.
+def check_rules(rules: tuple[Rule, ...], agg: dict[str, float], per_probe: dict[str, torch.Tensor], ids: list[str],
+                reference: dict[str, float] | None, hysteresis: float = 0.1) -> list[Check]:
+    """Every rule whose metric this evaluation has (and whose reference exists), judged.
 
-    ``ref`` / ``ref_per_probe`` are the reference evaluation's aggregates and per-probe values
-    (None before there is one); rules that compare with the reference are skipped until then.
+    ``agg`` and ``per_probe`` are keyed by bare metric names; ``reference`` is the reference
+    evaluation's aggregates, or None before there is one.
     """
-    h = t.hysteresis
+    if not 0 <= hysteresis < 1:
+        raise ValueError(f"hysteresis must be in [0, 1), got {hysteresis!r}")
     checks = []
-    enr = agg["cam/spurious_enrichment"]
-    checks.append(Check("spurious_enrichment", "cam/spurious_enrichment", enr, t.spurious_enrichment,
-                        _above(enr, t.spurious_enrichment, h),
-                        _offenders(ids, per_probe.get("spurious_enrichment"), lambda v: v > t.spurious_enrichment)))
-    if ref is not None:
-        rise = agg["cam/spurious_energy"] - ref["cam/spurious_energy"]
-        probe_rise = None
-        if ref_per_probe is not None and "spurious_energy" in ref_per_probe:
-            probe_rise = per_probe["spurious_energy"] - ref_per_probe["spurious_energy"]
-        checks.append(Check("spurious_energy_rise", "cam/spurious_energy", rise, t.spurious_energy_rise,
-                            _above(rise, t.spurious_energy_rise, h),
-                            _offenders(ids, probe_rise, lambda v: v > t.spurious_energy_rise)))
-    if "cam/object_energy" in agg:
-        obj = agg["cam/object_energy"]
-        checks.append(Check("object_energy_floor", "cam/object_energy", obj, t.object_energy_floor,
-                            _below(obj, t.object_energy_floor, h),
-                            _offenders(ids, per_probe.get("object_energy"), lambda v: v < t.object_energy_floor,
-                                       descending=False)))
-    if ref is not None:
-        drift = agg["cam/drift_ref"]
-        level = _above(drift, t.drift_ref, h)
-        if "cam/object_energy" in agg:
-            moved_out = agg["cam/object_energy"] < ref["cam/object_energy"]
-        else:
-            moved_out = agg["cam/spurious_energy"] > ref["cam/spurious_energy"]
-        if level == FIRE and not moved_out:
+    for rule in rules:
+        if rule.metric not in agg or (rule.needs_reference and reference is None):
+            continue
+        value = agg[rule.metric]
+        level = rule.level(value, hysteresis)
+        if level == FIRE and rule.guard is not None and not rule.guard(agg, reference or {}):
             level = HOLD
-        checks.append(Check("drift_off_object", "cam/drift_ref", drift, t.drift_ref, level,
-                            _offenders(ids, per_probe.get("drift_ref"), lambda v: v > t.drift_ref)))
+        checks.append(Check(rule.name, rule.metric, value, rule.threshold, level,
+                            rule.offenders(per_probe.get(rule.metric), ids)))
     return checks
 
 
 class AlertBook:
-    """Patience/hysteresis state per rule; turns :class:`Check` verdicts into fire/clear events."""
+    """Patience/hysteresis state per rule; turns :class:`Check` verdicts into fired/cleared events."""
 
     def __init__(self, patience: int = 1) -> None:
+        if not isinstance(patience, int) or isinstance(patience, bool) or patience < 1:
+            raise ValueError(f"patience must be an int >= 1, got {patience!r}")
         self.patience = patience
         self.count: dict[str, int] = {}
         self.active: dict[str, bool] = {}
 
-    def update(self, checks: list[Check], epoch: int, global_step: int) -> list[dict[str, Any]]:
-        """Advance the state with one evaluation; return the events (``event`` = fired/cleared)."""
+    def update(self, checks: list[Check], epoch: int, global_step: int, prefix: str = "cam") -> list[dict[str, Any]]:
+        """Advance the state with one evaluation; return the events (``event`` = fired/cleared).
+
+        An event's ``metric`` is the logged name, ``<prefix>/<metric>``.
+        """
         events = []
         for c in checks:
             active = self.active.get(c.rule, False)
@@ -147,8 +157,8 @@ class AlertBook:
                 self.active[c.rule], event = False, "cleared"
             if event:
                 events.append({"event": event, "epoch": epoch, "global_step": global_step, "rule": c.rule,
-                               "metric": c.metric, "value": float(c.value), "threshold": float(c.threshold),
-                               "probe_ids": list(c.probe_ids)})
+                               "metric": f"{prefix}/{c.metric}", "value": float(c.value),
+                               "threshold": float(c.threshold), "probe_ids": list(c.probe_ids)})
         return events
 
     @property
@@ -162,6 +172,13 @@ class AlertBook:
         self.patience = int(state["patience"])
         self.count = {str(k): int(v) for k, v in state["count"].items()}
         self.active = {str(k): bool(v) for k, v in state["active"].items()}
+
+
+def describe_alert(alert: dict[str, Any]) -> str:
+    """The one-line sentence for an alert, as warnings, logs and W&B alerts show it."""
+    probes = ", ".join(alert["probe_ids"][:5]) or "-"
+    return (f"{alert['rule']} ({alert['metric']} = {alert['value']:.4g}, threshold {alert['threshold']:.4g}) "
+            f"at epoch {alert['epoch']}, step {alert['global_step']}; probes: {probes}")
 
 
 def resolve_action(action: str) -> str | Callable[[dict[str, Any]], Any]:

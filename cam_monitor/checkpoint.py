@@ -1,9 +1,14 @@
-"""``GatedModelCheckpoint``: a ``ModelCheckpoint`` that refuses to save while explanation gates fail.
+"""``GatedModelCheckpoint``: a ``ModelCheckpoint`` whose "best" saves wait for explanation gates.
 
 Gates are ``{metric: "<op> <number>"}`` with op one of ``<``, ``<=``, ``>``, ``>=``, parsed
-without ``eval``. A save is refused (and the reason logged) when any gated metric is missing,
-NaN, or fails its condition; the top-k bookkeeping is untouched, so no phantom checkpoint is
-recorded.
+without ``eval``. A top-k save is refused (and the reason logged) when any gated metric is
+missing, NaN, or fails its condition; the top-k bookkeeping is untouched, so no phantom
+checkpoint is recorded. ``last.ckpt`` (``save_last``) is the run's resume point and keeps being
+written unless ``gate_last=True``.
+
+The overridden ``_save_topk_checkpoint`` / ``_save_last_checkpoint`` are ModelCheckpoint's
+extension points for subclasses (protected by name, no public equivalent); they exist with these
+signatures in every Lightning the package allows, which CI checks against the oldest and newest.
 """
 from __future__ import annotations
 
@@ -45,15 +50,17 @@ def failing_gates(gates: dict[str, tuple[str, float]], metrics: dict[str, Any]) 
 class GatedModelCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint(..., gate={"cam/spurious_enrichment": "<= 1.5"})``: save only when every gate passes.
 
-    All other arguments are ``ModelCheckpoint``'s. ``refused`` lists ``(global_step, reasons)``
-    for each refused save.
+    All other arguments are ``ModelCheckpoint``'s. ``gate_last=True`` gates ``last.ckpt`` too
+    (by default it is always written, so a run whose gate never passes can still be resumed).
+    ``refused`` lists ``(global_step, reasons)`` for each refused save.
     """
 
-    def __init__(self, *args: Any, gate: dict[str, str] | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, gate: dict[str, str] | None = None, gate_last: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if not gate:
             raise ValueError("GatedModelCheckpoint needs gate={'metric': '<op> value'}; use ModelCheckpoint for no gate")
         self.gate = {str(k): parse_gate(k, v) for k, v in gate.items()}
+        self.gate_last = bool(gate_last)
         self.refused: list[tuple[int, list[str]]] = []
 
     def _gate_passes(self, trainer: pl.Trainer, monitor_candidates: dict[str, Any]) -> bool:
@@ -68,5 +75,5 @@ class GatedModelCheckpoint(ModelCheckpoint):
             super()._save_topk_checkpoint(trainer, monitor_candidates)
 
     def _save_last_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, Any]) -> None:
-        if self.save_last and self._gate_passes(trainer, monitor_candidates):
+        if not self.gate_last or self._gate_passes(trainer, monitor_candidates):
             super()._save_last_checkpoint(trainer, monitor_candidates)

@@ -82,17 +82,17 @@ def default_output_transform(output: Any) -> torch.Tensor:
     )
 
 
-def check_images(images: torch.Tensor) -> None:
+def check_images(images: torch.Tensor, what: str = "images") -> None:
     """Raise :class:`InputError` unless ``images`` is a floating (B, C, H, W) tensor with B > 0."""
     if not isinstance(images, torch.Tensor):
-        raise InputError(f"images must be a torch.Tensor of shape (B, C, H, W), got {type(images).__name__}")
+        raise InputError(f"{what} must be a torch.Tensor of shape (B, C, H, W), got {type(images).__name__}")
     if images.dim() != 4:
         hint = " (add a batch axis with images.unsqueeze(0))" if images.dim() == 3 else ""
-        raise InputError(f"images must be 4-D (B, C, H, W), got shape {tuple(images.shape)}{hint}")
+        raise InputError(f"{what} must be 4-D (B, C, H, W), got shape {tuple(images.shape)}{hint}")
     if images.shape[0] == 0:
-        raise InputError("images is an empty batch (B = 0)")
+        raise InputError(f"{what} is an empty batch (B = 0): give at least one image")
     if not images.is_floating_point():
-        raise InputError(f"images must be a floating tensor (normalised as the model expects), got {images.dtype}")
+        raise InputError(f"{what} must be a floating tensor (normalised as the model expects), got {images.dtype}")
 
 
 def resolve_targets(targets: TargetSpec, logits: torch.Tensor) -> tuple[torch.Tensor, bool]:

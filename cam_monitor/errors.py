@@ -33,3 +33,11 @@ class InputError(CAMError, ValueError):
 
 class NonFiniteOutputError(CAMError, FloatingPointError):
     """The model produced NaN or inf logits for some probes, so their maps mean nothing."""
+
+
+class CAMAlertError(CAMError, RuntimeError):
+    """Raised by an alert whose action is ``"raise"``."""
+
+
+class ScheduleError(CAMError, ValueError):
+    """The monitor's wiring into the Trainer cannot work (a schedule that never fires, a name clash)."""

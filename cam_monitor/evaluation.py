@@ -1,14 +1,18 @@
 """One monitor evaluation: CAMs of the probe set in chunks, per-probe metrics and aggregates.
 
-Lightning-free: the callback passes the model, the probes and (under DDP) a shard and a gather
-function. Every rank computes its shard of maps, the shards are gathered, and every rank then
-computes identical metrics from the full set, so decisions taken on them agree across ranks.
+Lightning-free. What to compute is one :class:`EvalSettings`; where and how the model runs (its
+device, the input conversion, the forward context, the process group) is one :class:`Placement`.
+Under several processes every rank computes an equal-length shard of the probes, so every rank
+runs the same number of forwards (the collectives of a sharded model such as FSDP pair up); the
+shards are gathered and every rank computes identical metrics from the full set, so decisions
+taken on them agree across ranks.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, ContextManager, Sequence
 
 import torch
 from torch import nn
@@ -18,34 +22,112 @@ from .engine import OutputTransform, cam_pass, masked_scores
 from .errors import NonFiniteOutputError
 from .layers import LayerSpec, ReshapeSpec
 from .maps import upsample
+from .methods import check_methods
 from .probes import ProbeSet
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
 
 #: Per-probe metrics the monitor computes (keys of :attr:`Evaluation.per_probe`).
 PER_PROBE = ("spurious_energy", "spurious_enrichment", "pointing_spurious", "object_energy",
-             "drift_prev", "drift_ref", "average_drop")
+             "drift_prev", "drift_ref", "spurious_energy_rise", "average_drop")
+TARGET_MODES = ("label", "pred")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What an evaluation computes; checked once, here.
+
+    Args:
+        layer: target layer (dotted name, module, or None for the last spatial layer).
+        methods: CAM methods from the one pass; metrics use the first.
+        targets: ``"label"`` explains the probe's class, ``"pred"`` the predicted class.
+        batch_size: probes per CAM chunk (bounds device memory).
+        faithfulness: also compute ``average_drop`` (one extra forward on image x map).
+        border_fraction: width of the default spurious region for probes without spurious masks.
+        output_transform: picks the logits from the model's output.
+        reshape: ``(h, w)`` of a token layer whose grid is not square.
+    """
+
+    layer: LayerSpec = None
+    methods: tuple[str, ...] = ("gradcam",)
+    targets: str = "label"
+    batch_size: int = 64
+    faithfulness: bool = True
+    border_fraction: float = 0.1
+    output_transform: OutputTransform | None = None
+    reshape: ReshapeSpec = None
+
+    def __post_init__(self) -> None:
+        methods = (self.methods,) if isinstance(self.methods, str) else tuple(self.methods)
+        object.__setattr__(self, "methods", check_methods(methods))
+        if self.targets not in TARGET_MODES:
+            raise ValueError(f"targets must be 'label' or 'pred', got {self.targets!r}")
+        if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
+        if not 0 < self.border_fraction < 0.5:
+            raise ValueError(f"border_fraction must be in (0, 0.5), got {self.border_fraction}")
+        if self.reshape is not None and not callable(self.reshape):
+            object.__setattr__(self, "reshape", tuple(self.reshape))
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where and how the model runs: device, input conversion, forward context, process group.
+
+    ``prepare`` maps a CPU probe batch to the model's input (device and dtype; default: move to
+    ``device``). ``forward_context`` wraps every model call (e.g. the trainer's autocast), and
+    nothing else: metrics are computed in float32 outside it. ``gather`` all-gathers a tensor
+    across the ``world`` ranks (``(world, *shape)``).
+    """
+
+    device: torch.device | str = "cpu"
+    prepare: Callable[[torch.Tensor], torch.Tensor] | None = None
+    forward_context: Callable[[], ContextManager] = contextlib.nullcontext
+    rank: int = 0
+    world: int = 1
+    gather: Gather | None = None
+
+    def to_model(self, images: torch.Tensor) -> torch.Tensor:
+        return self.prepare(images) if self.prepare is not None else images.to(self.device, non_blocking=True)
+
+
+@dataclass
+class Reference:
+    """The evaluation drift and the reference rules compare with (CPU tensors, bare metric names)."""
+
+    epoch: int
+    global_step: int
+    maps: torch.Tensor
+    per_probe: dict[str, torch.Tensor]
+    aggregates: dict[str, float]
 
 
 @dataclass
 class Evaluation:
-    """What one evaluation measured. Tensors are on the CPU; ``maps`` are raw (N, h, w)."""
+    """What one evaluation measured. Tensors are on the CPU; ``maps`` are raw (N, h, w) of the
+    first method; ``probs`` the softmax probability of each probe's target class; metric names
+    in ``per_probe`` and ``aggregates`` are bare (``spurious_energy``)."""
 
     epoch: int
     global_step: int
     maps: torch.Tensor
     preds: torch.Tensor
     probs: torch.Tensor
-    targets: torch.Tensor
     per_probe: dict[str, torch.Tensor]
-    aggregates: dict[str, float]
-    degenerate: int
-    extra_maps: dict[str, torch.Tensor] = field(default_factory=dict)
+    aggregates: dict[str, float] = field(default_factory=dict)
+
+    def as_reference(self) -> Reference:
+        return Reference(self.epoch, self.global_step, self.maps, dict(self.per_probe), dict(self.aggregates))
 
 
 def shard_indices(n: int, rank: int, world: int) -> torch.Tensor:
-    """Probe indices rank ``rank`` of ``world`` computes: rank, rank + world, ... (any n)."""
-    return torch.arange(rank, n, world)
+    """Probe indices rank ``rank`` of ``world`` computes: rank, rank + world, ...
+
+    Every rank gets ``ceil(n / world)`` indices (the tail wraps around to repeat probes), so every
+    rank runs the same number of chunks; :func:`unshard` drops the repeats.
+    """
+    per_rank = math.ceil(n / world)
+    return torch.arange(rank, per_rank * world, world).remainder(n)
 
 
 def unshard(gathered: torch.Tensor, n: int) -> torch.Tensor:
@@ -54,51 +136,50 @@ def unshard(gathered: torch.Tensor, n: int) -> torch.Tensor:
     return gathered.transpose(0, 1).reshape(world * per_rank, *gathered.shape[2:])[:n]
 
 
-def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
-    if t.shape[0] == rows:
-        return t
-    pad = torch.zeros(rows - t.shape[0], *t.shape[1:], dtype=t.dtype, device=t.device)
-    return torch.cat([t, pad])
-
-
-def compute_shard(model: nn.Module, probes: ProbeSet, index: torch.Tensor, layer: LayerSpec, methods: Sequence[str],
-                  targets_mode: str, batch_size: int, device: torch.device, faithfulness: bool,
-                  output_transform: OutputTransform | None, reshape: ReshapeSpec) -> dict[str, torch.Tensor]:
-    """CAM pass over ``probes[index]`` in chunks of ``batch_size`` on ``device``.
+def compute_shard(model: nn.Module, probes: ProbeSet, index: torch.Tensor, settings: EvalSettings,
+                  placement: Placement) -> dict[str, torch.Tensor]:
+    """CAM pass over ``probes[index]`` in chunks of ``settings.batch_size``.
 
     Returns CPU tensors: ``maps`` (n, M, h, w) for the M methods, ``logits`` (n, classes),
-    ``targets`` (n,), and when ``faithfulness``: ``y`` and ``o`` (n,) class probabilities on the
+    ``targets`` (n,), and with ``faithfulness``: ``y`` and ``o`` (n,), class probabilities on the
     image and on image x map.
     """
     parts: dict[str, list[torch.Tensor]] = {"maps": [], "logits": [], "targets": [], "y": [], "o": []}
-    for start in range(0, len(index), batch_size):
-        idx = index[start:start + batch_size]
-        images = probes.images[idx].to(device, non_blocking=True)
-        targets = probes.labels[idx].to(device) if targets_mode == "label" else None
-        res = cam_pass(model, images, layer, targets, tuple(methods), output_transform=output_transform, reshape=reshape)
-        maps = torch.stack([res.maps[m][:, 0] for m in methods], dim=1)
-        parts["maps"].append(maps.cpu())
-        parts["logits"].append(res.logits.cpu())
+    methods = settings.methods
+    for start in range(0, len(index), settings.batch_size):
+        idx = index[start:start + settings.batch_size]
+        images = placement.to_model(probes.images[idx])
+        targets = probes.labels[idx].to(images.device) if settings.targets == "label" else None
+        with placement.forward_context():
+            res = cam_pass(model, images, settings.layer, targets, methods, output_transform=settings.output_transform,
+                           reshape=settings.reshape)
+            maps = torch.stack([res.maps[m][:, 0] for m in methods], dim=1)
+            if settings.faithfulness:
+                y, o = masked_scores(model, images, maps[:, 0], res.targets[:, 0],
+                                     output_transform=settings.output_transform, logits=res.logits)
+                parts["y"].append(y.float().cpu())
+                parts["o"].append(o.float().cpu())
+        parts["maps"].append(maps.float().cpu())
+        parts["logits"].append(res.logits.float().cpu())
         parts["targets"].append(res.targets[:, 0].cpu())
-        if faithfulness:
-            y, o = masked_scores(model, images, maps[:, 0], res.targets[:, 0], output_transform=output_transform,
-                                 logits=res.logits)
-            parts["y"].append(y.cpu())
-            parts["o"].append(o.cpu())
     return {k: torch.cat(v) for k, v in parts.items() if v}
 
 
-def gather_shards(local: dict[str, torch.Tensor], n: int, world: int, gather: Gather | None) -> dict[str, torch.Tensor]:
-    """Pad each rank's rows to the same count, all-gather, and restore probe order."""
-    if world == 1 or gather is None:
-        return local
-    per_rank = math.ceil(n / world)
-    return {k: unshard(gather(_pad_rows(v, per_rank)), n) for k, v in local.items()}
+def gather_shards(local: dict[str, torch.Tensor], n: int, placement: Placement) -> dict[str, torch.Tensor]:
+    """All-gather every rank's equal-length shard and restore probe order."""
+    if placement.world == 1:
+        return {k: v[:n] for k, v in local.items()}
+    if placement.gather is None:
+        raise ValueError(f"evaluating on {placement.world} ranks needs a gather function")
+    return {k: unshard(placement.gather(v), n) for k, v in local.items()}
 
 
-def probe_metrics(maps: torch.Tensor, probes: ProbeSet, prev: torch.Tensor | None, ref: torch.Tensor | None,
+def probe_metrics(maps: torch.Tensor, probes: ProbeSet, previous: torch.Tensor | None, reference: Reference | None,
                   y: torch.Tensor | None, o: torch.Tensor | None, border_fraction: float) -> dict[str, torch.Tensor]:
-    """Per-probe metric table (N,) for each name in :data:`PER_PROBE` that applies."""
+    """Per-probe metric table (N,) for each name in :data:`PER_PROBE` that applies.
+
+    Without a reference (this evaluation becomes it) drift and rise against it are 0.
+    """
     h, w = probes.image_size
     spur = probes.spurious_masks
     if spur is None:
@@ -114,58 +195,55 @@ def probe_metrics(maps: torch.Tensor, probes: ProbeSet, prev: torch.Tensor | Non
     if probes.object_masks is not None:
         out["object_energy"] = M.energy_fraction(up, probes.object_masks)
     zeros = torch.zeros(len(probes))
-    out["drift_prev"] = zeros.clone() if prev is None else 1.0 - M.spearman(maps, prev)
-    out["drift_ref"] = zeros.clone() if ref is None else 1.0 - M.spearman(maps, ref)
+    out["drift_prev"] = zeros.clone() if previous is None else 1.0 - M.spearman(maps, previous)
+    out["drift_ref"] = zeros.clone() if reference is None else 1.0 - M.spearman(maps, reference.maps)
+    out["spurious_energy_rise"] = (zeros.clone() if reference is None
+                                   else out["spurious_energy"] - reference.per_probe["spurious_energy"])
     if y is not None and o is not None:
         out["average_drop"] = M.average_drop(y, o)
     return out
 
 
 def quality_score(aggregates: dict[str, float]) -> float:
-    """``cam/quality`` in [0, 1], higher is better: the mean of the available components
+    """``quality`` in [0, 1], higher is better: the mean of the available components
     ``1 - spurious_energy``, ``object_energy`` (with object masks) and ``1 - average_drop``."""
-    parts = [1.0 - aggregates["cam/spurious_energy"]]
-    if "cam/object_energy" in aggregates:
-        parts.append(aggregates["cam/object_energy"])
-    if "cam/average_drop" in aggregates:
-        parts.append(1.0 - aggregates["cam/average_drop"])
+    parts = [1.0 - aggregates["spurious_energy"]]
+    if "object_energy" in aggregates:
+        parts.append(aggregates["object_energy"])
+    if "average_drop" in aggregates:
+        parts.append(1.0 - aggregates["average_drop"])
     parts = [p for p in parts if not math.isnan(p)]
     return float(sum(parts) / len(parts)) if parts else float("nan")
 
 
-def aggregate(per_probe: dict[str, torch.Tensor]) -> tuple[dict[str, float], int]:
-    """NaN-aware means as ``cam/<name>`` and the number of degenerate probes (NaN spurious energy)."""
-    agg = {f"cam/{k}": M.nanmean(v)[0] for k, v in per_probe.items()}
-    degenerate = int(torch.isnan(per_probe["spurious_energy"]).sum())
-    agg["cam/quality"] = quality_score(agg)
-    agg["cam/degenerate"] = float(degenerate)
-    return agg, degenerate
+def aggregate(per_probe: dict[str, torch.Tensor]) -> dict[str, float]:
+    """NaN-aware means by metric name, ``quality``, and ``degenerate`` (probes with NaN spurious energy)."""
+    agg = {k: M.nanmean(v)[0] for k, v in per_probe.items()}
+    agg["quality"] = quality_score(agg)
+    agg["degenerate"] = float(torch.isnan(per_probe["spurious_energy"]).sum())
+    return agg
 
 
-def evaluate(model: nn.Module, probes: ProbeSet, layer: LayerSpec, *, epoch: int, global_step: int,
-             methods: Sequence[str] = ("gradcam",), targets_mode: str = "label", batch_size: int = 64,
-             device: torch.device | None = None, previous: torch.Tensor | None = None,
-             reference: torch.Tensor | None = None, faithfulness: bool = True, border_fraction: float = 0.1,
-             output_transform: OutputTransform | None = None, reshape: ReshapeSpec = None,
-             rank: int = 0, world: int = 1, gather: Gather | None = None) -> Evaluation:
-    """Run one evaluation of ``model`` on ``probes``; metrics use the first of ``methods``."""
-    device = device or next(model.parameters()).device
-    index = shard_indices(len(probes), rank, world)
-    local = compute_shard(model, probes, index, layer, methods, targets_mode, batch_size, device, faithfulness,
-                          output_transform, reshape)
-    full = gather_shards(local, len(probes), world, gather)
+def evaluate(model: nn.Module, probes: ProbeSet, settings: EvalSettings, placement: Placement | None = None, *,
+             epoch: int = 0, global_step: int = 0, previous: torch.Tensor | None = None,
+             reference: Reference | None = None) -> Evaluation:
+    """Run one evaluation of ``model`` on ``probes``; metrics use the first of ``settings.methods``.
+
+    ``previous`` are the last evaluation's maps (for ``drift_prev``), ``reference`` the evaluation
+    drift and rise are measured against.
+    """
+    placement = placement or Placement(device=next(model.parameters()).device)
+    index = shard_indices(len(probes), placement.rank, placement.world)
+    local = compute_shard(model, probes, index, settings, placement)
+    full = gather_shards(local, len(probes), placement)
     bad = ~torch.isfinite(full["logits"]).all(1)
     if bad.any():
         raise NonFiniteOutputError(
             f"the model's logits are NaN or inf for probes {[probes.ids[i] for i in bad.nonzero()[:, 0].tolist()][:10]}; "
             "no maps were recorded for this evaluation")
-    maps = full["maps"][:, 0].float()
-    per_probe = probe_metrics(maps, probes, previous, reference, full.get("y"), full.get("o"), border_fraction)
-    aggregates, degenerate = aggregate(per_probe)
-    probs = full["logits"].float().softmax(1)
-    return Evaluation(
-        epoch=epoch, global_step=global_step, maps=maps, preds=probs.argmax(1),
-        probs=probs.gather(1, full["targets"].long()[:, None])[:, 0], targets=full["targets"].long(),
-        per_probe=per_probe, aggregates=aggregates, degenerate=degenerate,
-        extra_maps={m: full["maps"][:, i].float() for i, m in enumerate(methods) if i > 0},
-    )
+    maps = full["maps"][:, 0]
+    per_probe = probe_metrics(maps, probes, previous, reference, full.get("y"), full.get("o"), settings.border_fraction)
+    probs = full["logits"].softmax(1)
+    return Evaluation(epoch=epoch, global_step=global_step, maps=maps, preds=probs.argmax(1),
+                      probs=probs.gather(1, full["targets"].long()[:, None])[:, 0], per_probe=per_probe,
+                      aggregates=aggregate(per_probe))

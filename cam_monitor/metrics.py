@@ -32,11 +32,6 @@ def _check_pair(maps: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, 
     return upsample(maps, masks.shape[-2:]), masks.bool().to(maps.device)
 
 
-def _degenerate(maps: torch.Tensor) -> torch.Tensor:
-    """(B,) True where a map is all zero (no evidence at all)."""
-    return maps.flatten(1).sum(1) <= 0
-
-
 def _constant(maps: torch.Tensor) -> torch.Tensor:
     """(B,) True where a map has a single value (its argmax/top-k/ranks carry no information)."""
     flat = maps.flatten(1)

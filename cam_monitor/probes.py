@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_image
 
 from .atomic import atomic_path
-from .errors import InputError
+from .engine import check_images
+from .errors import InputError, TargetError
 
 Box = Sequence[float]
 MaskSpec = Union[None, torch.Tensor, Sequence[Union[Sequence[Box], None]]]
@@ -109,11 +110,20 @@ class ProbeSet:
             None if self.object_masks is None else self.object_masks[idx],
             [self.ids[i] for i in pick], self.mean, self.std, self.num_classes, self.class_names)
 
-    def to(self, device: torch.device | str) -> "ProbeSet":
-        """A copy with every tensor on ``device``."""
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return ProbeSet(move(self.images), move(self.labels), move(self.spurious_masks), move(self.object_masks),
-                        list(self.ids), self.mean, self.std, self.num_classes, self.class_names)
+    def check_classes(self, num_classes: int) -> None:
+        """Raise :class:`TargetError` unless every label is a class of a model with ``num_classes``."""
+        bad = (self.labels < 0) | (self.labels >= num_classes)
+        if bad.any():
+            ids = [self.ids[i] for i in bad.nonzero()[:, 0].tolist()][:10]
+            raise TargetError(f"probe labels {self.labels[bad].unique().tolist()} are out of range for a model with "
+                              f"{num_classes} classes (0..{num_classes - 1}): probes {ids}")
+
+    def same_as(self, other: "ProbeSet") -> bool:
+        """Whether ``other`` holds the same probes (ids, labels, images and masks)."""
+        def same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+            return (a is None) == (b is None) and (a is None or (a.shape == b.shape and bool(torch.equal(a, b))))
+        return (self.ids == other.ids and same(self.labels, other.labels) and same(self.images, other.images)
+                and same(self.spurious_masks, other.spurious_masks) and same(self.object_masks, other.object_masks))
 
     # ---- persistence ---------------------------------------------------------------------------
 
@@ -157,24 +167,24 @@ class ProbeSet:
     # ---- builders ------------------------------------------------------------------------------
 
     @classmethod
-    def from_dataset(cls, dataset: Any, per_class: int = 4, seed: int = 0, *, num_classes: int | None = None,
-                     labels: Sequence[int] | torch.Tensor | None = None, **meta: Any) -> "ProbeSet":
-        """Pick ``per_class`` probes per class from a map-style dataset, deterministically.
+    def from_dataset(cls, dataset: Any, per_class: int = 4, seed: int = 0, *, num_probes: int | None = None,
+                     num_classes: int | None = None, labels: Sequence[int] | torch.Tensor | None = None,
+                     **meta: Any) -> "ProbeSet":
+        """Pick probes from a map-style dataset, class-balanced and deterministic.
 
-        Items may be ``(image, label)`` tuples or dicts with ``image``, ``label`` and optional
-        ``spurious_mask`` / ``object_mask``. Labels come from ``labels``, else ``dataset.targets``,
-        else from indexing each item. The choice uses a private ``torch.Generator(seed)``: the
-        global RNG is never touched and the same dataset and seed always give the same probes.
+        ``per_class`` probes of every class, or, with ``num_probes``, that many in total taken
+        round-robin over the classes (see :func:`balanced_indices`). Items may be ``(image, label)``
+        tuples or dicts with ``image``, ``label`` and optional ``spurious_mask`` / ``object_mask``.
+        Labels come from ``labels``, else ``dataset.targets`` (also through ``Subset``), else from
+        indexing each item. The choice uses a private ``torch.Generator(seed)``: the global RNG
+        is never touched and the same dataset and seed always give the same probes.
         """
-        if per_class < 1:
-            raise InputError(f"per_class must be >= 1, got {per_class}")
         all_labels = _dataset_labels(dataset, labels)
-        gen = torch.Generator().manual_seed(seed)
-        chosen: list[int] = []
-        for cls_id in sorted(set(all_labels.tolist())):
-            members = (all_labels == cls_id).nonzero()[:, 0]
-            order = torch.randperm(len(members), generator=gen)
-            chosen.extend(members[order[:per_class]].tolist())
+        if num_probes is None:
+            if not isinstance(per_class, int) or per_class < 1:
+                raise InputError(f"per_class must be an int >= 1, got {per_class!r}")
+            num_probes = per_class * len(set(all_labels.tolist()))
+        chosen = balanced_indices(all_labels, num_probes, seed)
         if not chosen:
             raise InputError("the dataset is empty: no probes to pick")
         return cls._from_items(dataset, chosen, num_classes=num_classes, **meta)
@@ -238,14 +248,7 @@ class ProbeSet:
 # ---- validation helpers ------------------------------------------------------------------------
 
 def _check_images(images: Any) -> torch.Tensor:
-    if not isinstance(images, torch.Tensor):
-        raise InputError(f"probe images must be a tensor (N, C, H, W), got {type(images).__name__}")
-    if images.dim() != 4:
-        raise InputError(f"probe images must be 4-D (N, C, H, W), got shape {tuple(images.shape)}")
-    if images.shape[0] == 0:
-        raise InputError("the probe set is empty: give at least one image")
-    if not images.is_floating_point():
-        raise InputError(f"probe images must be floating (as the model consumes them), got {images.dtype}")
+    check_images(images, what="probe images")
     finite = torch.isfinite(images.flatten(1)).all(1)
     if not finite.all():
         raise InputError(f"probe images hold NaN or inf pixels at indices {(~finite).nonzero()[:, 0].tolist()}")
@@ -303,9 +306,49 @@ def _check_masks(masks: MaskSpec, kind: str, ids: list[str], h: int, w: int) -> 
     return masks
 
 
+def balanced_indices(labels: torch.Tensor, num: int, seed: int = 0) -> list[int]:
+    """``num`` dataset indices covering the classes as evenly as the data allows.
+
+    Classes are taken round-robin (one probe of each class in turn, members in a seeded random
+    order), so every class is probed before any class gets a second probe; with more classes
+    than ``num``, a seeded random sample of ``num`` classes gets one probe each. The result is
+    in round-robin order, so any prefix (the probes shown first) is balanced too.
+    """
+    if not isinstance(num, int) or isinstance(num, bool) or num < 1:
+        raise InputError(f"the number of probes must be an int >= 1, got {num!r}")
+    gen = torch.Generator().manual_seed(seed)
+    classes = sorted(set(labels.tolist()))
+    if len(classes) > num:
+        keep = torch.randperm(len(classes), generator=gen)[:num]
+        classes = sorted(classes[i] for i in keep.tolist())
+    queues = []
+    for cls_id in classes:
+        members = (labels == cls_id).nonzero()[:, 0]
+        queues.append(members[torch.randperm(len(members), generator=gen)].tolist())
+    chosen: list[int] = []
+    for depth in range(max((len(q) for q in queues), default=0)):
+        for queue in queues:
+            if depth < len(queue) and len(chosen) < num:
+                chosen.append(queue[depth])
+    return chosen
+
+
+def _targets_of(dataset: Any) -> Any:
+    """``dataset.targets``, looked up through ``torch.utils.data.Subset`` (``random_split``) too."""
+    targets = getattr(dataset, "targets", None)
+    if targets is not None:
+        return targets
+    parent, indices = getattr(dataset, "dataset", None), getattr(dataset, "indices", None)
+    if parent is not None and indices is not None:
+        parent_targets = _targets_of(parent)
+        if parent_targets is not None:
+            return torch.as_tensor(parent_targets)[torch.as_tensor(list(indices), dtype=torch.long)]
+    return None
+
+
 def _dataset_labels(dataset: Any, labels: Sequence[int] | torch.Tensor | None) -> torch.Tensor:
     if labels is None:
-        labels = getattr(dataset, "targets", None)
+        labels = _targets_of(dataset)
     if labels is None:
         def label_of(item: Any) -> int:
             return int(item["label"]) if isinstance(item, dict) else int(item[1])

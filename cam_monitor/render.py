@@ -176,8 +176,7 @@ def filmstrip(frames: Sequence[torch.Tensor], titles: Sequence[str]) -> torch.Te
     return tile_grid(torch.stack(tiles), nrow=len(tiles))
 
 
-def metric_curves(steps: Sequence[int], per_probe: Mapping[str, torch.Tensor], ids: Sequence[str] | None = None,
-                  max_probe_lines: int = 16) -> Figure:
+def metric_curves(steps: Sequence[int], per_probe: Mapping[str, torch.Tensor], max_probe_lines: int = 16) -> Figure:
     """Figure with one panel per metric: thin lines per probe, a thick line for the NaN-aware mean.
 
     ``per_probe[name]`` is (E, N): E evaluations (at ``steps``) by N probes. The figure is built
@@ -213,9 +212,14 @@ def figure_to_tensor(fig: Figure, dpi: int = 100) -> torch.Tensor:
     return image
 
 
+def to_uint8(image: torch.Tensor) -> torch.Tensor:
+    """A float [0, 1] image as uint8 on the CPU (clamped, rounded): what encoders and dashboards take."""
+    return (image.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+
+
 def save_png(image: torch.Tensor, path: str | os.PathLike) -> Path:
     """Write a (3, H, W) float [0, 1] image as PNG atomically (temporary file, then rename)."""
-    data = encode_png((image.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8))
+    data = encode_png(to_uint8(image))
     with atomic_path(path) as tmp:
         tmp.write_bytes(data.numpy().tobytes())
     return Path(path)

@@ -1,9 +1,45 @@
 """Shared small models and inputs for the test suite (CPU, random weights, fast)."""
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _tree_files() -> set[str] | None:
+    """Files in the source tree, ignored ones included (None outside a git checkout)."""
+    try:
+        out = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=all", "--ignored"],
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {line[3:] for line in out.splitlines()
+            if line[:2] in ("??", "!!") and "__pycache__" not in line and not line[3:].startswith(".venv/")}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def source_tree_stays_clean(tmp_path_factory):
+    """No test may write new files into the source tree (run output belongs under tmp_path)."""
+    from hypothesis.configuration import set_hypothesis_home_dir
+
+    set_hypothesis_home_dir(str(tmp_path_factory.mktemp("hypothesis")))
+    before = _tree_files()
+    yield
+    after = _tree_files()
+    if before is not None and after is not None:
+        new = sorted(after - before)
+        assert not new, f"tests wrote into the source tree: {new[:10]}"
+
+
+@pytest.fixture(autouse=True)
+def run_in_tmp_path(tmp_path, monkeypatch):
+    """Relative paths (a default log dir, ``lightning_logs/``) land in the test's tmp_path."""
+    monkeypatch.chdir(tmp_path)
 
 
 class SmallCNN(nn.Module):

@@ -45,8 +45,10 @@ def quick_monitor(**kwargs: Any) -> cm.CAMMonitor:
 
 
 def cam_scalars(monitor: cm.CAMMonitor) -> list[dict[str, float]]:
-    """History rows without NaN-unfriendly comparisons: NaN -> None."""
-    return [{k: (None if v != v else round(float(v), 6)) for k, v in h.items()} for h in monitor.history]
+    """History rows without NaN-unfriendly comparisons: NaN -> None, floats rounded."""
+    def clean(v):
+        return v if isinstance(v, str) else (None if v != v else round(float(v), 6))
+    return [{k: clean(v) for k, v in h.items()} for h in monitor.history]
 
 
 def tensor_equal(a: torch.Tensor, b: torch.Tensor) -> bool:

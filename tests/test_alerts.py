@@ -2,22 +2,24 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
 
-from cam_monitor.alerts import AlertBook, AlertThresholds, check_rules, resolve_action
+from cam_monitor.alerts import AlertBook, Rule, check_rules, default_rules, describe_alert, resolve_action
 
 IDS = ["a", "b", "c"]
+RULES = default_rules()
 
 
-def agg(enr=1.0, energy=0.1, obj=0.8, drift=0.0) -> dict:
-    return {"cam/spurious_enrichment": enr, "cam/spurious_energy": energy, "cam/object_energy": obj,
-            "cam/drift_ref": drift}
+def agg(enr=1.0, energy=0.1, obj=0.8, drift=0.0, rise=0.0) -> dict:
+    return {"spurious_enrichment": enr, "spurious_energy": energy, "object_energy": obj, "drift_ref": drift,
+            "spurious_energy_rise": rise}
 
 
-def per(enr=(1.0, 1.0, 1.0), energy=(0.1, 0.1, 0.1)) -> dict:
-    return {"spurious_enrichment": torch.tensor(enr), "spurious_energy": torch.tensor(energy),
+def per(enr=(1.0, 1.0, 1.0), rise=(0.0, 0.0, 0.0)) -> dict:
+    return {"spurious_enrichment": torch.tensor(enr), "spurious_energy_rise": torch.tensor(rise),
             "object_energy": torch.tensor([0.8, 0.1, 0.5]), "drift_ref": torch.tensor([0.9, 0.1, 0.6])}
 
 
@@ -26,48 +28,82 @@ def levels(checks) -> dict:
 
 
 def test_enrichment_rule_fire_hold_clear_and_offenders_worst_first() -> None:
-    t = AlertThresholds(spurious_enrichment=4.0, hysteresis=0.1)
-    fire = check_rules(agg(enr=5.0), None, per(enr=(4.5, 9.0, 1.0)), None, IDS, t)
+    rules = default_rules(spurious_enrichment=4.0)
+    fire = check_rules(rules, agg(enr=5.0), per(enr=(4.5, 9.0, 1.0)), IDS, None, hysteresis=0.1)
     (c,) = [c for c in fire if c.rule == "spurious_enrichment"]
     assert c.level == "fire" and c.probe_ids == ["b", "a"]
-    assert levels(check_rules(agg(enr=3.8), None, per(), None, IDS, t))["spurious_enrichment"] == "hold"
-    assert levels(check_rules(agg(enr=3.6), None, per(), None, IDS, t))["spurious_enrichment"] == "clear"
-    assert levels(check_rules(agg(enr=math.nan), None, per(), None, IDS, t))["spurious_enrichment"] == "hold"
+    assert levels(check_rules(rules, agg(enr=3.8), per(), IDS, None, 0.1))["spurious_enrichment"] == "hold"
+    assert levels(check_rules(rules, agg(enr=3.6), per(), IDS, None, 0.1))["spurious_enrichment"] == "clear"
+    assert levels(check_rules(rules, agg(enr=math.nan), per(), IDS, None, 0.1))["spurious_enrichment"] == "hold"
 
 
 def test_reference_rules_only_once_a_reference_exists() -> None:
-    t = AlertThresholds()
-    assert set(levels(check_rules(agg(), None, per(), None, IDS, t))) == {"spurious_enrichment", "object_energy_floor"}
+    assert set(levels(check_rules(RULES, agg(), per(), IDS, None))) == {"spurious_enrichment", "object_energy_floor"}
     ref = agg(energy=0.05, obj=0.9)
-    lv = levels(check_rules(agg(energy=0.3, obj=0.5, drift=0.8), ref, per(energy=(0.3, 0.1, 0.5)),
-                            per(energy=(0.0, 0.1, 0.1)), IDS, t))
+    checks = check_rules(RULES, agg(energy=0.3, obj=0.5, drift=0.8, rise=0.25), per(rise=(0.3, 0.0, 0.4)), IDS, ref)
+    lv = levels(checks)
     assert lv["spurious_energy_rise"] == "fire" and lv["drift_off_object"] == "fire"
+    (rise,) = [c for c in checks if c.rule == "spurious_energy_rise"]
+    # the alert names the metric it read, with that metric's value (not the raw spurious energy)
+    assert rise.metric == "spurious_energy_rise" and rise.value == 0.25 and rise.probe_ids == ["c", "a"]
+
+
+def test_every_rule_reads_a_metric_the_evaluation_produces() -> None:
+    from cam_monitor.evaluation import PER_PROBE
+
+    assert {r.metric for r in RULES} <= set(PER_PROBE)
+    assert [r.name for r in RULES] == ["spurious_enrichment", "spurious_energy_rise", "object_energy_floor",
+                                       "drift_off_object"]
 
 
 def test_drift_toward_the_object_is_not_an_alert() -> None:
-    t = AlertThresholds()
-    ref = agg(obj=0.5)
-    lv = levels(check_rules(agg(obj=0.9, drift=0.9), ref, per(), per(), IDS, t))
+    lv = levels(check_rules(RULES, agg(obj=0.9, drift=0.9), per(), IDS, agg(obj=0.5)))
     assert lv["drift_off_object"] == "hold"
 
 
+def test_drift_without_object_masks_counts_only_when_spurious_energy_rose() -> None:
+    no_obj = {k: v for k, v in agg(drift=0.9, rise=-0.1).items() if k != "object_energy"}
+    ref = {k: v for k, v in agg().items() if k != "object_energy"}
+    assert levels(check_rules(RULES, no_obj, per(), IDS, ref))["drift_off_object"] == "hold"
+    assert levels(check_rules(RULES, {**no_obj, "spurious_energy_rise": 0.1}, per(), IDS, ref))["drift_off_object"] == "fire"
+
+
 def test_object_floor_fires_below_floor() -> None:
-    t = AlertThresholds(object_energy_floor=0.3)
-    checks = check_rules(agg(obj=0.2), None, per(), None, IDS, t)
+    checks = check_rules(default_rules(object_energy_floor=0.3), agg(obj=0.2), per(), IDS, None)
     (c,) = [c for c in checks if c.rule == "object_energy_floor"]
     assert c.level == "fire" and c.probe_ids == ["b"]
 
 
+def test_a_custom_rule_is_a_row_of_the_table() -> None:
+    rule = Rule("too_diffuse", "pointing_spurious", "below", 0.5)
+    (c,) = check_rules((rule,), {"pointing_spurious": 0.2}, {"pointing_spurious": torch.tensor([0.1, 0.9, 0.4])}, IDS,
+                       None)
+    assert (c.level, c.probe_ids) == ("fire", ["a", "c"])
+
+
+@pytest.mark.parametrize("kwargs, text", [(dict(spurious_enrichment=0), "> 0"), (dict(spurious_energy_rise=2), "(0, 1]"),
+                                          (dict(object_energy_floor=-1), "[0, 1]"), (dict(drift_threshold=3), "(0, 2]")])
+def test_thresholds_out_of_range_are_refused(kwargs, text) -> None:
+    with pytest.raises(ValueError, match=re.escape(text)):
+        default_rules(**kwargs)
+
+
 def test_patience_and_hysteresis_state_machine() -> None:
-    t = AlertThresholds(spurious_enrichment=4.0, patience=2, hysteresis=0.1)
+    rules = default_rules(spurious_enrichment=4.0)
     book = AlertBook(patience=2)
     events = []
     for step, enr in enumerate([5.0, 3.9, 5.0, 5.0, 3.9, 5.0, 3.0, 3.0]):
-        checks = [c for c in check_rules(agg(enr=enr), None, per(), None, IDS, t) if c.rule == "spurious_enrichment"]
-        events += [(e["event"], step) for e in book.update(checks, 0, step)]
+        checks = [c for c in check_rules(rules, agg(enr=enr), per(), IDS, None, 0.1) if c.rule == "spurious_enrichment"]
+        events += [(e["event"], step, e["metric"]) for e in book.update(checks, 0, step, prefix="cam/l3")]
     # fire needs 2 consecutive; 3.9 is inside the hysteresis band, so the alert holds until 3.0
-    assert events == [("fired", 3), ("cleared", 6)]
+    assert events == [("fired", 3, "cam/l3/spurious_enrichment"), ("cleared", 6, "cam/l3/spurious_enrichment")]
     assert book.n_active == 0
+
+
+def test_describe_alert_is_one_sentence() -> None:
+    text = describe_alert({"rule": "r", "metric": "cam/x", "value": 5.0, "threshold": 4.0, "epoch": 1, "global_step": 9,
+                           "probe_ids": ["a", "b"]})
+    assert text == "r (cam/x = 5, threshold 4) at epoch 1, step 9; probes: a, b"
 
 
 def test_book_state_roundtrip() -> None:

@@ -61,7 +61,7 @@ CONSTRUCTOR_CASES = [
     (dict(spurious_enrichment=0.0), "spurious_enrichment"),
     (dict(spurious_energy_rise=2.0), "spurious_energy_rise"),
     (dict(object_energy_floor=-0.1), "object_energy_floor"),
-    (dict(drift_threshold=3.0), "drift_ref"),
+    (dict(drift_threshold=3.0), r"drift_threshold=3.0 \(threshold of alert rule drift_off_object\) must be in \(0, 2\]"),
     (dict(patience=0), "patience"),
     (dict(hysteresis=1.0), "hysteresis"),
     (dict(alert_action="explode"), "neither one of"),

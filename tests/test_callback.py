@@ -17,7 +17,7 @@ from lightning_helpers import cam_scalars, fit, quick_monitor
 
 ALL_METRICS = {"cam/spurious_energy", "cam/spurious_enrichment", "cam/object_energy", "cam/drift_prev",
                "cam/drift_ref", "cam/pointing_spurious", "cam/average_drop", "cam/quality", "cam/degenerate",
-               "cam/alerts"}
+               "cam/alerts", "cam/spurious_energy_rise"}
 
 RECORDED: list[dict] = []
 
@@ -176,7 +176,7 @@ def test_failing_logger_never_kills_training(tmp_path, monkeypatch) -> None:
     def refuse(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("cam_monitor.sinks.image_summary", refuse)
+    monkeypatch.setattr("cam_monitor.sinks.tensorboard.image_summary", refuse)
     mon = quick_monitor()
     with pytest.warns(UserWarning, match="sink:tensorboard failed"):
         trainer, _ = fit(tmp_path, mon, epochs=2, logger=TensorBoardLogger(str(tmp_path)))
@@ -217,8 +217,13 @@ def test_gated_checkpoint_refuses_shortcut_and_keeps_control(tmp_path) -> None:
     gate = {"cam/spurious_enrichment": "<= 1.5"}
     refusing = cm.GatedModelCheckpoint(dirpath=tmp_path / "a", gate=gate, save_last=True)
     fit(tmp_path / "runa", quick_monitor(), epochs=2, callbacks=[refusing], enable_checkpointing=True)
-    assert not list((tmp_path / "a").glob("*.ckpt")) if (tmp_path / "a").exists() else True
+    # no "best" checkpoint while the gate fails, but last.ckpt stays the run's resume point
+    assert sorted(p.name for p in (tmp_path / "a").glob("*.ckpt")) == ["last.ckpt"]
+    assert refusing.best_model_path == ""
     assert len(refusing.refused) == 2 and "fails '<= 1.5'" in refusing.refused[0][1][0]
+    strict = cm.GatedModelCheckpoint(dirpath=tmp_path / "c", gate=gate, save_last=True, gate_last=True)
+    fit(tmp_path / "runc", quick_monitor(), epochs=1, callbacks=[strict], enable_checkpointing=True)
+    assert not (tmp_path / "c").exists() or not list((tmp_path / "c").glob("*.ckpt"))
     keeping = cm.GatedModelCheckpoint(dirpath=tmp_path / "b", gate=gate, monitor="cam/quality", mode="max")
     fit(tmp_path / "runb", quick_monitor(), epochs=3, variant="control", callbacks=[keeping], enable_checkpointing=True)
     assert list((tmp_path / "b").glob("*.ckpt")) and keeping.best_model_path
@@ -239,7 +244,8 @@ def test_checkpoint_holds_state_and_explanation_card_loadable_weights_only(tmp_p
     assert card["epoch"] == 1 and card["active_alerts"] == ["spurious_enrichment"]
     assert card["metrics"]["cam/spurious_enrichment"] == pytest.approx(mon.history[-1]["cam/spurious_enrichment"])
     state = data["callbacks"][mon.state_key]
-    assert len(state["history"]) == 2 and state["probes"]["images"].shape[0] == 20
+    assert len(state["history"]["rows"]) == 2 and state["probes"]["images"].shape[0] == 20
+    assert state["target_layer"] == card["target_layer"] == "net.features" and card["name"] is None
 
 
 def test_state_dict_roundtrip_through_weights_only_file(tmp_path) -> None:

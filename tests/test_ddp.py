@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cam_monitor.demo.model import DigitClassifier
-from cam_monitor.evaluation import evaluate
+from cam_monitor.evaluation import EvalSettings, Reference, evaluate
 from cam_monitor.probes import ProbeSet
 from lightning_helpers import LAYER
 
@@ -40,15 +40,17 @@ def test_ddp_metrics_equal_single_process_and_every_rank_agrees(tmp_path) -> Non
     state = saved["monitor"]
     probes = ProbeSet.from_state(state["probes"])
     assert len(probes) == 15  # not divisible by the world size
-    ref = state["reference"]["maps"]
-    prev_hist = state["history"][-2]
-    single = evaluate(model, probes, LAYER, epoch=2, global_step=ranks[0]["global_step"], batch_size=4,
+    hist = state["history"]
+    r = hist["reference"]
+    ref = Reference(r["epoch"], r["global_step"], r["maps"], r["per_probe"], r["aggregates"])
+    prev_hist = hist["rows"][-2]
+    single = evaluate(model, probes, EvalSettings(LAYER, batch_size=4), epoch=2, global_step=ranks[0]["global_step"],
                       previous=None, reference=ref)
-    last = state["history"][-1]
-    for key in ("cam/spurious_energy", "cam/spurious_enrichment", "cam/object_energy", "cam/pointing_spurious",
-                "cam/drift_ref", "cam/average_drop", "cam/quality"):
-        assert single.aggregates[key] == pytest.approx(last[key], rel=1e-5, abs=1e-6), key
-    assert torch.allclose(single.maps, state["previous_maps"], atol=1e-6)
+    last = hist["rows"][-1]
+    for key in ("spurious_energy", "spurious_enrichment", "object_energy", "pointing_spurious", "drift_ref",
+                "spurious_energy_rise", "average_drop", "quality"):
+        assert single.aggregates[key] == pytest.approx(last[f"cam/{key}"], rel=1e-5, abs=1e-6), key
+    assert torch.allclose(single.maps, hist["previous_maps"], atol=1e-6)
     assert prev_hist["epoch"] == 1
 
 

@@ -180,3 +180,52 @@ def test_from_folder_errors(tmp_path) -> None:
     (tmp_path / "labels.csv").write_text("file,label\nc/a.png,x\n")
     with pytest.raises(cm.InputError, match="not an integer"):
         cm.ProbeSet.from_folder(tmp_path)
+
+
+def test_balanced_pick_covers_every_class_round_robin() -> None:
+    from cam_monitor.probes import balanced_indices
+
+    labels = torch.arange(1000) % 10
+    picked = balanced_indices(labels, 32, seed=0)
+    counts = torch.bincount(labels[picked], minlength=10)
+    assert counts.tolist().count(4) == 2 and counts.tolist().count(3) == 8
+    assert sorted(labels[picked[:10]].tolist()) == list(range(10))  # every class before any second probe
+    assert picked == balanced_indices(labels, 32, seed=0) and picked != balanced_indices(labels, 32, seed=1)
+
+
+def test_more_classes_than_probes_samples_classes_with_the_seed() -> None:
+    from cam_monitor.probes import balanced_indices
+
+    labels = torch.arange(5000) % 1000
+    a = labels[balanced_indices(labels, 32, seed=0)]
+    b = labels[balanced_indices(labels, 32, seed=1)]
+    assert len(set(a.tolist())) == 32 and set(a.tolist()) != set(b.tolist())
+    assert max(a.tolist()) > 100  # not simply the first 32 classes
+
+
+def test_rare_classes_give_what_they_have() -> None:
+    from cam_monitor.probes import balanced_indices
+
+    labels = torch.tensor([0] * 20 + [1] * 2)
+    assert torch.bincount(labels[balanced_indices(labels, 8)]).tolist() == [6, 2]
+
+
+def test_labels_of_a_random_split_come_from_the_parent_targets() -> None:
+    ds = ListDataset()
+    ds.targets = ds.y.tolist()
+    sub = torch.utils.data.Subset(ds, [4, 1, 7, 2, 0, 5])
+    ds.calls = 0
+    p = cm.ProbeSet.from_dataset(sub, num_probes=3, seed=0)
+    assert ds.calls == 3  # labels came from the parent's .targets: only the picked items were read
+    assert sorted(p.labels.tolist()) == [0, 1, 2]
+
+
+def test_check_classes_and_same_as() -> None:
+    p = make(4)
+    p.check_classes(3)
+    with pytest.raises(cm.TargetError, match=r"\[2\] are out of range for a model with 2 classes"):
+        p.check_classes(2)
+    assert p.same_as(make(4)) and not p.same_as(make(4, ids=["a", "b", "c", "d"]))
+    other = make(4)
+    other.images[0, 0, 0, 0] += 1
+    assert not p.same_as(other)

@@ -209,7 +209,7 @@ def test_full_disk_for_alert_log_is_reported_once(tmp_path, monkeypatch) -> None
     def no_space(fd):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("cam_monitor.sinks.os.fsync", no_space)
+    monkeypatch.setattr("cam_monitor.sinks.alert_log.os.fsync", no_space)
     monitor = quick_monitor(spurious_enrichment=1.0, patience=1)
     with pytest.warns(UserWarning, match="No space left on device"):
         trainer, _ = fit(tmp_path, monitor, epochs=2)

@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt
 import torch
 
 from ..atomic import atomic_path
+from ..alerts import rule_threshold
 from ..callback import CAMMonitor
 from ..probes import ProbeSet
 from ..render import probe_tiles, tile_grid
@@ -211,7 +212,7 @@ def main(argv: list[str]) -> int:
     summary = summarise(results)
     with atomic_path(out / "summary.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=2))
-    threshold = results["shortcut"]["monitor"].thresholds.spurious_enrichment
+    threshold = rule_threshold(results["shortcut"]["monitor"].rules, "spurious_enrichment")
     summary_figure(results, probes, threshold, out / "summary.png")
     s, c = summary["shortcut"], summary["control"]
     print(f"\nshortcut: first alert at epoch {s['first_alert_epoch']}, accuracy gap passes {GAP_LINE} at epoch "

@@ -1,0 +1,95 @@
+"""The pictures of one evaluation, built from the probes, the evaluation and the history.
+
+One :class:`Panel` per evaluation is rendered once and handed to every sink. This module is the
+only one that knows both the probe set's fields and rendering's arguments. No Lightning, no I/O.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .evaluation import Evaluation
+from .history import History
+from .probes import ProbeSet
+from .render import figure_to_tensor, filmstrip, metric_curves, probe_tiles, tile_grid
+
+#: Per-probe series drawn in the trends figure.
+TREND_METRICS = ("spurious_energy", "spurious_enrichment", "object_energy", "drift_ref")
+
+
+@dataclass(frozen=True)
+class ReportSettings:
+    """How the pictures look: at most ``max_grid_probes`` tiles, ``tile_size`` px on the longer
+    side (None keeps the probe size), ``nrow`` tiles a grid row."""
+
+    max_grid_probes: int = 32
+    tile_size: int | None = 128
+    nrow: int = 8
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_grid_probes, int) or self.max_grid_probes < 1:
+            raise ValueError(f"max_grid_probes must be an int >= 1, got {self.max_grid_probes!r}")
+        if self.tile_size is not None and (not isinstance(self.tile_size, int) or self.tile_size < 8):
+            raise ValueError(f"tile_size must be an int >= 8 or None, got {self.tile_size!r}")
+
+
+@dataclass
+class Panel:
+    """The pictures of one evaluation: the probe grid, per-probe tiles, the trends figure and the
+    filmstrip (first probes over the last evaluations); ``ids``/``labels`` of the tiled probes."""
+
+    grid: torch.Tensor
+    tiles: torch.Tensor
+    trends: torch.Tensor | None
+    ids: Sequence[str]
+    labels: Sequence[int]
+    filmstrip: torch.Tensor | None = None
+
+    def extra_images(self) -> dict[str, torch.Tensor]:
+        """The optional pictures that exist for this evaluation, by tag."""
+        return {tag: img for tag, img in (("trends", self.trends), ("filmstrip", self.filmstrip)) if img is not None}
+
+
+def build_panel(probes: ProbeSet, ev: Evaluation, history: History, settings: ReportSettings) -> Panel:
+    """Render the grid of the first ``max_grid_probes`` probes, the trends and the filmstrip."""
+    n = min(len(probes), settings.max_grid_probes)
+    display = probes.display_images()
+    tiles = probe_tiles(display[:n], ev.maps[:n], ids=probes.ids[:n], labels=probes.labels[:n].tolist(),
+                        preds=ev.preds[:n].tolist(), scores=ev.probs[:n].tolist(),
+                        spurious_energy=ev.per_probe["spurious_energy"][:n].tolist(),
+                        spurious_masks=_rows(probes.spurious_masks, slice(0, n)),
+                        object_masks=_rows(probes.object_masks, slice(0, n)),
+                        class_names=probes.class_names, tile_size=settings.tile_size)
+    series = {f"{history.prefix}/{k}": v[:, :n] for k, v in history.per_probe.items() if k in TREND_METRICS}
+    trends = figure_to_tensor(metric_curves(history.steps, series)) if series else None
+    return Panel(grid=tile_grid(tiles, nrow=settings.nrow), tiles=tiles, trends=trends, ids=probes.ids[:n],
+                 labels=probes.labels[:n].tolist(), filmstrip=build_filmstrip(probes, display, history, settings))
+
+
+def build_filmstrip(probes: ProbeSet, display: torch.Tensor, history: History,
+                    settings: ReportSettings) -> torch.Tensor | None:
+    """One row per filmstrip probe: its overlay at each of the remembered evaluations."""
+    maps_over_time = history.filmstrip_maps
+    if maps_over_time is None:
+        return None
+    frames_n = maps_over_time.shape[0]
+    rows = []
+    for j in range(maps_over_time.shape[1]):
+        same = slice(j, j + 1)
+        frames = probe_tiles(display[same].expand(frames_n, -1, -1, -1), maps_over_time[:, j],
+                             ids=[probes.ids[j]] * frames_n, labels=[int(probes.labels[j])] * frames_n,
+                             spurious_masks=_rows(probes.spurious_masks, same, frames_n),
+                             object_masks=_rows(probes.object_masks, same, frames_n),
+                             class_names=probes.class_names, tile_size=settings.tile_size)
+        rows.append(filmstrip(list(frames), [f"step {s}" for s in history.filmstrip_steps]))
+    return torch.cat(rows, dim=1)
+
+
+def _rows(masks: torch.Tensor | None, index: slice, repeat: int | None = None) -> torch.Tensor | None:
+    """``masks[index]`` (repeated ``repeat`` times along the batch), or None without masks."""
+    if masks is None:
+        return None
+    picked = masks[index]
+    return picked.expand(repeat, -1, -1) if repeat is not None else picked

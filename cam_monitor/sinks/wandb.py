@@ -1,0 +1,51 @@
+"""Weights & Biases: images, a per-probe ``wandb.Table`` and ``run.alert`` for fired alerts."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..alerts import describe_alert
+from ..evaluation import Evaluation
+from ..render import to_uint8
+from ..report import Panel
+
+ALERT_COLUMNS = ["event", "epoch", "global_step", "rule", "metric", "value", "threshold", "probe_ids"]
+
+
+def _hwc(image: torch.Tensor) -> Any:
+    """(3, H, W) float [0, 1] -> (H, W, 3) uint8 numpy, what ``wandb.Image`` expects."""
+    return to_uint8(image).permute(1, 2, 0).numpy()
+
+
+class WandbSink:
+    """Logs to a ``wandb`` run; keys start with ``prefix`` (``cam/probe_grid``, ``cam/probes``)."""
+
+    name = "wandb"
+
+    def __init__(self, run: Any, prefix: str = "cam") -> None:
+        self.run, self.prefix = run, prefix
+
+    def log_evaluation(self, ev: Evaluation, panel: Panel) -> None:
+        import wandb
+
+        metric_names = list(ev.per_probe)
+        table = wandb.Table(columns=["probe_id", "label", "prediction", "probability", "overlay", *metric_names])
+        for i, pid in enumerate(panel.ids):
+            row = [pid, int(panel.labels[i]), int(ev.preds[i]), float(ev.probs[i]), wandb.Image(_hwc(panel.tiles[i]))]
+            table.add_data(*row, *[float(ev.per_probe[m][i]) for m in metric_names])
+        p = self.prefix
+        payload = {f"{p}/probe_grid": wandb.Image(_hwc(panel.grid), caption=f"epoch {ev.epoch} step {ev.global_step}"),
+                   f"{p}/probes": table, "trainer/global_step": ev.global_step}
+        for tag, image in panel.extra_images().items():
+            payload[f"{p}/{tag}"] = wandb.Image(_hwc(image))
+        self.run.log(payload)
+
+    def log_alert(self, event: dict[str, Any]) -> None:
+        import wandb
+
+        row = [event[c] if c != "probe_ids" else ",".join(event[c]) for c in ALERT_COLUMNS]
+        table = wandb.Table(columns=ALERT_COLUMNS, data=[row])
+        self.run.log({f"{self.prefix}/alert_events": table, "trainer/global_step": event["global_step"]})
+        if event["event"] == "fired":
+            self.run.alert(title=f"cam_monitor: {event['rule']}", text=describe_alert(event), level=wandb.AlertLevel.WARN)

@@ -1,0 +1,109 @@
+"""What the monitor reads from a Lightning ``Trainer``: the loaders in use, the model to run the
+CAM pass through, the probes' device and dtype, whether validation runs, and the sinks for the
+trainer's loggers. Public Lightning APIs only; with :mod:`cam_monitor.callback` and
+:mod:`cam_monitor.checkpoint` this is the only code that imports Lightning.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Sequence
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities.seed import isolate_rng
+from torch import nn
+
+from .errors import InputError, ScheduleError
+from .evaluation import Placement
+from .probes import ProbeSet
+from .sinks import TensorBoardSink, WandbSink, register_sink
+
+register_sink(TensorBoardLogger, lambda logger, prefix: TensorBoardSink(logger.experiment, prefix))
+register_sink(WandbLogger, lambda logger, prefix: WandbSink(logger.experiment, prefix))
+
+#: The trainer function whose loaders probes come from: "fit" uses validation, else training.
+STAGE_LOADERS = {"fit": ("val_dataloaders", "train_dataloader"), "validate": ("val_dataloaders",),
+                 "test": ("test_dataloaders",)}
+
+
+def validation_runs(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+    """Whether ``fit`` validates at all (else the monitor evaluates at the end of training epochs)."""
+    defines_step = type(pl_module).validation_step is not pl.LightningModule.validation_step
+    return defines_step and trainer.limit_val_batches != 0
+
+
+def first_loader(loaders: Any) -> Any:
+    """The first loader of what ``trainer.val_dataloaders`` & co. return (a loader, list or dict)."""
+    if isinstance(loaders, dict):
+        return next(iter(loaders.values()), None)
+    if isinstance(loaders, (list, tuple)):
+        return loaders[0] if loaders else None
+    return loaders
+
+
+def probe_loader(trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> tuple[Any, str] | None:
+    """``(loader, which)`` to pick probes from for ``stage``, or None if the trainer has not built it yet.
+
+    Under ``fit`` that is the first validation loader when validation runs, else the first
+    training loader, whichever way they were wired (a datamodule, the model's hooks, or loaders
+    passed to ``fit``).
+    """
+    names = STAGE_LOADERS[stage]
+    if stage == "fit" and not validation_runs(trainer, pl_module):
+        names = names[1:]
+    loader = first_loader(getattr(trainer, names[0]))
+    return None if loader is None else (loader, f"{names[0].split('_')[0]} loader 0")
+
+
+def pick_probes(loader: Any, which: str, num_probes: int, seed: int, mean: Sequence[float] | None,
+                std: Sequence[float] | None) -> ProbeSet:
+    """``num_probes`` class-balanced probes from a loader's map-style dataset, without touching the RNG."""
+    dataset = getattr(loader, "dataset", None)
+    if dataset is None or isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__getitem__"):
+        raise InputError(f"CAMMonitor(probes=None) picks probes from the {which}'s dataset, but it is not a map-style "
+                         f"dataset ({type(dataset).__name__}); pass probes=ProbeSet(...), a probe file or a folder")
+    with isolate_rng():  # a dataset's random transforms must not move the training RNG
+        return ProbeSet.from_dataset(dataset, num_probes=num_probes, seed=seed, mean=mean, std=std)
+
+
+def cam_model(trainer: pl.Trainer, pl_module: pl.LightningModule) -> nn.Module:
+    """The module a CAM pass calls: the strategy's FSDP root when the model is sharded that way
+    (its forward gathers the shards, on every rank), else the LightningModule itself (DDP keeps
+    full replicas, and its wrapper would expect a gradient reduction after a grad-mode forward)."""
+    model = trainer.strategy.model
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # torch built without distributed support
+        return pl_module
+    return model if isinstance(model, FullyShardedDataParallel) else pl_module
+
+
+def placement(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Placement:
+    """Probes go to the model's device and parameter dtype, then through the precision plugin's
+    input conversion; model calls run in its forward context (autocast for ``*-mixed``)."""
+    dtype = next((p.dtype for p in pl_module.parameters() if p.is_floating_point()), torch.get_default_dtype())
+    device, plugin = pl_module.device, trainer.precision_plugin
+    world = trainer.world_size
+
+    def prepare(images: torch.Tensor) -> torch.Tensor:
+        return plugin.convert_input(images.to(device=device, dtype=dtype, non_blocking=True))
+
+    def gather(t: torch.Tensor) -> torch.Tensor:
+        return trainer.strategy.all_gather(t.to(device)).cpu()
+
+    forward_context = getattr(plugin, "forward_context", contextlib.nullcontext)
+    return Placement(device=device, prepare=prepare, forward_context=forward_context, rank=trainer.global_rank,
+                     world=world, gather=gather if world > 1 else None)
+
+
+def check_schedule(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """Refuse a fit in which the trainer never validates although the model has a validation loop:
+    the monitor evaluates at validations, so it would never run."""
+    every, max_epochs = trainer.check_val_every_n_epoch, trainer.max_epochs
+    if not validation_runs(trainer, pl_module) or every is None or max_epochs is None or max_epochs < 0:
+        return
+    if every > max_epochs:
+        raise ScheduleError(
+            f"CAMMonitor would never evaluate: Trainer(check_val_every_n_epoch={every}) first validates after epoch "
+            f"{every} but max_epochs={max_epochs}; lower check_val_every_n_epoch or raise max_epochs")

@@ -1,0 +1,68 @@
+"""Evaluation: settings checked once, equal-length shards, metrics against the reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import cam_monitor as cm
+from cam_monitor.evaluation import EvalSettings, Placement, compute_shard, evaluate, shard_indices, unshard
+
+
+@pytest.mark.parametrize("n, world", [(15, 2), (1, 2), (7, 4), (8, 4), (5, 1)])
+def test_every_rank_gets_the_same_number_of_probes_and_unshard_restores_order(n, world) -> None:
+    shards = [shard_indices(n, r, world) for r in range(world)]
+    assert len({len(s) for s in shards}) == 1  # every rank runs the same number of forwards
+    restored = unshard(torch.stack(shards), n)
+    assert restored.tolist() == list(range(n))
+
+
+def test_sharded_evaluation_equals_the_single_process_one(small_cnn, images) -> None:
+    probes = cm.ProbeSet(images[:5], torch.arange(5))
+    settings = EvalSettings("features", batch_size=2)
+    single = evaluate(small_cnn, probes, settings)
+    world = 2
+    parts = [compute_shard(small_cnn, probes, shard_indices(5, r, world), settings, Placement()) for r in range(world)]
+    for rank in range(world):
+        # what an all-gather returns: every rank's shard, stacked, one tensor per key in order
+        gathered = iter([torch.stack([parts[q][k] for q in range(world)]) for k in parts[0]])
+        sharded = evaluate(small_cnn, probes, settings, Placement(rank=rank, world=world, gather=lambda t: next(gathered)))
+        assert torch.allclose(sharded.maps, single.maps, atol=1e-6)
+        assert sharded.aggregates == pytest.approx(single.aggregates, nan_ok=True)
+
+
+def test_rise_and_drift_are_zero_without_a_reference_and_measured_against_one(small_cnn, images) -> None:
+    probes = cm.ProbeSet(images, torch.arange(6) % 5)
+    first = evaluate(small_cnn, probes, EvalSettings("features"))
+    assert float(first.per_probe["spurious_energy_rise"].abs().sum()) == 0.0
+    assert float(first.per_probe["drift_ref"].abs().sum()) == 0.0
+    ref = first.as_reference()
+    ref.per_probe["spurious_energy"] = ref.per_probe["spurious_energy"] - 0.25
+    again = evaluate(small_cnn, probes, EvalSettings("features"), reference=ref)
+    rise, degenerate = again.per_probe["spurious_energy_rise"], torch.isnan(again.per_probe["spurious_energy"])
+    assert torch.equal(torch.isnan(rise), degenerate)  # an all-zero map has no rise either
+    assert torch.allclose(rise[~degenerate], torch.full((int((~degenerate).sum()),), 0.25), atol=1e-6)
+    assert again.aggregates["spurious_energy_rise"] == pytest.approx(0.25, abs=1e-6)
+
+
+def test_placement_prepares_inputs_and_wraps_only_model_calls(small_cnn, images) -> None:
+    probes = cm.ProbeSet(images.double(), torch.arange(6) % 5)
+    entered = []
+
+    class Ctx:
+        def __enter__(self):
+            entered.append(torch.is_grad_enabled())
+
+        def __exit__(self, *exc):
+            return False
+
+    place = Placement(prepare=lambda x: x.float(), forward_context=Ctx)
+    ev = evaluate(small_cnn, probes, EvalSettings("features", batch_size=4), place)
+    assert len(entered) == 2 and ev.maps.dtype == torch.float32
+
+
+@pytest.mark.parametrize("kwargs, text", [(dict(targets="x"), "targets"), (dict(batch_size=0), "batch_size"),
+                                          (dict(border_fraction=0.6), "border_fraction"),
+                                          (dict(methods=("nope",)), "unknown CAM method")])
+def test_settings_are_checked_once(kwargs, text) -> None:
+    with pytest.raises(ValueError, match=text):
+        EvalSettings(**kwargs)
