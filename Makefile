@@ -34,7 +34,7 @@ $(OLDEST)/.installed: $(STAMP)
 
 test-lightning-oldest: $(OLDEST)/.installed
 	PYTHONPATH=$(OLDEST) $(BIN)/python -c "import lightning; assert lightning.__version__ == '$(LIGHTNING_OLDEST)', lightning.__version__"
-	PYTHONPATH=$(OLDEST) $(BIN)/python -m pytest $(ARGS) tests/test_wiring.py tests/test_callback.py tests/test_compat.py
+	PYTHONPATH=$(OLDEST) $(BIN)/python -m pytest $(ARGS) tests/test_wiring.py tests/test_callback.py tests/test_checkpoint.py tests/test_compat.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_engine.py $(ARGS)

@@ -389,11 +389,15 @@ class CAMMonitor(Callback):
 
     # ---- outputs ---------------------------------------------------------------------------------
 
-    def _publish(self, trainer: pl.Trainer, ev: Evaluation) -> None:
-        panel = build_panel(self.probes, ev, self.series, self.report_settings)
+    def _sinks_of(self, trainer: pl.Trainer) -> list[Sink]:
+        """This run's sinks, built on first use (rank 0 only) from the trainer's loggers."""
         if self._sinks is None:
             self._sinks = sinks_for(trainer.loggers, self.prefix, self._out_dir)
-        for sink in self._sinks:
+        return self._sinks
+
+    def _publish(self, trainer: pl.Trainer, ev: Evaluation) -> None:
+        panel = build_panel(self.probes, ev, self.series, self.report_settings)
+        for sink in self._sinks_of(trainer):
             self._guarded(f"sink:{sink.name}", lambda s=sink: s.log_evaluation(ev, panel), trainer)
 
     def _write_alert(self, trainer: pl.Trainer, event: dict[str, Any]) -> None:
@@ -404,9 +408,7 @@ class CAMMonitor(Callback):
             rank_zero_warn(f"CAMMonitor: dropped a torn last line from {self._alert_log.path} (a process died mid-write)")
             self._alert_log.repaired = False
         if written:
-            if self._sinks is None:
-                self._sinks = sinks_for(trainer.loggers, self.prefix, self._out_dir)
-            for sink in self._sinks:
+            for sink in self._sinks_of(trainer):
                 self._guarded(f"sink:{sink.name}", lambda s=sink: s.log_alert(event), trainer)
 
     def _act(self, trainer: pl.Trainer, fired: list[dict[str, Any]]) -> None:

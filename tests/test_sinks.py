@@ -58,3 +58,27 @@ def test_wandb_offline_run_holds_images_table_and_alerts(tmp_path, monkeypatch) 
     (alerts,) = list((media / "table" / "cam").glob("alert_events_*.table.json"))
     assert json.loads(alerts.read_text())["data"][0][3] == "spurious_enrichment"
     assert (run_dir / f"run-{run_dir.name.split('-')[-1]}.wandb").stat().st_size > 0
+
+
+def test_registry_serves_a_users_logger_type_and_falls_back_to_files(tmp_path) -> None:
+    from cam_monitor.sinks import FileSink, register_sink, sinks_for
+    from cam_monitor.sinks import _REGISTRY
+
+    class MyLogger:
+        pass
+
+    class MySink:
+        name = "mine"
+
+        def __init__(self, logger, prefix):
+            self.logger, self.prefix = logger, prefix
+
+    saved = list(_REGISTRY)
+    try:
+        register_sink(MyLogger, MySink)
+        (sink,) = sinks_for([MyLogger(), object()], "cam/x", tmp_path)
+        assert isinstance(sink, MySink) and sink.prefix == "cam/x"
+        (fallback,) = sinks_for([object()], "cam", tmp_path)
+        assert isinstance(fallback, FileSink) and fallback.folder == tmp_path
+    finally:
+        _REGISTRY[:] = saved
