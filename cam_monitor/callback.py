@@ -193,7 +193,6 @@ class CAMMonitor(Callback):
         access.check_schedule(trainer, pl_module)
         if self.target_layer is not None:
             resolve_layer(unwrap_compiled(pl_module), self.target_layer)
-        self._explain_resumed_probes()
         if self.probes is None and self._probe_source is not None:
             self.probes = _load_probe_source(self._probe_source)
         if self.probes is not None:
@@ -201,7 +200,9 @@ class CAMMonitor(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Probes picked from data are picked here, once the trainer has built its loaders."""
+        """Probes picked from data are picked here, once the trainer has built its loaders; a resumed
+        run's probes are explained here, after every strategy has restored the callback state."""
+        self._explain_resumed_probes()
         ready = self._ensure_probes(trainer, pl_module, "fit")
         if self.reference_mode != "fit_start" or self.series.reference is not None:
             return
@@ -267,6 +268,7 @@ class CAMMonitor(Callback):
         if state["probes"] is not None:
             self.probes = ProbeSet.from_state(state["probes"], source="CAMMonitor checkpoint state")
             self._resumed_probes = True
+            self._checked = False  # some strategies restore after on_fit_start's dry run: check these probes too
 
     # ---- when and what ---------------------------------------------------------------------------
 
@@ -374,6 +376,7 @@ class CAMMonitor(Callback):
         images); say so, and warn when the monitor was configured with a different set."""
         if not self._resumed_probes:
             return
+        self._resumed_probes = False
         n = len(self.probes)
         src = self._probe_source
         if src is None:

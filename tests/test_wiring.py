@@ -254,3 +254,23 @@ def test_resume_with_the_same_probe_set_is_silent(tmp_path) -> None:
         warnings.simplefilter("always")
         fit(tmp_path / "again", quick_monitor(probes=probes, alert_action="log"), epochs=2, ckpt_path=path)
     assert not [w for w in caught if "CAMMonitor" in str(w.message)]
+
+
+def test_resume_under_a_strategy_that_restores_after_setup_checks_the_checkpoint_probes(tmp_path) -> None:
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    class LateRestore(SingleDeviceStrategy):
+        """Restores callback state after on_fit_start, as Lightning's FSDP strategy does."""
+
+        @property
+        def restore_checkpoint_after_setup(self) -> bool:
+            return True
+
+    path = checkpointed_run(tmp_path, quick_monitor(num_probes=20))
+    resumed = quick_monitor(num_probes=30)
+    checked = []
+    real = resumed._dry_run
+    resumed._dry_run = lambda *a: (checked.append(len(resumed.probes)), real(*a))
+    with pytest.warns(UserWarning, match="checkpoint's 20 probes, not num_probes=30"):
+        fit(tmp_path / "again", resumed, epochs=2, ckpt_path=path, strategy=LateRestore(device="cpu"))
+    assert checked[-1] == 20 and len(resumed.probes) == 20 and [h["epoch"] for h in resumed.history] == [0, 1]
