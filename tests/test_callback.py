@@ -261,3 +261,17 @@ def test_fit_start_reference_lets_rise_and_drift_rules_fire_only_for_the_shortcu
     control = quick_monitor(reference="fit_start")
     fit(tmp_path / "c", control, epochs=2, variant="control", limit_train_batches=None)
     assert control.alerts == [] and control.history[-1]["cam/drift_ref"] > 0.5  # moved onto the digit: no alert
+
+
+def test_target_layer_none_pick_is_logged_and_kept_in_state_and_card(tmp_path, caplog) -> None:
+    import logging
+
+    mon = quick_monitor(target_layer=None)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"):
+        fit(tmp_path, mon, epochs=1, callbacks=[ckpt], enable_checkpointing=True)
+    assert mon.layer_name == "net.features"  # the last module with a spatial 4-D output
+    assert any("target_layer=None picked 'net.features'" in r.getMessage() for r in caplog.records)
+    data = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=True)
+    assert data["callbacks"][mon.state_key]["target_layer"] == "net.features"
+    assert data["cam_monitor_cards"][mon.state_key]["target_layer"] == "net.features"
