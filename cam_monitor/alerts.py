@@ -10,12 +10,13 @@ Pure Python: no Lightning, no I/O.
 """
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
 import torch
+
+from .imports import import_callable
 
 FIRE, CLEAR, HOLD = "fire", "clear", "hold"
 ACTIONS = ("log", "warn", "stop", "raise")
@@ -182,23 +183,9 @@ def describe_alert(alert: dict[str, Any]) -> str:
 
 
 def resolve_action(action: str) -> str | Callable[[dict[str, Any]], Any]:
-    """Validate an alert action: one of :data:`ACTIONS` or an import path ``pkg.module:function``.
-
-    Import paths are resolved with importlib (never ``eval``); the target must be callable.
-    """
+    """Validate an alert action: one of :data:`ACTIONS` or an import path ``pkg.module:function``."""
     if action in ACTIONS:
         return action
-    if not isinstance(action, str) or not action.strip():
-        raise ValueError(f"alert action must be one of {ACTIONS} or 'package.module:function', got {action!r}")
-    module_name, sep, attr = action.partition(":")
-    if not sep:
-        module_name, _, attr = action.rpartition(".")
-    if not module_name or not attr:
+    if isinstance(action, str) and action.strip() and ":" not in action and "." not in action:
         raise ValueError(f"alert action {action!r} is neither one of {ACTIONS} nor an import path 'package.module:function'")
-    try:
-        target = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"alert action {action!r}: cannot import it ({err})") from err
-    if not callable(target):
-        raise ValueError(f"alert action {action!r} is not callable")
-    return target
+    return import_callable(action, "alert action")

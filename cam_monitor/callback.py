@@ -28,6 +28,7 @@ from .engine import cam_pass
 from .errors import CAMAlertError, CAMError, InputError, ScheduleError
 from .evaluation import EvalSettings, Evaluation, Reference, evaluate
 from .history import History
+from .imports import as_callable
 from .layers import resolve_layer, unwrap_compiled
 from .probes import ProbeSet
 from .report import ReportSettings, build_panel
@@ -83,8 +84,9 @@ class CAMMonitor(Callback):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         reshape: Sequence[int] | None = None,
-        output_transform: Callable[[Any], torch.Tensor] | None = None,
+        output_transform: Callable[[Any], torch.Tensor] | str | None = None,
         name: str | None = None,
+        probe_transform: Callable[..., torch.Tensor] | str | None = None,
     ) -> None:
         super().__init__()
         for arg, value, minimum in (("every_n_epochs", every_n_epochs, 1), ("num_probes", num_probes, 1),
@@ -103,12 +105,17 @@ class CAMMonitor(Callback):
         if name is not None and (not isinstance(name, str) or not _NAME.match(name)):
             raise ValueError(f"name must be letters, digits, '_', '.' or '-' (it becomes a metric prefix and a "
                              f"folder), got {name!r}")
+        if probe_transform is not None and not isinstance(probes, (str, Path)):
+            raise ValueError("probe_transform applies to probes loaded from a folder (probes='folder/'); a ProbeSet or "
+                             "probes picked from data are already as the model consumes them")
         if not 0 <= hysteresis < 1:
             raise ValueError(f"hysteresis must be in [0, 1), got {hysteresis!r}")
         self.target_layer, self.name = target_layer, name
         self.prefix = "cam" if name is None else f"cam/{name}"
         self.settings = EvalSettings(target_layer, tuple(methods) if not isinstance(methods, str) else (methods,),
-                                     targets, batch_size, faithfulness, border_fraction, output_transform, reshape)
+                                     targets, batch_size, faithfulness, border_fraction,
+                                     as_callable(output_transform, "output_transform"), reshape)
+        self.probe_transform = as_callable(probe_transform, "probe_transform")
         self.report_settings = ReportSettings(max_grid_probes, tile_size)
         self.rules = default_rules(spurious_enrichment, spurious_energy_rise, object_energy_floor, drift_threshold)
         self.patience, self.hysteresis = patience, hysteresis
@@ -194,7 +201,7 @@ class CAMMonitor(Callback):
         if self.target_layer is not None:
             resolve_layer(unwrap_compiled(pl_module), self.target_layer)
         if self.probes is None and self._probe_source is not None:
-            self.probes = _load_probe_source(self._probe_source)
+            self.probes = _load_probe_source(self._probe_source, self.probe_transform)
         if self.probes is not None:
             self._dry_run(trainer, pl_module, "fit")
 
@@ -328,7 +335,7 @@ class CAMMonitor(Callback):
         it must come from is not built yet (it then comes at the first validation)."""
         if self.probes is None:
             if self._probe_source is not None:
-                self.probes = _load_probe_source(self._probe_source)
+                self.probes = _load_probe_source(self._probe_source, self.probe_transform)
             else:
                 found = access.probe_loader(trainer, pl_module, stage)
                 if found is None:
@@ -382,7 +389,7 @@ class CAMMonitor(Callback):
         if src is None:
             differs, asked = n != self.num_probes, f"num_probes={self.num_probes}"
         else:
-            differs, asked = not _load_probe_source(src).same_as(self.probes), f"probes={src!r}"[:80]
+            differs, asked = not _load_probe_source(src, self.probe_transform).same_as(self.probes), f"probes={src!r}"[:80]
         if differs:
             rank_zero_warn(f"CAMMonitor{self._tag}: resuming with the checkpoint's {n} probes, not {asked}: history, "
                            "drift and alerts must continue on the same images; start a new run (no ckpt_path) or add "
@@ -458,8 +465,13 @@ def _stage(trainer: pl.Trainer) -> str:
     return "validate" if trainer.state.fn == "validate" else "fit"
 
 
-def _load_probe_source(src: ProbeSet | str | Path) -> ProbeSet:
+def _load_probe_source(src: ProbeSet | str | Path, transform: Callable[..., torch.Tensor] | None) -> ProbeSet:
     if isinstance(src, ProbeSet):
         return src
     path = Path(src)
-    return ProbeSet.from_folder(path) if path.is_dir() else ProbeSet.load(path)
+    if path.is_dir():
+        return ProbeSet.from_folder(path, transform=transform)
+    if transform is not None:
+        raise InputError(f"probe_transform applies to probe folders, but {str(path)!r} is a saved probe file (its "
+                         "images are stored as the model consumes them): drop probe_transform")
+    return ProbeSet.load(path)

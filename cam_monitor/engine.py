@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Sequence, Union
 import torch
 from torch import nn
 
-from .errors import InputError, LayerNotSpatialError, TargetError
+from .errors import InputError, LayerNotSpatialError, OutputError, TargetError
 from .layers import LayerSpec, ReshapeSpec, hook_not_fired, resolve_layer, to_grid, unwrap_compiled
 from .methods import METHODS, check_methods
 
@@ -69,14 +69,17 @@ def preserved_model_state(model: nn.Module, device: torch.device) -> Iterator[No
 
 
 def default_output_transform(output: Any) -> torch.Tensor:
-    """Pick the logits from a model output: a tensor, ``output["logits"]`` or ``output[0]``."""
+    """Pick the logits from a model output: a tensor, ``output["logits"]``, ``output.logits`` or
+    ``output[0]`` of a tuple or list."""
     if isinstance(output, torch.Tensor):
         return output
     if isinstance(output, dict) and "logits" in output:
         return output["logits"]
+    if isinstance(getattr(output, "logits", None), torch.Tensor):
+        return output.logits
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
-    raise TypeError(
+    raise OutputError(
         f"cannot find logits in a model output of type {type(output).__name__}; "
         "pass output_transform=lambda out: <the (B, num_classes) logits>"
     )

@@ -31,6 +31,10 @@ class InputError(CAMError, ValueError):
     """Images, masks or labels have the wrong shape, dtype or values."""
 
 
+class OutputError(CAMError, TypeError):
+    """The model's output holds no logits the engine can find: pass ``output_transform=``."""
+
+
 class NonFiniteOutputError(CAMError, FloatingPointError):
     """The model produced NaN or inf logits for some probes, so their maps mean nothing."""
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import csv
 import os
-import pickle
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence, Union
@@ -25,6 +25,7 @@ MaskSpec = Union[None, torch.Tensor, Sequence[Union[Sequence[Box], None]]]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 MASK_KINDS = ("spurious", "object")
 _FORMAT = "cam_monitor.ProbeSet/1"
+_STATE_KEYS = ("images", "labels", "spurious_masks", "object_masks", "ids", "mean", "std", "num_classes", "class_names")
 
 
 def boxes_to_masks(boxes: Sequence[Sequence[Box] | None], height: int, width: int) -> torch.Tensor:
@@ -140,11 +141,20 @@ class ProbeSet:
 
     @classmethod
     def from_state(cls, state: dict[str, Any], source: str = "state") -> "ProbeSet":
-        """Rebuild from :meth:`state`; refuses anything that is not a probe-set state."""
+        """Rebuild from :meth:`state`; anything that is not a complete probe-set state is an
+        :class:`InputError` naming ``source``."""
         if not isinstance(state, dict) or state.get("format") != _FORMAT:
             raise InputError(f"{source} is not a cam_monitor probe file (missing format tag {_FORMAT!r})")
-        return cls(state["images"], state["labels"], state["spurious_masks"], state["object_masks"], state["ids"],
-                   state["mean"], state["std"], state["num_classes"], state["class_names"])
+        missing = [k for k in _STATE_KEYS if k not in state]
+        if missing:
+            raise InputError(f"{source} is an incomplete cam_monitor probe file: it lacks {missing}; save it again "
+                             "with ProbeSet.save")
+        try:
+            return cls(*(state[k] for k in _STATE_KEYS))
+        except InputError as err:
+            raise InputError(f"{source} holds an invalid probe set: {err}") from err
+        except (TypeError, ValueError, IndexError, RuntimeError) as err:
+            raise InputError(f"{source} holds an invalid probe set ({type(err).__name__}: {err})") from err
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the probe set atomically (a temporary file renamed into place)."""
@@ -156,12 +166,13 @@ class ProbeSet:
         """Load a file written by :meth:`save` with ``torch.load(weights_only=True)``."""
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
+        except (FileNotFoundError, IsADirectoryError, PermissionError):  # the OS's own error says which
             raise
-        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+        except Exception as err:  # noqa: BLE001 - torch.load raises many types on foreign bytes (EOFError, KeyError, ...)
+            first = str(err).splitlines()[0] if str(err).strip() else type(err).__name__
             raise InputError(
-                f"cannot load probe file {str(path)!r}: it is corrupt or holds objects other than tensors and "
-                f"primitives (refused by torch.load(weights_only=True)): {str(err).splitlines()[0]}") from err
+                f"cannot load probe file {str(path)!r}: it is corrupt, not a torch file, or holds objects other than "
+                f"tensors and primitives (refused by torch.load(weights_only=True)): {first}") from err
         return cls.from_state(state, source=repr(str(path)))
 
     # ---- builders ------------------------------------------------------------------------------
@@ -207,15 +218,19 @@ class ProbeSet:
         return cls(torch.stack(images), torch.tensor(labels), stack(spur), stack(obj), **meta)
 
     @classmethod
-    def from_folder(cls, root: str | os.PathLike, transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    def from_folder(cls, root: str | os.PathLike, transform: Callable[..., Any] | None = None,
                     labels_csv: str | None = None, **meta: Any) -> "ProbeSet":
         """Load probes from a folder (layout in the README, "Probe folders").
 
         Images are files with an image suffix; ``<stem>.spurious.png`` / ``<stem>.object.png``
         beside an image are its masks (non-zero = inside). Labels come from ``labels.csv``
         (columns ``file,label``; ``labels_csv`` names another file) or else from class
-        sub-folders (sorted names -> 0, 1, ...). ``transform`` maps a float (C, H, W) image in
-        [0, 1] to the model's input (resize/normalise; masks are resized with nearest to match).
+        sub-folders (sorted names -> 0, 1, ...); images the labels do not cover are skipped
+        with a warning that counts them. ``transform`` maps the float (C, H, W) image in [0, 1]
+        to the model's input: a ``torchvision.transforms.v2`` transform is applied to the image
+        and its masks together (crops, flips and resizes move the masks too; masks are resized
+        with nearest; normalisation touches the image only); any other callable is applied to
+        the image, and masks are resized (nearest) to its output size.
         """
         root = Path(root)
         if not root.is_dir():
@@ -227,22 +242,59 @@ class ProbeSet:
             files, labels, class_names = _labels_from_subfolders(root)
         if not files:
             raise InputError(f"probe folder {str(root)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        _warn_skipped(root, files, "not listed in " + csv_path.name if csv_path.exists() else "outside the class sub-folders")
         images, spurious, objects = [], [], []
         for f in files:
-            img = _read_image(f)
-            out = transform(img) if transform else img
-            images.append(out)
-            size = tuple(out.shape[-2:])
-            spurious.append(_read_mask(_mask_path(f, "spurious"), size))
-            objects.append(_read_mask(_mask_path(f, "object"), size))
+            image, spur, obj = _transformed(transform, _read_image(f), _read_mask(_mask_path(f, "spurious")),
+                                            _read_mask(_mask_path(f, "object")), f)
+            images.append(image)
+            spurious.append(spur)
+            objects.append(obj)
         shapes = {tuple(t.shape) for t in images}
         if len(shapes) > 1:
-            raise InputError(f"probe images differ in shape {sorted(shapes)}; pass a transform that resizes them to one size")
+            raise InputError(f"probe images differ in shape {sorted(shapes)}; pass a transform that resizes them to one "
+                             "size (CAMMonitor(probe_transform=...) or ProbeSet.from_folder(transform=...))")
         stack = lambda ms: None if all(m is None for m in ms) else torch.stack(  # noqa: E731
             [m if m is not None else torch.zeros(images[0].shape[-2:], dtype=torch.bool) for m in ms])
         meta.setdefault("ids", [str(f.relative_to(root).with_suffix("")) for f in files])
         meta.setdefault("class_names", class_names)
         return cls(torch.stack(images), torch.tensor(labels), stack(spurious), stack(objects), **meta)
+
+
+def _transformed(transform: Callable[..., Any] | None, image: torch.Tensor, spurious: torch.Tensor | None,
+                 objects: torch.Tensor | None, path: Path) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Apply ``transform`` (see :meth:`ProbeSet.from_folder`); masks end at the image's size."""
+    if transform is None:
+        out = image
+    elif isinstance(transform, torch.nn.Module) and type(transform).__module__.startswith("torchvision.transforms.v2"):
+        from torchvision import tv_tensors
+
+        masks = [m for m in (spurious, objects) if m is not None]
+        result = transform(tv_tensors.Image(image), *[tv_tensors.Mask(m.to(torch.uint8)) for m in masks])
+        out, moved = (result[0], list(result[1:])) if masks else (result, [])
+        spurious = moved.pop(0).bool() if spurious is not None else None
+        objects = moved.pop(0).bool() if objects is not None else None
+        out = out.as_subclass(torch.Tensor)
+        spurious = None if spurious is None else spurious.as_subclass(torch.Tensor)
+        objects = None if objects is None else objects.as_subclass(torch.Tensor)
+    else:
+        out = transform(image)
+    if not isinstance(out, torch.Tensor) or out.dim() != 3:
+        raise InputError(f"the probe transform must return a (C, H, W) tensor; for {str(path)!r} it returned "
+                         f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
+    size = tuple(out.shape[-2:])
+    resize = lambda m: m if m is None or tuple(m.shape) == size else F.interpolate(  # noqa: E731
+        m[None, None].float(), size=size, mode="nearest")[0, 0].bool()
+    return out, resize(spurious), resize(objects)
+
+
+def _warn_skipped(root: Path, used: list[Path], why: str) -> None:
+    """Warn (with a count and examples) about images in ``root`` that the labels did not cover."""
+    taken = set(used)
+    skipped = sorted(p for p in root.rglob("*") if p.is_file() and _is_probe_image(p) and p not in taken)
+    if skipped:
+        names = ", ".join(str(p.relative_to(root)) for p in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+        warnings.warn(f"probe folder {str(root)!r}: skipped {len(skipped)} image(s) {why}: {names}", stacklevel=3)
 
 
 # ---- validation helpers ------------------------------------------------------------------------
@@ -409,14 +461,12 @@ def _read_image(path: Path) -> torch.Tensor:
     return raw.float() / (65535.0 if raw.dtype == torch.uint16 else 255.0)
 
 
-def _read_mask(path: Path, size: tuple[int, int]) -> torch.Tensor | None:
+def _read_mask(path: Path) -> torch.Tensor | None:
+    """(H, W) bool mask at the file's size, or None when the file does not exist."""
     if not path.exists():
         return None
     try:
         raw = decode_image(str(path), mode=ImageReadMode.GRAY)
     except (RuntimeError, ValueError, OSError) as err:
         raise InputError(f"cannot read mask {str(path)!r}: {err}") from err
-    mask = raw[0] > 0
-    if tuple(mask.shape) != size:
-        mask = F.interpolate(mask[None, None].float(), size=size, mode="nearest")[0, 0].bool()
-    return mask
+    return raw[0] > 0

@@ -143,7 +143,11 @@ def probe_tiles(
         tiles = draw_contours(tiles, spurious_masks, RED)
     if object_masks is not None:
         tiles = draw_contours(tiles, object_masks, GREEN)
-    name = (lambda c: class_names[c]) if class_names else str
+    def name(c: int) -> str:
+        """A class's display name; its index when ``class_names`` does not cover it (a prediction
+        of a class the probe folder has no sub-folder for)."""
+        return class_names[c] if class_names and 0 <= c < len(class_names) else str(c)
+
     out = []
     for i in range(tiles.shape[0]):
         line2 = f"y={name(int(labels[i]))}"

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import torch
 from torchvision.io import write_png
 
@@ -229,3 +231,73 @@ def test_check_classes_and_same_as() -> None:
     other = make(4)
     other.images[0, 0, 0, 0] += 1
     assert not p.same_as(other)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=512))
+def test_any_random_bytes_are_an_input_error_naming_the_file(tmp_path, data) -> None:
+    path = tmp_path / "random.pt"
+    path.write_bytes(data)
+    with pytest.raises(cm.InputError, match="random.pt"):
+        cm.ProbeSet.load(path)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cut=st.floats(min_value=0.0, max_value=0.999))
+def test_a_truncated_probe_file_is_an_input_error(tmp_path, cut) -> None:
+    full = tmp_path / "full.pt"
+    make(3).save(full)
+    raw = full.read_bytes()
+    path = tmp_path / "cut.pt"
+    path.write_bytes(raw[: int(len(raw) * cut)])
+    with pytest.raises(cm.InputError, match="cut.pt"):
+        cm.ProbeSet.load(path)
+
+
+@pytest.mark.parametrize("state, pattern", [
+    ({"format": "cam_monitor.ProbeSet/1"}, r"incomplete .* lacks \['images'"),
+    ({**make(2).state(), "labels": torch.tensor([0.5, 1.5])}, "invalid probe set: labels must be integer"),
+    ({**make(2).state(), "images": "not a tensor"}, "invalid probe set: probe images must be a torch.Tensor"),
+    ({**make(2).state(), "ids": ["a"]}, "invalid probe set: got 1 ids for 2"),
+])
+def test_tagged_but_broken_states_are_input_errors(tmp_path, state, pattern) -> None:
+    path = tmp_path / "broken.pt"
+    torch.save(state, path)
+    with pytest.raises(cm.InputError, match=pattern):
+        cm.ProbeSet.load(path)
+
+
+def test_a_v2_transform_moves_the_masks_with_the_image(tmp_path) -> None:
+    from torchvision.transforms import v2
+
+    img = torch.zeros(3, 8, 12, dtype=torch.uint8)
+    img[:, 2:4, 8:10] = 255  # a bright square at rows 2-3, columns 8-9
+    write_png(img, str(tmp_path / "a" / "x.png")) if (tmp_path / "a").mkdir() is None else None
+    mask = torch.zeros(1, 8, 12, dtype=torch.uint8)
+    mask[:, 2:4, 8:10] = 255
+    write_png(mask, str(tmp_path / "a" / "x.spurious.png"))
+    flip_crop = v2.Compose([v2.RandomHorizontalFlip(p=1.0), v2.CenterCrop((8, 8)), v2.Resize((16, 16)),
+                            v2.Normalize([0.5] * 3, [0.5] * 3)])
+    p = cm.ProbeSet.from_folder(tmp_path, transform=flip_crop)
+    bright = p.images[0, 0] > 0  # normalised: the square is +1, the rest -1
+    assert p.images.shape == (1, 3, 16, 16) and bright.any()
+    assert torch.equal(p.spurious_masks[0], bright)  # flipped, cropped and resized exactly like the image
+
+
+def test_a_plain_callable_transform_applies_to_the_image_and_masks_follow_its_size(tmp_path) -> None:
+    write_img(tmp_path / "a" / "x.png", 200, size=(6, 6))
+    write_png(torch.full((1, 6, 6), 255, dtype=torch.uint8), str(tmp_path / "a" / "x.object.png"))
+    p = cm.ProbeSet.from_folder(tmp_path, transform=lambda im: torch.nn.functional.interpolate(im[None], size=(12, 12))[0])
+    assert p.images.shape[-2:] == (12, 12) and p.object_masks.shape == (1, 12, 12) and bool(p.object_masks.all())
+
+
+def test_images_the_labels_do_not_cover_are_counted_in_a_warning(tmp_path) -> None:
+    write_img(tmp_path / "cat" / "a.png", 255)
+    write_img(tmp_path / "stray.png", 0)
+    with pytest.warns(UserWarning, match=r"skipped 1 image\(s\) outside the class sub-folders: stray.png"):
+        cm.ProbeSet.from_folder(tmp_path)
+    (tmp_path / "labels.csv").write_text("file,label\ncat/a.png,0\n")
+    write_img(tmp_path / "b.png", 9)
+    with pytest.warns(UserWarning, match=r"skipped 2 image\(s\) not listed in labels.csv: b.png, stray.png"):
+        p = cm.ProbeSet.from_folder(tmp_path)
+    assert p.ids == ["cat/a"]

@@ -89,3 +89,9 @@ def test_save_png_roundtrip_and_atomic(tmp_path) -> None:
     back = decode_png(read_file(str(path))).float() / 255
     torch.testing.assert_close(back, img, atol=1 / 255, rtol=0)
     assert [p.name for p in (tmp_path / "a").iterdir()] == ["grid.png"]
+
+
+def test_captions_fall_back_to_the_index_for_classes_without_a_name() -> None:
+    tiles = R.probe_tiles(torch.rand(2, 3, 16, 16), torch.rand(2, 4, 4), ids=["a", "b"], labels=[0, 1], preds=[7, 1],
+                          class_names=["cat", "dog"], tile_size=64)
+    assert tiles.shape[0] == 2

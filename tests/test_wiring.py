@@ -274,3 +274,64 @@ def test_resume_under_a_strategy_that_restores_after_setup_checks_the_checkpoint
     with pytest.warns(UserWarning, match="checkpoint's 20 probes, not num_probes=30"):
         fit(tmp_path / "again", resumed, epochs=2, ckpt_path=path, strategy=LateRestore(device="cpu"))
     assert checked[-1] == 20 and len(resumed.probes) == 20 and [h["epoch"] for h in resumed.history] == [0, 1]
+
+
+# ---- probe folders, transforms and model outputs ---------------------------------------------------
+
+def to_32px(image: torch.Tensor) -> torch.Tensor:
+    """Target of the probe_transform import-path test: greyscale, 32 x 32."""
+    return torch.nn.functional.interpolate(image.mean(0, keepdim=True)[None], size=(32, 32), mode="bilinear")[0]
+
+
+def test_folder_probes_go_through_probe_transform_given_as_an_import_path(tmp_path) -> None:
+    from torchvision.io import write_png
+
+    for i, size in enumerate([(20, 20), (40, 48)]):
+        folder = tmp_path / "probes" / f"c{i}"
+        folder.mkdir(parents=True)
+        write_png(torch.randint(0, 255, (3, *size), dtype=torch.uint8), str(folder / f"p{i}.png"))
+    mon = quick_monitor(probes=str(tmp_path / "probes"), probe_transform="test_wiring:to_32px", on_error="raise")
+    fit(tmp_path / "run", mon, epochs=1)
+    assert mon.probes.images.shape == (2, 1, 32, 32) and len(mon.history) == 1
+
+
+def test_probe_transform_is_refused_where_it_cannot_apply(tmp_path) -> None:
+    with pytest.raises(ValueError, match="probe_transform applies to probes loaded from a folder"):
+        cm.CAMMonitor(probe_transform=to_32px)
+    with pytest.raises(ValueError, match="cannot import"):
+        cm.CAMMonitor(probes="x/", probe_transform="no_such_module_abc:f")
+
+
+class NamespaceOutput(DigitClassifier):
+    """Returns its logits inside an object, as HuggingFace-style models do."""
+
+    def __init__(self, field: str) -> None:
+        super().__init__()
+        self.field = field
+
+    def forward(self, x):
+        import types
+
+        return types.SimpleNamespace(**{self.field: self.net(x)})
+
+    def training_step(self, batch, batch_idx):
+        x, y = self.unpack(batch)
+        return torch.nn.functional.cross_entropy(getattr(self(x), self.field), y)
+
+    def validation_step(self, batch, batch_idx):
+        return None
+
+
+def scores_of(output):
+    """Target of the output_transform import-path test."""
+    return output.scores
+
+
+def test_an_output_without_logits_is_reported_as_such_before_training(tmp_path) -> None:
+    with pytest.raises(cm.OutputError, match="cannot find logits in a model output of type SimpleNamespace.*output_transform"):
+        fit(tmp_path, quick_monitor(), epochs=1, model=NamespaceOutput("scores"))
+    mon = quick_monitor(output_transform="test_wiring:scores_of", on_error="raise")
+    fit(tmp_path / "ok", mon, epochs=1, model=NamespaceOutput("scores"))
+    logits_attr = quick_monitor(on_error="raise")
+    fit(tmp_path / "attr", logits_attr, epochs=1, model=NamespaceOutput("logits"))
+    assert len(mon.history) == len(logits_attr.history) == 1
