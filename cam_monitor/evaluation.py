@@ -178,12 +178,12 @@ def probe_metrics(maps: torch.Tensor, probes: ProbeSet, previous: torch.Tensor |
                   y: torch.Tensor | None, o: torch.Tensor | None, border_fraction: float) -> dict[str, torch.Tensor]:
     """Per-probe metric table (N,) for each name in :data:`PER_PROBE` that applies.
 
-    Without a reference (this evaluation becomes it) drift and rise against it are 0.
+    Without a reference (this evaluation becomes it) drift and rise against it are 0. A probe
+    without a spurious mask (none given, or an empty one) is measured against the default region,
+    the border band; a probe with an empty object mask has no object energy (NaN).
     """
+    spur = spurious_regions(probes, border_fraction)
     h, w = probes.image_size
-    spur = probes.spurious_masks
-    if spur is None:
-        spur = M.border_mask(h, w, border_fraction).expand(len(probes), -1, -1)
     # Upsample once for every mask metric; the pointing tolerance still comes from the layer grid.
     up = upsample(maps, (h, w))
     tolerance = M.default_tolerance(tuple(maps.shape[-2:]), (h, w))
@@ -204,6 +204,17 @@ def probe_metrics(maps: torch.Tensor, probes: ProbeSet, previous: torch.Tensor |
     return out
 
 
+def spurious_regions(probes: ProbeSet, border_fraction: float) -> torch.Tensor:
+    """(N, H, W) spurious region per probe: its mask, or the border band where it has none (or an empty one)."""
+    h, w = probes.image_size
+    border = M.border_mask(h, w, border_fraction)
+    masks = probes.spurious_masks
+    if masks is None:
+        return border.expand(len(probes), -1, -1)
+    empty = ~masks.flatten(1).any(1)
+    return torch.where(empty[:, None, None], border, masks) if empty.any() else masks
+
+
 def quality_score(aggregates: dict[str, float]) -> float:
     """``quality`` in [0, 1], higher is better: the mean of the available components
     ``1 - spurious_energy``, ``object_energy`` (with object masks) and ``1 - average_drop``."""
@@ -216,11 +227,12 @@ def quality_score(aggregates: dict[str, float]) -> float:
     return float(sum(parts) / len(parts)) if parts else float("nan")
 
 
-def aggregate(per_probe: dict[str, torch.Tensor]) -> dict[str, float]:
-    """NaN-aware means by metric name, ``quality``, and ``degenerate`` (probes with NaN spurious energy)."""
+def aggregate(per_probe: dict[str, torch.Tensor], maps: torch.Tensor) -> dict[str, float]:
+    """NaN-aware means by metric name, ``quality``, and ``degenerate``: the probes whose map is all
+    zero (no evidence anywhere; their ratio metrics are NaN and left out of the means)."""
     agg = {k: M.nanmean(v)[0] for k, v in per_probe.items()}
     agg["quality"] = quality_score(agg)
-    agg["degenerate"] = float(torch.isnan(per_probe["spurious_energy"]).sum())
+    agg["degenerate"] = float((maps.flatten(1).amax(1) <= 0).sum())
     return agg
 
 
@@ -246,4 +258,4 @@ def evaluate(model: nn.Module, probes: ProbeSet, settings: EvalSettings, placeme
     probs = full["logits"].softmax(1)
     return Evaluation(epoch=epoch, global_step=global_step, maps=maps, preds=probs.argmax(1),
                       probs=probs.gather(1, full["targets"].long()[:, None])[:, 0], per_probe=per_probe,
-                      aggregates=aggregate(per_probe))
+                      aggregates=aggregate(per_probe, maps))

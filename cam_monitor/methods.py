@@ -38,10 +38,20 @@ def gradcam_plus_plus(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
     return _weighted_sum(weights, acts)
 
 
+#: Added to each channel's activation sum in XGrad-CAM, as pytorch-grad-cam does (torchcam: 1e-8).
+XGRADCAM_EPS = 1e-7
+
+
 def xgradcam(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
-    """XGrad-CAM (Fu et al., BMVC 2020): weights = sum_ij(g A) / sum_ij A (0 where sum A = 0)."""
+    """XGrad-CAM (Fu et al., BMVC 2020): weights = sum_ij(g A) / (sum_ij A + 1e-7).
+
+    The paper assumes non-negative activations; after Hardswish, GELU or before a final norm the
+    per-channel sum can cancel to about 0 and an exact division would let one channel's weight
+    explode. The epsilon is pytorch-grad-cam's, so the maps are the same as that peer's; a
+    denominator of exactly 0 gives weight 0.
+    """
     num = torch.einsum("bkchw,bchw->bkc", grads, acts)
-    den = acts.sum(dim=(2, 3))[:, None, :]
+    den = acts.sum(dim=(2, 3))[:, None, :] + XGRADCAM_EPS
     weights = torch.where(den != 0, num / torch.where(den != 0, den, torch.ones_like(den)), torch.zeros_like(num))
     return _weighted_sum(weights, acts)
 

@@ -66,3 +66,29 @@ def test_placement_prepares_inputs_and_wraps_only_model_calls(small_cnn, images)
 def test_settings_are_checked_once(kwargs, text) -> None:
     with pytest.raises(ValueError, match=text):
         EvalSettings(**kwargs)
+
+
+def test_a_probe_with_an_empty_spurious_mask_uses_the_border_band_and_is_not_degenerate(small_cnn, images) -> None:
+    from cam_monitor import metrics as M
+    from cam_monitor.maps import upsample
+
+    masks = torch.zeros(6, 16, 16, dtype=torch.bool)
+    masks[:3, :4, :4] = True  # probes 3..5 have no spurious mask (e.g. no .spurious.png in a folder)
+    probes = cm.ProbeSet(images, torch.arange(6) % 5, spurious_masks=masks)
+    ev = evaluate(small_cnn, probes, EvalSettings("features"))
+    alive = ev.maps.flatten(1).amax(1) > 0
+    up = upsample(ev.maps, (16, 16))
+    border = M.border_mask(16, 16, 0.1).expand(6, -1, -1)
+    expected = torch.where(torch.arange(6)[:, None, None] < 3, masks, border)
+    torch.testing.assert_close(ev.per_probe["spurious_energy"], M.energy_fraction(up, expected), equal_nan=True)
+    assert not torch.isnan(ev.per_probe["spurious_energy"][alive]).any()
+    assert ev.aggregates["degenerate"] == float((~alive).sum())
+
+
+def test_degenerate_counts_all_zero_maps_only() -> None:
+    from cam_monitor.evaluation import aggregate
+
+    maps = torch.zeros(3, 2, 2)
+    maps[1, 0, 0] = 1.0
+    per = {"spurious_energy": torch.tensor([float("nan"), float("nan"), 0.5])}  # NaN for probe 1: an empty mask
+    assert aggregate(per, maps)["degenerate"] == 2.0  # probes 0 and 2 have all-zero maps

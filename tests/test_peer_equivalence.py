@@ -19,6 +19,13 @@ def minmax(maps: torch.Tensor) -> torch.Tensor:
     return maps / (maps.amax(dim=(-2, -1), keepdim=True) + 1e-7)
 
 
+def pgc_display(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """pytorch-grad-cam's display map: scaled per layer, resized, and scaled again after the
+    layers are aggregated (the second pass matters when raw maps are far below its 1e-7 epsilon)."""
+    up = F.interpolate(minmax(maps)[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    return minmax(up)
+
+
 class Scaled(nn.Module):
     """Multiplies the logits so that gradients dwarf pytorch-grad-cam's Grad-CAM++ epsilon (1e-6).
 
@@ -83,3 +90,20 @@ def test_same_normalised_maps_as_torchcam(resnet, batch, method: str, peer_name:
         theirs = extractor(class_idx=t.tolist(), scores=scores)[0]
     ours = cm.compute_cams(model, x, resnet.layer4, targets=t, method=method)
     torch.testing.assert_close(minmax(ours), theirs.detach(), atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("arch, layer", [("mobilenet_v3_small", "features"), ("densenet121", "features.denseblock4")])
+def test_xgradcam_on_signed_activations_matches_pytorch_grad_cam(arch: str, layer: str) -> None:
+    """Hardswish (MobileNetV3) and pre-norm (DenseNet) outputs can be negative: channel sums near 0."""
+    pgc = pytest.importorskip("pytorch_grad_cam")
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, arch)(weights=None, num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([1, 2])
+    module = dict(model.named_modules())[layer]
+    with pgc.XGradCAM(model=model, target_layers=[module]) as peer:
+        theirs = torch.from_numpy(peer(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in t]))
+    ours = cm.compute_cams(model, x, layer, targets=t, method="xgradcam")
+    torch.testing.assert_close(pgc_display(ours, x.shape[-2:]), theirs, atol=1e-4, rtol=0)
