@@ -370,6 +370,11 @@ class CAMMonitor(Callback):
                 f"CAMMonitor could not run a probe of shape {tuple(self.probes.images.shape[1:])} through "
                 f"{type(pl_module).__name__} {when} ({type(err).__name__}: {err}); make the probes match the model's "
                 "input (channels, size, normalisation)") from err
+        if result.layer_calls > 1:
+            rank_zero_warn(f"CAMMonitor{self._tag}: layer {result.layer_name!r} runs {result.layer_calls} times in one "
+                           "forward (a shared module); its maps are of the last call only, as captum's. Target a "
+                           "module that runs once (for instance the block after the last call), or wrap each use in its "
+                           "own module")
         if self.layer_name is None:
             module = dict(model.named_modules())[result.layer_name]
             self.layer_name = next(n for n, m in unwrap_compiled(pl_module).named_modules() if m is module)

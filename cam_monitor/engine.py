@@ -33,7 +33,8 @@ class CAMResult:
 
     ``maps[method]`` is (B, K, h, w) float32, ReLU'd and not normalised; ``logits`` (B, classes)
     float32 and ``targets`` (B, K) long are detached; ``squeeze_targets`` records whether the
-    caller asked for one target per image (so :func:`compute_cams` drops the K axis).
+    caller asked for one target per image (so :func:`compute_cams` drops the K axis);
+    ``layer_calls`` is how often the layer ran in the forward (the maps are of its last call).
     """
 
     maps: dict[str, torch.Tensor]
@@ -41,6 +42,7 @@ class CAMResult:
     targets: torch.Tensor
     layer_name: str
     squeeze_targets: bool
+    layer_calls: int = 1
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -119,8 +121,12 @@ def resolve_targets(targets: TargetSpec, logits: torch.Tensor) -> tuple[torch.Te
     return (t.unsqueeze(1) if squeeze else t).long(), squeeze
 
 
-def _capture_hook(store: dict[str, torch.Tensor], layer_name: str) -> Callable:
-    """Forward hook: keep a cloned leaf of the output and record autograd from here on."""
+def _capture_hook(store: dict[str, Any], layer_name: str) -> Callable:
+    """Forward hook: keep a cloned leaf of the output and record autograd from here on.
+
+    A module that runs several times in one forward (a shared block) keeps its last call's
+    output, as captum does; ``store["calls"]`` counts the calls so callers can say so.
+    """
     def hook(_module: nn.Module, _inputs: tuple, output: Any) -> torch.Tensor:
         if not isinstance(output, torch.Tensor):
             raise LayerNotSpatialError(
@@ -128,6 +134,7 @@ def _capture_hook(store: dict[str, torch.Tensor], layer_name: str) -> Callable:
                 "that returns the feature tensor")
         leaf = output.detach().clone().requires_grad_(True)
         store["act"] = leaf
+        store["calls"] = store.get("calls", 0) + 1
         torch.set_grad_enabled(True)
         return leaf.clone()
     return hook
@@ -169,7 +176,7 @@ def cam_pass(
     with preserved_model_state(inner, images.device), torch.inference_mode(False), torch.no_grad():
         x = images.clone()
         name, module = resolve_layer(inner, layer, x)
-        store: dict[str, torch.Tensor] = {}
+        store: dict[str, Any] = {}
         handle = module.register_forward_hook(_capture_hook(store, name))
         try:
             output = inner(x)
@@ -192,7 +199,8 @@ def cam_pass(
         grads_grid = grads_grid.reshape(b, k, *grads_grid.shape[1:])
         with torch.autocast(device_type=act.device.type, enabled=False):
             maps = {m: METHODS[m](act, grads_grid) for m in methods}
-        return CAMResult(maps=maps, logits=logits.detach().float(), targets=tgt, layer_name=name, squeeze_targets=squeeze)
+        return CAMResult(maps=maps, logits=logits.detach().float(), targets=tgt, layer_name=name, squeeze_targets=squeeze,
+                         layer_calls=store["calls"])
 
 
 def compute_cams(

@@ -252,3 +252,34 @@ def test_resnet18_layer4_runs_and_has_layer_resolution() -> None:
     assert res.logits.shape == (2, 7) and res.scores.shape == (2, 1)
     for m in ALL:
         assert torch.isfinite(res.maps[m]).all() and (res.maps[m] >= 0).all()
+
+
+def test_a_module_called_twice_gives_the_last_calls_map_and_says_how_often() -> None:
+    from torch import nn
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 3, 3, padding=1)
+    head = nn.Linear(3, 4)
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.head = conv, head
+
+        def forward(self, x):
+            return self.head(self.conv(torch.relu(self.conv(x))).mean((2, 3)))
+
+    class Once(nn.Module):  # the second call as its own module
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.second, self.head = conv, nn.Conv2d(3, 3, 3, padding=1), head
+            self.second.load_state_dict(conv.state_dict())
+
+        def forward(self, x):
+            return self.head(self.second(torch.relu(self.first(x))).mean((2, 3)))
+
+    x = torch.randn(2, 3, 8, 8)
+    twice = cm.cam_pass(Twice(), x, "conv", torch.tensor([0, 1]))
+    once = cm.cam_pass(Once(), x, "second", torch.tensor([0, 1]))
+    assert twice.layer_calls == 2 and once.layer_calls == 1
+    torch.testing.assert_close(twice.maps["gradcam"], once.maps["gradcam"])

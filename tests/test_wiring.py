@@ -335,3 +335,19 @@ def test_an_output_without_logits_is_reported_as_such_before_training(tmp_path) 
     logits_attr = quick_monitor(on_error="raise")
     fit(tmp_path / "attr", logits_attr, epochs=1, model=NamespaceOutput("logits"))
     assert len(mon.history) == len(logits_attr.history) == 1
+
+
+class SharedBlock(DigitClassifier):
+    """Runs one conv block twice in the forward (weight sharing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = torch.nn.Conv2d(1, 1, 3, padding=1)
+
+    def forward(self, x):
+        return self.net(self.shared(self.shared(x)))
+
+
+def test_a_layer_that_runs_twice_is_named_in_a_warning_before_training(tmp_path) -> None:
+    with pytest.warns(UserWarning, match=r"layer 'shared' runs 2 times in one forward.*last call only"):
+        fit(tmp_path, quick_monitor(target_layer="shared", num_probes=10), epochs=1, model=SharedBlock())
