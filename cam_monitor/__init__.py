@@ -8,6 +8,7 @@ from .probes import ProbeSet
 from .callback import CAMMonitor
 from .checkpoint import GatedModelCheckpoint
 from .errors import (CAMAlertError, CAMError, HookNotFiredError, InputError, LayerNotFoundError, LayerNotSpatialError,
+                     LayoutError,
                      NonFiniteOutputError, OutputError, ScheduleError, TargetError)
 from .sinks import register_sink
 from .methods import METHODS
@@ -16,6 +17,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CAMAlertError", "CAMError", "CAMMonitor", "CAMResult", "GatedModelCheckpoint", "HookNotFiredError", "InputError",
-    "LayerNotFoundError", "LayerNotSpatialError", "METHODS", "NonFiniteOutputError", "OutputError", "ProbeSet", "ScheduleError", "TargetError",
+    "LayerNotFoundError", "LayerNotSpatialError", "LayoutError", "METHODS", "NonFiniteOutputError", "OutputError", "ProbeSet", "ScheduleError", "TargetError",
     "cam_pass", "compute_cams", "masked_scores", "register_sink",
 ]

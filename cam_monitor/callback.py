@@ -87,6 +87,7 @@ class CAMMonitor(Callback):
         output_transform: Callable[[Any], torch.Tensor] | str | None = None,
         name: str | None = None,
         probe_transform: Callable[..., torch.Tensor] | str | None = None,
+        layout: str = "auto",
     ) -> None:
         super().__init__()
         for arg, value, minimum in (("every_n_epochs", every_n_epochs, 1), ("num_probes", num_probes, 1),
@@ -114,7 +115,7 @@ class CAMMonitor(Callback):
         self.prefix = "cam" if name is None else f"cam/{name}"
         self.settings = EvalSettings(target_layer, tuple(methods) if not isinstance(methods, str) else (methods,),
                                      targets, batch_size, faithfulness, border_fraction,
-                                     as_callable(output_transform, "output_transform"), reshape)
+                                     as_callable(output_transform, "output_transform"), reshape, layout)
         self.probe_transform = as_callable(probe_transform, "probe_transform")
         self.report_settings = ReportSettings(max_grid_probes, tile_size)
         self.rules = default_rules(spurious_enrichment, spurious_energy_rise, object_energy_floor, drift_threshold)
@@ -359,8 +360,8 @@ class CAMMonitor(Callback):
             images = place.to_model(self.probes.images[:1])
             targets = self.probes.labels[:1].to(images.device) if settings.targets == "label" else None
             with place.forward_context():
-                result = cam_pass(model, images, settings.layer, targets, settings.methods,
-                                  reshape=settings.reshape, output_transform=settings.output_transform)
+                result = cam_pass(model, images, settings.layer, targets, settings.methods, reshape=settings.reshape,
+                                  output_transform=settings.output_transform, layout=settings.layout)
             if settings.targets == "label":
                 self.probes.check_classes(result.logits.shape[1])
         except CAMError as err:
@@ -370,6 +371,9 @@ class CAMMonitor(Callback):
                 f"CAMMonitor could not run a probe of shape {tuple(self.probes.images.shape[1:])} through "
                 f"{type(pl_module).__name__} {when} ({type(err).__name__}: {err}); make the probes match the model's "
                 "input (channels, size, normalisation)") from err
+        if settings.layout == "auto" and result.layout == "nhwc":
+            rank_zero_info(f"CAMMonitor{self._tag}: layer {result.layer_name!r} outputs channels-last (B, h, w, C); "
+                           "reading it so (pass layout='nchw' to override)")
         if result.layer_calls > 1:
             rank_zero_warn(f"CAMMonitor{self._tag}: layer {result.layer_name!r} runs {result.layer_calls} times in one "
                            "forward (a shared module); its maps are of the last call only, as captum's. Target a "

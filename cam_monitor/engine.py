@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .errors import InputError, LayerNotSpatialError, OutputError, TargetError
-from .layers import LayerSpec, ReshapeSpec, hook_not_fired, resolve_layer, to_grid, unwrap_compiled
+from .layers import LAYOUTS, LayerSpec, ReshapeSpec, hook_not_fired, resolve_layer, resolve_layout, to_grid, unwrap_compiled
 from .methods import METHODS, check_methods
 
 TargetSpec = Union[None, int, Sequence[int], torch.Tensor]
@@ -34,7 +34,8 @@ class CAMResult:
     ``maps[method]`` is (B, K, h, w) float32, ReLU'd and not normalised; ``logits`` (B, classes)
     float32 and ``targets`` (B, K) long are detached; ``squeeze_targets`` records whether the
     caller asked for one target per image (so :func:`compute_cams` drops the K axis);
-    ``layer_calls`` is how often the layer ran in the forward (the maps are of its last call).
+    ``layer_calls`` is how often the layer ran in the forward (the maps are of its last call);
+    ``layout`` how a 4-D output was read (``"nchw"`` or ``"nhwc"``).
     """
 
     maps: dict[str, torch.Tensor]
@@ -43,6 +44,7 @@ class CAMResult:
     layer_name: str
     squeeze_targets: bool
     layer_calls: int = 1
+    layout: str = "nchw"
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -167,10 +169,13 @@ def cam_pass(
     output_transform: OutputTransform | None = None,
     reshape: ReshapeSpec = None,
     counterfactual: bool = False,
+    layout: str = "auto",
 ) -> CAMResult:
     """Run one CAM pass and return maps, logits and targets (see :func:`compute_cams`)."""
     check_images(images)
     methods = check_methods(method)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     transform = output_transform or default_output_transform
     inner = unwrap_compiled(model)
     with preserved_model_state(inner, images.device), torch.inference_mode(False), torch.no_grad():
@@ -193,14 +198,17 @@ def cam_pass(
         tgt, squeeze = resolve_targets(targets, logits.detach())
         grads = _target_gradients(logits, store["act"], tgt, -1.0 if counterfactual else 1.0)
         torch.set_grad_enabled(False)
-        act = to_grid(store["act"].detach(), reshape, name).float()
+        raw = store["act"].detach()
+        if raw.dim() == 4 and not callable(reshape):
+            layout = resolve_layout(raw.shape, images.shape[-2:], layout, name)
+        act = to_grid(raw, reshape, name, layout).float()
         b, k = grads.shape[:2]
-        grads_grid = to_grid(grads.reshape(b * k, *grads.shape[2:]), reshape, name).float()
+        grads_grid = to_grid(grads.reshape(b * k, *grads.shape[2:]), reshape, name, layout).float()
         grads_grid = grads_grid.reshape(b, k, *grads_grid.shape[1:])
         with torch.autocast(device_type=act.device.type, enabled=False):
             maps = {m: METHODS[m](act, grads_grid) for m in methods}
         return CAMResult(maps=maps, logits=logits.detach().float(), targets=tgt, layer_name=name, squeeze_targets=squeeze,
-                         layer_calls=store["calls"])
+                         layer_calls=store["calls"], layout=layout)
 
 
 def compute_cams(
@@ -213,6 +221,7 @@ def compute_cams(
     output_transform: OutputTransform | None = None,
     reshape: ReshapeSpec = None,
     counterfactual: bool = False,
+    layout: str = "auto",
 ) -> torch.Tensor | dict[str, torch.Tensor]:
     """Class activation maps of ``model`` for ``images`` at ``layer``.
 
@@ -229,13 +238,16 @@ def compute_cams(
         output_transform: picks the (B, classes) pre-softmax logits from the model's output.
         reshape: for token layers (B, N, C): ``(h, w)``, a callable, or None to infer a square grid.
         counterfactual: use negated gradients (regions that argue against the class).
+        layout: of a 4-D layer output: ``"nchw"``, ``"nhwc"`` (channels-last, e.g. Swin's stages)
+            or ``"auto"`` (told from the output's shape and the image size; ambiguous shapes raise
+            :class:`LayoutError` naming this argument).
 
     Returns:
         float32 maps at the layer's resolution, ReLU'd, not normalised: (B, h, w) for one target
         per image, (B, K, h, w) for (B, K) targets; a dict of those for a tuple of methods.
     """
     result = cam_pass(model, images, layer, targets, method, output_transform=output_transform,
-                      reshape=reshape, counterfactual=counterfactual)
+                      reshape=reshape, counterfactual=counterfactual, layout=layout)
     maps = {m: (v[:, 0] if result.squeeze_targets else v) for m, v in result.maps.items()}
     return maps[method] if isinstance(method, str) else maps
 

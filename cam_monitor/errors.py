@@ -19,6 +19,10 @@ class LayerNotSpatialError(CAMError, ValueError):
     """The target layer's output has no spatial grid a CAM can live on."""
 
 
+class LayoutError(CAMError, ValueError):
+    """A 4-D layer output whose channel axis cannot be told (channels-first or channels-last)."""
+
+
 class HookNotFiredError(CAMError, RuntimeError):
     """The forward pass never ran the target layer, so no activation was captured."""
 

@@ -20,7 +20,7 @@ from torch import nn
 from . import metrics as M
 from .engine import OutputTransform, cam_pass, masked_scores
 from .errors import NonFiniteOutputError
-from .layers import LayerSpec, ReshapeSpec
+from .layers import LAYOUTS, LayerSpec, ReshapeSpec
 from .maps import upsample
 from .methods import check_methods
 from .probes import ProbeSet
@@ -46,6 +46,7 @@ class EvalSettings:
         border_fraction: width of the default spurious region for probes without spurious masks.
         output_transform: picks the logits from the model's output.
         reshape: ``(h, w)`` of a token layer whose grid is not square.
+        layout: of a 4-D layer output, ``"auto"``, ``"nchw"`` or ``"nhwc"`` (channels-last).
     """
 
     layer: LayerSpec = None
@@ -56,6 +57,7 @@ class EvalSettings:
     border_fraction: float = 0.1
     output_transform: OutputTransform | None = None
     reshape: ReshapeSpec = None
+    layout: str = "auto"
 
     def __post_init__(self) -> None:
         methods = (self.methods,) if isinstance(self.methods, str) else tuple(self.methods)
@@ -64,6 +66,8 @@ class EvalSettings:
             raise ValueError(f"targets must be 'label' or 'pred', got {self.targets!r}")
         if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         if not 0 < self.border_fraction < 0.5:
             raise ValueError(f"border_fraction must be in (0, 0.5), got {self.border_fraction}")
         if self.reshape is not None and not callable(self.reshape):
@@ -152,7 +156,7 @@ def compute_shard(model: nn.Module, probes: ProbeSet, index: torch.Tensor, setti
         targets = probes.labels[idx].to(images.device) if settings.targets == "label" else None
         with placement.forward_context():
             res = cam_pass(model, images, settings.layer, targets, methods, output_transform=settings.output_transform,
-                           reshape=settings.reshape)
+                           reshape=settings.reshape, layout=settings.layout)
             maps = torch.stack([res.maps[m][:, 0] for m in methods], dim=1)
             if settings.faithfulness:
                 y, o = masked_scores(model, images, maps[:, 0], res.targets[:, 0],

@@ -14,10 +14,13 @@ from typing import Callable, Sequence, Union
 import torch
 from torch import nn
 
-from .errors import HookNotFiredError, LayerNotFoundError, LayerNotSpatialError
+from .errors import HookNotFiredError, LayerNotFoundError, LayerNotSpatialError, LayoutError
 
 LayerSpec = Union[str, nn.Module, None]
 ReshapeSpec = Union[None, Sequence[int], Callable[[torch.Tensor], torch.Tensor]]
+#: How a 4-D layer output is laid out: channels first (B, C, h, w), channels last (B, h, w, C), or
+#: "auto": told from the output's shape and the input image's size (see :func:`resolve_layout`).
+LAYOUTS = ("auto", "nchw", "nhwc")
 
 _COMPILED_PREFIX = "_orig_mod."
 _auto_layer_cache: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
@@ -101,10 +104,54 @@ def find_last_spatial_layer(model: nn.Module, probe: torch.Tensor) -> tuple[str,
     return order[-1], dict(model.named_modules())[order[-1]]
 
 
-def to_grid(t: torch.Tensor, reshape: ReshapeSpec, layer_name: str) -> torch.Tensor:
+def _strides(size: int, cells: int) -> tuple[float, float]:
+    """The strides a layer could have to turn ``size`` pixels into ``cells`` cells (floor, ceil or
+    padding rounding included)."""
+    return size / (cells + 1), (size / (cells - 1) if cells > 1 else math.inf)
+
+
+def _fits_image(h: int, w: int, image_size: Sequence[int]) -> bool:
+    """Whether an (h, w) grid can come from the image by one stride in both directions."""
+    (lo_h, hi_h), (lo_w, hi_w) = _strides(int(image_size[0]), h), _strides(int(image_size[1]), w)
+    return h <= image_size[0] and w <= image_size[1] and max(lo_h, lo_w) <= min(hi_h, hi_w)
+
+
+def _stride_mismatch(h: int, w: int, image_size: Sequence[int]) -> float:
+    """|log(H / h) - log(W / w)|: 0 when the grid has the same stride in both directions."""
+    return abs(math.log(int(image_size[0]) / h) - math.log(int(image_size[1]) / w))
+
+
+def resolve_layout(shape: Sequence[int], image_size: Sequence[int], layout: str, layer_name: str) -> str:
+    """``"nchw"`` or ``"nhwc"`` for a 4-D output ``shape`` of a layer fed ``image_size`` images.
+
+    ``"auto"`` reads the shape both ways and keeps the reading whose grid fits the image with one
+    stride in both directions (Swin's ``features`` (B, 7, 7, 768) at 224 px is channels-last;
+    ResNet's (B, 512, 7, 7) channels-first). When both fit, the reading whose two strides agree
+    more closely wins; when they agree equally well (say C = h = w) or neither fits, it refuses
+    and names the fix.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout != "auto":
+        return layout
+    _, d1, d2, d3 = (int(v) for v in shape)
+    readings = {"nchw": (d2, d3), "nhwc": (d1, d2)}
+    fits = {k: _stride_mismatch(*hw, image_size) for k, hw in readings.items() if _fits_image(*hw, image_size)}
+    if len(fits) == 1:
+        return next(iter(fits))
+    if len(fits) == 2 and abs(fits["nchw"] - fits["nhwc"]) > 0.05:
+        return min(fits, key=fits.get)
+    why = "both" if fits else "neither"
+    raise LayoutError(
+        f"layer {layer_name!r} outputs {tuple(shape)} for {tuple(image_size)} images: {why} of the channels-first "
+        f"(B, C, h, w) and channels-last (B, h, w, C) readings fit the image equally; pass layout='nchw' or "
+        "layout='nhwc'")
+
+
+def to_grid(t: torch.Tensor, reshape: ReshapeSpec, layer_name: str, layout: str = "nchw") -> torch.Tensor:
     """Map a layer output (or its gradient) to a (B, C, h, w) grid.
 
-    4-D tensors pass through. Token tensors (B, N, C) are reshaped: ``reshape=(h, w)`` drops the
+    4-D tensors pass through, channels-last ones (``layout="nhwc"``) permuted to channels-first. Token tensors (B, N, C) are reshaped: ``reshape=(h, w)`` drops the
     ``N - h*w`` leading (class/register) tokens; ``None`` infers a square grid from N or N - 1; a
     callable receives the raw tensor and must return (B, C, h, w).
     """
@@ -114,6 +161,8 @@ def to_grid(t: torch.Tensor, reshape: ReshapeSpec, layer_name: str) -> torch.Ten
             raise LayerNotSpatialError(f"reshape callable for layer {layer_name!r} must return a (B, C, h, w) tensor")
         return grid
     if t.dim() == 4:
+        if layout == "nhwc":
+            t = t.permute(0, 3, 1, 2)
         if t.shape[2] * t.shape[3] <= 1:
             raise LayerNotSpatialError(
                 f"layer {layer_name!r} outputs {tuple(t.shape)}: a 1x1 grid has no spatial extent; "

@@ -283,3 +283,48 @@ def test_a_module_called_twice_gives_the_last_calls_map_and_says_how_often() -> 
     once = cm.cam_pass(Once(), x, "second", torch.tensor([0, 1]))
     assert twice.layer_calls == 2 and once.layer_calls == 1
     torch.testing.assert_close(twice.maps["gradcam"], once.maps["gradcam"])
+
+
+@pytest.fixture(scope="module")
+def swin():
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.swin_t(weights=None, num_classes=10).eval()
+    torch.nn.init.normal_(model.head.weight, std=0.02)  # a non-zero head, so the maps are not all zero
+    return model
+
+
+def test_channels_last_swin_stages_are_read_as_such(swin) -> None:
+    x, t = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 2])
+    permuted = cm.compute_cams(swin, x, "permute", t)  # torchvision's own (B, C, h, w) view of `norm`
+    norm = cm.cam_pass(swin, x, "norm", t)
+    assert norm.layout == "nhwc" and norm.maps["gradcam"].shape == (2, 1, 2, 2)
+    torch.testing.assert_close(norm.maps["gradcam"][:, 0], permuted)
+    assert float(permuted.abs().max()) > 0
+    features = cm.cam_pass(swin, x, "features", t)
+    explicit = cm.compute_cams(swin, x, "features", t, reshape=lambda a: a.permute(0, 3, 1, 2))
+    assert features.layout == "nhwc"
+    torch.testing.assert_close(features.maps["gradcam"][:, 0], explicit)
+    forced = cm.compute_cams(swin, x, "features", t, layout="nhwc")
+    torch.testing.assert_close(forced, explicit)
+
+
+def test_an_output_that_reads_equally_both_ways_is_refused_with_the_fix() -> None:
+    from torch import nn
+
+    class Cube(nn.Module):  # (B, 4, 4, 4) for 16 px images: C = h = w
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Conv2d(3, 4, 3, stride=4, padding=1)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.body(x).mean((2, 3)))
+
+    x = torch.randn(2, 3, 16, 16)
+    with pytest.raises(cm.LayoutError, match="pass layout='nchw' or layout='nhwc'"):
+        cm.compute_cams(Cube(), x, "body", torch.tensor([0, 1]))
+    assert cm.compute_cams(Cube(), x, "body", torch.tensor([0, 1]), layout="nchw").shape == (2, 4, 4)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        cm.compute_cams(Cube(), x, "body", layout="hwc")
