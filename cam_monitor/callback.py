@@ -37,6 +37,7 @@ from .sinks import AlertLog, Sink, sinks_for
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 2
+DRY_RUN_PROBES = 8
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -356,9 +357,10 @@ class CAMMonitor(Callback):
         place = access.placement(trainer, pl_module)
         model = access.cam_model(trainer, pl_module)
         settings = self._settings(trainer, pl_module)
+        first = slice(0, min(len(self.probes), DRY_RUN_PROBES))
         try:
-            images = place.to_model(self.probes.images[:1])
-            targets = self.probes.labels[:1].to(images.device) if settings.targets == "label" else None
+            images = place.to_model(self.probes.images[first])
+            targets = self.probes.labels[first].to(images.device) if settings.targets == "label" else None
             with place.forward_context():
                 result = cam_pass(model, images, settings.layer, targets, settings.methods, reshape=settings.reshape,
                                   output_transform=settings.output_transform, layout=settings.layout)
@@ -374,6 +376,9 @@ class CAMMonitor(Callback):
         if settings.layout == "auto" and result.layout == "nhwc":
             rank_zero_info(f"CAMMonitor{self._tag}: layer {result.layer_name!r} outputs channels-last (B, h, w, C); "
                            "reading it so (pass layout='nchw' to override)")
+        if all(float(m.amax()) <= 0 for m in result.maps.values()):
+            rank_zero_warn(f"CAMMonitor{self._tag}: {_zero_map_cause(result)}; metrics stay NaN (counted in "
+                           f"{self.prefix}/degenerate) until the maps are non-zero")
         if result.layer_calls > 1:
             rank_zero_warn(f"CAMMonitor{self._tag}: layer {result.layer_name!r} runs {result.layer_calls} times in one "
                            "forward (a shared module); its maps are of the last call only, as captum's. Target a "
@@ -467,6 +472,18 @@ class CAMMonitor(Callback):
     @property
     def _tag(self) -> str:
         return "" if self.name is None else f"[{self.name}]"
+
+
+def _zero_map_cause(result: Any) -> str:
+    """Why every dry-run map is all zero, and what to do about it."""
+    where = f"every map of the first probes at layer {result.layer_name!r} is all zero"
+    if result.zero_gradient:
+        return (f"{where}: the class scores' gradient there is zero. Either the head is all zeros (torchvision "
+                "zero-initialises ViT heads; it changes after the first steps), or the layer reaches the logits only "
+                "through a class token (a ViT's last block or final norm): target the last block's attention input, "
+                "e.g. 'encoder.layers.encoder_layer_11.ln_1', or leave target_layer=None")
+    return (f"{where}: all of its evidence is negative and the ReLU removes it; target an earlier layer, or check "
+            "that the probes are normalised as the model expects")
 
 
 def _stage(trainer: pl.Trainer) -> str:

@@ -35,7 +35,9 @@ class CAMResult:
     float32 and ``targets`` (B, K) long are detached; ``squeeze_targets`` records whether the
     caller asked for one target per image (so :func:`compute_cams` drops the K axis);
     ``layer_calls`` is how often the layer ran in the forward (the maps are of its last call);
-    ``layout`` how a 4-D output was read (``"nchw"`` or ``"nhwc"``).
+    ``layout`` how a 4-D output was read (``"nchw"`` or ``"nhwc"``); ``zero_gradient`` whether the
+    target scores' gradient on the layer's grid (class tokens excluded) was zero for every image,
+    which makes every map zero.
     """
 
     maps: dict[str, torch.Tensor]
@@ -45,6 +47,7 @@ class CAMResult:
     squeeze_targets: bool
     layer_calls: int = 1
     layout: str = "nchw"
+    zero_gradient: bool = False
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -180,7 +183,7 @@ def cam_pass(
     inner = unwrap_compiled(model)
     with preserved_model_state(inner, images.device), torch.inference_mode(False), torch.no_grad():
         x = images.clone()
-        name, module = resolve_layer(inner, layer, x)
+        name, module = resolve_layer(inner, layer, x, transform)
         store: dict[str, Any] = {}
         handle = module.register_forward_hook(_capture_hook(store, name))
         try:
@@ -199,8 +202,8 @@ def cam_pass(
         grads = _target_gradients(logits, store["act"], tgt, -1.0 if counterfactual else 1.0)
         torch.set_grad_enabled(False)
         raw = store["act"].detach()
-        if raw.dim() == 4 and not callable(reshape):
-            layout = resolve_layout(raw.shape, images.shape[-2:], layout, name)
+        layout = (resolve_layout(raw.shape, images.shape[-2:], layout, name)
+                  if raw.dim() == 4 and not callable(reshape) else "nchw")
         act = to_grid(raw, reshape, name, layout).float()
         b, k = grads.shape[:2]
         grads_grid = to_grid(grads.reshape(b * k, *grads.shape[2:]), reshape, name, layout).float()
@@ -208,7 +211,7 @@ def cam_pass(
         with torch.autocast(device_type=act.device.type, enabled=False):
             maps = {m: METHODS[m](act, grads_grid) for m in methods}
         return CAMResult(maps=maps, logits=logits.detach().float(), targets=tgt, layer_name=name, squeeze_targets=squeeze,
-                         layer_calls=store["calls"], layout=layout)
+                         layer_calls=store["calls"], layout=layout, zero_gradient=not bool(grads_grid.ne(0).any()))
 
 
 def compute_cams(

@@ -36,17 +36,18 @@ def unwrap_compiled(model: nn.Module) -> nn.Module:
     return inner if isinstance(inner, nn.Module) else model
 
 
-def resolve_layer(model: nn.Module, layer: LayerSpec, probe: torch.Tensor | None = None) -> tuple[str, nn.Module]:
+def resolve_layer(model: nn.Module, layer: LayerSpec, probe: torch.Tensor | None = None,
+                  output_transform: Callable[[object], torch.Tensor] | None = None) -> tuple[str, nn.Module]:
     """Find the target layer and return ``(dotted_name, module)``.
 
     ``layer`` may be a dotted name from ``model.named_modules()`` (a ``_orig_mod.`` prefix from
     ``torch.compile`` is accepted), a submodule, or ``None`` to pick the last layer whose output
-    is a 4-D tensor with more than one spatial position (``probe`` is needed for that).
+    explains ``probe``'s predicted class (:func:`find_last_spatial_layer`; ``probe`` is needed).
     """
     if layer is None:
         if probe is None:
             raise ValueError("layer=None needs a probe batch to find the last spatial layer")
-        return find_last_spatial_layer(model, probe)
+        return find_last_spatial_layer(model, probe, output_transform)
     named = dict(model.named_modules())
     if isinstance(layer, nn.Module):
         for name, module in named.items():
@@ -67,41 +68,95 @@ def resolve_layer(model: nn.Module, layer: LayerSpec, probe: torch.Tensor | None
     raise LayerNotFoundError(f"model {type(model).__name__} has no layer named {layer!r}.{hint}")
 
 
-def find_last_spatial_layer(model: nn.Module, probe: torch.Tensor) -> tuple[str, nn.Module]:
-    """Run one image through ``model`` and return the last module with a spatial 4-D output.
+def _grid_of(t: torch.Tensor, image_size: Sequence[int]) -> torch.Tensor | None:
+    """A candidate output as (B, C, h, w), or None when it is no spatial grid: 4-D outputs (either
+    layout) with more than one cell, and token outputs (B, N, C) whose N is a square (+ 1)."""
+    if t.dim() == 4:
+        try:
+            layout = resolve_layout(t.shape, image_size, "auto", "?")
+        except LayoutError:
+            layout = "nchw"
+        grid = t.permute(0, 3, 1, 2) if layout == "nhwc" else t
+        return grid if grid.shape[2] * grid.shape[3] > 1 else None
+    if t.dim() == 3:
+        try:
+            h, w = _token_grid(t.shape[1], None, "?")
+        except LayerNotSpatialError:
+            return None
+        return t[:, t.shape[1] - h * w:, :].transpose(1, 2).reshape(t.shape[0], t.shape[2], h, w)
+    return None
 
-    The result is cached per model and input shape, so the discovery forward runs once.
+
+def find_last_spatial_layer(model: nn.Module, probe: torch.Tensor,
+                            output_transform: Callable[[object], torch.Tensor] | None = None) -> tuple[str, nn.Module]:
+    """The last layer whose Grad-CAM explains the predicted class of ``probe``.
+
+    Candidates are the modules with a spatial output: 4-D (channels first or last) or a square
+    token grid (ViTs). One forward and one backward on the first probe give the gradient at every
+    candidate; the last candidate whose Grad-CAM map is not all zero wins. That skips the layers
+    whose patch tokens reach the head only through a class token (a ViT's last block and final
+    norm): for torchvision's ViT the pick is the last block's ``ln_1``, the attention's input.
+    When no map is non-zero (e.g. a zero-initialised head) the last candidate is returned. The
+    pick is cached per model and input shape. Runs in the caller's train/eval state; touches no
+    ``.grad`` (``autograd.grad`` only).
     """
     key = tuple(probe.shape[1:])
     cache = _auto_layer_cache.setdefault(model, {})
     if key in cache:
         name = cache[key]
         return name, dict(model.named_modules())[name]
-    order: list[str] = []
+    outputs: dict[str, torch.Tensor] = {}
     handles = []
 
     def make_hook(name: str) -> Callable:
         def hook(_m: nn.Module, _i: tuple, out: object) -> None:
-            if isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[2] * out.shape[3] > 1:
-                order.append(name)
+            if isinstance(out, torch.Tensor) and out.requires_grad and _grid_of(out, probe.shape[-2:]) is not None:
+                outputs[name] = out
         return hook
 
     for name, module in model.named_modules():
         if name:
             handles.append(module.register_forward_hook(make_hook(name)))
-    try:
-        with torch.no_grad():
-            model(probe[:1])
-    finally:
-        for h in handles:
-            h.remove()
-    if not order:
-        raise LayerNotSpatialError(
-            f"no submodule of {type(model).__name__} produced a 4-D (B, C, h, w) output with h*w > 1; "
-            "pass layer=<dotted name> (and reshape=(h, w) for token layers)"
-        )
-    cache[key] = order[-1]
-    return order[-1], dict(model.named_modules())[order[-1]]
+    with torch.enable_grad():
+        try:
+            output = model(probe[:1].detach().clone().requires_grad_(True))
+        finally:
+            for h in handles:
+                h.remove()
+        if not outputs:
+            raise LayerNotSpatialError(
+                f"no submodule of {type(model).__name__} produced a spatial output (B, C, h, w), (B, h, w, C) or a "
+                "square token grid (B, N, C); pass layer=<dotted name> (and reshape=(h, w) for token layers)")
+        names = list(outputs)
+        picked = names[-1]
+        logits = output_transform(output) if output_transform is not None else _first_tensor(output)
+        if isinstance(logits, torch.Tensor) and logits.dim() == 2 and logits.requires_grad:
+            score = logits[0, logits[0].argmax()]
+            grads = torch.autograd.grad(score, [outputs[n] for n in names], allow_unused=True)
+            for name, grad in reversed(list(zip(names, grads))):
+                if grad is not None and _gradcam_is_nonzero(outputs[name].detach(), grad, probe.shape[-2:]):
+                    picked = name
+                    break
+    cache[key] = picked
+    return picked, dict(model.named_modules())[picked]
+
+
+def _first_tensor(output: object) -> torch.Tensor | None:
+    """The logits as :func:`cam_monitor.engine.default_output_transform` finds them, or None."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict):
+        return output.get("logits")
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    return output[0] if isinstance(output, (tuple, list)) and output else None
+
+
+def _gradcam_is_nonzero(act: torch.Tensor, grad: torch.Tensor, image_size: Sequence[int]) -> bool:
+    a, g = _grid_of(act, image_size), _grid_of(grad, image_size)
+    cam = (g.mean(dim=(2, 3), keepdim=True) * a).sum(1).clamp_min(0)
+    return bool(cam.amax() > 0)
 
 
 def _strides(size: int, cells: int) -> tuple[float, float]:

@@ -328,3 +328,35 @@ def test_an_output_that_reads_equally_both_ways_is_refused_with_the_fix() -> Non
     assert cm.compute_cams(Cube(), x, "body", torch.tensor([0, 1]), layout="nchw").shape == (2, 4, 4)
     with pytest.raises(ValueError, match="layout must be one of"):
         cm.compute_cams(Cube(), x, "body", layout="hwc")
+
+
+def small_vit(zero_head: bool):
+    import torchvision
+
+    torch.manual_seed(0)
+    vit = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32,
+                                               mlp_dim=64, num_classes=5).eval()
+    if not zero_head:  # torchvision zero-initialises the head
+        torch.nn.init.normal_(vit.heads.head.weight, std=0.1)
+    return vit
+
+
+def test_automatic_pick_on_a_vit_is_the_last_attention_input_and_explains_the_class() -> None:
+    vit = small_vit(zero_head=False)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    result = cm.cam_pass(vit, x, None, torch.tensor([0, 1]))
+    assert result.layer_name == "encoder.layers.encoder_layer_1.ln_1" and result.grid_size == (4, 4)
+    assert float(result.maps["gradcam"].amax()) > 0 and not result.zero_gradient
+    # the last block's output reaches the head only through the class token: zero maps, zero gradient
+    last = cm.cam_pass(vit, x, "encoder.ln", torch.tensor([0, 1]))
+    assert float(last.maps["gradcam"].amax()) == 0 and last.zero_gradient
+    # a convolutional net keeps its last spatial layer
+    cnn = torchvision_resnet()
+    assert cm.cam_pass(cnn, torch.randn(1, 3, 64, 64), None).layer_name == "layer4"
+
+
+def torchvision_resnet():
+    import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(weights=None, num_classes=10).eval()

@@ -351,3 +351,36 @@ class SharedBlock(DigitClassifier):
 def test_a_layer_that_runs_twice_is_named_in_a_warning_before_training(tmp_path) -> None:
     with pytest.warns(UserWarning, match=r"layer 'shared' runs 2 times in one forward.*last call only"):
         fit(tmp_path, quick_monitor(target_layer="shared", num_probes=10), epochs=1, model=SharedBlock())
+
+
+class TinyViT(DigitClassifier):
+    """A small torchvision VisionTransformer on the demo's 1-channel digits."""
+
+    def __init__(self, zero_head: bool = True) -> None:
+        super().__init__()
+        import torchvision
+
+        self.vit = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                                        hidden_dim=32, mlp_dim=64, num_classes=10)
+        if not zero_head:
+            torch.nn.init.normal_(self.vit.heads.head.weight, std=0.1)
+
+    def forward(self, x):
+        return self.vit(x.expand(-1, 3, -1, -1))
+
+
+@pytest.mark.parametrize("zero_head, layer, cause", [
+    (True, None, "torchvision zero-initialises ViT heads"),
+    (False, "vit.encoder.ln", "only through a class token"),
+])
+def test_all_zero_maps_at_fit_start_are_a_warning_that_names_the_cause(tmp_path, zero_head, layer, cause) -> None:
+    mon = quick_monitor(target_layer=layer, num_probes=10)
+    with pytest.warns(UserWarning, match=f"every map of the first probes at layer .* is all zero.*{cause}"):
+        fit(tmp_path, mon, epochs=1, model=TinyViT(zero_head), limit_train_batches=1)
+
+
+def test_automatic_pick_on_a_vit_monitor_is_logged_and_explains(tmp_path) -> None:
+    mon = quick_monitor(target_layer=None, num_probes=10, on_error="raise")
+    fit(tmp_path, mon, epochs=1, model=TinyViT(zero_head=False), limit_train_batches=1)
+    assert mon.layer_name == "vit.encoder.layers.encoder_layer_1.ln_1"
+    assert mon.history[0]["cam/degenerate"] < 10
