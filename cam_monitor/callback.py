@@ -23,13 +23,14 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from . import trainer_access as access
-from .alerts import AlertBook, check_rules, default_rules, describe_alert, resolve_action
+from .alerts import AlertBook, check_rules, default_rules, describe_alert, resolve_action, rule_threshold
 from .engine import cam_pass
 from .errors import CAMAlertError, CAMError, InputError, ScheduleError
-from .evaluation import EvalSettings, Evaluation, Reference, evaluate
+from .evaluation import EvalSettings, Evaluation, Reference, evaluate, spurious_regions
 from .history import History
 from .imports import as_callable
 from .layers import resolve_layer, unwrap_compiled
+from .metrics import enrichment_ceiling
 from .probes import ProbeSet
 from .report import ReportSettings, build_panel
 from .sinks import AlertLog, Sink, sinks_for
@@ -379,6 +380,7 @@ class CAMMonitor(Callback):
         if all(float(m.amax()) <= 0 for m in result.maps.values()):
             rank_zero_warn(f"CAMMonitor{self._tag}: {_zero_map_cause(result)}; metrics stay NaN (counted in "
                            f"{self.prefix}/degenerate) until the maps are non-zero")
+        self._check_resolution(result.grid_size, result.layer_name)
         if result.layer_calls > 1:
             rank_zero_warn(f"CAMMonitor{self._tag}: layer {result.layer_name!r} runs {result.layer_calls} times in one "
                            "forward (a shared module); its maps are of the last call only, as captum's. Target a "
@@ -391,6 +393,24 @@ class CAMMonitor(Callback):
             rank_zero_info(f"CAMMonitor{self._tag}: target_layer=None picked {self.layer_name!r} "
                            f"({result.grid_size[0]}x{result.grid_size[1]} grid)")
         self._checked = True
+
+    def _check_resolution(self, grid: tuple[int, int], layer: str) -> None:
+        """Warn when no map on this grid can reach the enrichment threshold on any probe's spurious
+        region: the rule could never fire and a gate on the metric would always pass."""
+        regions = spurious_regions(self.probes, self.settings.border_fraction)
+        ceiling = float(enrichment_ceiling(grid, regions).nan_to_num(0).max())
+        threshold = rule_threshold(self.rules, "spurious_enrichment")
+        if ceiling > threshold:
+            return
+        region = "spurious masks" if self.probes.spurious_masks is not None else (
+            f"default border band ({self.settings.border_fraction:g} of each side)")
+        fix = ("target an earlier layer (a finer grid) or use larger probes" if ceiling <= 1.0 + 1e-3 else
+               "target an earlier layer, give tighter spurious masks, or lower spurious_enrichment")
+        rank_zero_warn(
+            f"CAMMonitor{self._tag}: on the {grid[0]}x{grid[1]} grid of layer {layer!r}, no map can put more than "
+            f"{ceiling:.2f}x its share of energy on the {region} (1.00 = chance), below spurious_enrichment="
+            f"{threshold:g}: that alert can never fire and a gate on {self.prefix}/spurious_enrichment always "
+            f"passes; {fix}")
 
     def _explain_resumed_probes(self) -> None:
         """A resumed run keeps the checkpoint's probes (history and drift continue on the same

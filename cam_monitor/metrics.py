@@ -60,6 +60,26 @@ def enrichment(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     return frac / area.clamp_min(1e-12)
 
 
+def enrichment_ceiling(grid: tuple[int, int], masks: torch.Tensor) -> torch.Tensor:
+    """(N,) the largest enrichment any non-negative map on an ``grid`` (h, w) can reach on each mask.
+
+    After bilinear upsampling a map's energy fraction inside a mask is a ratio of two linear forms
+    in its cells, so its maximum is reached by a map with a single non-zero cell: the ceiling is
+    the best cell's fraction divided by the mask's area share. On a 2x2 grid the border band's
+    ceiling is exactly 1.0 (chance): no map can ever be enriched there. NaN for an empty mask.
+    """
+    h, w = int(grid[0]), int(grid[1])
+    flat_masks = masks.bool().flatten(1).float()
+    cells = torch.eye(h * w, device=masks.device).reshape(h * w, h, w)
+    fraction = torch.zeros(masks.shape[0], device=masks.device)
+    for start in range(0, h * w, 64):  # one-hot maps a chunk at a time: bounded memory on fine grids
+        basis = upsample(cells[start:start + 64], masks.shape[-2:]).flatten(1)  # (cells, H * W)
+        inside = flat_masks @ basis.t()
+        fraction = torch.maximum(fraction, (inside / basis.sum(1)[None]).amax(1))
+    area = flat_masks.mean(1)
+    return torch.where(area > 0, fraction / area.clamp_min(1e-12), torch.full_like(area, _NAN))
+
+
 def default_tolerance(map_size: tuple[int, int], image_size: tuple[int, int]) -> float:
     """Half the layer's stride in image pixels: the pointing game's default tolerance."""
     return 0.5 * max(image_size[0] / map_size[0], image_size[1] / map_size[1])

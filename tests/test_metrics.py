@@ -252,3 +252,22 @@ def test_masked_scores_reuses_logits_and_matches_plain_forward() -> None:
     from cam_monitor.maps import minmax
     want = model(x * upsample(minmax(maps), (16, 16))[:, None]).softmax(1).gather(1, t[:, None])[:, 0]
     torch.testing.assert_close(o1, want.detach())
+
+
+def test_enrichment_ceiling_is_the_best_any_map_can_reach() -> None:
+    from cam_monitor.maps import upsample
+
+    band = M.border_mask(64, 64, 0.1)[None]
+    assert M.enrichment_ceiling((2, 2), band).item() == pytest.approx(1.0, abs=1e-5)  # a 2x2 grid cannot resolve a band
+    fine = M.enrichment_ceiling((14, 14), band).item()
+    share = band.float().mean().item()
+    assert 1.0 < fine <= 1 / share + 1e-5
+    g = torch.Generator().manual_seed(0)
+    for grid in [(2, 2), (4, 4), (7, 5)]:
+        maps = torch.rand(500, *grid, generator=g) ** 8  # peaky random maps
+        reached = M.enrichment(upsample(maps, (64, 64)), band.expand(500, -1, -1)).max().item()
+        assert reached <= M.enrichment_ceiling(grid, band).item() + 1e-5
+    corner = torch.zeros(1, 64, 64, dtype=torch.bool)
+    corner[0, :8, :8] = True
+    assert M.enrichment_ceiling((8, 8), corner).item() > 10  # a fine grid resolves a small corner patch
+    assert torch.isnan(M.enrichment_ceiling((4, 4), torch.zeros(1, 8, 8, dtype=torch.bool))).all()

@@ -384,3 +384,18 @@ def test_automatic_pick_on_a_vit_monitor_is_logged_and_explains(tmp_path) -> Non
     fit(tmp_path, mon, epochs=1, model=TinyViT(zero_head=False), limit_train_batches=1)
     assert mon.layer_name == "vit.encoder.layers.encoder_layer_1.ln_1"
     assert mon.history[0]["cam/degenerate"] < 10
+
+
+def test_a_grid_too_coarse_for_the_spurious_region_is_a_warning_at_fit_start(tmp_path) -> None:
+    _, _, data = loaders()
+    probes = cm.ProbeSet.from_dataset(data.data.val, num_probes=10)
+    no_masks = cm.ProbeSet(probes.images, probes.labels, ids=probes.ids)  # default region: the border band
+    # 8x8 grid at 32 px against the 3-px border band: no map gets past about 2x chance, threshold 4
+    coarse = quick_monitor(probes=no_masks, target_layer="net.features", num_probes=10)
+    with pytest.warns(UserWarning, match=r"on the \dx\d grid of layer 'net.features', no map can put more than .* "
+                                         r"that alert can never fire"):
+        fit(tmp_path / "a", coarse, epochs=1, limit_train_batches=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(tmp_path / "b", quick_monitor(num_probes=10), epochs=1, limit_train_batches=1)  # masks: resolvable
+    assert not [w for w in caught if "can never fire" in str(w.message)]
