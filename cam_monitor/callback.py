@@ -30,7 +30,7 @@ from .evaluation import EvalSettings, Evaluation, Reference, evaluate, spurious_
 from .history import History
 from .imports import as_callable
 from .layers import resolve_layer, unwrap_compiled
-from .metrics import enrichment_ceiling
+from .metrics import enrichment_ceiling, pointing_always_hits
 from .probes import ProbeSet
 from .report import ReportSettings, build_panel
 from .sinks import AlertLog, Sink, sinks_for
@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 STATE_VERSION = 2
 DRY_RUN_PROBES = 8
+RESOLUTION_REGIONS = 16  # distinct spurious regions the fit-start resolution check looks at
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -395,22 +396,26 @@ class CAMMonitor(Callback):
         self._checked = True
 
     def _check_resolution(self, grid: tuple[int, int], layer: str) -> None:
-        """Warn when no map on this grid can reach the enrichment threshold on any probe's spurious
-        region: the rule could never fire and a gate on the metric would always pass."""
+        """Warn when the layer's grid cannot resolve the probes' spurious regions: no map can reach
+        the enrichment threshold (the rule could never fire, a gate on it always passes), or every
+        map points at the region (``pointing_spurious`` is 1 whatever the model does)."""
         regions = spurious_regions(self.probes, self.settings.border_fraction)
         ceiling = float(enrichment_ceiling(grid, regions).nan_to_num(0).max())
         threshold = rule_threshold(self.rules, "spurious_enrichment")
-        if ceiling > threshold:
-            return
+        where = f"CAMMonitor{self._tag}: on the {grid[0]}x{grid[1]} grid of layer {layer!r}"
         region = "spurious masks" if self.probes.spurious_masks is not None else (
             f"default border band ({self.settings.border_fraction:g} of each side)")
-        fix = ("target an earlier layer (a finer grid) or use larger probes" if ceiling <= 1.0 + 1e-3 else
-               "target an earlier layer, give tighter spurious masks, or lower spurious_enrichment")
-        rank_zero_warn(
-            f"CAMMonitor{self._tag}: on the {grid[0]}x{grid[1]} grid of layer {layer!r}, no map can put more than "
-            f"{ceiling:.2f}x its share of energy on the {region} (1.00 = chance), below spurious_enrichment="
-            f"{threshold:g}: that alert can never fire and a gate on {self.prefix}/spurious_enrichment always "
-            f"passes; {fix}")
+        finer = "target an earlier layer (a finer grid) or use larger probes"
+        if ceiling <= threshold:
+            fix = finer if ceiling <= 1.0 + 1e-3 else f"{finer}, give tighter spurious masks, or lower spurious_enrichment"
+            rank_zero_warn(
+                f"{where}, no map can put more than {ceiling:.2f}x its share of energy on the {region} (1.00 = chance), "
+                f"below spurious_enrichment={threshold:g}: that alert can never fire and a gate on "
+                f"{self.prefix}/spurious_enrichment always passes; {fix}")
+        distinct = torch.unique(regions, dim=0)[:RESOLUTION_REGIONS]
+        if bool(pointing_always_hits(grid, distinct).all()):
+            rank_zero_warn(f"{where}, every map's peak lies within half a stride of the {region}: "
+                           f"{self.prefix}/pointing_spurious is 1.0 whatever the model does; {finer}")
 
     def _explain_resumed_probes(self) -> None:
         """A resumed run keeps the checkpoint's probes (history and drift continue on the same

@@ -109,6 +109,21 @@ def pointing_game(maps: torch.Tensor, masks: torch.Tensor, tolerance: float | No
     return torch.where(bad, torch.full_like(hit, _NAN), hit)
 
 
+def pointing_always_hits(grid: tuple[int, int], masks: torch.Tensor, tolerance: float | None = None) -> torch.Tensor:
+    """(N,) whether the pointing game on each mask is a hit for *every* map on an ``grid`` (h, w).
+
+    An upsampled map peaks at one of its cells, so it suffices to point with each single-cell map;
+    when all of them hit, the metric is 1.0 whatever the model does (a 2x2 grid against the
+    border band, where half a stride reaches the band from anywhere). False for an empty mask.
+    """
+    h, w = int(grid[0]), int(grid[1])
+    masks = masks.bool()
+    basis = upsample(torch.eye(h * w, device=masks.device).reshape(h * w, h, w), masks.shape[-2:])
+    if tolerance is None:
+        tolerance = default_tolerance((h, w), tuple(masks.shape[-2:]))
+    return torch.stack([(pointing_game(basis, m.expand(h * w, -1, -1), tolerance) == 1).all() for m in masks])
+
+
 def rank_accuracy(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """Relevance rank accuracy: |top_K(A) ∩ M| / |M| with K = |M|, in [0, 1].
 

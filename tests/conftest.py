@@ -1,7 +1,9 @@
 """Shared small models and inputs for the test suite (CPU, random weights, fast)."""
 from __future__ import annotations
 
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -22,12 +24,24 @@ def _tree_files() -> set[str] | None:
             if line[:2] in ("??", "!!") and "__pycache__" not in line and not line[3:].startswith(".venv/")}
 
 
-@pytest.fixture(scope="session", autouse=True)
-def source_tree_stays_clean(tmp_path_factory):
-    """No test may write new files into the source tree (run output belongs under tmp_path)."""
+def pytest_configure(config: pytest.Config) -> None:
+    """Hypothesis keeps a cache (``.hypothesis/``) in the working directory from collection on:
+    give it a temporary folder instead of the source tree."""
     from hypothesis.configuration import set_hypothesis_home_dir
 
-    set_hypothesis_home_dir(str(tmp_path_factory.mktemp("hypothesis")))
+    config.cam_hypothesis_home = tempfile.mkdtemp(prefix="cam_monitor_hypothesis_")
+    set_hypothesis_home_dir(config.cam_hypothesis_home)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    home = getattr(config, "cam_hypothesis_home", None)
+    if home:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def source_tree_stays_clean():
+    """No test may write new files into the source tree (run output belongs under tmp_path)."""
     before = _tree_files()
     yield
     after = _tree_files()

@@ -271,3 +271,11 @@ def test_enrichment_ceiling_is_the_best_any_map_can_reach() -> None:
     corner[0, :8, :8] = True
     assert M.enrichment_ceiling((8, 8), corner).item() > 10  # a fine grid resolves a small corner patch
     assert torch.isnan(M.enrichment_ceiling((4, 4), torch.zeros(1, 8, 8, dtype=torch.bool))).all()
+
+
+def test_pointing_always_hits_on_a_grid_too_coarse_for_the_band() -> None:
+    band = M.border_mask(64, 64, 0.1)[None]
+    assert M.pointing_always_hits((2, 2), band).tolist() == [True]
+    assert M.pointing_always_hits((8, 8), band).tolist() == [False]
+    maps = torch.rand(200, 2, 2, generator=torch.Generator().manual_seed(0))
+    assert (M.pointing_game(maps, band.expand(200, -1, -1)) == 1).all()  # what the check predicts

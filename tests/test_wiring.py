@@ -399,3 +399,20 @@ def test_a_grid_too_coarse_for_the_spurious_region_is_a_warning_at_fit_start(tmp
         warnings.simplefilter("always")
         fit(tmp_path / "b", quick_monitor(num_probes=10), epochs=1, limit_train_batches=1)  # masks: resolvable
     assert not [w for w in caught if "can never fire" in str(w.message)]
+
+
+def test_a_2x2_grid_warns_that_pointing_and_enrichment_cannot_move(tmp_path) -> None:
+    class Coarse(DigitClassifier):
+        def forward(self, x):  # the demo CNN on 8 px inputs: a 2x2 grid at net.features
+            return self.net(torch.nn.functional.interpolate(x, size=(8, 8)))
+
+    _, _, data = loaders()
+    probes = cm.ProbeSet.from_dataset(data.data.val, num_probes=10)
+    probes = cm.ProbeSet(probes.images, probes.labels, ids=probes.ids)
+    mon = quick_monitor(probes=probes, num_probes=10)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(tmp_path, mon, epochs=1, model=Coarse(), limit_train_batches=1)
+    texts = [str(w.message) for w in caught if "grid of layer" in str(w.message)]
+    assert any("no map can put more than 1.00x" in t and "larger probes" in t for t in texts)
+    assert any("pointing_spurious is 1.0 whatever the model does" in t for t in texts)
