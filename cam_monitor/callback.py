@@ -24,14 +24,14 @@ from typing_extensions import override
 
 from . import trainer_access as access
 from .alerts import AlertBook, check_rules, default_rules, describe_alert, resolve_action, rule_threshold
+from .checks import dry_run_findings
 from .engine import cam_pass
 from .errors import CAMAlertError, CAMError, InputError, ScheduleError
-from .evaluation import EvalSettings, Evaluation, Reference, evaluate, spurious_regions
+from .evaluation import EvalSettings, Evaluation, Reference, evaluate
 from .history import History
 from .imports import as_callable
 from .layers import resolve_layer, unwrap_compiled
-from .metrics import enrichment_ceiling, pointing_always_hits
-from .probes import ProbeSet
+from .probes import ProbeSet, load_probe_source
 from .report import ReportSettings, build_panel
 from .sinks import AlertLog, Sink, sinks_for
 
@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 
 STATE_VERSION = 2
 DRY_RUN_PROBES = 8
-RESOLUTION_REGIONS = 16  # distinct spurious regions the fit-start resolution check looks at
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -205,7 +204,7 @@ class CAMMonitor(Callback):
         if self.target_layer is not None:
             resolve_layer(unwrap_compiled(pl_module), self.target_layer)
         if self.probes is None and self._probe_source is not None:
-            self.probes = _load_probe_source(self._probe_source, self.probe_transform)
+            self.probes = load_probe_source(self._probe_source, self.probe_transform)
         if self.probes is not None:
             self._dry_run(trainer, pl_module, "fit")
 
@@ -339,7 +338,7 @@ class CAMMonitor(Callback):
         it must come from is not built yet (it then comes at the first validation)."""
         if self.probes is None:
             if self._probe_source is not None:
-                self.probes = _load_probe_source(self._probe_source, self.probe_transform)
+                self.probes = load_probe_source(self._probe_source, self.probe_transform)
             else:
                 found = access.probe_loader(trainer, pl_module, stage)
                 if found is None:
@@ -375,18 +374,12 @@ class CAMMonitor(Callback):
                 f"CAMMonitor could not run a probe of shape {tuple(self.probes.images.shape[1:])} through "
                 f"{type(pl_module).__name__} {when} ({type(err).__name__}: {err}); make the probes match the model's "
                 "input (channels, size, normalisation)") from err
-        if settings.layout == "auto" and result.layout == "nhwc":
-            rank_zero_info(f"CAMMonitor{self._tag}: layer {result.layer_name!r} outputs channels-last (B, h, w, C); "
-                           "reading it so (pass layout='nchw' to override)")
-        if all(float(m.amax()) <= 0 for m in result.maps.values()):
-            rank_zero_warn(f"CAMMonitor{self._tag}: {_zero_map_cause(result)}; metrics stay NaN (counted in "
-                           f"{self.prefix}/degenerate) until the maps are non-zero")
-        self._check_resolution(result.grid_size, result.layer_name)
-        if result.layer_calls > 1:
-            rank_zero_warn(f"CAMMonitor{self._tag}: layer {result.layer_name!r} runs {result.layer_calls} times in one "
-                           "forward (a shared module); its maps are of the last call only, as captum's. Target a "
-                           "module that runs once (for instance the block after the last call), or wrap each use in its "
-                           "own module")
+        found = dry_run_findings(result, self.probes, settings, rule_threshold(self.rules, "spurious_enrichment"),
+                                 self.prefix)
+        for note in found.notes:
+            rank_zero_info(f"CAMMonitor{self._tag}: {note}")
+        for warning in found.warnings:
+            rank_zero_warn(f"CAMMonitor{self._tag}: {warning}")
         if self.layer_name is None:
             module = dict(model.named_modules())[result.layer_name]
             self.layer_name = next(n for n, m in unwrap_compiled(pl_module).named_modules() if m is module)
@@ -394,28 +387,6 @@ class CAMMonitor(Callback):
             rank_zero_info(f"CAMMonitor{self._tag}: target_layer=None picked {self.layer_name!r} "
                            f"({result.grid_size[0]}x{result.grid_size[1]} grid)")
         self._checked = True
-
-    def _check_resolution(self, grid: tuple[int, int], layer: str) -> None:
-        """Warn when the layer's grid cannot resolve the probes' spurious regions: no map can reach
-        the enrichment threshold (the rule could never fire, a gate on it always passes), or every
-        map points at the region (``pointing_spurious`` is 1 whatever the model does)."""
-        regions = spurious_regions(self.probes, self.settings.border_fraction)
-        ceiling = float(enrichment_ceiling(grid, regions).nan_to_num(0).max())
-        threshold = rule_threshold(self.rules, "spurious_enrichment")
-        where = f"CAMMonitor{self._tag}: on the {grid[0]}x{grid[1]} grid of layer {layer!r}"
-        region = "spurious masks" if self.probes.spurious_masks is not None else (
-            f"default border band ({self.settings.border_fraction:g} of each side)")
-        finer = "target an earlier layer (a finer grid) or use larger probes"
-        if ceiling <= threshold:
-            fix = finer if ceiling <= 1.0 + 1e-3 else f"{finer}, give tighter spurious masks, or lower spurious_enrichment"
-            rank_zero_warn(
-                f"{where}, no map can put more than {ceiling:.2f}x its share of energy on the {region} (1.00 = chance), "
-                f"below spurious_enrichment={threshold:g}: that alert can never fire and a gate on "
-                f"{self.prefix}/spurious_enrichment always passes; {fix}")
-        distinct = torch.unique(regions, dim=0)[:RESOLUTION_REGIONS]
-        if bool(pointing_always_hits(grid, distinct).all()):
-            rank_zero_warn(f"{where}, every map's peak lies within half a stride of the {region}: "
-                           f"{self.prefix}/pointing_spurious is 1.0 whatever the model does; {finer}")
 
     def _explain_resumed_probes(self) -> None:
         """A resumed run keeps the checkpoint's probes (history and drift continue on the same
@@ -428,7 +399,7 @@ class CAMMonitor(Callback):
         if src is None:
             differs, asked = n != self.num_probes, f"num_probes={self.num_probes}"
         else:
-            differs, asked = not _load_probe_source(src, self.probe_transform).same_as(self.probes), f"probes={src!r}"[:80]
+            differs, asked = not load_probe_source(src, self.probe_transform).same_as(self.probes), f"probes={src!r}"[:80]
         if differs:
             rank_zero_warn(f"CAMMonitor{self._tag}: resuming with the checkpoint's {n} probes, not {asked}: history, "
                            "drift and alerts must continue on the same images; start a new run (no ckpt_path) or add "
@@ -499,30 +470,6 @@ class CAMMonitor(Callback):
         return "" if self.name is None else f"[{self.name}]"
 
 
-def _zero_map_cause(result: Any) -> str:
-    """Why every dry-run map is all zero, and what to do about it."""
-    where = f"every map of the first probes at layer {result.layer_name!r} is all zero"
-    if result.zero_gradient:
-        return (f"{where}: the class scores' gradient there is zero. Either the head is all zeros (torchvision "
-                "zero-initialises ViT heads; it changes after the first steps), or the layer reaches the logits only "
-                "through a class token (a ViT's last block or final norm): target the last block's attention input, "
-                "e.g. 'encoder.layers.encoder_layer_11.ln_1', or leave target_layer=None")
-    return (f"{where}: all of its evidence is negative and the ReLU removes it; target an earlier layer, or check "
-            "that the probes are normalised as the model expects")
-
-
 def _stage(trainer: pl.Trainer) -> str:
     """``"validate"`` under ``trainer.validate``, else ``"fit"`` (validation inside fit)."""
     return "validate" if trainer.state.fn == "validate" else "fit"
-
-
-def _load_probe_source(src: ProbeSet | str | Path, transform: Callable[..., torch.Tensor] | None) -> ProbeSet:
-    if isinstance(src, ProbeSet):
-        return src
-    path = Path(src)
-    if path.is_dir():
-        return ProbeSet.from_folder(path, transform=transform)
-    if transform is not None:
-        raise InputError(f"probe_transform applies to probe folders, but {str(path)!r} is a saved probe file (its "
-                         "images are stored as the model consumes them): drop probe_transform")
-    return ProbeSet.load(path)

@@ -261,6 +261,21 @@ class ProbeSet:
         return cls(torch.stack(images), torch.tensor(labels), stack(spurious), stack(objects), **meta)
 
 
+def load_probe_source(src: "ProbeSet | str | os.PathLike", transform: Callable[..., Any] | None = None) -> ProbeSet:
+    """A probe set from what ``CAMMonitor(probes=...)`` accepts: a ProbeSet, a saved probe file, or
+    a probe folder (read through ``transform``; a transform for a saved file is refused, its images
+    are stored as the model consumes them)."""
+    if isinstance(src, ProbeSet):
+        return src
+    path = Path(src)
+    if path.is_dir():
+        return ProbeSet.from_folder(path, transform=transform)
+    if transform is not None:
+        raise InputError(f"probe_transform applies to probe folders, but {str(path)!r} is a saved probe file (its "
+                         "images are stored as the model consumes them): drop probe_transform")
+    return ProbeSet.load(path)
+
+
 def _transformed(transform: Callable[..., Any] | None, image: torch.Tensor, spurious: torch.Tensor | None,
                  objects: torch.Tensor | None, path: Path) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Apply ``transform`` (see :meth:`ProbeSet.from_folder`); masks end at the image's size."""

@@ -1,0 +1,81 @@
+"""What the monitor's check before training finds in one CAM pass over the first probes.
+
+Each finding is a sentence with its fix. Warnings are about numbers that would not mean what their
+names say (every map zero, a grid too coarse for the spurious region, a layer that runs twice);
+notes say what was read automatically (a channels-last layout). Lightning-free: the callback only
+prints them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .engine import CAMResult
+from .evaluation import EvalSettings, spurious_regions
+from .metrics import enrichment_ceiling, pointing_always_hits
+from .probes import ProbeSet
+
+#: Distinct spurious regions the resolution check looks at (it is exact per region, so bounded).
+RESOLUTION_REGIONS = 16
+
+
+@dataclass
+class Findings:
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def dry_run_findings(result: CAMResult, probes: ProbeSet, settings: EvalSettings, enrichment_threshold: float,
+                     prefix: str) -> Findings:
+    """Everything worth saying about ``result``, a CAM pass over the first probes."""
+    found = Findings()
+    if settings.layout == "auto" and result.layout == "nhwc":
+        found.notes.append(f"layer {result.layer_name!r} outputs channels-last (B, h, w, C); reading it so (pass "
+                           "layout='nchw' to override)")
+    if all(float(m.amax()) <= 0 for m in result.maps.values()):
+        found.warnings.append(f"{zero_map_cause(result)}; metrics stay NaN (counted in {prefix}/degenerate) until the "
+                              "maps are non-zero")
+    found.warnings.extend(resolution_findings(result.grid_size, result.layer_name, probes, settings.border_fraction,
+                                              enrichment_threshold, prefix))
+    if result.layer_calls > 1:
+        found.warnings.append(
+            f"layer {result.layer_name!r} runs {result.layer_calls} times in one forward (a shared module); its maps "
+            "are of the last call only, as captum's. Target a module that runs once (for instance the block after "
+            "the last call), or wrap each use in its own module")
+    return found
+
+
+def zero_map_cause(result: CAMResult) -> str:
+    """Why every map of the pass is all zero, and what to do about it."""
+    where = f"every map of the first probes at layer {result.layer_name!r} is all zero"
+    if result.zero_gradient:
+        return (f"{where}: the class scores' gradient there is zero. Either the head is all zeros (torchvision "
+                "zero-initialises ViT heads; it changes after the first steps), or the layer reaches the logits only "
+                "through a class token (a ViT's last block or final norm): target the last block's attention input, "
+                "e.g. 'encoder.layers.encoder_layer_11.ln_1', or leave target_layer=None")
+    return (f"{where}: all of its evidence is negative and the ReLU removes it; target an earlier layer, or check "
+            "that the probes are normalised as the model expects")
+
+
+def resolution_findings(grid: tuple[int, int], layer: str, probes: ProbeSet, border_fraction: float,
+                        enrichment_threshold: float, prefix: str) -> list[str]:
+    """Whether the layer's grid can resolve the probes' spurious regions: no map reaching the
+    enrichment threshold means the rule can never fire (and a gate on it always passes); every
+    map pointing at the region means ``pointing_spurious`` is 1 whatever the model does."""
+    regions = spurious_regions(probes, border_fraction)
+    where = f"on the {grid[0]}x{grid[1]} grid of layer {layer!r}"
+    region = "spurious masks" if probes.spurious_masks is not None else (
+        f"default border band ({border_fraction:g} of each side)")
+    finer = "target an earlier layer (a finer grid) or use larger probes"
+    out = []
+    ceiling = float(enrichment_ceiling(grid, regions).nan_to_num(0).max())
+    if ceiling <= enrichment_threshold:
+        fix = finer if ceiling <= 1.0 + 1e-3 else f"{finer}, give tighter spurious masks, or lower spurious_enrichment"
+        out.append(f"{where}, no map can put more than {ceiling:.2f}x its share of energy on the {region} (1.00 = "
+                   f"chance), below spurious_enrichment={enrichment_threshold:g}: that alert can never fire and a gate "
+                   f"on {prefix}/spurious_enrichment always passes; {fix}")
+    if bool(pointing_always_hits(grid, torch.unique(regions, dim=0)[:RESOLUTION_REGIONS]).all()):
+        out.append(f"{where}, every map's peak lies within half a stride of the {region}: {prefix}/pointing_spurious "
+                   f"is 1.0 whatever the model does; {finer}")
+    return out

@@ -1,0 +1,45 @@
+"""The check before training: what one CAM pass over the first probes says, as sentences with fixes."""
+from __future__ import annotations
+
+import torch
+
+import cam_monitor as cm
+from cam_monitor.checks import dry_run_findings
+from cam_monitor.engine import CAMResult
+from cam_monitor.evaluation import EvalSettings
+
+
+def result(maps: torch.Tensor, **kw) -> CAMResult:
+    return CAMResult(maps={"gradcam": maps[:, None]}, logits=torch.zeros(len(maps), 3),
+                     targets=torch.zeros(len(maps), 1, dtype=torch.long), layer_name="body", squeeze_targets=True, **kw)
+
+
+def probes(n: int = 2, size: int = 64, masks: bool = False) -> cm.ProbeSet:
+    spur = None
+    if masks:
+        spur = torch.zeros(n, size, size, dtype=torch.bool)
+        spur[:, :8, :8] = True
+    return cm.ProbeSet(torch.rand(n, 3, size, size), torch.zeros(n, dtype=torch.long), spurious_masks=spur)
+
+
+def test_a_healthy_pass_says_nothing() -> None:
+    found = dry_run_findings(result(torch.rand(2, 8, 8)), probes(masks=True), EvalSettings(), 4.0, "cam")
+    assert found.warnings == [] and found.notes == []
+
+
+def test_zero_maps_name_the_cause() -> None:
+    zero = dry_run_findings(result(torch.zeros(2, 8, 8), zero_gradient=True), probes(masks=True), EvalSettings(), 4.0,
+                            "cam/x")
+    assert len(zero.warnings) == 1 and "zero-initialises ViT heads" in zero.warnings[0]
+    assert "counted in cam/x/degenerate" in zero.warnings[0]
+    negative = dry_run_findings(result(torch.zeros(2, 8, 8)), probes(masks=True), EvalSettings(), 4.0, "cam")
+    assert "evidence is negative" in negative.warnings[0]
+
+
+def test_a_coarse_grid_the_band_and_a_shared_layer_are_warned_and_channels_last_noted() -> None:
+    found = dry_run_findings(result(torch.rand(2, 2, 2), layer_calls=2, layout="nhwc"), probes(), EvalSettings(), 4.0,
+                             "cam")
+    text = " | ".join(found.warnings)
+    assert "no map can put more than 1.00x" in text and "pointing_spurious is 1.0" in text
+    assert "runs 2 times in one forward" in text
+    assert found.notes == ["layer 'body' outputs channels-last (B, h, w, C); reading it so (pass layout='nchw' to override)"]
