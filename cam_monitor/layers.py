@@ -96,7 +96,8 @@ def find_last_spatial_layer(model: nn.Module, probe: torch.Tensor,
     candidate; the last candidate whose Grad-CAM map is not all zero wins. That skips the layers
     whose patch tokens reach the head only through a class token (a ViT's last block and final
     norm): for torchvision's ViT the pick is the last block's ``ln_1``, the attention's input.
-    When no map is non-zero (e.g. a zero-initialised head) the last candidate is returned. The
+    When no map is non-zero (e.g. a zero-initialised head), or no ``output_transform`` gives the
+    logits, the last candidate is returned. The
     pick is cached per model and input shape. Runs in the caller's train/eval state; touches no
     ``.grad`` (``autograd.grad`` only).
     """
@@ -129,7 +130,10 @@ def find_last_spatial_layer(model: nn.Module, probe: torch.Tensor,
                 "square token grid (B, N, C); pass layer=<dotted name> (and reshape=(h, w) for token layers)")
         names = list(outputs)
         picked = names[-1]
-        logits = output_transform(output) if output_transform is not None else _first_tensor(output)
+        try:
+            logits = output_transform(output) if output_transform is not None else None
+        except Exception:  # noqa: BLE001 - a wrong transform is reported by the CAM pass that follows
+            logits = None
         if isinstance(logits, torch.Tensor) and logits.dim() == 2 and logits.requires_grad:
             score = logits[0, logits[0].argmax()]
             grads = torch.autograd.grad(score, [outputs[n] for n in names], allow_unused=True)
@@ -139,18 +143,6 @@ def find_last_spatial_layer(model: nn.Module, probe: torch.Tensor,
                     break
     cache[key] = picked
     return picked, dict(model.named_modules())[picked]
-
-
-def _first_tensor(output: object) -> torch.Tensor | None:
-    """The logits as :func:`cam_monitor.engine.default_output_transform` finds them, or None."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, dict):
-        return output.get("logits")
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    return output[0] if isinstance(output, (tuple, list)) and output else None
 
 
 def _gradcam_is_nonzero(act: torch.Tensor, grad: torch.Tensor, image_size: Sequence[int]) -> bool:

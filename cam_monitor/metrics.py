@@ -60,6 +60,16 @@ def enrichment(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     return frac / area.clamp_min(1e-12)
 
 
+def _single_cell_maps(grid: tuple[int, int], size: tuple[int, int], start: int, stop: int,
+                      device: torch.device) -> torch.Tensor:
+    """Maps with one non-zero cell (cells ``start:stop`` of the grid, row-major), upsampled to ``size``."""
+    h, w = grid
+    cells = torch.arange(start, min(stop, h * w), device=device)
+    onehot = torch.zeros(len(cells), h * w, device=device)
+    onehot[torch.arange(len(cells), device=device), cells] = 1.0
+    return upsample(onehot.reshape(-1, h, w), size)
+
+
 def enrichment_ceiling(grid: tuple[int, int], masks: torch.Tensor) -> torch.Tensor:
     """(N,) the largest enrichment any non-negative map on an ``grid`` (h, w) can reach on each mask.
 
@@ -70,10 +80,9 @@ def enrichment_ceiling(grid: tuple[int, int], masks: torch.Tensor) -> torch.Tens
     """
     h, w = int(grid[0]), int(grid[1])
     flat_masks = masks.bool().flatten(1).float()
-    cells = torch.eye(h * w, device=masks.device).reshape(h * w, h, w)
     fraction = torch.zeros(masks.shape[0], device=masks.device)
-    for start in range(0, h * w, 64):  # one-hot maps a chunk at a time: bounded memory on fine grids
-        basis = upsample(cells[start:start + 64], masks.shape[-2:]).flatten(1)  # (cells, H * W)
+    for start in range(0, h * w, 64):  # a chunk of cells at a time: bounded memory on fine grids
+        basis = _single_cell_maps((h, w), masks.shape[-2:], start, start + 64, masks.device).flatten(1)
         inside = flat_masks @ basis.t()
         fraction = torch.maximum(fraction, (inside / basis.sum(1)[None]).amax(1))
     area = flat_masks.mean(1)
@@ -118,7 +127,7 @@ def pointing_always_hits(grid: tuple[int, int], masks: torch.Tensor, tolerance: 
     """
     h, w = int(grid[0]), int(grid[1])
     masks = masks.bool()
-    basis = upsample(torch.eye(h * w, device=masks.device).reshape(h * w, h, w), masks.shape[-2:])
+    basis = _single_cell_maps((h, w), masks.shape[-2:], 0, h * w, masks.device)
     if tolerance is None:
         tolerance = default_tolerance((h, w), tuple(masks.shape[-2:]))
     return torch.stack([(pointing_game(basis, m.expand(h * w, -1, -1), tolerance) == 1).all() for m in masks])
