@@ -361,7 +361,7 @@ class CAMMonitor(Callback):
         first = slice(0, min(len(self.probes), DRY_RUN_PROBES))
         try:
             images = place.to_model(self.probes.images[first])
-            targets = self.probes.labels[first].to(images.device) if settings.targets == "label" else None
+            targets = self.probes.labels[first] if settings.targets == "label" else None
             with place.forward_context():
                 result = cam_pass(model, images, settings.layer, targets, settings.methods, reshape=settings.reshape,
                                   output_transform=settings.output_transform, layout=settings.layout)

@@ -105,25 +105,49 @@ def check_images(images: torch.Tensor, what: str = "images") -> None:
         raise InputError(f"{what} must be a floating tensor (normalised as the model expects), got {images.dtype}")
 
 
-def resolve_targets(targets: TargetSpec, logits: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """Return ``(targets (B, K) long, squeeze)`` checked against the logits' batch and classes."""
+def resolve_targets(targets: TargetSpec, logits: torch.Tensor) -> tuple[torch.Tensor, bool, torch.Tensor | None]:
+    """Return ``(targets (B, K) long on the logits' device, squeeze, pending)`` checked against the
+    logits' batch and classes, without a host-device synchronisation.
+
+    Targets given on the CPU (a list, an int, the monitor's labels) are range-checked there, then
+    moved without blocking. Targets already on another device cannot be read without stalling its
+    queue: out-of-range entries are clamped so the backward can be queued, and ``pending`` is a
+    device flag for :func:`raise_if_out_of_range` to read once the work is queued.
+    """
     batch, num_classes = logits.shape
     if targets is None:
-        return logits.argmax(dim=1, keepdim=True), True
+        return logits.argmax(dim=1, keepdim=True), True, None
     if isinstance(targets, int):
-        t = torch.full((batch,), targets, dtype=torch.long, device=logits.device)
+        t = torch.full((batch,), targets, dtype=torch.long)
     else:
-        t = torch.as_tensor(targets, device=logits.device)
+        t = torch.as_tensor(targets)
     if t.is_floating_point() or t.dtype == torch.bool:
         raise TargetError(f"targets must hold integer class indices, got dtype {t.dtype}")
     if t.dim() not in (1, 2) or t.shape[0] != batch:
         raise TargetError(
             f"targets must have shape ({batch},) or ({batch}, K) to match the {batch} images, got {tuple(t.shape)}")
-    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_classes):
-        bad = t[(t < 0) | (t >= num_classes)].unique().tolist()
-        raise TargetError(f"target classes {bad} are out of range for a model with {num_classes} classes (0..{num_classes - 1})")
+    pending = None
+    if t.device.type == "cpu":
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_classes):
+            raise _out_of_range(t, num_classes)
+    else:
+        pending = ((t < 0) | (t >= num_classes)).any()
+        t = t.clamp(0, num_classes - 1)
     squeeze = t.dim() == 1
-    return (t.unsqueeze(1) if squeeze else t).long(), squeeze
+    t = (t.unsqueeze(1) if squeeze else t).long().to(logits.device, non_blocking=True)
+    return t, squeeze, pending
+
+
+def _out_of_range(targets: torch.Tensor, num_classes: int) -> TargetError:
+    bad = targets[(targets < 0) | (targets >= num_classes)].unique().tolist()
+    return TargetError(f"target classes {bad} are out of range for a model with {num_classes} classes "
+                       f"(0..{num_classes - 1})")
+
+
+def raise_if_out_of_range(pending: torch.Tensor | None, targets: TargetSpec, num_classes: int) -> None:
+    """The one host read of a device target check, after the pass's work is queued."""
+    if pending is not None and bool(pending):
+        raise _out_of_range(torch.as_tensor(targets).cpu(), num_classes)
 
 
 def _capture_hook(store: dict[str, Any], layer_name: str) -> Callable:
@@ -198,8 +222,9 @@ def cam_pass(
             raise InputError(f"the model's logits must be (B, num_classes), got {shape}; pass output_transform=")
         if not logits.requires_grad:
             raise LayerNotSpatialError(f"the logits do not depend on layer {name!r} (is its output detached?)")
-        tgt, squeeze = resolve_targets(targets, logits.detach())
+        tgt, squeeze, pending = resolve_targets(targets, logits.detach())
         grads = _target_gradients(logits, store["act"], tgt, -1.0 if counterfactual else 1.0)
+        raise_if_out_of_range(pending, targets, logits.shape[1])
         torch.set_grad_enabled(False)
         raw = store["act"].detach()
         layout = (resolve_layout(raw.shape, images.shape[-2:], layout, name)

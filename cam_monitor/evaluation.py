@@ -153,7 +153,7 @@ def compute_shard(model: nn.Module, probes: ProbeSet, index: torch.Tensor, setti
     for start in range(0, len(index), settings.batch_size):
         idx = index[start:start + settings.batch_size]
         images = placement.to_model(probes.images[idx])
-        targets = probes.labels[idx].to(images.device) if settings.targets == "label" else None
+        targets = probes.labels[idx] if settings.targets == "label" else None  # CPU: checked without a device sync
         with placement.forward_context():
             res = cam_pass(model, images, settings.layer, targets, methods, output_transform=settings.output_transform,
                            reshape=settings.reshape, layout=settings.layout)

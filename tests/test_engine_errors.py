@@ -94,3 +94,23 @@ def test_token_count_not_square_asks_for_reshape() -> None:
 def test_errors_share_a_base_class() -> None:
     for err in (cm.LayerNotFoundError, cm.LayerNotSpatialError, cm.HookNotFiredError, cm.TargetError, cm.InputError):
         assert issubclass(err, cm.CAMError)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_target_check_and_backward_queue_without_a_host_sync_on_a_gpu() -> None:
+    from cam_monitor.engine import _target_gradients, raise_if_out_of_range, resolve_targets
+
+    logits_src = torch.randn(4, 8, device="cuda", requires_grad=True)
+    act = torch.randn(4, 8, device="cuda", requires_grad=True)
+    logits = logits_src * act
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        tgt, _, pending = resolve_targets(torch.tensor([0, 1, 2, 3]), logits.detach())  # CPU labels, as the monitor's
+        _target_gradients(logits, act, tgt, 1.0)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert pending is None
+    bad = torch.tensor([0, 1, 2, 9], device="cuda")
+    tgt, _, pending = resolve_targets(bad, logits.detach())
+    with pytest.raises(cm.TargetError, match=r"\[9\] are out of range"):
+        raise_if_out_of_range(pending, bad, 8)
