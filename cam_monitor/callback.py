@@ -32,6 +32,7 @@ from .history import History
 from .imports import as_callable
 from .layers import resolve_layer, unwrap_compiled
 from .probes import ProbeSet, load_probe_source
+from .publisher import Publisher
 from .report import ReportSettings, build_panel
 from .sinks import AlertLog, Sink, sinks_for
 
@@ -90,6 +91,7 @@ class CAMMonitor(Callback):
         name: str | None = None,
         probe_transform: Callable[..., torch.Tensor] | str | None = None,
         layout: str = "auto",
+        background: bool = True,
     ) -> None:
         super().__init__()
         for arg, value, minimum in (("every_n_epochs", every_n_epochs, 1), ("num_probes", num_probes, 1),
@@ -130,6 +132,7 @@ class CAMMonitor(Callback):
         self.mean = None if mean is None else tuple(mean)
         self.std = None if std is None else tuple(std)
         self._probe_source = probes
+        self.background = bool(background)
         self._reset_run()
         self._drop_resources()
 
@@ -152,6 +155,7 @@ class CAMMonitor(Callback):
         self._sinks: list[Sink] | None = None
         self._alert_log: AlertLog | None = None
         self._layer_module: torch.nn.Module | None = None
+        self._publisher: Publisher | None = None
 
     @property
     def history(self) -> list[dict[str, Any]]:
@@ -183,6 +187,7 @@ class CAMMonitor(Callback):
         """Refuse a clash with another monitor; resolve the output folder; start a fresh run for ``fit``."""
         if stage == "fit":
             self._reset_run()
+        self._publisher = Publisher(self.background)
         self._out_dir = Path(self.log_dir) if self.log_dir else (
             Path(trainer.log_dir or trainer.default_root_dir) / "cam_monitor" / (self.name or ""))
         for other in trainer.callbacks:
@@ -194,7 +199,21 @@ class CAMMonitor(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._drop_resources()
+        """Finish every queued picture (before Lightning closes the loggers), then drop the resources."""
+        try:
+            if self._publisher is not None:
+                self._publisher.close()
+                self._report_worker_faults(trainer)
+        finally:
+            self._drop_resources()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """A failing fit still gets the pictures of its evaluations (written before its loggers close)."""
+        if self._publisher is not None:
+            self._publisher.close()
+            for kind, err in self._publisher.faults():
+                log.debug("CAMMonitor %s failed while the fit was failing: %r", kind, err)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -329,6 +348,7 @@ class CAMMonitor(Callback):
                 self._guarded("render", lambda: self._publish(trainer, ev), trainer)
             for event in events:
                 self._guarded("alert_log", lambda e=event: self._write_alert(trainer, e), trainer)
+            self._report_worker_faults(trainer)
         self._act(trainer, fired)
 
     # ---- probes ----------------------------------------------------------------------------------
@@ -416,11 +436,25 @@ class CAMMonitor(Callback):
         return self._sinks
 
     def _publish(self, trainer: pl.Trainer, ev: Evaluation) -> None:
-        panel = build_panel(self.probes, ev, self.series, self.report_settings)
-        for sink in self._sinks_of(trainer):
-            self._guarded(f"sink:{sink.name}", lambda s=sink: s.log_evaluation(ev, panel), trainer)
+        """Queue this evaluation's pictures: rendered and sent by the worker, from a snapshot."""
+        sinks, probes, history, settings = self._sinks_of(trainer), self.probes, self.series.snapshot(), self.report_settings
+
+        def job() -> None:
+            panel = build_panel(probes, ev, history, settings)
+            self._to_sinks(sinks, lambda sink: sink.log_evaluation(ev, panel))
+
+        self._publisher.submit("render", job)
+
+    def _to_sinks(self, sinks: list[Sink], send: Callable[[Sink], None]) -> None:
+        """Send to every sink; a failing sink is a fault of its own kind and the others still get it."""
+        for sink in sinks:
+            try:
+                send(sink)
+            except Exception as err:  # noqa: BLE001 - reported on the training thread
+                self._publisher.record_fault(f"sink:{sink.name}", err)
 
     def _write_alert(self, trainer: pl.Trainer, event: dict[str, Any]) -> None:
+        """``alerts.jsonl`` now (durability first); the dashboards in order, from the worker."""
         if self._alert_log is None:
             self._alert_log = AlertLog(self._out_dir / "alerts.jsonl")
         written = self._alert_log.append(event)
@@ -428,8 +462,8 @@ class CAMMonitor(Callback):
             rank_zero_warn(f"CAMMonitor: dropped a torn last line from {self._alert_log.path} (a process died mid-write)")
             self._alert_log.repaired = False
         if written:
-            for sink in self._sinks_of(trainer):
-                self._guarded(f"sink:{sink.name}", lambda s=sink: s.log_alert(event), trainer)
+            sinks = self._sinks_of(trainer)
+            self._publisher.submit("alert", lambda: self._to_sinks(sinks, lambda sink: sink.log_alert(event)))
 
     def _act(self, trainer: pl.Trainer, fired: list[dict[str, Any]]) -> None:
         """Carry out the alert action; ``stop`` is decided across ranks so every rank stops together."""
@@ -455,15 +489,23 @@ class CAMMonitor(Callback):
         try:
             return fn()
         except Exception as err:  # noqa: BLE001 - the monitor must never kill training unless asked
-            if self.on_error == "raise":
-                raise
-            key = f"{kind}:{type(err).__name__}"
-            self.faults[key] = self.faults.get(key, 0) + 1
-            if self.faults[key] == 1:
-                warnings.warn(f"CAMMonitor{self._tag}: {kind} failed ({type(err).__name__}: {err}); training goes on, "
-                              "the next evaluation retries (reported once per kind)", stacklevel=2)
-            log.debug("CAMMonitor %s failed", kind, exc_info=True)
+            self._fault(kind, err)
             return None
+
+    def _report_worker_faults(self, trainer: pl.Trainer) -> None:
+        """Faults of the background jobs that finished since the last call, reported as any other."""
+        for kind, err in self._publisher.faults():
+            self._fault(kind, err)
+
+    def _fault(self, kind: str, err: BaseException) -> None:
+        if self.on_error == "raise":
+            raise err
+        key = f"{kind}:{type(err).__name__}"
+        self.faults[key] = self.faults.get(key, 0) + 1
+        if self.faults[key] == 1:
+            warnings.warn(f"CAMMonitor{self._tag}: {kind} failed ({type(err).__name__}: {err}); training goes on, "
+                          "the next evaluation retries (reported once per kind)", stacklevel=3)
+        log.debug("CAMMonitor %s failed", kind, exc_info=err)
 
     @property
     def _tag(self) -> str:

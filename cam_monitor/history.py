@@ -59,6 +59,15 @@ class History:
         self.last = ev
         return row
 
+    def snapshot(self) -> "History":
+        """A copy that later evaluations do not change (tensors are replaced, never written in
+        place, so they are shared; the lists are copied): what a background job reads."""
+        copy = History(self.prefix, self.filmstrip_probes, self.frames)
+        copy.rows, copy.per_probe = list(self.rows), dict(self.per_probe)
+        copy.filmstrip_maps, copy.filmstrip_steps = self.filmstrip_maps, list(self.filmstrip_steps)
+        copy.previous_maps, copy.reference, copy.last = self.previous_maps, self.reference, self.last
+        return copy
+
     def start_from(self, ev: Evaluation) -> None:
         """Make ``ev`` (an evaluation not recorded as a row, e.g. before training) the reference and
         the previous maps."""

@@ -275,3 +275,44 @@ def test_target_layer_none_pick_is_logged_and_kept_in_state_and_card(tmp_path, c
     data = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=True)
     assert data["callbacks"][mon.state_key]["target_layer"] == "net.features"
     assert data["cam_monitor_cards"][mon.state_key]["target_layer"] == "net.features"
+
+
+def tb_images(log_dir) -> dict[str, list[tuple[int, bytes]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"images": 0, "tensors": 0})
+    acc.Reload()
+    images = {tag: [(e.step, e.encoded_image_string) for e in acc.Images(tag)] for tag in acc.Tags()["images"]}
+    images["alerts"] = [(e.step, e.tensor_proto.SerializeToString()) for e in acc.Tensors("cam/alerts/text_summary")]
+    return images
+
+
+def test_background_pictures_and_events_are_identical_to_the_synchronous_ones(tmp_path) -> None:
+    outputs = {}
+    for background in (False, True):
+        root = tmp_path / str(background)
+        tb = TensorBoardLogger(str(root), name="tb")
+        fit(root / "a", quick_monitor(background=background, tile_size=48), epochs=2, logger=tb)
+        csv = CSVLogger(str(root), name="csv")  # no image-capable logger: PNG files
+        fit(root / "b", quick_monitor(background=background, tile_size=48), epochs=2, logger=csv)
+        files = {p.name: p.read_bytes() for p in (root / "csv" / "version_0" / "cam_monitor").glob("*")}
+        outputs[background] = (tb_images(tb.log_dir), files)
+    sync_images, sync_files = outputs[False]
+    assert sync_images == outputs[True][0] and len(sync_images["cam/probe_grid"]) == 2 and sync_images["alerts"]
+    assert sync_files == outputs[True][1]
+    assert {"alerts.jsonl", "trends.png", "filmstrip.png"} <= set(sync_files) and len(sync_files) == 5
+
+
+def test_a_failing_fit_still_gets_the_pictures_of_its_evaluations(tmp_path) -> None:
+    from cam_monitor.demo.model import DigitClassifier
+
+    class FailsInEpoch1(DigitClassifier):
+        def training_step(self, batch, batch_idx):
+            if self.current_epoch == 1:
+                raise RuntimeError("boom")
+            return super().training_step(batch, batch_idx)
+
+    mon = quick_monitor(tile_size=32)
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(tmp_path, mon, epochs=3, model=FailsInEpoch1())
+    assert len(list((tmp_path / "cam_monitor").glob("probe_grid_*.png"))) == 1 and len(mon.history) == 1

@@ -1,0 +1,69 @@
+"""Pictures and dashboard writes off the training thread: one worker, a bounded queue, in order.
+
+Rendering (matplotlib, tiles), PNG encoding and writing to TensorBoard / W&B / files are host work
+that training need not wait for. :class:`Publisher` runs such jobs on one background thread, in
+the order they were submitted. The queue is bounded: when it is full, :meth:`submit` waits for
+the oldest job, so a slow dashboard slows the monitor instead of piling up memory. A job's
+exception is kept and handed back to the caller's thread by :meth:`faults`, so faults are reported
+where the rest of the monitor reports them. ``background=False`` runs every job at once, inline:
+the same jobs, the same order. No Lightning.
+"""
+from __future__ import annotations
+
+import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable
+
+
+class Publisher:
+    """Runs jobs (``kind``, ``fn``) on one worker thread, or inline with ``background=False``."""
+
+    def __init__(self, background: bool = True, max_pending: int = 2) -> None:
+        if not isinstance(max_pending, int) or max_pending < 1:
+            raise ValueError(f"max_pending must be an int >= 1, got {max_pending!r}")
+        self.background, self.max_pending = background, max_pending
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: deque[Future] = deque()
+        self._faults: list[tuple[str, BaseException]] = []
+        self._lock = threading.Lock()
+
+    def submit(self, kind: str, fn: Callable[[], object]) -> None:
+        """Queue ``fn``; with ``max_pending`` jobs queued, first wait for the oldest one."""
+        if not self.background:
+            self._run(kind, fn)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cam_monitor")
+        while len(self._pending) >= self.max_pending:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(self._run, kind, fn))
+
+    def _run(self, kind: str, fn: Callable[[], object]) -> None:
+        try:
+            fn()
+        except Exception as err:  # noqa: BLE001 - handed back to the caller's thread by faults()
+            self.record_fault(kind, err)
+
+    def record_fault(self, kind: str, err: BaseException) -> None:
+        """Keep a fault a job caught itself (e.g. one sink of several failed)."""
+        with self._lock:
+            self._faults.append((kind, err))
+
+    def faults(self) -> list[tuple[str, BaseException]]:
+        """The ``(kind, exception)`` of every job that failed since the last call, in order."""
+        with self._lock:
+            out, self._faults = self._faults, []
+        return out
+
+    def drain(self) -> None:
+        """Wait until every queued job has run."""
+        while self._pending:
+            self._pending.popleft().result()
+
+    def close(self) -> None:
+        """Drain, then stop the worker thread (a later :meth:`submit` starts a new one)."""
+        self.drain()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None

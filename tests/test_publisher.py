@@ -1,0 +1,48 @@
+"""Publisher: jobs run in order on one worker, the queue is bounded, faults come back to the caller."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from cam_monitor.publisher import Publisher
+
+
+def test_jobs_run_in_order_off_the_calling_thread() -> None:
+    pub, seen = Publisher(background=True), []
+    for i in range(5):
+        pub.submit("job", lambda i=i: seen.append((i, threading.current_thread().name)))
+    pub.close()
+    assert [i for i, _ in seen] == list(range(5))
+    assert all(name.startswith("cam_monitor") for _, name in seen)
+
+
+def test_inline_mode_runs_the_same_jobs_at_once() -> None:
+    pub, seen = Publisher(background=False), []
+    pub.submit("job", lambda: seen.append(threading.current_thread().name))
+    assert seen == [threading.current_thread().name]
+
+
+def test_a_full_queue_makes_submit_wait_for_the_oldest_job() -> None:
+    pub = Publisher(background=True, max_pending=1)
+    gate = threading.Event()
+    pub.submit("slow", gate.wait)
+    started = time.perf_counter()
+    threading.Timer(0.3, gate.set).start()
+    pub.submit("next", lambda: None)  # waits until the first job is done
+    assert time.perf_counter() - started >= 0.25
+    pub.close()
+
+
+def test_faults_are_kept_in_order_and_handed_back_once() -> None:
+    pub = Publisher(background=True)
+    pub.submit("render", lambda: 1 / 0)
+    pub.submit("ok", lambda: None)
+    pub.record_fault("sink:x", OSError("disk full"))
+    pub.drain()
+    faults = pub.faults()
+    assert {k for k, _ in faults} == {"render", "sink:x"} and pub.faults() == []
+    assert isinstance(dict(faults)["render"], ZeroDivisionError)
+    with pytest.raises(ValueError, match="max_pending"):
+        Publisher(max_pending=0)
