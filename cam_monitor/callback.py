@@ -25,7 +25,6 @@ from typing_extensions import override
 from . import trainer_access as access
 from .alerts import AlertBook, check_rules, default_rules, describe_alert, resolve_action, rule_threshold
 from .checks import dry_run_findings
-from .engine import cam_pass
 from .errors import CAMAlertError, CAMError, InputError, ScheduleError
 from .evaluation import EvalSettings, Evaluation, Reference, evaluate
 from .history import History
@@ -383,8 +382,7 @@ class CAMMonitor(Callback):
             images = place.to_model(self.probes.images[first])
             targets = self.probes.labels[first] if settings.targets == "label" else None
             with place.forward_context():
-                result = cam_pass(model, images, settings.layer, targets, settings.methods, reshape=settings.reshape,
-                                  output_transform=settings.output_transform, layout=settings.layout)
+                result = settings.cam_pass(model, images, targets)
             if settings.targets == "label":
                 self.probes.check_classes(result.logits.shape[1])
         except CAMError as err:

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from .errors import InputError, LayerNotSpatialError, OutputError, TargetError
-from .layers import LAYOUTS, LayerSpec, ReshapeSpec, hook_not_fired, resolve_layer, resolve_layout, to_grid, unwrap_compiled
+from .layers import (LayerSpec, ReshapeSpec, check_layout, hook_not_fired, resolve_layer, resolve_layout, to_grid,
+                     unwrap_compiled)
 from .methods import METHODS, check_methods
 
 TargetSpec = Union[None, int, Sequence[int], torch.Tensor]
@@ -201,8 +202,7 @@ def cam_pass(
     """Run one CAM pass and return maps, logits and targets (see :func:`compute_cams`)."""
     check_images(images)
     methods = check_methods(method)
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    check_layout(layout)
     transform = output_transform or default_output_transform
     inner = unwrap_compiled(model)
     with preserved_model_state(inner, images.device), torch.inference_mode(False), torch.no_grad():

@@ -12,15 +12,15 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Callable, ContextManager, Sequence
+from typing import Callable, ContextManager
 
 import torch
 from torch import nn
 
 from . import metrics as M
-from .engine import OutputTransform, cam_pass, masked_scores
+from .engine import CAMResult, OutputTransform, cam_pass, masked_scores
 from .errors import NonFiniteOutputError
-from .layers import LAYOUTS, LayerSpec, ReshapeSpec
+from .layers import LayerSpec, ReshapeSpec, check_layout
 from .maps import upsample
 from .methods import check_methods
 from .probes import ProbeSet
@@ -66,12 +66,16 @@ class EvalSettings:
             raise ValueError(f"targets must be 'label' or 'pred', got {self.targets!r}")
         if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
-        if self.layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        check_layout(self.layout)
         if not 0 < self.border_fraction < 0.5:
             raise ValueError(f"border_fraction must be in (0, 0.5), got {self.border_fraction}")
         if self.reshape is not None and not callable(self.reshape):
             object.__setattr__(self, "reshape", tuple(self.reshape))
+
+    def cam_pass(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor | None) -> CAMResult:
+        """One CAM pass of ``images`` as these settings say (layer, methods, transform, reshape, layout)."""
+        return cam_pass(model, images, self.layer, targets, self.methods, output_transform=self.output_transform,
+                        reshape=self.reshape, layout=self.layout)
 
 
 @dataclass(frozen=True)
@@ -155,8 +159,7 @@ def compute_shard(model: nn.Module, probes: ProbeSet, index: torch.Tensor, setti
         images = placement.to_model(probes.images[idx])
         targets = probes.labels[idx] if settings.targets == "label" else None  # CPU: checked without a device sync
         with placement.forward_context():
-            res = cam_pass(model, images, settings.layer, targets, methods, output_transform=settings.output_transform,
-                           reshape=settings.reshape, layout=settings.layout)
+            res = settings.cam_pass(model, images, targets)
             maps = torch.stack([res.maps[m][:, 0] for m in methods], dim=1)
             if settings.faithfulness:
                 y, o = masked_scores(model, images, maps[:, 0], res.targets[:, 0],

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .errors import HookNotFiredError, LayerNotFoundError, LayerNotSpatialError, LayoutError
+from .methods import gradcam
 
 LayerSpec = Union[str, nn.Module, None]
 ReshapeSpec = Union[None, Sequence[int], Callable[[torch.Tensor], torch.Tensor]]
@@ -146,9 +147,7 @@ def find_last_spatial_layer(model: nn.Module, probe: torch.Tensor,
 
 
 def _gradcam_is_nonzero(act: torch.Tensor, grad: torch.Tensor, image_size: Sequence[int]) -> bool:
-    a, g = _grid_of(act, image_size), _grid_of(grad, image_size)
-    cam = (g.mean(dim=(2, 3), keepdim=True) * a).sum(1).clamp_min(0)
-    return bool(cam.amax() > 0)
+    return bool(gradcam(_grid_of(act, image_size), _grid_of(grad, image_size)[:, None]).amax() > 0)
 
 
 def _strides(size: int, cells: int) -> tuple[float, float]:
@@ -168,6 +167,13 @@ def _stride_mismatch(h: int, w: int, image_size: Sequence[int]) -> float:
     return abs(math.log(int(image_size[0]) / h) - math.log(int(image_size[1]) / w))
 
 
+def check_layout(layout: str) -> str:
+    """``layout`` itself if it is one of :data:`LAYOUTS`, else a ``ValueError`` naming them."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    return layout
+
+
 def resolve_layout(shape: Sequence[int], image_size: Sequence[int], layout: str, layer_name: str) -> str:
     """``"nchw"`` or ``"nhwc"`` for a 4-D output ``shape`` of a layer fed ``image_size`` images.
 
@@ -177,9 +183,7 @@ def resolve_layout(shape: Sequence[int], image_size: Sequence[int], layout: str,
     more closely wins; when they agree equally well (say C = h = w) or neither fits, it refuses
     and names the fix.
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    if layout != "auto":
+    if check_layout(layout) != "auto":
         return layout
     _, d1, d2, d3 = (int(v) for v in shape)
     readings = {"nchw": (d2, d3), "nhwc": (d1, d2)}

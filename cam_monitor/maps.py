@@ -20,6 +20,16 @@ def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return out.reshape(*lead, *size)
 
 
+def resize_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resize (N, H, W) or (H, W) masks to ``size`` with nearest (masks stay binary); a no-op at that size."""
+    size = (int(size[0]), int(size[1]))
+    if tuple(masks.shape[-2:]) == size:
+        return masks.bool()
+    lead = masks.shape[:-2]
+    flat = masks.reshape(-1, 1, *masks.shape[-2:]).float()
+    return F.interpolate(flat, size=size, mode="nearest").reshape(*lead, *size).bool()
+
+
 def minmax(maps: torch.Tensor) -> torch.Tensor:
     """Scale each (h, w) map to [0, 1] for display; constant maps become all zeros."""
     lo = maps.amin(dim=(-2, -1), keepdim=True)

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any, Callable, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_image
 
 from .atomic import atomic_path
 from .engine import check_images
 from .errors import InputError, TargetError
+from .maps import resize_masks
 
 Box = Sequence[float]
 MaskSpec = Union[None, torch.Tensor, Sequence[Union[Sequence[Box], None]]]
@@ -298,9 +298,7 @@ def _transformed(transform: Callable[..., Any] | None, image: torch.Tensor, spur
         raise InputError(f"the probe transform must return a (C, H, W) tensor; for {str(path)!r} it returned "
                          f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
     size = tuple(out.shape[-2:])
-    resize = lambda m: m if m is None or tuple(m.shape) == size else F.interpolate(  # noqa: E731
-        m[None, None].float(), size=size, mode="nearest")[0, 0].bool()
-    return out, resize(spurious), resize(objects)
+    return out, *(None if m is None else resize_masks(m, size) for m in (spurious, objects))
 
 
 def _warn_skipped(root: Path, used: list[Path], why: str) -> None:
@@ -368,9 +366,7 @@ def _check_masks(masks: MaskSpec, kind: str, ids: list[str], h: int, w: int) -> 
             i = int((~binary).nonzero()[0, 0])
             raise InputError(f"{kind} mask of probe {ids[i]!r} (index {i}) is not binary: use 0/1 or bool values")
         masks = masks.bool()
-    if tuple(masks.shape[-2:]) != (h, w):
-        masks = F.interpolate(masks[:, None].float(), size=(h, w), mode="nearest")[:, 0].bool()
-    return masks
+    return resize_masks(masks, (h, w))
 
 
 def balanced_indices(labels: torch.Tensor, num: int, seed: int = 0) -> list[int]:

@@ -27,7 +27,7 @@ from torchvision.utils import make_grid  # noqa: E402
 
 from .atomic import atomic_path  # noqa: E402
 from .errors import InputError  # noqa: E402
-from .maps import minmax, upsample  # noqa: E402
+from .maps import minmax, resize_masks, upsample  # noqa: E402
 
 RED = (1.0, 0.1, 0.1)
 GREEN = (0.1, 0.9, 0.2)
@@ -136,8 +136,8 @@ def probe_tiles(
         scale = tile_size / max(images.shape[-2:])
         size = (max(1, round(images.shape[-2] * scale)), max(1, round(images.shape[-1] * scale)))
         images = F.interpolate(images.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
-        resize_mask = lambda m: None if m is None else F.interpolate(m[:, None].float(), size=size, mode="nearest")[:, 0].bool()  # noqa: E731
-        spurious_masks, object_masks = resize_mask(spurious_masks), resize_mask(object_masks)
+        spurious_masks, object_masks = (None if m is None else resize_masks(m, size)
+                                        for m in (spurious_masks, object_masks))
     tiles = overlay(images, maps, alpha, cmap)
     if spurious_masks is not None:
         tiles = draw_contours(tiles, spurious_masks, RED)
