@@ -67,24 +67,42 @@ def _moved_off_object(agg: dict[str, float], ref: dict[str, float]) -> bool:
     return agg["spurious_energy_rise"] > 0
 
 
+def _user_masks(agg: dict[str, float], ref: dict[str, float]) -> bool:
+    """The enrichment rule judges regions the user outlined: the border band stand-in cannot reach
+    its threshold (its enrichment ceiling is 1 / band area, 2.8 for the default band); mask-free,
+    the ``shortcut_confirmed`` rule finds the region instead."""
+    return agg.get("spurious_masked", 0.0) > 0
+
+
 #: rule name -> (the CAMMonitor argument that sets its threshold, valid range as text, check).
 _VALID: dict[str, tuple[str, str, Callable[[float], bool]]] = {
     "spurious_enrichment": ("spurious_enrichment", "> 0", lambda v: v > 0),
     "spurious_energy_rise": ("spurious_energy_rise", "in (0, 1]", lambda v: 0 < v <= 1),
+    "object_enrichment_floor": ("object_enrichment_floor", "in [0, 1] (1.0 = chance)", lambda v: 0 <= v <= 1),
     "object_energy_floor": ("object_energy_floor", "in [0, 1]", lambda v: 0 <= v <= 1),
     "drift_off_object": ("drift_threshold", "in (0, 2] (drift is 1 - Spearman rho)", lambda v: 0 < v <= 2),
+    "shortcut_confirmed": ("shortcut_flip_excess", "in (0, 1]", lambda v: 0 < v <= 1),
 }
 
 
 def default_rules(spurious_enrichment: float = 4.0, spurious_energy_rise: float = 0.15,
-                  object_energy_floor: float = 0.3, drift_threshold: float = 0.5) -> tuple[Rule, ...]:
-    """The built-in rules (README, "Alerts"), with their thresholds checked."""
+                  object_enrichment_floor: float = 0.5, drift_threshold: float = 0.5,
+                  shortcut_flip_excess: float = 0.1, object_energy_floor: float | None = None) -> tuple[Rule, ...]:
+    """The built-in rules (README, "Alerts"), with their thresholds checked.
+
+    Object evidence is judged relative to chance (``object_enrichment``: energy share / area share),
+    so a small object and a large one are judged alike and diffuse maps (enrichment near 1) never
+    fire; the absolute ``object_energy_floor`` is opt-in.
+    """
     rules = (
-        Rule("spurious_enrichment", "spurious_enrichment", "above", spurious_enrichment),
+        Rule("spurious_enrichment", "spurious_enrichment", "above", spurious_enrichment, guard=_user_masks),
         Rule("spurious_energy_rise", "spurious_energy_rise", "above", spurious_energy_rise, needs_reference=True),
-        Rule("object_energy_floor", "object_energy", "below", object_energy_floor),
+        Rule("object_enrichment_floor", "object_enrichment", "below", object_enrichment_floor),
         Rule("drift_off_object", "drift_ref", "above", drift_threshold, needs_reference=True, guard=_moved_off_object),
+        Rule("shortcut_confirmed", "shortcut_flip_excess", "above", shortcut_flip_excess),
     )
+    if object_energy_floor is not None:
+        rules += (Rule("object_energy_floor", "object_energy", "below", object_energy_floor),)
     for rule in rules:
         arg, text, ok = _VALID[rule.name]
         if not isinstance(rule.threshold, (int, float)) or isinstance(rule.threshold, bool) or not ok(rule.threshold):
@@ -107,14 +125,21 @@ class Check:
     threshold: float
     level: str
     probe_ids: list[str]
+    regions: list[dict[str, Any]] | None = None
+
+
+#: rule metric -> the per-probe series whose worst probes an alert names (default: the metric itself).
+_OFFENDERS = {"shortcut_flip_excess": "shortcut_flip"}
 
 
 def check_rules(rules: tuple[Rule, ...], agg: dict[str, float], per_probe: dict[str, torch.Tensor], ids: list[str],
-                reference: dict[str, float] | None, hysteresis: float = 0.1) -> list[Check]:
+                reference: dict[str, float] | None, hysteresis: float = 0.1,
+                regions: dict[str, list[dict[str, Any]]] | None = None) -> list[Check]:
     """Every rule whose metric this evaluation has (and whose reference exists), judged.
 
     ``agg`` and ``per_probe`` are keyed by bare metric names; ``reference`` is the reference
-    evaluation's aggregates, or None before there is one.
+    evaluation's aggregates, or None before there is one; ``regions`` maps a metric to the regions
+    an alert on it describes (the discovered shortcut regions).
     """
     if not 0 <= hysteresis < 1:
         raise ValueError(f"hysteresis must be in [0, 1), got {hysteresis!r}")
@@ -126,9 +151,19 @@ def check_rules(rules: tuple[Rule, ...], agg: dict[str, float], per_probe: dict[
         level = rule.level(value, hysteresis)
         if level == FIRE and rule.guard is not None and not rule.guard(agg, reference or {}):
             level = HOLD
-        checks.append(Check(rule.name, rule.metric, value, rule.threshold, level,
-                            rule.offenders(per_probe.get(rule.metric), ids)))
+        series = per_probe.get(_OFFENDERS.get(rule.metric, rule.metric))
+        offenders = rule.offenders(series, ids) if rule.metric not in _OFFENDERS else _worst(series, ids)
+        checks.append(Check(rule.name, rule.metric, value, rule.threshold, level, offenders,
+                            (regions or {}).get(rule.metric)))
     return checks
+
+
+def _worst(values: torch.Tensor | None, ids: list[str], limit: int = 10) -> list[str]:
+    """Ids of the probes with the largest non-NaN ``values`` above 0, largest first."""
+    if values is None:
+        return []
+    ok = (~torch.isnan(values) & (values > 0)).nonzero()[:, 0]
+    return [ids[i] for i in ok[values[ok].argsort(descending=True, stable=True)].tolist()][:limit]
 
 
 class AlertBook:
@@ -160,6 +195,8 @@ class AlertBook:
                 events.append({"event": event, "epoch": epoch, "global_step": global_step, "rule": c.rule,
                                "metric": f"{prefix}/{c.metric}", "value": float(c.value),
                                "threshold": float(c.threshold), "probe_ids": list(c.probe_ids)})
+                if c.regions is not None and event == "fired":
+                    events[-1]["regions"] = [dict(r) for r in c.regions]
         return events
 
     @property
@@ -178,8 +215,14 @@ class AlertBook:
 def describe_alert(alert: dict[str, Any]) -> str:
     """The one-line sentence for an alert, as warnings, logs and W&B alerts show it."""
     probes = ", ".join(alert["probe_ids"][:5]) or "-"
-    return (f"{alert['rule']} ({alert['metric']} = {alert['value']:.4g}, threshold {alert['threshold']:.4g}) "
+    text = (f"{alert['rule']} ({alert['metric']} = {alert['value']:.4g}, threshold {alert['threshold']:.4g}) "
             f"at epoch {alert['epoch']}, step {alert['global_step']}; probes: {probes}")
+    regions = [r for r in alert.get("regions", []) if r["flip_rate"] > r["control_rate"]][:3]
+    if regions:
+        text += "; regions: " + "; ".join(
+            f"class {r.get('class_name', r['class'])} at box (y0, x0, y1, x1) {tuple(r['boxes'][0])} "
+            f"flips {r['flips']}/{r['tests']} vs control {r['control_flips']}/{r['tests']}" for r in regions)
+    return text
 
 
 def resolve_action(action: str) -> str | Callable[[dict[str, Any]], Any]:

@@ -25,6 +25,7 @@ from typing_extensions import override
 from . import trainer_access as access
 from .alerts import AlertBook, check_rules, default_rules, describe_alert, resolve_action, rule_threshold
 from .checks import dry_run_findings
+from .discovery import DiscoverySettings
 from .errors import CAMAlertError, CAMError, InputError, ScheduleError
 from .evaluation import EvalSettings, Evaluation, Reference, evaluate
 from .history import History
@@ -55,13 +56,16 @@ class CAMMonitor(Callback):
         every_n_epochs: 1 evaluates at every validation; N evaluates at the first validation and
             then at the first validation at least N epochs after the last evaluation. Validations
             in between re-log the last values, so monitored metrics are never stale.
+        discovery: mask-free shortcut discovery with paste confirmation (True, False, or a
+            :class:`DiscoverySettings`); its ``shortcut_confirmed`` rule fires when pasting the
+            discovered regions flips predictions ``shortcut_flip_excess`` more often than the control.
     """
 
     def __init__(
         self,
         target_layer: str | None = None,
         probes: ProbeSet | str | Path | None = None,
-        num_probes: int = 32,
+        num_probes: int = 64,
         every_n_epochs: int = 1,
         methods: Sequence[str] = ("gradcam",),
         targets: str = "label",
@@ -74,8 +78,11 @@ class CAMMonitor(Callback):
         border_fraction: float = 0.1,
         spurious_enrichment: float = 4.0,
         spurious_energy_rise: float = 0.15,
-        object_energy_floor: float = 0.3,
+        object_enrichment_floor: float = 0.5,
         drift_threshold: float = 0.5,
+        shortcut_flip_excess: float = 0.1,
+        object_energy_floor: float | None = None,
+        discovery: bool | DiscoverySettings = True,
         patience: int = 1,
         hysteresis: float = 0.1,
         alert_action: str = "warn",
@@ -114,14 +121,19 @@ class CAMMonitor(Callback):
                              "probes picked from data are already as the model consumes them")
         if not 0 <= hysteresis < 1:
             raise ValueError(f"hysteresis must be in [0, 1), got {hysteresis!r}")
+        if not isinstance(discovery, (bool, DiscoverySettings)):
+            raise TypeError(f"discovery must be True, False or a DiscoverySettings, got {type(discovery).__name__}")
+        if isinstance(discovery, bool):
+            discovery = DiscoverySettings(enabled=discovery, seed=probe_seed)
         self.target_layer, self.name = target_layer, name
         self.prefix = "cam" if name is None else f"cam/{name}"
         self.settings = EvalSettings(target_layer, tuple(methods) if not isinstance(methods, str) else (methods,),
                                      targets, batch_size, faithfulness, border_fraction,
-                                     as_callable(output_transform, "output_transform"), reshape, layout)
+                                     as_callable(output_transform, "output_transform"), reshape, layout, discovery)
         self.probe_transform = as_callable(probe_transform, "probe_transform")
         self.report_settings = ReportSettings(max_grid_probes, tile_size)
-        self.rules = default_rules(spurious_enrichment, spurious_energy_rise, object_energy_floor, drift_threshold)
+        self.rules = default_rules(spurious_enrichment, spurious_energy_rise, object_enrichment_floor, drift_threshold,
+                                   shortcut_flip_excess, object_energy_floor)
         self.patience, self.hysteresis = patience, hysteresis
         AlertBook(patience)  # validates patience now rather than at setup
         self.action = resolve_action(alert_action)
@@ -169,6 +181,16 @@ class CAMMonitor(Callback):
     @property
     def last_evaluation(self) -> Evaluation | None:
         return self.series.last
+
+    def inferred_probes(self, min_excess: float = 0.0) -> ProbeSet:
+        """The probe set with the regions the last evaluation's discovery confirmed as its
+        ``spurious_masks`` (probes without one get an empty mask, i.e. the border band), for review,
+        correction and gating: ``monitor.inferred_probes().save("probes.pt")``."""
+        ev = self.last_evaluation
+        if ev is None or ev.discovery is None or self.probes is None:
+            raise CAMError("no discovery yet: the monitor infers regions at its evaluations (with discovery=True)")
+        masks = ev.discovery.masks(len(self.probes), self.probes.image_size, min_excess)
+        return replace(self.probes, spurious_masks=masks)
 
     def pin_reference(self) -> None:
         """Use the latest evaluation as the drift reference from now on (instead of the first)."""
@@ -335,8 +357,10 @@ class CAMMonitor(Callback):
     def _record(self, trainer: pl.Trainer, ev: Evaluation, stage: str) -> None:
         """Rules, history, then (rank 0) pictures and the alert log, then the alert action."""
         ref = self.series.reference
+        regions = None if ev.discovery is None else {
+            "shortcut_flip_excess": ev.discovery.regions(self.probes.ids, self.probes.class_names)}
         checks = check_rules(self.rules, ev.aggregates, ev.per_probe, self.probes.ids,
-                             None if ref is None else ref.aggregates, self.hysteresis)
+                             None if ref is None else ref.aggregates, self.hysteresis, regions)
         events = self.book.update(checks, ev.epoch, ev.global_step, self.prefix)
         self.series.record(ev, stage, {"alerts": float(self.book.n_active)})
         fired = [{k: v for k, v in e.items() if k != "event"} for e in events if e["event"] == "fired"]

@@ -38,6 +38,7 @@ def dry_run_findings(result: CAMResult, probes: ProbeSet, settings: EvalSettings
                               "maps are non-zero")
     found.warnings.extend(resolution_findings(result.grid_size, result.layer_name, probes, settings.border_fraction,
                                               enrichment_threshold, prefix))
+    found.warnings.extend(discovery_findings(result.grid_size, result.layer_name, probes, settings, prefix))
     if result.layer_calls > 1:
         found.warnings.append(
             f"layer {result.layer_name!r} runs {result.layer_calls} times in one forward (a shared module); its maps "
@@ -70,7 +71,7 @@ def resolution_findings(grid: tuple[int, int], layer: str, probes: ProbeSet, bor
     finer = "target an earlier layer (a finer grid) or use larger probes"
     out = []
     ceiling = float(enrichment_ceiling(grid, regions).nan_to_num(0).max())
-    if ceiling <= enrichment_threshold:
+    if ceiling <= enrichment_threshold and probes.spurious_masks is not None:
         fix = finer if ceiling <= 1.0 + 1e-3 else f"{finer}, give tighter spurious masks, or lower spurious_enrichment"
         out.append(f"{where}, no map can put more than {ceiling:.2f}x its share of energy on the {region} (1.00 = "
                    f"chance), below spurious_enrichment={enrichment_threshold:g}: that alert can never fire and a gate "
@@ -79,3 +80,19 @@ def resolution_findings(grid: tuple[int, int], layer: str, probes: ProbeSet, bor
         out.append(f"{where}, every map's peak lies within half a stride of the {region}: {prefix}/pointing_spurious "
                    f"is 1.0 whatever the model does; {finer}")
     return out
+
+
+def discovery_findings(grid: tuple[int, int], layer: str, probes: ProbeSet, settings: EvalSettings,
+                       prefix: str) -> list[str]:
+    """Whether mask-free discovery can work here: it is the only shortcut check without spurious
+    masks, and it needs a grid whose cell is smaller than the largest "small region"."""
+    found = settings.discovery
+    if probes.spurious_masks is None and not found.enabled:
+        return [f"no spurious masks and discovery=False: nothing watches for shortcuts ({prefix}/spurious_enrichment "
+                "of the default border band is logged but does not alert); turn discovery on or give spurious masks"]
+    cell = 1.0 / (grid[0] * grid[1])
+    if found.enabled and cell > found.max_area:
+        return [f"one cell of the {grid[0]}x{grid[1]} grid of layer {layer!r} covers {cell:.0%} of the image, more "
+                f"than discovery's small region (max_area={found.max_area:g}): mask-free discovery cannot find a small "
+                "region here; target an earlier layer (a finer grid)"]
+    return []

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from . import metrics as M
-from .engine import CAMResult, OutputTransform, cam_pass, masked_scores
+from .discovery import Discovery, DiscoverySettings, discover
+from .engine import CAMResult, OutputTransform, cam_pass, masked_scores, predict_classes
 from .errors import NonFiniteOutputError
 from .layers import LayerSpec, ReshapeSpec, check_layout
 from .maps import upsample
@@ -28,8 +29,8 @@ from .probes import ProbeSet
 Gather = Callable[[torch.Tensor], torch.Tensor]
 
 #: Per-probe metrics the monitor computes (keys of :attr:`Evaluation.per_probe`).
-PER_PROBE = ("spurious_energy", "spurious_enrichment", "pointing_spurious", "object_energy",
-             "drift_prev", "drift_ref", "spurious_energy_rise", "average_drop")
+PER_PROBE = ("spurious_energy", "spurious_enrichment", "pointing_spurious", "object_energy", "object_enrichment",
+             "drift_prev", "drift_ref", "spurious_energy_rise", "average_drop", "shortcut_flip")
 TARGET_MODES = ("label", "pred")
 
 
@@ -47,6 +48,7 @@ class EvalSettings:
         output_transform: picks the logits from the model's output.
         reshape: ``(h, w)`` of a token layer whose grid is not square.
         layout: of a 4-D layer output, ``"auto"``, ``"nchw"`` or ``"nhwc"`` (channels-last).
+        discovery: mask-free shortcut discovery and its paste confirmation (:mod:`discovery`).
     """
 
     layer: LayerSpec = None
@@ -58,6 +60,7 @@ class EvalSettings:
     output_transform: OutputTransform | None = None
     reshape: ReshapeSpec = None
     layout: str = "auto"
+    discovery: DiscoverySettings = field(default_factory=DiscoverySettings)
 
     def __post_init__(self) -> None:
         methods = (self.methods,) if isinstance(self.methods, str) else tuple(self.methods)
@@ -123,6 +126,7 @@ class Evaluation:
     probs: torch.Tensor
     per_probe: dict[str, torch.Tensor]
     aggregates: dict[str, float] = field(default_factory=dict)
+    discovery: Discovery | None = None
 
     def as_reference(self) -> Reference:
         return Reference(self.epoch, self.global_step, self.maps, dict(self.per_probe), dict(self.aggregates))
@@ -201,6 +205,7 @@ def probe_metrics(maps: torch.Tensor, probes: ProbeSet, previous: torch.Tensor |
     }
     if probes.object_masks is not None:
         out["object_energy"] = M.energy_fraction(up, probes.object_masks)
+        out["object_enrichment"] = M.enrichment(up, probes.object_masks)
     zeros = torch.zeros(len(probes))
     out["drift_prev"] = zeros.clone() if previous is None else 1.0 - M.spearman(maps, previous)
     out["drift_ref"] = zeros.clone() if reference is None else 1.0 - M.spearman(maps, reference.maps)
@@ -234,13 +239,31 @@ def quality_score(aggregates: dict[str, float]) -> float:
     return float(sum(parts) / len(parts)) if parts else float("nan")
 
 
-def aggregate(per_probe: dict[str, torch.Tensor], maps: torch.Tensor) -> dict[str, float]:
-    """NaN-aware means by metric name, ``quality``, and ``degenerate``: the probes whose map is all
-    zero (no evidence anywhere; their ratio metrics are NaN and left out of the means)."""
-    agg = {k: M.nanmean(v)[0] for k, v in per_probe.items()}
+def aggregate(per_probe: dict[str, torch.Tensor], maps: torch.Tensor, probes: ProbeSet) -> dict[str, float]:
+    """NaN-aware means by metric name, ``quality``, ``degenerate``: the probes whose map is all zero
+    (no evidence anywhere; their ratio metrics are NaN and left out of the means), and
+    ``spurious_masked``: the probes measured against a spurious mask of their own (not the border band)."""
+    agg = {k: M.nanmean(v)[0] for k, v in per_probe.items() if k != "shortcut_flip"}
     agg["quality"] = quality_score(agg)
     agg["degenerate"] = float((maps.flatten(1).amax(1) <= 0).sum())
+    masks = probes.spurious_masks
+    agg["spurious_masked"] = 0.0 if masks is None else float(masks.flatten(1).any(1).sum())
     return agg
+
+
+def sharded_predict(model: nn.Module, settings: EvalSettings, placement: Placement) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Classify a CPU batch with ``model`` in chunks, each rank an equal-length shard (every rank
+    runs the same forwards, so a sharded model's collectives pair up); returns CPU classes."""
+    def predict(images: torch.Tensor) -> torch.Tensor:
+        index = shard_indices(len(images), placement.rank, placement.world)
+        parts = []
+        for start in range(0, len(index), settings.batch_size):
+            batch = placement.to_model(images[index[start:start + settings.batch_size]])
+            with placement.forward_context():
+                parts.append(predict_classes(model, batch, settings.output_transform).cpu())
+        return gather_shards({"classes": torch.cat(parts)}, len(images), placement)["classes"]
+
+    return predict
 
 
 def evaluate(model: nn.Module, probes: ProbeSet, settings: EvalSettings, placement: Placement | None = None, *,
@@ -263,6 +286,15 @@ def evaluate(model: nn.Module, probes: ProbeSet, settings: EvalSettings, placeme
     maps = full["maps"][:, 0]
     per_probe = probe_metrics(maps, probes, previous, reference, full.get("y"), full.get("o"), settings.border_fraction)
     probs = full["logits"].softmax(1)
-    return Evaluation(epoch=epoch, global_step=global_step, maps=maps, preds=probs.argmax(1),
-                      probs=probs.gather(1, full["targets"].long()[:, None])[:, 0], per_probe=per_probe,
-                      aggregates=aggregate(per_probe, maps))
+    preds, targets = probs.argmax(1), full["targets"].long()
+    found = None
+    if settings.discovery.enabled:
+        found = discover(maps, probes, targets, preds, sharded_predict(model, settings, placement), settings.discovery,
+                         step=global_step)
+        per_probe.update(found.per_probe(len(probes)))
+    aggregates = aggregate(per_probe, maps, probes)
+    if found is not None:
+        aggregates.update(found.aggregates())
+    return Evaluation(epoch=epoch, global_step=global_step, maps=maps, preds=preds,
+                      probs=probs.gather(1, targets[:, None])[:, 0], per_probe=per_probe,
+                      aggregates=aggregates, discovery=found)

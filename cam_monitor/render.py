@@ -31,6 +31,7 @@ from .maps import minmax, resize_masks, upsample  # noqa: E402
 
 RED = (1.0, 0.1, 0.1)
 GREEN = (0.1, 0.9, 0.2)
+MAGENTA = (1.0, 0.2, 1.0)
 CAPTION_LINE_PX = 12
 
 
@@ -121,6 +122,7 @@ def probe_tiles(
     spurious_energy: Sequence[float] | None = None,
     spurious_masks: torch.Tensor | None = None,
     object_masks: torch.Tensor | None = None,
+    inferred_masks: torch.Tensor | None = None,
     alpha: float = 0.4,
     cmap: str = "jet",
     class_names: Sequence[str] | None = None,
@@ -129,20 +131,19 @@ def probe_tiles(
     """One captioned overlay tile per probe: (N, 3, H + caption, W) float in [0, 1].
 
     Caption: id; label and prediction (score); spurious energy. Spurious mask contours are red,
-    object contours green. ``tile_size`` resizes each tile's longer side (useful for small images
+    object contours green, regions the mask-free discovery inferred magenta. ``tile_size`` resizes each tile's longer side (useful for small images
     whose captions would not fit); masks are resized with nearest, maps bilinearly from the grid.
     """
     if tile_size is not None and max(images.shape[-2:]) != tile_size:
         scale = tile_size / max(images.shape[-2:])
         size = (max(1, round(images.shape[-2] * scale)), max(1, round(images.shape[-1] * scale)))
         images = F.interpolate(images.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
-        spurious_masks, object_masks = (None if m is None else resize_masks(m, size)
-                                        for m in (spurious_masks, object_masks))
+        spurious_masks, object_masks, inferred_masks = (None if m is None else resize_masks(m, size)
+                                                        for m in (spurious_masks, object_masks, inferred_masks))
     tiles = overlay(images, maps, alpha, cmap)
-    if spurious_masks is not None:
-        tiles = draw_contours(tiles, spurious_masks, RED)
-    if object_masks is not None:
-        tiles = draw_contours(tiles, object_masks, GREEN)
+    for masks, color in ((spurious_masks, RED), (object_masks, GREEN), (inferred_masks, MAGENTA)):
+        if masks is not None:
+            tiles = draw_contours(tiles, masks, color)
     def name(c: int) -> str:
         """A class's display name; its index when ``class_names`` does not cover it (a prediction
         of a class the probe folder has no sub-folder for)."""

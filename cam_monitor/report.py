@@ -61,6 +61,7 @@ def build_panel(probes: ProbeSet, ev: Evaluation, history: History, settings: Re
                         spurious_energy=ev.per_probe["spurious_energy"][:n].tolist(),
                         spurious_masks=_rows(probes.spurious_masks, slice(0, n)),
                         object_masks=_rows(probes.object_masks, slice(0, n)),
+                        inferred_masks=None if ev.discovery is None else ev.discovery.masks(n, probes.image_size),
                         class_names=probes.class_names, tile_size=settings.tile_size)
     series = {f"{history.prefix}/{k}": v[:, :n] for k, v in history.per_probe.items() if k in TREND_METRICS}
     trends = figure_to_tensor(metric_curves(history.steps, series)) if series else None

@@ -13,14 +13,16 @@ IDS = ["a", "b", "c"]
 RULES = default_rules()
 
 
-def agg(enr=1.0, energy=0.1, obj=0.8, drift=0.0, rise=0.0) -> dict:
-    return {"spurious_enrichment": enr, "spurious_energy": energy, "object_energy": obj, "drift_ref": drift,
-            "spurious_energy_rise": rise}
+def agg(enr=1.0, energy=0.1, obj=0.8, drift=0.0, rise=0.0, masked=3.0) -> dict:
+    """Aggregates of an evaluation whose ``masked`` probes carry spurious masks of their own."""
+    return {"spurious_enrichment": enr, "spurious_energy": energy, "object_energy": obj, "object_enrichment": obj / 0.5,
+            "drift_ref": drift, "spurious_energy_rise": rise, "spurious_masked": masked}
 
 
 def per(enr=(1.0, 1.0, 1.0), rise=(0.0, 0.0, 0.0)) -> dict:
     return {"spurious_enrichment": torch.tensor(enr), "spurious_energy_rise": torch.tensor(rise),
-            "object_energy": torch.tensor([0.8, 0.1, 0.5]), "drift_ref": torch.tensor([0.9, 0.1, 0.6])}
+            "object_energy": torch.tensor([0.8, 0.1, 0.5]), "object_enrichment": torch.tensor([1.6, 0.2, 1.0]),
+            "drift_ref": torch.tensor([0.9, 0.1, 0.6])}
 
 
 def levels(checks) -> dict:
@@ -38,7 +40,7 @@ def test_enrichment_rule_fire_hold_clear_and_offenders_worst_first() -> None:
 
 
 def test_reference_rules_only_once_a_reference_exists() -> None:
-    assert set(levels(check_rules(RULES, agg(), per(), IDS, None))) == {"spurious_enrichment", "object_energy_floor"}
+    assert set(levels(check_rules(RULES, agg(), per(), IDS, None))) == {"spurious_enrichment", "object_enrichment_floor"}
     ref = agg(energy=0.05, obj=0.9)
     checks = check_rules(RULES, agg(energy=0.3, obj=0.5, drift=0.8, rise=0.25), per(rise=(0.3, 0.0, 0.4)), IDS, ref)
     lv = levels(checks)
@@ -51,9 +53,9 @@ def test_reference_rules_only_once_a_reference_exists() -> None:
 def test_every_rule_reads_a_metric_the_evaluation_produces() -> None:
     from cam_monitor.evaluation import PER_PROBE
 
-    assert {r.metric for r in RULES} <= set(PER_PROBE)
-    assert [r.name for r in RULES] == ["spurious_enrichment", "spurious_energy_rise", "object_energy_floor",
-                                       "drift_off_object"]
+    assert {r.metric for r in RULES} - {"shortcut_flip_excess"} <= set(PER_PROBE)
+    assert [r.name for r in RULES] == ["spurious_enrichment", "spurious_energy_rise", "object_enrichment_floor",
+                                       "drift_off_object", "shortcut_confirmed"]
 
 
 def test_drift_toward_the_object_is_not_an_alert() -> None:
@@ -74,6 +76,38 @@ def test_object_floor_fires_below_floor() -> None:
     assert c.level == "fire" and c.probe_ids == ["b"]
 
 
+def test_the_object_rule_is_relative_to_chance_so_diffuse_maps_on_a_small_object_do_not_fire() -> None:
+    """A 12 % object holding 12 % of a diffuse map is at chance (enrichment 1.0): no alert, though
+    its absolute energy is far below 0.3; a map that avoids the object (enrichment 0.2) fires."""
+    diffuse = {**agg(), "object_energy": 0.12, "object_enrichment": 1.0}
+    assert levels(check_rules(RULES, diffuse, per(), IDS, None))["object_enrichment_floor"] == "clear"
+    avoiding = {**agg(), "object_energy": 0.024, "object_enrichment": 0.2}
+    (c,) = [c for c in check_rules(RULES, avoiding, per(), IDS, None) if c.rule == "object_enrichment_floor"]
+    assert c.level == "fire" and c.probe_ids == ["b"]
+    assert "object_energy_floor" not in {r.name for r in RULES}  # the absolute floor is opt-in
+
+
+def test_the_enrichment_rule_judges_only_regions_the_user_outlined() -> None:
+    """Without any spurious mask the border band stands in; its enrichment is logged but cannot
+    alert (its ceiling sits below the threshold), the mask-free shortcut rule covers that case."""
+    assert levels(check_rules(RULES, agg(enr=9.0, masked=0.0), per(), IDS, None))["spurious_enrichment"] == "hold"
+    assert levels(check_rules(RULES, agg(enr=9.0, masked=1.0), per(), IDS, None))["spurious_enrichment"] == "fire"
+
+
+def test_the_shortcut_rule_names_the_suspect_probes_and_carries_the_regions() -> None:
+    regions = [{"class": 3, "flips": 6, "control_flips": 0, "tests": 8, "flip_rate": 0.75, "control_rate": 0.0,
+                "probe_ids": ["c"], "boxes": [[0, 0, 4, 4]]}]
+    values = {**agg(), "shortcut_flip_excess": 0.75}
+    series = {**per(), "shortcut_flip": torch.tensor([math.nan, 0.2, 0.75])}
+    (c,) = [c for c in check_rules(RULES, values, series, IDS, None, regions={"shortcut_flip_excess": regions})
+            if c.rule == "shortcut_confirmed"]
+    assert c.level == "fire" and c.probe_ids == ["c", "b"]
+    (event,) = AlertBook().update([c], epoch=2, global_step=40)
+    assert event["regions"] == regions and event["regions"] is not regions
+    text = describe_alert(event)
+    assert "class 3 at box (y0, x0, y1, x1) (0, 0, 4, 4) flips 6/8 vs control 0/8" in text
+
+
 def test_a_custom_rule_is_a_row_of_the_table() -> None:
     rule = Rule("too_diffuse", "pointing_spurious", "below", 0.5)
     (c,) = check_rules((rule,), {"pointing_spurious": 0.2}, {"pointing_spurious": torch.tensor([0.1, 0.9, 0.4])}, IDS,
@@ -82,7 +116,9 @@ def test_a_custom_rule_is_a_row_of_the_table() -> None:
 
 
 @pytest.mark.parametrize("kwargs, text", [(dict(spurious_enrichment=0), "> 0"), (dict(spurious_energy_rise=2), "(0, 1]"),
-                                          (dict(object_energy_floor=-1), "[0, 1]"), (dict(drift_threshold=3), "(0, 2]")])
+                                          (dict(object_energy_floor=-1), "[0, 1]"), (dict(drift_threshold=3), "(0, 2]"),
+                                          (dict(object_enrichment_floor=2), "1.0 = chance"),
+                                          (dict(shortcut_flip_excess=0), "(0, 1]")])
 def test_thresholds_out_of_range_are_refused(kwargs, text) -> None:
     with pytest.raises(ValueError, match=re.escape(text)):
         default_rules(**kwargs)

@@ -40,6 +40,22 @@ def test_a_coarse_grid_the_band_and_a_shared_layer_are_warned_and_channels_last_
     found = dry_run_findings(result(torch.rand(2, 2, 2), layer_calls=2, layout="nhwc"), probes(), EvalSettings(), 4.0,
                              "cam")
     text = " | ".join(found.warnings)
-    assert "no map can put more than 1.00x" in text and "pointing_spurious is 1.0" in text
-    assert "runs 2 times in one forward" in text
+    assert "pointing_spurious is 1.0" in text and "runs 2 times in one forward" in text
+    # mask-free, the band's enrichment does not alert (nothing to warn about), but discovery cannot work
+    assert "no map can put more than" not in text
+    assert "covers 25% of the image, more than discovery's small region" in text
     assert found.notes == ["layer 'body' outputs channels-last (B, h, w, C); reading it so (pass layout='nchw' to override)"]
+
+
+def test_a_grid_too_coarse_for_the_users_masks_is_warned() -> None:
+    found = dry_run_findings(result(torch.rand(2, 2, 2)), probes(masks=True), EvalSettings(), 4.0, "cam")
+    assert any("no map can put more than" in w and "spurious masks" in w for w in found.warnings)
+
+
+def test_no_masks_and_no_discovery_says_nothing_watches_for_shortcuts() -> None:
+    from cam_monitor.discovery import DiscoverySettings
+
+    off = EvalSettings(discovery=DiscoverySettings(enabled=False))
+    found = dry_run_findings(result(torch.rand(2, 8, 8)), probes(), off, 4.0, "cam")
+    assert any("nothing watches for shortcuts" in w for w in found.warnings)
+    assert dry_run_findings(result(torch.rand(2, 8, 8)), probes(), EvalSettings(), 4.0, "cam").warnings == []

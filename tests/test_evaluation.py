@@ -6,6 +6,7 @@ import torch
 
 import cam_monitor as cm
 from cam_monitor.evaluation import EvalSettings, Placement, compute_shard, evaluate, shard_indices, unshard
+from cam_monitor.probes import ProbeSet
 
 
 @pytest.mark.parametrize("n, world", [(15, 2), (1, 2), (7, 4), (8, 4), (5, 1)])
@@ -91,4 +92,5 @@ def test_degenerate_counts_all_zero_maps_only() -> None:
     maps = torch.zeros(3, 2, 2)
     maps[1, 0, 0] = 1.0
     per = {"spurious_energy": torch.tensor([float("nan"), float("nan"), 0.5])}  # NaN for probe 1: an empty mask
-    assert aggregate(per, maps)["degenerate"] == 2.0  # probes 0 and 2 have all-zero maps
+    probes = ProbeSet(torch.rand(3, 1, 8, 8), torch.tensor([0, 1, 0]))
+    assert aggregate(per, maps, probes)["degenerate"] == 2.0  # probes 0 and 2 have all-zero maps

@@ -389,16 +389,19 @@ def test_automatic_pick_on_a_vit_monitor_is_logged_and_explains(tmp_path) -> Non
 def test_a_grid_too_coarse_for_the_spurious_region_is_a_warning_at_fit_start(tmp_path) -> None:
     _, _, data = loaders()
     probes = cm.ProbeSet.from_dataset(data.data.val, num_probes=10)
-    no_masks = cm.ProbeSet(probes.images, probes.labels, ids=probes.ids)  # default region: the border band
-    # 8x8 grid at 32 px against the 3-px border band: no map gets past about 2x chance, threshold 4
-    coarse = quick_monitor(probes=no_masks, target_layer="net.features", num_probes=10)
+    band = cm.metrics.border_mask(32, 32, 0.1).expand(len(probes), -1, -1).clone()
+    wide = cm.ProbeSet(probes.images, probes.labels, spurious_masks=band, ids=probes.ids)  # the user outlined the band
+    # 8x8 grid at 32 px against a 3-px band: no map gets past about 2x chance, threshold 4
+    coarse = quick_monitor(probes=wide, target_layer="net.features", num_probes=10)
     with pytest.warns(UserWarning, match=r"on the \dx\d grid of layer 'net.features', no map can put more than .* "
                                          r"that alert can never fire"):
         fit(tmp_path / "a", coarse, epochs=1, limit_train_batches=1)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        fit(tmp_path / "b", quick_monitor(num_probes=10), epochs=1, limit_train_batches=1)  # masks: resolvable
-    assert not [w for w in caught if "can never fire" in str(w.message)]
+    no_masks = cm.ProbeSet(probes.images, probes.labels, ids=probes.ids)
+    for name, monitor in (("b", quick_monitor(num_probes=10)), ("c", quick_monitor(probes=no_masks, num_probes=10))):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fit(tmp_path / name, monitor, epochs=1, limit_train_batches=1)  # 4x4 masks resolvable; no masks: no rule
+        assert not [w for w in caught if "can never fire" in str(w.message)]
 
 
 def test_a_2x2_grid_warns_that_pointing_and_enrichment_cannot_move(tmp_path) -> None:
@@ -414,5 +417,5 @@ def test_a_2x2_grid_warns_that_pointing_and_enrichment_cannot_move(tmp_path) -> 
         warnings.simplefilter("always")
         fit(tmp_path, mon, epochs=1, model=Coarse(), limit_train_batches=1)
     texts = [str(w.message) for w in caught if "grid of layer" in str(w.message)]
-    assert any("no map can put more than 1.00x" in t and "larger probes" in t for t in texts)
+    assert any("covers 25% of the image, more than discovery's small region" in t for t in texts)
     assert any("pointing_spurious is 1.0 whatever the model does" in t for t in texts)

@@ -1,9 +1,17 @@
-"""Decoy Digits: scikit-learn's handwritten digits with a class-coded 4x4 pattern in a corner.
+"""Decoy Digits and its shortcut zoo: scikit-learn's handwritten digits with a class-coded cue.
 
 Each 8x8 digit (values 0..16) is scaled to [0, 1], upsampled 3x to 24x24 and centred on a 32x32
-canvas; the 4-pixel margin holds the decoy, a 4x4 binary pattern fixed per class, placed in a
-random corner. When the pattern matches the label (the "shortcut" split) a small CNN learns the
-pattern instead of the digit; when it is random (the "control" split) the pattern is noise.
+canvas. The cue (:data:`CUES`) is fixed per class:
+
+- ``corner_patch`` (Decoy Digits): a 4x4 binary pattern in a random corner of the 4-pixel margin;
+- ``interior_patch``: the same patterns at twice the scale (8x8 px, so a small CNN can learn them
+  anywhere) at a random position inside the digit's box, drawn over the digit (no fixed place,
+  off the border);
+- ``background_texture``: a faint grating (orientation and frequency fixed per class) behind the
+  digit, over the whole canvas.
+
+When the cue matches the label (the "shortcut" split) a small CNN learns the cue instead of the
+digit; when it is random (the "control" split) the cue is noise.
 Validation and probes carry matched patterns (the realistic case: validation shares the bias);
 the ground truth comes from three test splits over the same digits, with matched, random and no
 patterns: shortcut use is accuracy(matched) - accuracy(random). Everything is built in memory,
@@ -23,6 +31,9 @@ MARGIN = (CANVAS - DIGIT) // 2
 PATCH = 4
 NUM_CLASSES = 10
 CORNERS = ((0, 0), (0, CANVAS - PATCH), (CANVAS - PATCH, 0), (CANVAS - PATCH, CANVAS - PATCH))
+#: The zoo's cues; the first two are localised (a patch), the texture covers the background.
+CUES = ("corner_patch", "interior_patch", "background_texture")
+TEXTURE_CONTRAST = 0.35
 
 
 @lru_cache(maxsize=1)
@@ -54,6 +65,19 @@ def decoy_patterns(seed: int = 0, min_distance: int = 6, min_ones: int = 6) -> t
             if len(chosen) == NUM_CLASSES:
                 return torch.stack(chosen).reshape(NUM_CLASSES, PATCH, PATCH)
     raise RuntimeError(f"could not draw {NUM_CLASSES} patterns {min_distance} bits apart; lower min_distance")
+
+
+def class_textures(contrast: float = TEXTURE_CONTRAST) -> torch.Tensor:
+    """(10, 32, 32) gratings in [0, contrast], one per class: orientation k * 18 degrees, period
+    4 or 6 pixels alternating by class, so neighbouring orientations also differ in frequency."""
+    ys, xs = torch.meshgrid(torch.arange(CANVAS, dtype=torch.float32), torch.arange(CANVAS, dtype=torch.float32),
+                            indexing="ij")
+    out = []
+    for k in range(NUM_CLASSES):
+        theta, period = k * torch.pi / NUM_CLASSES, 4.0 if k % 2 == 0 else 6.0
+        phase = 2 * torch.pi * (xs * torch.cos(torch.tensor(theta)) + ys * torch.sin(torch.tensor(theta))) / period
+        out.append(0.5 * contrast * (1 + torch.sin(phase)))
+    return torch.stack(out)
 
 
 def place_digits(digits: torch.Tensor) -> torch.Tensor:
@@ -88,30 +112,62 @@ class DecoySplit:
         return self.labels.tolist()
 
 
-def make_split(digits: torch.Tensor, labels: torch.Tensor, mode: str, gen: torch.Generator,
-               patterns: torch.Tensor, correlation: float = 1.0) -> DecoySplit:
-    """Build one split. ``mode``: ``matched`` (decoy = label with probability ``correlation``,
-    else a random class), ``random`` (decoy class uniform) or ``none`` (no decoy)."""
-    n = digits.shape[0]
-    images = place_digits(digits)
-    spurious = torch.zeros(n, CANVAS, CANVAS, dtype=torch.bool)
-    objects = torch.zeros(n, CANVAS, CANVAS, dtype=torch.bool)
-    objects[:, MARGIN:MARGIN + DIGIT, MARGIN:MARGIN + DIGIT] = True
+def cue_classes(labels: torch.Tensor, mode: str, gen: torch.Generator, correlation: float = 1.0) -> torch.Tensor:
+    """The class each image's cue codes: ``matched`` (the label with probability ``correlation``,
+    else a random class), ``random`` (uniform) or ``none`` (-1: no cue)."""
+    n = labels.shape[0]
     if mode == "none":
-        return DecoySplit(images, labels, torch.full((n,), -1), spurious, objects)
+        return torch.full((n,), -1)
     if mode not in ("matched", "random"):
         raise ValueError(f"mode must be 'matched', 'random' or 'none', got {mode!r}")
     random_cls = torch.randint(0, NUM_CLASSES, (n,), generator=gen)
-    if mode == "matched":
-        keep = torch.rand(n, generator=gen) < correlation
-        decoy = torch.where(keep, labels, random_cls)
+    if mode == "random":
+        return random_cls
+    keep = torch.rand(n, generator=gen) < correlation
+    return torch.where(keep, labels, random_cls)
+
+
+def draw_cues(images: torch.Tensor, cue_class: torch.Tensor, cue: str, gen: torch.Generator,
+              patterns: torch.Tensor) -> torch.Tensor:
+    """Draw each image's cue in place; returns the (N, 32, 32) masks of where the cue is."""
+    n = images.shape[0]
+    masks = torch.zeros(n, CANVAS, CANVAS, dtype=torch.bool)
+    if cue not in CUES:
+        raise ValueError(f"cue must be one of {CUES}, got {cue!r}")
+    if not bool((cue_class >= 0).any()):
+        return masks
+    if cue == "background_texture":
+        textures = class_textures()
+        for i in torch.nonzero(cue_class >= 0)[:, 0].tolist():
+            tex = textures[int(cue_class[i])]
+            masks[i] = tex > images[i, 0]
+            images[i, 0] = torch.maximum(images[i, 0], tex)
+        return masks
+    if cue == "corner_patch":
+        scale = 1
+        corners = torch.tensor(CORNERS)[torch.randint(0, len(CORNERS), (n,), generator=gen)]
     else:
-        decoy = random_cls
-    corner = torch.randint(0, len(CORNERS), (n,), generator=gen)
-    for i in range(n):
-        y, x = CORNERS[int(corner[i])]
-        images[i, 0, y:y + PATCH, x:x + PATCH] = patterns[int(decoy[i])].float()
-        spurious[i, y:y + PATCH, x:x + PATCH] = True
+        scale = 2
+        corners = torch.randint(MARGIN, CANVAS - MARGIN - scale * PATCH + 1, (n, 2), generator=gen)
+    size = scale * PATCH
+    stamps = patterns.float().repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+    for i in torch.nonzero(cue_class >= 0)[:, 0].tolist():
+        y, x = corners[i].tolist()
+        images[i, 0, y:y + size, x:x + size] = stamps[int(cue_class[i])]
+        masks[i, y:y + size, x:x + size] = True
+    return masks
+
+
+def make_split(digits: torch.Tensor, labels: torch.Tensor, mode: str, gen: torch.Generator,
+               patterns: torch.Tensor, correlation: float = 1.0, cue: str = "corner_patch") -> DecoySplit:
+    """Build one split. ``mode``: ``matched`` (cue = label with probability ``correlation``, else a
+    random class), ``random`` (cue class uniform) or ``none`` (no cue); ``cue`` one of :data:`CUES`."""
+    n = digits.shape[0]
+    images = place_digits(digits)
+    objects = torch.zeros(n, CANVAS, CANVAS, dtype=torch.bool)
+    objects[:, MARGIN:MARGIN + DIGIT, MARGIN:MARGIN + DIGIT] = True
+    decoy = cue_classes(labels, mode, gen, correlation)
+    spurious = draw_cues(images, decoy, cue, gen, patterns)
     return DecoySplit(images, labels, decoy, spurious, objects)
 
 
@@ -130,21 +186,24 @@ class DecoyDigits:
 
 @lru_cache(maxsize=4)
 def make_decoy_digits(seed: int = 0, correlation: float = 1.0, val_fraction: float = 0.15,
-                      test_fraction: float = 0.2) -> DecoyDigits:
-    """Build every split from one seed; the global RNG is never touched.
+                      test_fraction: float = 0.2, cue: str = "corner_patch") -> DecoyDigits:
+    """Build every split from one seed with the class-coded ``cue`` (:data:`CUES`; the default is
+    Decoy Digits); the global RNG is never touched.
 
     Cached per arguments (the shortcut and control runs share one build); treat the returned
     tensors as read-only.
     """
     if not 0.0 <= correlation <= 1.0:
         raise ValueError(f"correlation must be in [0, 1], got {correlation}")
+    if cue not in CUES:
+        raise ValueError(f"cue must be one of {CUES}, got {cue!r}")
     digits, labels = load_digits_tensor()
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(labels), generator=gen)
     n_val, n_test = int(len(order) * val_fraction), int(len(order) * test_fraction)
     val_idx, test_idx, train_idx = order[:n_val], order[n_val:n_val + n_test], order[n_val + n_test:]
     patterns = decoy_patterns(seed)
-    part = lambda idx, mode, corr=1.0: make_split(digits[idx], labels[idx], mode, gen, patterns, corr)  # noqa: E731
+    part = lambda idx, mode, corr=1.0: make_split(digits[idx], labels[idx], mode, gen, patterns, corr, cue)  # noqa: E731
     return DecoyDigits(
         train_shortcut=part(train_idx, "matched", correlation),
         train_control=part(train_idx, "random"),

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
-from .data import NUM_CLASSES, DecoyDigits, DecoySplit, make_decoy_digits
+from .data import CUES, NUM_CLASSES, DecoyDigits, DecoySplit, make_decoy_digits
 
 
 class SmallCNN(nn.Module):
@@ -89,7 +89,8 @@ class EpochSeededSampler(Sampler[int]):
 
 
 class DecoyDigitsDataModule(L.LightningDataModule):
-    """Decoy Digits for Lightning: ``variant="shortcut"`` (decoy codes the label) or ``"control"``.
+    """Decoy Digits for Lightning: ``variant="shortcut"`` (the cue codes the label) or ``"control"``;
+    ``cue`` picks the zoo task (:data:`~cam_monitor.demo.data.CUES`, default the corner patch).
 
     Validation always uses matched decoys (the realistic case where validation shares the bias).
     Batches are dicts (``image``, ``label``, ``spurious_mask``, ``object_mask``), so a monitor
@@ -98,17 +99,19 @@ class DecoyDigitsDataModule(L.LightningDataModule):
     """
 
     def __init__(self, variant: str = "shortcut", batch_size: int = 64, seed: int = 0, correlation: float = 1.0,
-                 num_workers: int = 0) -> None:
+                 num_workers: int = 0, cue: str = "corner_patch") -> None:
         super().__init__()
         if variant not in ("shortcut", "control"):
             raise ValueError(f"variant must be 'shortcut' or 'control', got {variant!r}")
-        self.variant, self.batch_size, self.seed = variant, batch_size, seed
+        if cue not in CUES:
+            raise ValueError(f"cue must be one of {CUES}, got {cue!r}")
+        self.variant, self.batch_size, self.seed, self.cue = variant, batch_size, seed, cue
         self.correlation, self.num_workers = correlation, num_workers
         self.data: DecoyDigits | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.data is None:
-            self.data = make_decoy_digits(self.seed, self.correlation)
+            self.data = make_decoy_digits(self.seed, self.correlation, cue=self.cue)
 
     def _loader(self, split: DecoySplit, shuffle: bool) -> DataLoader:
         sampler = EpochSeededSampler(len(split), self.seed) if shuffle else None

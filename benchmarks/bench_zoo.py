@@ -1,0 +1,123 @@
+"""The shortcut zoo with NO masks: does the default monitor find each shortcut, and stay quiet on controls?
+
+For every task of ``cam_monitor.demo.data.CUES`` and every seed: one fit where the cue codes the
+label (shortcut) and one where it is random (control), the default ``CAMMonitor`` on every epoch
+with mask-free probes (``cam_monitor.demo.zoo``). Ground truth: accuracy with matched cues minus
+accuracy with random cues. Reports per task: detection rate on shortcut runs, false alarms on
+controls, the first alert's epoch next to the epoch the gap passes 0.2, and what the discovery
+costs per evaluation (pasted images, seconds, ratio to one inference forward of the probe set;
+medians of interleaved repeats on the last model).
+
+    python benchmarks/bench_zoo.py [--seeds 5] [--epochs 6]
+
+Prints a Markdown table and writes ``benchmarks/results/zoo_cpu.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_engine import default_result_path, machine, time_interleaved, write_json  # noqa: E402
+
+from cam_monitor.demo.data import CUES  # noqa: E402
+from cam_monitor.demo.zoo import ZooRun, run_task  # noqa: E402
+from cam_monitor.discovery import discover  # noqa: E402
+from cam_monitor.engine import predict_classes  # noqa: E402
+
+
+def discovery_cost(run: ZooRun, repeats: int) -> dict:
+    """Seconds of the confirmation (given the maps) vs an inference forward of the probe set, on the run's model."""
+    monitor = run.monitor
+    ev, probes = monitor.last_evaluation, monitor.probes
+    model = run.model
+    settings = monitor.settings.discovery
+
+    def forward() -> None:
+        predict_classes(model, probes.images)
+
+    def confirm() -> None:
+        discover(ev.maps, probes, probes.labels, ev.preds, lambda x: predict_classes(model, x), settings, step=1)
+
+    times = time_interleaved({"forward": forward, "discovery": confirm}, repeats, torch.device("cpu"))
+    found = discover(ev.maps, probes, probes.labels, ev.preds, lambda x: predict_classes(model, x), settings, step=1)
+    fwd, disc = statistics.median(times["forward"]), statistics.median(times["discovery"])
+    return {"pasted_images": 2 * len(found.tests), "probes": len(probes), "forward_s": fwd, "discovery_s": disc,
+            "ratio": disc / fwd}
+
+
+def summarise(runs: list[ZooRun]) -> list[dict]:
+    rows = []
+    for cue in CUES:
+        shortcut = [r for r in runs if r.cue == cue and r.variant == "shortcut"]
+        control = [r for r in runs if r.cue == cue and r.variant == "control"]
+        detected = [r for r in shortcut if r.alerts]
+        in_time = [r for r in shortcut if r.first_alert_epoch is not None
+                   and (r.gap_epoch is None or r.first_alert_epoch <= r.gap_epoch)]
+        rows.append({
+            "task": cue, "seeds": len(shortcut),
+            "detected": len(detected), "detected_by_gap_epoch": len(in_time),
+            "false_alarms": sum(1 for r in control if r.alerts),
+            "first_alert_epochs": [r.first_alert_epoch for r in shortcut],
+            "gap_passes_0.2_epochs": [r.gap_epoch for r in shortcut],
+            "final_gap": [round(r.rows[-1]["accuracy_gap"], 3) for r in shortcut],
+            "rules_fired": sorted({a["rule"] for r in shortcut + control for a in r.alerts}),
+            "control_rules_fired": sorted({a["rule"] for r in control for a in r.alerts}),
+        })
+    return rows
+
+
+def print_table(rows: list[dict], cost: dict) -> None:
+    print("\n| task | detected (shortcut runs) | by the gap epoch | false alarms (controls) | first alert epoch | "
+          "gap > 0.2 epoch |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        fmt = lambda xs: ", ".join("-" if x is None else str(x) for x in xs)  # noqa: E731
+        print(f"| {r['task']} | {r['detected']}/{r['seeds']} | {r['detected_by_gap_epoch']}/{r['seeds']} | "
+              f"{r['false_alarms']}/{r['seeds']} | {fmt(r['first_alert_epochs'])} | {fmt(r['gap_passes_0.2_epochs'])} |")
+    print(f"\ndiscovery cost per evaluation: {cost['pasted_images']} pasted images for {cost['probes']} probes, "
+          f"{cost['discovery_s'] * 1e3:.1f} ms vs {cost['forward_s'] * 1e3:.1f} ms for one inference forward of the "
+          f"probe set (ratio {cost['ratio']:.2f})")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--repeats", type=int, default=20, help="interleaved repeats of the cost measurement")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/zoo_cpu.json)")
+    args = p.parse_args()
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    runs: list[ZooRun] = []
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="cam_zoo_") as root:
+        for seed in range(args.seeds):
+            for cue in CUES:
+                for variant in ("shortcut", "control"):
+                    run = run_task(cue, variant, seed, args.epochs, f"{root}/{cue}_{variant}_{seed}")
+                    runs.append(run)
+                    print(f"{cue:>18} {variant:>8} seed {seed}: gap > 0.2 at epoch {run.gap_epoch}, alerts "
+                          f"{[(a['epoch'], a['rule']) for a in run.alerts]}", flush=True)
+        cost = discovery_cost(next(r for r in reversed(runs) if r.cue == CUES[0] and r.variant == "shortcut"),
+                              args.repeats)
+    rows = summarise(runs)
+    print_table(rows, cost)
+    result = {"machine": machine(), "epochs": args.epochs, "seeds": args.seeds, "tasks": rows, "cost": cost,
+              "runs": [{"task": r.cue, "variant": r.variant, "seed": r.seed, "alerts": r.alerts, "epochs": r.rows}
+                       for r in runs],
+              "wall_s": time.perf_counter() - start}
+    write_json(result, args.out or default_result_path("zoo", torch.device("cpu")))
+
+
+if __name__ == "__main__":
+    main()

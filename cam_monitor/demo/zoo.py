@@ -1,0 +1,73 @@
+"""The shortcut zoo: one monitored fit per (cue, variant, seed), with NO masks given to the monitor.
+
+Each task of :data:`~cam_monitor.demo.data.CUES` has a shortcut variant (the cue codes the label)
+and a control (the same cue, independent of the label). Ground truth of shortcut use after every
+validation: accuracy on test digits with matched cues minus accuracy with random cues. The
+monitor sees only mask-free probes picked from the validation data, so whatever it reports it
+found by itself. ``benchmarks/bench_zoo.py`` runs the table; the tests run reduced fits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import lightning as L
+
+from ..callback import CAMMonitor
+from ..probes import ProbeSet
+from .data import make_decoy_digits
+from .model import DecoyDigitsDataModule, DigitClassifier
+from .run import GAP_LINE, DecoyAccuracy
+
+LAYER = "net.features"
+
+
+@dataclass
+class ZooRun:
+    """One fit: per-epoch ground truth (``acc_matched``, ``acc_random``, ``accuracy_gap``) next to
+    the monitor's history rows, every alert it raised, the monitor and the trained model."""
+
+    cue: str
+    variant: str
+    seed: int
+    rows: list[dict[str, Any]]
+    alerts: list[dict[str, Any]]
+    monitor: CAMMonitor
+    model: DigitClassifier
+
+    @property
+    def first_alert_epoch(self) -> int | None:
+        return min((a["epoch"] for a in self.alerts), default=None)
+
+    @property
+    def gap_epoch(self) -> int | None:
+        """The first epoch whose accuracy gap passes :data:`GAP_LINE` (None if it never does)."""
+        return next((r["epoch"] for r in self.rows if r["accuracy_gap"] > GAP_LINE), None)
+
+
+def mask_free_probes(cue: str, seed: int, num_probes: int = 64) -> ProbeSet:
+    """Class-balanced probes from the task's validation split, with every mask dropped."""
+    data = make_decoy_digits(seed, cue=cue)
+    probes = ProbeSet.from_dataset(data.val, num_probes=num_probes, seed=seed, num_classes=10,
+                                   class_names=[str(c) for c in range(10)])
+    return replace(probes, spurious_masks=None, object_masks=None)
+
+
+def run_task(cue: str, variant: str, seed: int, epochs: int, root: str, *, num_probes: int = 64,
+             limit_train_batches: int | float | None = None, **monitor_kwargs: Any) -> ZooRun:
+    """Train the demo CNN on one zoo task with a mask-free :class:`CAMMonitor` on every epoch."""
+    L.seed_everything(seed, verbose=False)
+    data = DecoyDigitsDataModule(variant, seed=seed, cue=cue)
+    data.setup()
+    accuracy = DecoyAccuracy({"matched": data.data.test_matched, "random": data.data.test_random})
+    kwargs = {"target_layer": LAYER, "alert_action": "log", "images_every_n_evals": 0, **monitor_kwargs}
+    monitor = CAMMonitor(probes=mask_free_probes(cue, seed, num_probes), log_dir=f"{root}/cam_monitor", **kwargs)
+    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, deterministic=True, logger=False,
+                        callbacks=[accuracy, monitor], enable_checkpointing=False, enable_model_summary=False,
+                        enable_progress_bar=False, default_root_dir=root, num_sanity_val_steps=0,
+                        limit_train_batches=limit_train_batches)
+    model = DigitClassifier()
+    trainer.fit(model, data)
+    rows = [{**acc, **{k: v for k, v in hist.items() if k.startswith("cam/")}}
+            for acc, hist in zip(accuracy.rows, monitor.history)]
+    return ZooRun(cue, variant, seed, rows, list(monitor.alerts), monitor, model)
