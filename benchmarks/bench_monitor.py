@@ -4,10 +4,14 @@
    one full monitor evaluation (CAM pass + metrics + rendering + TensorBoard write), with and
    without the faithfulness forward; tiles at the monitor's default 128 px; interleaved rounds,
    median/min/max.
-2. The demo's shortcut fit (Decoy Digits, 6 epochs) with the monitor on every epoch vs off,
+   The same table times mask-free discovery at its full budget (64 pasted images), given the maps.
+2. Throughput: probes per second of the default evaluation's blocking part on 1,024 probes.
+3. The background worker's effect on the training thread: training steps of the demo CNN with the
+   worker idle vs drawing pictures all the time (interleaved rounds).
+4. The demo's shortcut fit (Decoy Digits, 6 epochs) with the monitor on every epoch vs off,
    alternating runs; wall time of ``trainer.fit``.
 
-    python benchmarks/bench_monitor.py [--repeats 5] [--fit-repeats 3]
+    python benchmarks/bench_monitor.py [--repeats 5] [--fit-repeats 3] [--throughput-probes 1024]
 
 Prints Markdown tables and writes ``benchmarks/results/monitor_<device>.json``.
 """
@@ -25,13 +29,14 @@ from pathlib import Path
 import lightning as L
 import torch
 import torchvision
-from torch.utils.tensorboard import SummaryWriter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import default_result_path, machine, time_interleaved, write_json  # noqa: E402
+from bench_engine import default_result_path, machine, sync, time_interleaved, write_json  # noqa: E402
 
 import cam_monitor as cm  # noqa: E402
 from cam_monitor.render import probe_tiles, tile_grid  # noqa: E402
+from cam_monitor.discovery import DiscoverySettings, discover  # noqa: E402
+from cam_monitor.engine import predict_classes  # noqa: E402
 from cam_monitor.evaluation import EvalSettings, Placement, evaluate  # noqa: E402
 from cam_monitor.publisher import Publisher  # noqa: E402
 from cam_monitor.report import Panel  # noqa: E402
@@ -55,8 +60,7 @@ def monitor_evaluation(repeats: int, device: torch.device, n: int = 64, size: in
     probes = cm.ProbeSet(images, torch.randint(0, 1000, (n,), generator=g), spur, obj,
                          mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
     batch = images.to(device)
-    writer = SummaryWriter(tempfile.mkdtemp(prefix="cam_bench_tb_"))
-    sink = TensorBoardSink(writer)
+    sink = TensorBoardSink(tempfile.mkdtemp(prefix="cam_bench_tb_"))
     state: dict = {"step": 0, "prev": None, "ref": None}
 
     def forward():
@@ -97,13 +101,24 @@ def monitor_evaluation(repeats: int, device: torch.device, n: int = 64, size: in
             worker.drain()  # timed as part of the round: blocking + background = the whole evaluation
         return run
 
+    def discovery_full_budget():
+        """Mask-free discovery with every probe a suspect (settings loosened so the maps of this
+        random-weight model qualify): the most it pastes, 64 images for 64 probes."""
+        ev = state["last"] = state.get("last") or measure(False)
+        loose = DiscoverySettings(energy_share=0.01, max_area=0.5)
+        classes = torch.arange(n) % 10  # as if the model got 10 classes right: every probe a suspect, any recipient
+        found = discover(ev.maps, probes, classes, classes, lambda x: predict_classes(model, x.to(device)), loose)
+        assert len(found.tests) == n // 2
+
     names = {"forward": "inference forward (64 x 224)", "nofaith": "monitor evaluation, no faithfulness",
              "default": "monitor evaluation (default, + faithfulness forward)",
-             "queued": "same, pictures on the background worker: whole evaluation"}
+             "queued": "same, pictures on the background worker: whole evaluation",
+             "discovery": "mask-free discovery at its full budget (64 pasted images), given the maps"}
     times = time_interleaved({names["forward"]: forward, names["nofaith"]: full(False), names["default"]: full(True),
-                              names["queued"]: queued()}, repeats, device)
+                              names["queued"]: queued(), names["discovery"]: discovery_full_budget},
+                             repeats, device)
     worker.close()
-    writer.close()
+    sink.close()
     times["same: blocking part (what the training loop waits for)"] = blocking[1:]  # [0] was the warm-up
     times["same: background part (on the worker)"] = [t - b for t, b in zip(times[names["queued"]], blocking[1:])]
     base = statistics.median(times[names["forward"]])
@@ -145,6 +160,105 @@ def training_overhead(repeats: int, epochs: int) -> dict:
                    "x_forward": statistics.median(t) / off} for name, t in runs.items()}
 
 
+def worker_effect(repeats: int, steps: int = 20) -> dict:
+    """Table 3: what the background worker costs the training thread (the GIL, the cores).
+
+    Time ``steps`` training steps of the demo CNN (batch 64) with the worker idle, and with it busy
+    drawing and writing the demo monitor's pictures (64 probes, 96-px tiles, TensorBoard) the whole
+    time; interleaved rounds. The ratio is what a step costs while pictures are being made.
+    """
+    from cam_monitor.demo.data import make_decoy_digits
+    from cam_monitor.demo.model import DigitClassifier
+    from cam_monitor.history import History
+    from cam_monitor.report import ReportSettings, build_panel
+
+    torch.manual_seed(0)
+    data = make_decoy_digits(0)
+    model = DigitClassifier()
+    opt = model.configure_optimizers()
+    x, y = data.train_shortcut.images[:64], data.train_shortcut.labels[:64]
+    probes = cm.ProbeSet.from_dataset(data.val, num_probes=64, seed=0)
+    history = History()
+    ev = evaluate(model.net, probes, EvalSettings("features"))
+    history.record(ev, "fit", {})
+    sink = TensorBoardSink(tempfile.mkdtemp(prefix="cam_bench_gil_"))
+    settings = ReportSettings(tile_size=96)
+    worker = Publisher(background=True)
+
+    def train_steps() -> None:
+        model.train()
+        for _ in range(steps):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    busy = {"on": False}
+
+    def keep_drawing() -> None:
+        sink.log_evaluation(ev, build_panel(probes, ev, history, settings, trends=False))
+        if busy["on"]:
+            worker.submit("render", keep_drawing)
+
+    def idle() -> None:
+        train_steps()
+
+    def drawing() -> None:
+        busy["on"] = True
+        worker.submit("render", keep_drawing)
+        train_steps()
+        busy["on"] = False
+        worker.drain()
+
+    draws: list[float] = []
+    start = time.perf_counter()
+    keep_drawing()
+    draws.append(time.perf_counter() - start)
+    times = time_interleaved({"idle": idle, "drawing": drawing}, repeats, torch.device("cpu"))
+    worker.close()
+    sink.close()
+    base = statistics.median(times["idle"])
+    names = {"idle": f"{steps} training steps, worker idle",
+             "drawing": f"{steps} training steps, worker drawing the pictures all the time"}
+    out = {names[k]: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t),
+                      "x_forward": statistics.median(t) / base} for k, t in times.items()}
+    out["one picture set (64 tiles + filmstrip, TensorBoard), drawn alone"] = {
+        "median_s": draws[0], "min_s": draws[0], "max_s": draws[0], "x_forward": float("nan")}
+    return out
+
+
+def throughput(n: int, device: torch.device, size: int = 224, batch: int = 64) -> dict:
+    """Table 4: probes per second of one default evaluation (the part the training loop waits for:
+    CAM pass, faithfulness forward, discovery, metrics) on ``n`` probes, ResNet-18 at ``size`` px,
+    in chunks of ``batch``; and of the inference forward alone over the same probes."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).eval().to(device)
+    g = torch.Generator().manual_seed(1)
+    coarse = torch.randn(n, 3, 14, 14, generator=g)
+    images = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+    probes = cm.ProbeSet(images, torch.randint(0, 1000, (n,), generator=g))
+
+    def forward() -> None:
+        with torch.inference_mode():
+            for start in range(0, n, batch):
+                model(images[start:start + batch].to(device))
+
+    def evaluation() -> None:
+        evaluate(model, probes, EvalSettings("layer4", batch_size=batch), Placement(device=device))
+
+    out = {}
+    for name, fn in (("inference forward", forward), ("default evaluation (blocking part)", evaluation)):
+        if device.type == "cuda":  # warm-up on a GPU; on a CPU one pass is long enough
+            fn()
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        seconds = time.perf_counter() - start
+        out[f"{name}, {n} probes"] = {"seconds": seconds, "probes_per_s": n / seconds}
+    return out
+
+
 def print_table(title: str, rows: dict, ratio_name: str) -> None:
     print(f"\n### {title}\n")
     print(f"| variant | median s | min s | max s | {ratio_name} |")
@@ -159,6 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fit-repeats", type=int, default=3, help="0 skips the training-overhead table")
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--throughput-probes", type=int, default=1024, help="0 skips the throughput table")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -168,6 +283,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"machine: {result['machine']}; device {device}")
     result["evaluation"] = monitor_evaluation(args.repeats, device)
     print_table("One monitor evaluation, ResNet-18 layer4, 64 probes at 224 px", result["evaluation"], "x forward")
+    if args.throughput_probes > 0:
+        result["throughput"] = throughput(args.throughput_probes, device)
+        print(f"\n### Throughput, ResNet-18 layer4 at 224 px, chunks of 64\n")
+        print("| what | seconds | probes/s |\n|---|---:|---:|")
+        for name, r in result["throughput"].items():
+            print(f"| {name} | {r['seconds']:.2f} | {r['probes_per_s']:.1f} |")
+    result["worker"] = worker_effect(args.repeats)
+    print_table("The background worker's effect on training steps (demo CNN, batch 64)", result["worker"], "x idle")
     if args.fit_repeats > 0:
         result["training"] = training_overhead(args.fit_repeats, args.epochs)
         print_table(f"Demo shortcut fit, {args.epochs} epochs, TensorBoard logger", result["training"], "x off")

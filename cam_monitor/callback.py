@@ -220,11 +220,16 @@ class CAMMonitor(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Finish every queued picture (before Lightning closes the loggers), then drop the resources."""
+        """Finish every queued picture (before Lightning closes the loggers), close the sinks' own
+        files, then drop the resources."""
         try:
             if self._publisher is not None:
                 self._publisher.close()
                 self._report_worker_faults(trainer)
+            for sink in self._sinks or []:
+                close = getattr(sink, "close", None)
+                if callable(close):
+                    self._guarded(f"sink:{sink.name}", close, trainer)
         finally:
             self._drop_resources()
 
@@ -235,6 +240,13 @@ class CAMMonitor(Callback):
             self._publisher.close()
             for kind, err in self._publisher.faults():
                 log.debug("CAMMonitor %s failed while the fit was failing: %r", kind, err)
+        for sink in self._sinks or []:
+            close = getattr(sink, "close", None)
+            if callable(close):
+                try:
+                    close()
+                except Exception as err:  # noqa: BLE001 - the fit's own exception is what matters
+                    log.debug("CAMMonitor could not close sink %s while the fit was failing: %r", sink.name, err)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -460,9 +472,10 @@ class CAMMonitor(Callback):
     def _publish(self, trainer: pl.Trainer, ev: Evaluation) -> None:
         """Queue this evaluation's pictures: rendered and sent by the worker, from a snapshot."""
         sinks, probes, history, settings = self._sinks_of(trainer), self.probes, self.series.snapshot(), self.report_settings
+        figure = any(not getattr(sink, "draws_curves", False) for sink in sinks)  # else the dashboards plot the numbers
 
         def job() -> None:
-            panel = build_panel(probes, ev, history, settings)
+            panel = build_panel(probes, ev, history, settings, trends=figure)
             self._to_sinks(sinks, lambda sink: sink.log_evaluation(ev, panel))
 
         self._publisher.submit("render", job)

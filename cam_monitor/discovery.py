@@ -282,13 +282,16 @@ def discover(maps: torch.Tensor, probes: ProbeSet, targets: torch.Tensor, preds:
     """Find suspects in ``maps`` (N, h, w), plan ``budget`` x N pasted images, and run them.
 
     ``predict`` classifies a CPU batch of pasted images (it does the device placement, batching and
-    any cross-rank sharding); it is called once, and not at all when there is nothing to test.
+    any cross-rank sharding); it is called once, and not at all when the plan has fewer than
+    ``min_tests`` tests or ``min_suspects`` suspects (its rates would be NaN anyway).
     """
     image_size = probes.image_size
     suspects = find_suspects(maps, targets, preds, image_size, settings)
     gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
     num_tests = int(settings.budget * len(probes)) // 2
     tests = plan_tests(suspects, targets, preds, image_size, num_tests, gen)
+    if len(tests) < settings.min_tests or len({t.suspect for t in tests}) < settings.min_suspects:
+        tests = []  # too few to decide anything: spend no forward on them
     if not tests:
         empty = torch.zeros(0, dtype=torch.bool)
         return Discovery(suspects, tests, empty, empty, settings.min_tests, settings.min_suspects)

@@ -6,10 +6,15 @@ the order they were submitted. The queue is bounded: when it is full, :meth:`sub
 the oldest job, so a slow dashboard slows the monitor instead of piling up memory. A job's
 exception is kept and handed back to the caller's thread by :meth:`faults`, so faults are reported
 where the rest of the monitor reports them. ``background=False`` runs every job at once, inline:
-the same jobs, the same order. No Lightning.
+the same jobs, the same order. The worker thread runs at a lower scheduling priority (``nice``
++10, where the OS allows it per thread, as Linux does), so on a busy host the training threads get
+the cores first. No Lightning.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import os
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,7 +39,7 @@ class Publisher:
             self._run(kind, fn)
             return
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cam_monitor")
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cam_monitor", initializer=lower_priority)
         while len(self._pending) >= self.max_pending:
             self._pending.popleft().result()
         self._pending.append(self._pool.submit(self._run, kind, fn))
@@ -44,6 +49,9 @@ class Publisher:
             fn()
         except Exception as err:  # noqa: BLE001 - handed back to the caller's thread by faults()
             self.record_fault(kind, err)
+        finally:
+            if self.background:
+                release_freed_memory()
 
     def record_fault(self, kind: str, err: BaseException) -> None:
         """Keep a fault a job caught itself (e.g. one sink of several failed)."""
@@ -67,3 +75,38 @@ class Publisher:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+
+
+_LIBC: list = []
+
+
+def release_freed_memory() -> None:
+    """Hand the heap memory freed by a job back to the OS (glibc's ``malloc_trim``). A picture's
+    large short-lived buffers are allocated in the worker thread's own malloc arena, which
+    otherwise stays fragmented: over hundreds of evaluations resident memory crept up by about
+    0.3 MB per evaluation, against a flat line when drawing on the training thread. A no-op where
+    the C library has no ``malloc_trim`` (not glibc)."""
+    if not _LIBC:
+        try:
+            _LIBC.append(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim)
+        except (OSError, AttributeError):
+            _LIBC.append(None)
+    if _LIBC[0] is not None:
+        _LIBC[0](0)
+
+
+#: How much nicer than the training threads the worker thread runs.
+WORKER_NICENESS = 10
+
+
+def lower_priority() -> None:
+    """Make the calling thread ``WORKER_NICENESS`` nicer (Linux applies niceness per thread); a
+    no-op where the OS has no per-thread priority or refuses it."""
+    native_id = getattr(threading, "get_native_id", None)
+    if not hasattr(os, "setpriority") or native_id is None:
+        return
+    try:
+        tid = native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + WORKER_NICENESS))
+    except OSError:
+        pass

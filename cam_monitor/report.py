@@ -5,8 +5,10 @@ only one that knows both the probe set's fields and rendering's arguments. No Li
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
+
+import math
 
 import torch
 
@@ -37,8 +39,10 @@ class ReportSettings:
 
 @dataclass
 class Panel:
-    """The pictures of one evaluation: the probe grid, per-probe tiles, the trends figure and the
-    filmstrip (first probes over the last evaluations); ``ids``/``labels`` of the tiled probes."""
+    """The pictures of one evaluation: the probe grid, per-probe tiles, the trends figure (None when
+    no sink needs it) and the filmstrip (first probes over the last evaluations); ``ids``/``labels``
+    of the tiled probes; ``curves``: this evaluation's value of each trend metric per tiled probe
+    (``{metric: {probe_id: value}}``, NaN left out), the numbers dashboards plot themselves."""
 
     grid: torch.Tensor
     tiles: torch.Tensor
@@ -46,14 +50,17 @@ class Panel:
     ids: Sequence[str]
     labels: Sequence[int]
     filmstrip: torch.Tensor | None = None
+    curves: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def extra_images(self) -> dict[str, torch.Tensor]:
         """The optional pictures that exist for this evaluation, by tag."""
         return {tag: img for tag, img in (("trends", self.trends), ("filmstrip", self.filmstrip)) if img is not None}
 
 
-def build_panel(probes: ProbeSet, ev: Evaluation, history: History, settings: ReportSettings) -> Panel:
-    """Render the grid of the first ``max_grid_probes`` probes, the trends and the filmstrip."""
+def build_panel(probes: ProbeSet, ev: Evaluation, history: History, settings: ReportSettings,
+                trends: bool = True) -> Panel:
+    """Render the grid of the first ``max_grid_probes`` probes, the filmstrip and, with ``trends``,
+    the trends figure (a dashboard that plots :attr:`Panel.curves` itself does not need it)."""
     n = min(len(probes), settings.max_grid_probes)
     display = probes.display_images()
     tiles = probe_tiles(display[:n], ev.maps[:n], ids=probes.ids[:n], labels=probes.labels[:n].tolist(),
@@ -64,9 +71,12 @@ def build_panel(probes: ProbeSet, ev: Evaluation, history: History, settings: Re
                         inferred_masks=None if ev.discovery is None else ev.discovery.masks(n, probes.image_size),
                         class_names=probes.class_names, tile_size=settings.tile_size)
     series = {f"{history.prefix}/{k}": v[:, :n] for k, v in history.per_probe.items() if k in TREND_METRICS}
-    trends = figure_to_tensor(metric_curves(history.steps, series)) if series else None
-    return Panel(grid=tile_grid(tiles, nrow=settings.nrow), tiles=tiles, trends=trends, ids=probes.ids[:n],
-                 labels=probes.labels[:n].tolist(), filmstrip=build_filmstrip(probes, display, history, settings))
+    figure = figure_to_tensor(metric_curves(history.steps, series)) if series and trends else None
+    curves = {k: {pid: float(x) for pid, x in zip(probes.ids[:n], ev.per_probe[k][:n].tolist()) if not math.isnan(x)}
+              for k in TREND_METRICS if k in ev.per_probe}
+    return Panel(grid=tile_grid(tiles, nrow=settings.nrow), tiles=tiles, trends=figure, ids=probes.ids[:n],
+                 labels=probes.labels[:n].tolist(), filmstrip=build_filmstrip(probes, display, history, settings),
+                 curves=curves)
 
 
 def build_filmstrip(probes: ProbeSet, display: torch.Tensor, history: History,

@@ -19,7 +19,7 @@ from .evaluation import Placement
 from .probes import ProbeSet
 from .sinks import TensorBoardSink, WandbSink, register_sink
 
-register_sink(TensorBoardLogger, lambda logger, prefix: TensorBoardSink(logger.experiment, prefix))
+register_sink(TensorBoardLogger, lambda logger, prefix: TensorBoardSink(logger.experiment.get_logdir(), prefix))
 register_sink(WandbLogger, lambda logger, prefix: WandbSink(logger.experiment, prefix))
 
 #: The trainer function whose loaders probes come from: "fit" uses validation, else training.

@@ -193,8 +193,14 @@ def test_tensorboard_event_files_hold_images_and_scalars(tmp_path) -> None:
     acc = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "scalars": 0})
     acc.Reload()
     tags = acc.Tags()
-    assert {"cam/probe_grid", "cam/trends", "cam/filmstrip"} <= set(tags["images"])
+    assert {"cam/probe_grid", "cam/filmstrip"} <= set(tags["images"])
     assert ALL_METRICS <= set(tags["scalars"])
+    # per-probe curves are scalars TensorBoard plots itself, not a rendered figure
+    assert "cam/trends" not in tags["images"]
+    pid = mon.probes.ids[0]
+    assert [e.step for e in acc.Scalars(f"cam_probes/spurious_energy/{pid}")] == [h["global_step"] for h in mon.history]
+    assert acc.Scalars(f"cam_probes/spurious_energy/{pid}")[-1].value == pytest.approx(
+        float(mon.last_evaluation.per_probe["spurious_energy"][0]))
     steps = [e.step for e in acc.Images("cam/probe_grid")]
     assert steps == [h["global_step"] for h in mon.history]
     assert "cam/alerts/text_summary" in tags["tensors"]  # alerts as text summaries

@@ -153,12 +153,18 @@ def test_pasted_images_copy_the_box_from_the_suspect_and_nothing_else() -> None:
     assert not torch.equal(probes.images[test.recipient], out[0])  # the probe itself is untouched
 
 
-def test_too_few_tests_give_nan_rates() -> None:
+def test_too_few_tests_give_nan_rates_and_cost_no_forward() -> None:
     probes = tag_probes(4)
     model = TagModel(True)
-    found = discover(one_cell_maps(4, (0, 0)), probes, probes.labels, model(probes.images).argmax(1),
-                     lambda x: model(x).argmax(1), DiscoverySettings(max_area=0.1, min_tests=8))
-    assert len(found.tests) == 2 and math.isnan(found.aggregates()["shortcut_flip_rate"])
+    calls = []
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        calls.append(len(x))
+        return model(x).argmax(1)
+
+    found = discover(one_cell_maps(4, (0, 0)), probes, probes.labels, model(probes.images).argmax(1), predict,
+                     DiscoverySettings(max_area=0.1, min_tests=8))
+    assert found.tests == [] and math.isnan(found.aggregates()["shortcut_flip_rate"]) and calls == []
 
 
 @pytest.mark.parametrize("kwargs, text", [(dict(energy_share=1.0), "energy_share"), (dict(max_area=0), "max_area"),
@@ -193,13 +199,16 @@ def test_evaluate_runs_discovery_with_one_probe_set_of_extra_images_and_can_turn
 
 def test_one_probes_box_is_not_a_shortcut_however_often_it_flips() -> None:
     """A shortcut recurs across probes; one suspect pasted into many recipients (a telling piece
-    of one object) gives NaN rates below ``min_suspects``, so it cannot alert."""
+    of one object) gives NaN rates below ``min_suspects``, so it cannot alert, and costs no forward."""
     probes = tag_probes()
     maps = torch.ones(len(probes), 4, 4)
-    maps[1] = one_cell_maps(1, (0, 0))[0]  # only probe 1 (class 0... label 0) concentrates
-    maps[0] = one_cell_maps(1, (0, 0))[0]  # and probe 0 (class 1, tagged)
+    maps[0] = one_cell_maps(1, (0, 0))[0]  # probe 0 (tagged, class 1) concentrates
+    maps[1] = one_cell_maps(1, (0, 0))[0]  # and probe 1 (class 0)
     model = TagModel(True)
-    found = discover(maps, probes, probes.labels, model(probes.images).argmax(1), lambda x: model(x).argmax(1),
-                     DiscoverySettings(max_area=0.1, min_suspects=3))
-    assert len(found.tests) >= 8 and len({t.suspect for t in found.tests}) == 2
+    predict = lambda x: model(x).argmax(1)  # noqa: E731
+    preds = model(probes.images).argmax(1)
+    found = discover(maps, probes, probes.labels, preds, predict, DiscoverySettings(max_area=0.1, min_suspects=3))
+    assert len(found.suspects) == 2 and found.tests == []
     assert math.isnan(found.aggregates()["shortcut_flip_excess"])
+    two = discover(maps, probes, probes.labels, preds, predict, DiscoverySettings(max_area=0.1, min_suspects=2))
+    assert len(two.tests) >= 8 and not math.isnan(two.aggregates()["shortcut_flip_excess"])

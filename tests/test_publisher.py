@@ -46,3 +46,37 @@ def test_faults_are_kept_in_order_and_handed_back_once() -> None:
     assert isinstance(dict(faults)["render"], ZeroDivisionError)
     with pytest.raises(ValueError, match="max_pending"):
         Publisher(max_pending=0)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "setpriority"), reason="no per-thread priority on this OS")
+def test_the_worker_runs_nicer_than_the_training_thread() -> None:
+    import os
+
+    seen = []
+    pub = Publisher(background=True)
+    pub.submit("x", lambda: seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+    pub.close()
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert seen == [min(19, mine + 10)]
+
+
+def test_the_worker_hands_freed_memory_back_after_each_job(monkeypatch) -> None:
+    """Each background job is followed by malloc_trim (glibc), so a long run's resident memory stays
+    flat (the soak test in test_trust.py measures it); inline jobs leave the allocator alone."""
+    import cam_monitor.publisher as publisher
+
+    calls = []
+    monkeypatch.setattr(publisher, "release_freed_memory", lambda: calls.append(threading.get_ident()))
+    pub = Publisher(background=True)
+    for _ in range(3):
+        pub.submit("x", lambda: None)
+    pub.close()
+    assert len(calls) == 3 and threading.get_ident() not in calls
+    Publisher(background=False).submit("x", lambda: None)
+    assert len(calls) == 3
+
+
+def test_release_freed_memory_runs_here() -> None:
+    from cam_monitor.publisher import release_freed_memory
+
+    release_freed_memory()  # glibc here: malloc_trim; elsewhere a no-op, never an error

@@ -23,6 +23,12 @@ def test_panel_holds_grid_tiles_trends_and_filmstrip(small_cnn, images) -> None:
     assert set(panel.extra_images()) == {"trends", "filmstrip"}
     # two filmstrip probes stacked, two evaluations side by side
     assert panel.filmstrip.shape[1] > panel.filmstrip.shape[2] / 2
+    # the numbers behind the trends, per tiled probe, for dashboards that plot them themselves
+    assert set(panel.curves) == {"spurious_energy", "spurious_enrichment", "drift_ref"}
+    assert panel.curves["spurious_energy"][probes.ids[0]] == pytest.approx(float(ev.per_probe["spurious_energy"][0]))
+    assert len(panel.curves["drift_ref"]) == 4
+    without = build_panel(probes, ev, history, ReportSettings(max_grid_probes=4, tile_size=32), trends=False)
+    assert without.trends is None and set(without.extra_images()) == {"filmstrip"} and without.curves == panel.curves
 
 
 def test_report_settings_are_checked() -> None:

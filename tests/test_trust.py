@@ -112,14 +112,15 @@ def rss_mb() -> float:
 
 
 class Soak(L.Callback):
-    """Samples live tensors and RSS after evaluations 20 and 200."""
+    """Samples live tensors and RSS after evaluations 60 and 200 (after the first three picture sets
+    have filled the bounded caches of matplotlib, PIL and the allocator)."""
 
     def __init__(self, monitor: cm.CAMMonitor) -> None:
         self.monitor, self.samples = monitor, {}
 
     def on_validation_end(self, trainer, pl_module) -> None:
         n = len(self.monitor.history)
-        if n in (20, 200) and n not in self.samples:
+        if n in (60, 200) and n not in self.samples:
             self.samples[n] = (live_tensors(), rss_mb())
 
 
@@ -133,9 +134,9 @@ def test_soak_200_evaluations_leave_no_hooks_tensors_or_memory_behind(tmp_path) 
     for name, module in model.named_modules():
         assert not module._forward_hooks and not module._forward_pre_hooks, f"hook left on {name!r}"
         assert not module._backward_hooks, f"backward hook left on {name!r}"
-    (t20, r20), (t200, r200) = soak.samples[20], soak.samples[200]
-    assert t200 - t20 <= 5, f"live tensors grew from {t20} to {t200}"
-    assert r200 - r20 < 60, f"resident memory grew {r200 - r20:.0f} MB over 180 evaluations"
+    (t60, r60), (t200, r200) = soak.samples[60], soak.samples[200]
+    assert t200 - t60 <= 5, f"live tensors grew from {t60} to {t200}"
+    assert r200 - r60 < 60, f"resident memory grew {r200 - r60:.0f} MB over 140 evaluations"
 
 
 KILL_SCRIPT = ROOT / "tests" / "kill_resume_script.py"
@@ -250,9 +251,10 @@ def test_tensorboard_server_serves_probe_grids_and_cam_scalars(tmp_path) -> None
                 pass
             time.sleep(0.5)
         run = next(iter(images))
-        assert {"cam/probe_grid", "cam/trends"} <= set(images[run])
+        assert {"cam/probe_grid", "cam/filmstrip"} <= set(images[run])
         scalars = get_json(f"{base}/data/plugin/scalars/tags")
         assert {"cam/spurious_enrichment", "cam/quality", "cam/drift_ref"} <= set(scalars[run])
+        assert any(tag.startswith("cam_probes/spurious_energy/") for tag in scalars[run])  # the per-probe curves
         series = get_json(f"{base}/data/plugin/images/images?run={run}&tag=cam/probe_grid&sample=0")
         assert len(series) == 2
         with urllib.request.urlopen(f"{base}/data/plugin/images/individualImage?{series[-1]['query']}", timeout=5) as r:

@@ -30,6 +30,10 @@ class Sink(Protocol):
     def log_alert(self, event: dict[str, Any]) -> None:
         """Send one alert event (fired or cleared)."""
 
+# A sink may also have ``close()``: the callback calls it at teardown (after the background worker
+# has drained), for sinks that keep a file of their own open; and ``draws_curves = True`` when it
+# plots ``Panel.curves`` itself (the trends figure is then rendered only for the sinks that need it).
+
 
 #: ``factory(logger, prefix) -> Sink``: builds the sink for one logger; ``prefix`` starts its tags.
 SinkFactory = Callable[[Any, str], Sink]

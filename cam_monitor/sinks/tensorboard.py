@@ -1,25 +1,36 @@
-"""TensorBoard: images at ``global_step`` (the slider shows the maps moving), alerts as text."""
+"""TensorBoard: images at ``global_step`` (the slider shows the maps moving), alerts as text.
+
+The sink writes its own event file into the logger's run folder, beside the logger's file:
+TensorBoard reads every event file of a folder as one run. It writes through tensorboardX,
+whose record checksum (CRC-32C) is native code from the ``crc32c`` package, where tensorboard's
+own writer computes it in pure Python (about 0.3 s per MB of image, holding the GIL: a cost the
+training thread would feel while the background worker writes a probe grid).
+"""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import torch
 from torchvision.io import encode_png
 
-from ..compat import tensorboard_file_writer
 from ..evaluation import Evaluation
 from ..render import to_uint8
 from ..report import Panel
+
+#: Start of the suffix of the sink's event file name
+#: (``events.out.tfevents.<time>.<host>.cam_monitor.<prefix with dots>``: one file per monitor).
+EVENT_FILE_SUFFIX = ".cam_monitor"
 
 
 def image_summary(tag: str, image: torch.Tensor) -> Any:
     """A TensorBoard image summary of a (3, H, W) float [0, 1] image, PNG-encoded by torchvision.
 
-    ``SummaryWriter.add_image`` encodes through Pillow at its default compression, several
-    times slower on a large probe grid; fast zlib level 1 keeps the image lossless.
+    ``add_image`` would encode through Pillow at its default compression, several times slower on
+    a large probe grid; fast zlib level 1 keeps the image lossless.
     """
-    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboardX.proto.summary_pb2 import Summary
 
     u8 = to_uint8(image)
     png = encode_png(u8, compression_level=1).numpy().tobytes()
@@ -28,23 +39,69 @@ def image_summary(tag: str, image: torch.Tensor) -> Any:
     return Summary(value=[Summary.Value(tag=tag, image=img)])
 
 
+def curve_tag(prefix: str, metric: str, probe_id: str) -> str:
+    """Scalar tag of one probe's curve: ``cam_probes/<metric>/<probe id>`` (``cam_late_probes/...``
+    for a monitor named ``late``), a section of its own beside the aggregate ``cam/`` charts."""
+    return f"{prefix.replace('/', '_')}_probes/{metric}/{probe_id}"
+
+
 class TensorBoardSink:
-    """Writes to a ``SummaryWriter``; tags start with ``prefix`` (``cam/probe_grid``)."""
+    """Writes into the TensorBoard run folder ``log_dir``; tags start with ``prefix`` (``cam/probe_grid``).
+
+    Per-probe curves go as scalars (TensorBoard plots them; the Custom Scalars tab shows one chart
+    per metric with a line per probe) instead of a rendered figure. The event file is opened on the
+    first write (a run that never sends anything leaves no file) and closed by :meth:`close`.
+    """
 
     name = "tensorboard"
+    draws_curves = True
 
-    def __init__(self, writer: Any, prefix: str = "cam") -> None:
-        self.writer, self.prefix = writer, prefix
+    def __init__(self, log_dir: str | Path, prefix: str = "cam") -> None:
+        self.log_dir, self.prefix = str(log_dir), prefix
+        self._writer: Any = None
+        self._layout_written = False
+
+    def _file_writer(self) -> Any:
+        if self._writer is None:
+            from tensorboardX import FileWriter
+
+            suffix = f"{EVENT_FILE_SUFFIX}.{self.prefix.replace('/', '.')}"
+            self._writer = FileWriter(self.log_dir, filename_suffix=suffix)
+        return self._writer
+
+    def _add_curves(self, curves: dict[str, dict[str, float]], step: int) -> None:
+        """One scalar per probe and metric; the first time, the Custom Scalars layout that draws
+        each metric as one chart with a line per probe."""
+        from tensorboardX.summary import custom_scalars, scalar
+
+        writer = self._file_writer()
+        if curves and not self._layout_written:
+            section = curve_tag(self.prefix, "", "").split("/")[0]
+            charts = {metric: ["Multiline", [f"^{section}/{metric}/"]] for metric in curves}
+            writer.add_summary(custom_scalars({section: charts}))
+            self._layout_written = True
+        for metric, values in curves.items():
+            for probe_id, value in values.items():
+                writer.add_summary(scalar(curve_tag(self.prefix, metric, probe_id), value), step)
 
     def _add_image(self, tag: str, image: torch.Tensor, step: int) -> None:
-        tensorboard_file_writer(self.writer).add_summary(image_summary(f"{self.prefix}/{tag}", image), step)
+        self._file_writer().add_summary(image_summary(f"{self.prefix}/{tag}", image), step)
 
     def log_evaluation(self, ev: Evaluation, panel: Panel) -> None:
         self._add_image("probe_grid", panel.grid, ev.global_step)
         for tag, image in panel.extra_images().items():
             self._add_image(tag, image, ev.global_step)
-        self.writer.flush()
+        self._add_curves(panel.curves, ev.global_step)
+        self._file_writer().flush()
 
     def log_alert(self, event: dict[str, Any]) -> None:
-        self.writer.add_text(f"{self.prefix}/alerts", json.dumps(event), event["global_step"])
-        self.writer.flush()
+        from tensorboardX.summary import text
+
+        self._file_writer().add_summary(text(f"{self.prefix}/alerts", json.dumps(event)), event["global_step"])
+        self._file_writer().flush()
+
+    def close(self) -> None:
+        """Flush and close the event file (the callback calls it at teardown)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None

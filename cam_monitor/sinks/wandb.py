@@ -9,6 +9,7 @@ from ..alerts import describe_alert
 from ..evaluation import Evaluation
 from ..render import to_uint8
 from ..report import Panel
+from .tensorboard import curve_tag
 
 ALERT_COLUMNS = ["event", "epoch", "global_step", "rule", "metric", "value", "threshold", "probe_ids"]
 
@@ -19,9 +20,14 @@ def _hwc(image: torch.Tensor) -> Any:
 
 
 class WandbSink:
-    """Logs to a ``wandb`` run; keys start with ``prefix`` (``cam/probe_grid``, ``cam/probes``)."""
+    """Logs to a ``wandb`` run; keys start with ``prefix`` (``cam/probe_grid``, ``cam/probes``).
+
+    Per-probe curves go as scalars (``cam_probes/<metric>/<probe id>``, W&B plots them) instead of
+    a rendered figure.
+    """
 
     name = "wandb"
+    draws_curves = True
 
     def __init__(self, run: Any, prefix: str = "cam") -> None:
         self.run, self.prefix = run, prefix
@@ -39,6 +45,8 @@ class WandbSink:
                    f"{p}/probes": table, "trainer/global_step": ev.global_step}
         for tag, image in panel.extra_images().items():
             payload[f"{p}/{tag}"] = wandb.Image(_hwc(image))
+        for metric, values in panel.curves.items():
+            payload.update({curve_tag(p, metric, probe_id): value for probe_id, value in values.items()})
         self.run.log(payload)
 
     def log_alert(self, event: dict[str, Any]) -> None:
