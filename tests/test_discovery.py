@@ -212,3 +212,26 @@ def test_one_probes_box_is_not_a_shortcut_however_often_it_flips() -> None:
     assert math.isnan(found.aggregates()["shortcut_flip_excess"])
     two = discover(maps, probes, probes.labels, preds, predict, DiscoverySettings(max_area=0.1, min_suspects=2))
     assert len(two.tests) >= 8 and not math.isnan(two.aggregates()["shortcut_flip_excess"])
+
+
+def test_discovery_under_inference_mode_matches_grad_mode() -> None:
+    """``trainer.validate()`` runs hooks under inference_mode: the paste test must work there too."""
+    probes = tag_probes()
+    maps = one_cell_maps(len(probes), (0, 0))
+    maps[probes.labels == 0] = 1.0
+    model = TagModel(True)
+    preds = model(probes.images).argmax(1)
+    settings = DiscoverySettings(max_area=0.1)
+    plain = discover(maps, probes, probes.labels, preds, lambda x: model(x).argmax(1), settings)
+    with torch.inference_mode():
+        inside = discover(maps, probes, probes.labels, preds, lambda x: model(x).argmax(1), settings)
+    assert inside.aggregates() == plain.aggregates() and inside.aggregates()["shortcut_flip_excess"] == 1.0
+
+
+def test_the_monitor_takes_discovery_settings_and_refuses_other_types() -> None:
+    tuned = cm.CAMMonitor(discovery=cm.DiscoverySettings(max_area=0.08, budget=0.5))
+    assert tuned.settings.discovery.max_area == 0.08 and tuned.settings.discovery.budget == 0.5
+    assert cm.CAMMonitor(discovery=False).settings.discovery.enabled is False
+    assert cm.CAMMonitor(probe_seed=3).settings.discovery.seed == 3
+    with pytest.raises(TypeError, match="discovery must be True, False or a DiscoverySettings"):
+        cm.CAMMonitor(discovery="yes")
