@@ -201,6 +201,16 @@ class CAMMonitor(Callback):
     def state_key(self) -> str:
         return self._generate_state_key(name=self.name, target_layer=self.target_layer, methods=self.settings.methods)
 
+    def _close_sinks(self, on_fault: Callable[[Sink, Exception], None]) -> None:
+        """Close every sink that keeps a file of its own (``close()``); a failing one goes to ``on_fault``."""
+        for sink in self._sinks or []:
+            close = getattr(sink, "close", None)
+            if callable(close):
+                try:
+                    close()
+                except Exception as err:  # noqa: BLE001 - reported by on_fault, the other sinks still close
+                    on_fault(sink, err)
+
     # ---- Lightning hooks -------------------------------------------------------------------------
 
     @override
@@ -226,10 +236,7 @@ class CAMMonitor(Callback):
             if self._publisher is not None:
                 self._publisher.close()
                 self._report_worker_faults(trainer)
-            for sink in self._sinks or []:
-                close = getattr(sink, "close", None)
-                if callable(close):
-                    self._guarded(f"sink:{sink.name}", close, trainer)
+            self._close_sinks(lambda sink, err: self._fault(f"sink:{sink.name}", err))
         finally:
             self._drop_resources()
 
@@ -240,13 +247,8 @@ class CAMMonitor(Callback):
             self._publisher.close()
             for kind, err in self._publisher.faults():
                 log.debug("CAMMonitor %s failed while the fit was failing: %r", kind, err)
-        for sink in self._sinks or []:
-            close = getattr(sink, "close", None)
-            if callable(close):
-                try:
-                    close()
-                except Exception as err:  # noqa: BLE001 - the fit's own exception is what matters
-                    log.debug("CAMMonitor could not close sink %s while the fit was failing: %r", sink.name, err)
+        self._close_sinks(lambda sink, err: log.debug("CAMMonitor could not close sink %s while the fit was failing: "
+                                                      "%r", sink.name, err))
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

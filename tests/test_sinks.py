@@ -116,3 +116,40 @@ def test_tensorboard_sink_writes_its_own_event_file_with_a_native_checksum(tmp_p
     assert set(acc.Tags()["scalars"]) == {"cam_late_probes/spurious_energy/a", "cam_late_probes/spurious_energy/b"}
     (point,) = acc.Scalars("cam_late_probes/spurious_energy/b")
     assert (point.step, point.value) == (7, 0.5)
+
+
+def test_a_sink_whose_close_fails_is_a_fault_reported_once_and_the_fit_completes(tmp_path) -> None:
+    """Sinks that keep a file open get ``close()`` at teardown, after the worker drained; a failing
+    close is reported like any other sink fault."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    from cam_monitor.sinks import _REGISTRY, register_sink
+
+    closed = []
+
+    class ClosingSink:
+        name = "closing"
+
+        def __init__(self, logger, prefix) -> None:
+            self.sent = 0
+
+        def log_evaluation(self, ev, panel) -> None:
+            self.sent += 1
+
+        def log_alert(self, event) -> None:
+            pass
+
+        def close(self) -> None:
+            closed.append(self.sent)
+            raise OSError("disk went away")
+
+    saved = list(_REGISTRY)
+    try:
+        register_sink(CSVLogger, ClosingSink)
+        mon = quick_monitor(tile_size=32)
+        with pytest.warns(UserWarning, match=r"sink:closing failed \(OSError: disk went away\)"):
+            trainer, _ = fit(tmp_path, mon, epochs=2, logger=CSVLogger(str(tmp_path)))
+    finally:
+        _REGISTRY[:] = saved
+    assert trainer.current_epoch == 2 and closed == [2]  # closed once, after both evaluations were sent
+    assert mon.faults == {"sink:closing:OSError": 1}
