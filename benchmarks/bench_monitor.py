@@ -89,15 +89,15 @@ def monitor_evaluation(repeats: int, device: torch.device, n: int = 64, size: in
         return run
 
     worker = Publisher(background=True)
-    blocking: list[float] = []
+    blocking: dict[bool, list[float]] = {True: [], False: []}
 
-    def queued():
+    def queued(faithfulness: bool = True):
         """The default monitor: the caller waits for the pass and the metrics, the worker draws."""
         def run():
             start = time.perf_counter()
-            ev = measure(True)
+            ev = measure(faithfulness)
             worker.submit("render", lambda: draw_and_write(ev))
-            blocking.append(time.perf_counter() - start)
+            blocking[faithfulness].append(time.perf_counter() - start)
             worker.drain()  # timed as part of the round: blocking + background = the whole evaluation
         return run
 
@@ -113,14 +113,16 @@ def monitor_evaluation(repeats: int, device: torch.device, n: int = 64, size: in
     names = {"forward": "inference forward (64 x 224)", "nofaith": "monitor evaluation, no faithfulness",
              "default": "monitor evaluation (default, + faithfulness forward)",
              "queued": "same, pictures on the background worker: whole evaluation",
+             "queued_nofaith": "no faithfulness, pictures on the background worker: whole evaluation",
              "discovery": "mask-free discovery at its full budget (64 pasted images), given the maps"}
     times = time_interleaved({names["forward"]: forward, names["nofaith"]: full(False), names["default"]: full(True),
-                              names["queued"]: queued(), names["discovery"]: discovery_full_budget},
-                             repeats, device)
+                              names["queued"]: queued(), names["queued_nofaith"]: queued(False),
+                              names["discovery"]: discovery_full_budget}, repeats, device)
     worker.close()
     sink.close()
-    times["same: blocking part (what the training loop waits for)"] = blocking[1:]  # [0] was the warm-up
-    times["same: background part (on the worker)"] = [t - b for t, b in zip(times[names["queued"]], blocking[1:])]
+    times["same: blocking part (what the training loop waits for)"] = blocking[True][1:]  # [0] was the warm-up
+    times["same: background part (on the worker)"] = [t - b for t, b in zip(times[names["queued"]], blocking[True][1:])]
+    times["no faithfulness: blocking part"] = blocking[False][1:]
     base = statistics.median(times[names["forward"]])
     return {name: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t),
                    "x_forward": statistics.median(t) / base} for name, t in times.items()}
