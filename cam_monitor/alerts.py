@@ -49,11 +49,14 @@ class Rule:
             return FIRE if value > self.threshold else CLEAR if value <= self.threshold - margin else HOLD
         return FIRE if value < self.threshold else CLEAR if value >= self.threshold + margin else HOLD
 
-    def offenders(self, values: torch.Tensor | None, ids: list[str], limit: int = 10) -> list[str]:
-        """Ids of the probes whose own value is past the threshold, worst first (at most ``limit``)."""
+    def offenders(self, values: torch.Tensor | None, ids: list[str], limit: int = 10,
+                  threshold: float | None = None) -> list[str]:
+        """Ids of the probes whose own value is past ``threshold`` (default: the rule's), worst
+        first (at most ``limit``)."""
         if values is None:
             return []
-        past = values > self.threshold if self.direction == "above" else values < self.threshold
+        threshold = self.threshold if threshold is None else threshold
+        past = values > threshold if self.direction == "above" else values < threshold
         bad = (past & ~torch.isnan(values)).nonzero()[:, 0]
         order = values[bad].argsort(descending=self.direction == "above", stable=True)
         return [ids[i] for i in bad[order].tolist()][:limit]
@@ -128,8 +131,9 @@ class Check:
     regions: list[dict[str, Any]] | None = None
 
 
-#: rule metric -> the per-probe series whose worst probes an alert names (default: the metric itself).
-_OFFENDERS = {"shortcut_flip_excess": "shortcut_flip"}
+#: rule metric -> (the per-probe series whose worst probes an alert names, the level they must pass)
+#: where that is not the metric itself at the rule's threshold.
+_OFFENDERS = {"shortcut_flip_excess": ("shortcut_flip", 0.0)}
 
 
 def check_rules(rules: tuple[Rule, ...], agg: dict[str, float], per_probe: dict[str, torch.Tensor], ids: list[str],
@@ -151,19 +155,11 @@ def check_rules(rules: tuple[Rule, ...], agg: dict[str, float], per_probe: dict[
         level = rule.level(value, hysteresis)
         if level == FIRE and rule.guard is not None and not rule.guard(agg, reference or {}):
             level = HOLD
-        series = per_probe.get(_OFFENDERS.get(rule.metric, rule.metric))
-        offenders = rule.offenders(series, ids) if rule.metric not in _OFFENDERS else _worst(series, ids)
+        series, past = _OFFENDERS.get(rule.metric, (rule.metric, None))
+        offenders = rule.offenders(per_probe.get(series), ids, threshold=past)
         checks.append(Check(rule.name, rule.metric, value, rule.threshold, level, offenders,
                             (regions or {}).get(rule.metric)))
     return checks
-
-
-def _worst(values: torch.Tensor | None, ids: list[str], limit: int = 10) -> list[str]:
-    """Ids of the probes with the largest non-NaN ``values`` above 0, largest first."""
-    if values is None:
-        return []
-    ok = (~torch.isnan(values) & (values > 0)).nonzero()[:, 0]
-    return [ids[i] for i in ok[values[ok].argsort(descending=True, stable=True)].tolist()][:limit]
 
 
 class AlertBook:

@@ -112,8 +112,7 @@ class Discovery:
         """``shortcut_flip_rate`` and ``shortcut_flip_control`` over all tests, their difference
         ``shortcut_flip_excess`` (NaN below ``min_tests`` tests or ``min_suspects`` tested suspects)
         and the count of ``shortcut_suspects``."""
-        n = len(self.tests)
-        enough = n >= self.min_tests and len({t.suspect for t in self.tests}) >= self.min_suspects
+        enough = decidable(self.tests, self.min_tests, self.min_suspects)
         rate = float(self.flips.float().mean()) if enough else math.nan
         control = float(self.control_flips.float().mean()) if enough else math.nan
         return {"shortcut_flip_rate": rate, "shortcut_flip_control": control,
@@ -169,6 +168,11 @@ class Discovery:
                 y0, x0, y1, x1 = suspect.box
                 out[suspect.probe, y0:y1, x0:x1] = True
         return out
+
+
+def decidable(tests: list[PasteTest], min_tests: int, min_suspects: int) -> bool:
+    """Whether ``tests`` are enough to decide anything: ``min_tests`` tests from ``min_suspects`` suspects."""
+    return len(tests) >= min_tests and len({t.suspect for t in tests}) >= min_suspects
 
 
 def top_boxes(maps: torch.Tensor, share: float, max_cells: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -290,7 +294,7 @@ def discover(maps: torch.Tensor, probes: ProbeSet, targets: torch.Tensor, preds:
     gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
     num_tests = int(settings.budget * len(probes)) // 2
     tests = plan_tests(suspects, targets, preds, image_size, num_tests, gen)
-    if len(tests) < settings.min_tests or len({t.suspect for t in tests}) < settings.min_suspects:
+    if not decidable(tests, settings.min_tests, settings.min_suspects):
         tests = []  # too few to decide anything: spend no forward on them
     if not tests:
         empty = torch.zeros(0, dtype=torch.bool)

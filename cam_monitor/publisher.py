@@ -18,6 +18,7 @@ import os
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import lru_cache
 from typing import Callable
 
 
@@ -77,7 +78,13 @@ class Publisher:
             self._pool = None
 
 
-_LIBC: list = []
+@lru_cache(maxsize=1)
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None where the C library has none."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def release_freed_memory() -> None:
@@ -86,13 +93,9 @@ def release_freed_memory() -> None:
     otherwise stays fragmented: over hundreds of evaluations resident memory crept up by about
     0.3 MB per evaluation, against a flat line when drawing on the training thread. A no-op where
     the C library has no ``malloc_trim`` (not glibc)."""
-    if not _LIBC:
-        try:
-            _LIBC.append(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim)
-        except (OSError, AttributeError):
-            _LIBC.append(None)
-    if _LIBC[0] is not None:
-        _LIBC[0](0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 #: How much nicer than the training threads the worker thread runs.

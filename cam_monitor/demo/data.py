@@ -67,6 +67,12 @@ def decoy_patterns(seed: int = 0, min_distance: int = 6, min_ones: int = 6) -> t
     raise RuntimeError(f"could not draw {NUM_CLASSES} patterns {min_distance} bits apart; lower min_distance")
 
 
+def check_cue(cue: str) -> None:
+    """Refuse a cue that is not one of :data:`CUES`."""
+    if cue not in CUES:
+        raise ValueError(f"cue must be one of {CUES}, got {cue!r}")
+
+
 def class_textures(contrast: float = TEXTURE_CONTRAST) -> torch.Tensor:
     """(10, 32, 32) gratings in [0, contrast], one per class: orientation k * 18 degrees, period
     4 or 6 pixels alternating by class, so neighbouring orientations also differ in frequency."""
@@ -132,8 +138,7 @@ def draw_cues(images: torch.Tensor, cue_class: torch.Tensor, cue: str, gen: torc
     """Draw each image's cue in place; returns the (N, 32, 32) masks of where the cue is."""
     n = images.shape[0]
     masks = torch.zeros(n, CANVAS, CANVAS, dtype=torch.bool)
-    if cue not in CUES:
-        raise ValueError(f"cue must be one of {CUES}, got {cue!r}")
+    check_cue(cue)
     if not bool((cue_class >= 0).any()):
         return masks
     if cue == "background_texture":
@@ -195,8 +200,7 @@ def make_decoy_digits(seed: int = 0, correlation: float = 1.0, val_fraction: flo
     """
     if not 0.0 <= correlation <= 1.0:
         raise ValueError(f"correlation must be in [0, 1], got {correlation}")
-    if cue not in CUES:
-        raise ValueError(f"cue must be one of {CUES}, got {cue!r}")
+    check_cue(cue)
     digits, labels = load_digits_tensor()
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(labels), generator=gen)

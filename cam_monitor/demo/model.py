@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
-from .data import CUES, NUM_CLASSES, DecoyDigits, DecoySplit, make_decoy_digits
+from .data import NUM_CLASSES, DecoyDigits, DecoySplit, check_cue, make_decoy_digits
 
 
 class SmallCNN(nn.Module):
@@ -103,8 +103,7 @@ class DecoyDigitsDataModule(L.LightningDataModule):
         super().__init__()
         if variant not in ("shortcut", "control"):
             raise ValueError(f"variant must be 'shortcut' or 'control', got {variant!r}")
-        if cue not in CUES:
-            raise ValueError(f"cue must be one of {CUES}, got {cue!r}")
+        check_cue(cue)
         self.variant, self.batch_size, self.seed, self.cue = variant, batch_size, seed, cue
         self.correlation, self.num_workers = correlation, num_workers
         self.data: DecoyDigits | None = None

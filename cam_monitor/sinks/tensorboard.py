@@ -39,10 +39,15 @@ def image_summary(tag: str, image: torch.Tensor) -> Any:
     return Summary(value=[Summary.Value(tag=tag, image=img)])
 
 
+def curve_section(prefix: str) -> str:
+    """The dashboard section of a monitor's per-probe curves: ``cam_probes`` (``cam_late_probes``
+    for a monitor named ``late``), beside the aggregate ``cam/`` charts."""
+    return f"{prefix.replace('/', '_')}_probes"
+
+
 def curve_tag(prefix: str, metric: str, probe_id: str) -> str:
-    """Scalar tag of one probe's curve: ``cam_probes/<metric>/<probe id>`` (``cam_late_probes/...``
-    for a monitor named ``late``), a section of its own beside the aggregate ``cam/`` charts."""
-    return f"{prefix.replace('/', '_')}_probes/{metric}/{probe_id}"
+    """Scalar tag of one probe's curve: ``<section>/<metric>/<probe id>``."""
+    return f"{curve_section(prefix)}/{metric}/{probe_id}"
 
 
 class TensorBoardSink:
@@ -76,7 +81,7 @@ class TensorBoardSink:
 
         writer = self._file_writer()
         if curves and not self._layout_written:
-            section = curve_tag(self.prefix, "", "").split("/")[0]
+            section = curve_section(self.prefix)
             charts = {metric: ["Multiline", [f"^{section}/{metric}/"]] for metric in curves}
             writer.add_summary(custom_scalars({section: charts}))
             self._layout_written = True
