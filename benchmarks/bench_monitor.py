@@ -130,7 +130,7 @@ def monitor_evaluation(repeats: int, device: torch.device, n: int = 64, size: in
 
 def demo_fit_seconds(monitor: str, epochs: int, root: str) -> float:
     """Wall time of the demo's shortcut fit: ``monitor`` is "off", "sync" (pictures on the training
-    thread) or "background" (pictures on the monitor's worker thread, the default)."""
+    thread) or "background" (pictures on the monitor's worker thread)."""
     from cam_monitor.demo.model import DecoyDigitsDataModule, DigitClassifier
 
     L.seed_everything(0, verbose=False)
@@ -149,8 +149,9 @@ def demo_fit_seconds(monitor: str, epochs: int, root: str) -> float:
 def training_overhead(repeats: int, epochs: int) -> dict:
     """Table 2: interleaved fits without the monitor, with it drawing on the training thread, and
     with its pictures on the background worker (the default); medians and the overhead."""
-    names = {"off": "monitor off", "sync": "monitor every epoch, pictures on the training thread",
-             "background": "monitor every epoch, pictures in the background (default)"}
+    names = {"off": "monitor off",
+             "sync": "monitor every epoch, pictures on the training thread (background=False; the default 'auto' on a CPU)",
+             "background": "monitor every epoch, pictures on the worker (background=True; 'auto' on a GPU)"}
     runs: dict[str, list[float]] = {name: [] for name in names.values()}
     demo_fit_seconds("off", 1, tempfile.mkdtemp())  # warm-up: imports, data build
     for r in range(repeats):

@@ -32,7 +32,7 @@ from .history import History
 from .imports import as_callable
 from .layers import resolve_layer, unwrap_compiled
 from .probes import ProbeSet, load_probe_source
-from .publisher import Publisher
+from .publisher import Publisher, background_worker
 from .report import ReportSettings, build_panel
 from .sinks import AlertLog, Sink, sinks_for
 
@@ -59,6 +59,8 @@ class CAMMonitor(Callback):
         discovery: mask-free shortcut discovery with paste confirmation (True, False, or a
             :class:`DiscoverySettings`); its ``shortcut_confirmed`` rule fires when pasting the
             discovered regions flips predictions ``shortcut_flip_excess`` more often than the control.
+        background: draw and write the pictures on a worker thread (True), on the training thread
+            (False), or "auto": on the worker where training runs on an accelerator, inline on a CPU.
     """
 
     def __init__(
@@ -97,7 +99,7 @@ class CAMMonitor(Callback):
         name: str | None = None,
         probe_transform: Callable[..., torch.Tensor] | str | None = None,
         layout: str = "auto",
-        background: bool = True,
+        background: bool | str = "auto",
     ) -> None:
         super().__init__()
         for arg, value, minimum in (("every_n_epochs", every_n_epochs, 1), ("num_probes", num_probes, 1),
@@ -143,7 +145,9 @@ class CAMMonitor(Callback):
         self.mean = None if mean is None else tuple(mean)
         self.std = None if std is None else tuple(std)
         self._probe_source = probes
-        self.background = bool(background)
+        if background not in (True, False, "auto"):
+            raise ValueError(f"background must be True, False or 'auto', got {background!r}")
+        self.background = background
         self._reset_run()
         self._drop_resources()
 
@@ -218,7 +222,7 @@ class CAMMonitor(Callback):
         """Refuse a clash with another monitor; resolve the output folder; start a fresh run for ``fit``."""
         if stage == "fit":
             self._reset_run()
-        self._publisher = Publisher(self.background)
+        self._publisher = Publisher(background_worker(self.background, trainer.strategy.root_device.type))
         self._out_dir = Path(self.log_dir) if self.log_dir else (
             Path(trainer.log_dir or trainer.default_root_dir) / "cam_monitor" / (self.name or ""))
         for other in trainer.callbacks:

@@ -13,6 +13,7 @@ How it stays cheap and side-effect free:
 from __future__ import annotations
 
 import contextlib
+import itertools
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence, Union
 
@@ -38,7 +39,8 @@ class CAMResult:
     ``layer_calls`` is how often the layer ran in the forward (the maps are of its last call);
     ``layout`` how a 4-D output was read (``"nchw"`` or ``"nhwc"``); ``zero_gradient`` whether the
     target scores' gradient on the layer's grid (class tokens excluded) was zero for every image,
-    which makes every map zero.
+    which makes every map zero (a 0-dim bool tensor on the pass's device, so the pass itself never
+    waits for the device: ``bool()`` reads it when asked).
     """
 
     maps: dict[str, torch.Tensor]
@@ -48,7 +50,7 @@ class CAMResult:
     squeeze_targets: bool
     layer_calls: int = 1
     layout: str = "nchw"
-    zero_gradient: bool = False
+    zero_gradient: bool | torch.Tensor = False
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -64,16 +66,20 @@ class CAMResult:
 
 @contextlib.contextmanager
 def preserved_model_state(model: nn.Module, device: torch.device) -> Iterator[None]:
-    """Run the body in eval mode, then restore each submodule's ``training`` flag and the RNG."""
+    """Run the body in eval mode, then give every submodule exactly its ``training`` flag back and
+    restore the RNG. A model already in eval mode (as Lightning leaves it during validation) is not
+    switched at all: ``eval()`` walks every module through Python, about 0.5 ms a call on ResNet-50."""
     flags = [(m, m.training) for m in model.modules()]
     cuda_devices = [device] if device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=cuda_devices):
-            model.eval()
+            if any(flag for _, flag in flags):
+                model.eval()
             yield
     finally:
         for module, flag in flags:
-            module.training = flag
+            if module.training != flag:
+                module.training = flag
 
 
 def default_output_transform(output: Any) -> torch.Tensor:
@@ -155,14 +161,18 @@ def _capture_hook(store: dict[str, Any], layer_name: str) -> Callable:
     """Forward hook: keep a cloned leaf of the output and record autograd from here on.
 
     A module that runs several times in one forward (a shared block) keeps its last call's
-    output, as captum does; ``store["calls"]`` counts the calls so callers can say so.
+    output, as captum does; ``store["calls"]`` counts the calls so callers can say so. The model
+    goes on with a copy of the leaf, so in-place ops after the layer cannot reach it; the leaf itself
+    is a copy only when the output shares memory with the layer's input (an in-place or view
+    module), which the model may still change.
     """
     def hook(_module: nn.Module, _inputs: tuple, output: Any) -> torch.Tensor:
         if not isinstance(output, torch.Tensor):
             raise LayerNotSpatialError(
                 f"layer {layer_name!r} returns a {type(output).__name__}, not a tensor; target a submodule "
                 "that returns the feature tensor")
-        leaf = output.detach().clone().requires_grad_(True)
+        aliased = any(isinstance(i, torch.Tensor) and _same_storage(i, output) for i in _inputs)
+        leaf = (output.detach().clone() if aliased else output.detach()).requires_grad_(True)
         store["act"] = leaf
         store["calls"] = store.get("calls", 0) + 1
         torch.set_grad_enabled(True)
@@ -170,21 +180,71 @@ def _capture_hook(store: dict[str, Any], layer_name: str) -> Callable:
     return hook
 
 
-def _target_gradients(logits: torch.Tensor, act: torch.Tensor, targets: torch.Tensor, sign: float) -> torch.Tensor:
-    """d(logit[b, targets[b, k]])/d(act) for every k, as (B, K, *act.shape[1:])."""
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+class TailMemory:
+    """Bytes of the activations autograd saves for the tail's backward (parameters and buffers excluded, each
+    storage counted once), collected by :func:`torch.autograd.graph.saved_tensors_hooks` while the
+    forward runs. A backward batched over c targets needs about c times this in transient memory."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.nbytes = 0
+        self._seen = {t.untyped_storage().data_ptr() for t in itertools.chain(model.parameters(), model.buffers())}
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in self._seen:
+            self._seen.add(storage.data_ptr())
+            self.nbytes += storage.nbytes()
+        return t
+
+    @staticmethod
+    def unpack(t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def hooks(self) -> contextlib.AbstractContextManager:
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+
+def targets_per_backward(k: int, act_bytes: int, tail_bytes: int) -> int:
+    """How many of ``k`` targets one batched backward takes: as many as keep its transient memory
+    (about ``tail_bytes`` per target) within twice the ``k`` gradients it returns. A CNN's tail after
+    its last block (pooling, a linear head) saves about one activation and takes all ``k`` at once;
+    a transformer block's saves tens of them (attention, MLP) and takes them one at a time, so K
+    targets cost K backwards of the tail instead of K times its memory."""
+    if tail_bytes <= 0:
+        return k
+    return max(1, min(k, (2 * k * act_bytes) // tail_bytes))
+
+
+def _target_gradients(logits: torch.Tensor, act: torch.Tensor, targets: torch.Tensor, sign: float,
+                      chunk: int) -> torch.Tensor:
+    """d(logit[b, targets[b, k]])/d(act) for every k, as (B, K, *act.shape[1:]); ``chunk`` targets a
+    backward (a batched one when more than one)."""
     k = targets.shape[1]
     onehot = torch.zeros((k, *logits.shape), dtype=logits.dtype, device=logits.device)
     onehot.scatter_(2, targets.t().unsqueeze(2), sign)
     if k == 1:
         (grad,) = torch.autograd.grad(logits, act, grad_outputs=onehot[0])
         return grad.unsqueeze(1)
+    out = torch.empty((k, *act.shape), dtype=act.dtype, device=act.device)
+    for start in range(0, k, chunk):
+        part = onehot[start:start + chunk]
+        last = start + chunk >= k
+        out[start:start + chunk] = _batched_grad(logits, act, part) if len(part) > 1 else torch.autograd.grad(
+            logits, act, grad_outputs=part[0], retain_graph=not last)[0]
+    return out.transpose(0, 1)
+
+
+def _batched_grad(logits: torch.Tensor, act: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+    """One backward vmapped over the first axis of ``onehot`` (the graph is kept for later chunks)."""
     try:
-        (grad,) = torch.autograd.grad(logits, act, grad_outputs=onehot, is_grads_batched=True, retain_graph=True)
+        return torch.autograd.grad(logits, act, grad_outputs=onehot, is_grads_batched=True, retain_graph=True)[0]
     except RuntimeError:
         # Some ops have no batching rule for their backward; fall back to one backward per target.
-        grad = torch.stack([torch.autograd.grad(logits, act, grad_outputs=onehot[i], retain_graph=True)[0]
-                            for i in range(k)])
-    return grad.transpose(0, 1)
+        return torch.stack([torch.autograd.grad(logits, act, grad_outputs=o, retain_graph=True)[0] for o in onehot])
 
 
 def cam_pass(
@@ -210,8 +270,10 @@ def cam_pass(
         name, module = resolve_layer(inner, layer, x, transform)
         store: dict[str, Any] = {}
         handle = module.register_forward_hook(_capture_hook(store, name))
+        tail = TailMemory(inner)
         try:
-            output = inner(x)
+            with tail.hooks():
+                output = inner(x)
         finally:
             handle.remove()
         if "act" not in store:
@@ -223,7 +285,9 @@ def cam_pass(
         if not logits.requires_grad:
             raise LayerNotSpatialError(f"the logits do not depend on layer {name!r} (is its output detached?)")
         tgt, squeeze, pending = resolve_targets(targets, logits.detach())
-        grads = _target_gradients(logits, store["act"], tgt, -1.0 if counterfactual else 1.0)
+        act_bytes = store["act"].numel() * store["act"].element_size()
+        grads = _target_gradients(logits, store["act"], tgt, -1.0 if counterfactual else 1.0,
+                                  targets_per_backward(tgt.shape[1], act_bytes, tail.nbytes))
         raise_if_out_of_range(pending, targets, logits.shape[1])
         torch.set_grad_enabled(False)
         raw = store["act"].detach()
@@ -236,7 +300,7 @@ def cam_pass(
         with torch.autocast(device_type=act.device.type, enabled=False):
             maps = {m: METHODS[m](act, grads_grid) for m in methods}
         return CAMResult(maps=maps, logits=logits.detach().float(), targets=tgt, layer_name=name, squeeze_targets=squeeze,
-                         layer_calls=store["calls"], layout=layout, zero_gradient=not bool(grads_grid.ne(0).any()))
+                         layer_calls=store["calls"], layout=layout, zero_gradient=grads_grid.eq(0).all())
 
 
 def compute_cams(

@@ -49,9 +49,8 @@ def resolve_layer(model: nn.Module, layer: LayerSpec, probe: torch.Tensor | None
         if probe is None:
             raise ValueError("layer=None needs a probe batch to find the last spatial layer")
         return find_last_spatial_layer(model, probe, output_transform)
-    named = dict(model.named_modules())
     if isinstance(layer, nn.Module):
-        for name, module in named.items():
+        for name, module in model.named_modules():
             if module is layer:
                 return name, module
         raise LayerNotFoundError(
@@ -61,8 +60,12 @@ def resolve_layer(model: nn.Module, layer: LayerSpec, probe: torch.Tensor | None
     if not isinstance(layer, str):
         raise TypeError(f"layer must be a dotted module name, an nn.Module or None, got {type(layer).__name__}")
     key = layer[len(_COMPILED_PREFIX):] if layer.startswith(_COMPILED_PREFIX) else layer
-    if key in named and key != "":
-        return key, named[key]
+    if key:
+        try:  # a walk down the dotted path, not over every module: this runs at every CAM pass
+            return key, model.get_submodule(key)
+        except AttributeError:
+            pass
+    named = dict(model.named_modules())
     close = difflib.get_close_matches(key, [n for n in named if n], n=5, cutoff=0.6)
     hint = f" Did you mean: {', '.join(repr(c) for c in close)}?" if close else (
         " List the valid names with [n for n, _ in model.named_modules()].")

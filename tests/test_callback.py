@@ -173,12 +173,13 @@ def test_on_error_raise_stops_fit_with_the_original_exception(tmp_path, monkeypa
         fit(tmp_path, quick_monitor(on_error="raise"), epochs=2)
 
 
-def test_failing_logger_never_kills_training(tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("background", [True, False])
+def test_failing_logger_never_kills_training(tmp_path, monkeypatch, background: bool) -> None:
     def refuse(*args, **kwargs):
         raise OSError("disk full")
 
     monkeypatch.setattr("cam_monitor.sinks.tensorboard.image_summary", refuse)
-    mon = quick_monitor()
+    mon = quick_monitor(background=background)
     with pytest.warns(UserWarning, match="sink:tensorboard failed"):
         trainer, _ = fit(tmp_path, mon, epochs=2, logger=TensorBoardLogger(str(tmp_path)))
     assert len(mon.history) == 2 and trainer.current_epoch == 2
@@ -314,6 +315,29 @@ def test_background_pictures_and_events_are_identical_to_the_synchronous_ones(tm
     assert {"alerts.jsonl", "trends.png", "filmstrip.png"} <= set(sync_files) and len(sync_files) == 5
 
 
+def test_background_auto_draws_on_the_training_thread_on_a_cpu(tmp_path, monkeypatch) -> None:
+    import threading
+
+    import cam_monitor.callback as callback_module
+
+    threads: dict[object, set[str]] = {}
+    real = callback_module.build_panel
+
+    def spy(*args, **kwargs):
+        threads[current].add(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(callback_module, "build_panel", spy)
+    for current in ("auto", True):
+        threads[current] = set()
+        mon = quick_monitor(tile_size=32, background=current)
+        fit(tmp_path / str(current), mon, epochs=1)
+    assert threads["auto"] == {threading.current_thread().name}
+    assert len(threads[True]) == 1 and next(iter(threads[True])).startswith("cam_monitor")
+    with pytest.raises(ValueError, match="background must be True, False or 'auto'"):
+        quick_monitor(background="yes")
+
+
 def test_a_failing_fit_still_gets_the_pictures_of_its_evaluations(tmp_path) -> None:
     from cam_monitor.demo.model import DigitClassifier
 
@@ -323,7 +347,7 @@ def test_a_failing_fit_still_gets_the_pictures_of_its_evaluations(tmp_path) -> N
                 raise RuntimeError("boom")
             return super().training_step(batch, batch_idx)
 
-    mon = quick_monitor(tile_size=32)
+    mon = quick_monitor(tile_size=32, background=True)  # the worker is drained when the fit fails
     with pytest.raises(RuntimeError, match="boom"):
         fit(tmp_path, mon, epochs=3, model=FailsInEpoch1())
     assert len(list((tmp_path / "cam_monitor").glob("probe_grid_*.png"))) == 1 and len(mon.history) == 1

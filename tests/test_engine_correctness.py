@@ -186,6 +186,82 @@ def test_token_layer_vit_auto_reshape_matches_naive() -> None:
     torch.testing.assert_close(maps[1], naive_map("gradcam", a_grid, g_grid), rtol=1e-4, atol=1e-6)
 
 
+def test_k_targets_on_a_token_layer_take_one_backward_each_and_equal_single_calls(monkeypatch) -> None:
+    """A transformer block's tail saves tens of activations: K targets go one backward at a time
+    (not K times the memory in one batched backward) and give what K single-target calls give."""
+    from cam_monitor import engine
+
+    torch.manual_seed(0)
+    vit = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                               hidden_dim=16, mlp_dim=64, num_classes=5).eval()
+    torch.nn.init.normal_(vit.heads.head.weight, std=0.1)
+    x = torch.randn(3, 3, 32, 32)
+    targets = torch.tensor([[0, 1, 2, 3], [1, 2, 3, 4], [4, 0, 1, 2]])
+    chunks, batched = [], []
+    pick, vmapped = engine.targets_per_backward, engine._batched_grad
+    monkeypatch.setattr(engine, "targets_per_backward", lambda *a: chunks.append(pick(*a)) or chunks[-1])
+    monkeypatch.setattr(engine, "_batched_grad", lambda *a: batched.append(a[2].shape[0]) or vmapped(*a))
+    layer = "encoder.layers.encoder_layer_1.ln_1"
+    multi = cm.compute_cams(vit, x, layer, targets=targets, method=ALL)
+    assert chunks == [1] and batched == []
+    for k in range(4):
+        single = cm.compute_cams(vit, x, layer, targets=targets[:, k], method=ALL)
+        for m in ALL:
+            torch.testing.assert_close(multi[m][:, k], single[m], rtol=1e-5, atol=1e-7)
+    chunks.clear()
+    cnn = torchvision.models.resnet18(weights=None, num_classes=5).eval()
+    cm.compute_cams(cnn, torch.randn(3, 3, 64, 64), "layer4", targets=targets)
+    assert chunks == [4] and batched == [4]  # pooling + linear head: one batched backward
+
+
+def test_targets_per_backward_keeps_the_batched_backward_within_twice_the_gradients() -> None:
+    from cam_monitor.engine import targets_per_backward
+
+    assert targets_per_backward(5, act_bytes=100, tail_bytes=0) == 5
+    assert targets_per_backward(5, act_bytes=100, tail_bytes=101) == 5  # CNN head: about one activation
+    assert targets_per_backward(5, act_bytes=100, tail_bytes=400) == 2  # 2 x 400 <= 2 x 5 x 100
+    assert targets_per_backward(5, act_bytes=100, tail_bytes=2500) == 1  # a transformer block
+
+
+def test_tail_memory_counts_saved_activations_once_and_no_parameters() -> None:
+    from cam_monitor.engine import TailMemory
+
+    lin = nn.Linear(8, 8)
+    tail = TailMemory(lin)
+    x = torch.randn(4, 8, requires_grad=True)
+    with tail.hooks():
+        y = lin(x)
+        z = y * y  # saves y twice: one storage
+    assert tail.nbytes == x.numel() * 4 + y.numel() * 4
+    assert z.requires_grad
+
+
+def test_a_layer_whose_output_aliases_its_input_is_captured_before_the_model_changes_it() -> None:
+    """An Identity (or in-place) target layer returns memory the model still holds; changing that
+    memory in place afterwards must not change the captured activation."""
+    class Aliasing(nn.Module):
+        def __init__(self, zero_after: bool) -> None:
+            super().__init__()
+            self.conv, self.ident, self.fc, self.zero_after = nn.Conv2d(3, 4, 3, padding=1), nn.Identity(), nn.Linear(4, 3), zero_after
+
+        def forward(self, x):
+            y = self.conv(x)
+            a = self.ident(y)
+            out = self.fc(a.mean((2, 3)))
+            if self.zero_after:
+                y.zero_()
+            return out
+
+    torch.manual_seed(0)
+    plain = Aliasing(False).eval()
+    zeroing = Aliasing(True).eval()
+    zeroing.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 8, 8)
+    expected = cm.compute_cams(plain, x, "ident", torch.tensor([0, 2]), "hirescam")
+    assert float(expected.amax()) > 0
+    torch.testing.assert_close(cm.compute_cams(zeroing, x, "ident", torch.tensor([0, 2]), "hirescam"), expected)
+
+
 def test_token_layer_without_class_token() -> None:
     class Tokens(nn.Module):
         def __init__(self) -> None:

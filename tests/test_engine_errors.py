@@ -97,20 +97,26 @@ def test_errors_share_a_base_class() -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_target_check_and_backward_queue_without_a_host_sync_on_a_gpu() -> None:
-    from cam_monitor.engine import _target_gradients, raise_if_out_of_range, resolve_targets
+def test_cam_pass_queues_without_a_host_sync_on_a_gpu() -> None:
+    """The whole pass (state, hook, forward, target check, 1 and K-target backward, maps) never
+    waits for the device; the out-of-range check on device targets reads its flag once, after."""
+    from cam_monitor.engine import raise_if_out_of_range, resolve_targets
 
-    logits_src = torch.randn(4, 8, device="cuda", requires_grad=True)
-    act = torch.randn(4, 8, device="cuda", requires_grad=True)
-    logits = logits_src * act
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)).cuda().eval()
+    images = torch.randn(4, 3, 16, 16, device="cuda")
+    cm.cam_pass(model, images, "2", torch.tensor([0, 1, 2, 3]), tuple(cm.METHODS))  # warm-up: lazy CUDA init
+    torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        tgt, _, pending = resolve_targets(torch.tensor([0, 1, 2, 3]), logits.detach())  # CPU labels, as the monitor's
-        _target_gradients(logits, act, tgt, 1.0)
+        one = cm.cam_pass(model, images, "2", torch.tensor([0, 1, 2, 3]), tuple(cm.METHODS))  # CPU labels, as the monitor's
+        many = cm.cam_pass(model, images, "2", torch.tensor([[0, 1], [1, 2], [2, 3], [3, 4]]), "gradcam")
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    assert pending is None
+    assert not one.zero_gradient and many.maps["gradcam"].shape == (4, 2, 16, 16)
+    logits = torch.randn(4, 8, device="cuda")
     bad = torch.tensor([0, 1, 2, 9], device="cuda")
-    tgt, _, pending = resolve_targets(bad, logits.detach())
+    tgt, _, pending = resolve_targets(bad, logits)
     with pytest.raises(cm.TargetError, match=r"\[9\] are out of range"):
         raise_if_out_of_range(pending, bad, 8)

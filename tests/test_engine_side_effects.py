@@ -116,3 +116,25 @@ def test_deepcopy_of_model_unaffected_by_pass(busy_model: nn.Module, images: tor
     torch.manual_seed(5)
     out_b = twin(x)
     torch.testing.assert_close(out_a, out_b)
+
+
+def test_a_model_already_in_eval_mode_is_not_switched(images: torch.Tensor) -> None:
+    """During validation Lightning has the model in eval mode: the pass leaves it alone (``eval()``
+    walks every module through Python) and still gives every flag back when some are training."""
+    class CountingCNN(SmallCNN):
+        calls = 0
+
+        def train(self, mode: bool = True):
+            CountingCNN.calls += 1
+            return super().train(mode)
+
+    model = CountingCNN().eval()
+    CountingCNN.calls = 0
+    cm.compute_cams(model, images, "features.4")
+    assert CountingCNN.calls == 0 and not model.training
+    model.train()
+    model.features[1].eval()
+    before = {n: m.training for n, m in model.named_modules()}
+    CountingCNN.calls = 0
+    cm.compute_cams(model, images, "features.4")
+    assert CountingCNN.calls == 1 and {n: m.training for n, m in model.named_modules()} == before

@@ -80,3 +80,11 @@ def test_release_freed_memory_runs_here() -> None:
     from cam_monitor.publisher import release_freed_memory
 
     release_freed_memory()  # glibc here: malloc_trim; elsewhere a no-op, never an error
+
+
+def test_auto_puts_the_worker_where_training_runs_on_an_accelerator() -> None:
+    from cam_monitor.publisher import background_worker
+
+    assert background_worker("auto", "cuda") and background_worker("auto", "mps")
+    assert not background_worker("auto", "cpu")
+    assert background_worker(True, "cpu") and not background_worker(False, "cuda")

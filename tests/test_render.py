@@ -52,6 +52,21 @@ def test_contour_is_one_pixel_ring_in_the_given_colour() -> None:
     assert torch.allclose(out[0, :, 2, 3], torch.tensor(R.RED)) and out[0, :, 4, 5].abs().sum() == 0
 
 
+def test_contour_equals_the_eight_neighbour_erosion_on_random_masks() -> None:
+    g = torch.Generator().manual_seed(0)
+    masks = torch.rand(6, 13, 17, generator=g) > 0.35
+    masks[:, :4, :5] = True  # touches the image's edge, which is no boundary
+    m = masks[:, None].float()
+    eroded = -torch.nn.functional.max_pool2d(-m, kernel_size=3, stride=1, padding=1)
+    assert torch.equal(R.mask_boundary(masks), (m.bool() & ~eroded.bool())[:, 0])
+
+
+def test_captions_outside_latin1_are_drawn_not_refused() -> None:
+    tile = R.caption(torch.zeros(3, 20, 60), ["猫 Ω", "café"])
+    assert tile.shape == (3, 20 + 2 * R.CAPTION_LINE_PX + 2, 60)
+    assert float(tile[:, 20:].min()) < 0.5  # something was drawn
+
+
 def test_probe_grid_layout_captions_and_contours() -> None:
     n, h = 5, 32
     spur = torch.zeros(n, h, h, dtype=torch.bool)

@@ -146,7 +146,7 @@ def test_a_sink_whose_close_fails_is_a_fault_reported_once_and_the_fit_completes
     saved = list(_REGISTRY)
     try:
         register_sink(CSVLogger, ClosingSink)
-        mon = quick_monitor(tile_size=32)
+        mon = quick_monitor(tile_size=32, background=True)
         with pytest.warns(UserWarning, match=r"sink:closing failed \(OSError: disk went away\)"):
             trainer, _ = fit(tmp_path, mon, epochs=2, logger=CSVLogger(str(tmp_path)))
     finally:
