@@ -4,7 +4,9 @@ For each model every variant runs on the same model, batch and targets; timings 
 (each round runs every variant once, in a rotated order) and summarised as median/min/max.
 Peak memory is measured per variant in a fresh subprocess: on CPU the growth of peak resident
 memory (VmHWM, reset through /proc/self/clear_refs) over the resident memory after set-up; on a
-GPU ``torch.cuda.max_memory_allocated`` over the allocation after set-up.
+GPU ``torch.cuda.max_memory_allocated`` over the allocation after set-up. A last table times the
+same variants on one 64-px image (ResNet-50), where the forward's compute is small: the per-call
+host work each adds around it.
 
     python benchmarks/bench_engine.py                       # ResNet-50, ResNet-18, ViT-S/16
     python benchmarks/bench_engine.py --models resnet18 --repeats 3 --no-memory
@@ -257,6 +259,21 @@ def run_render(args: argparse.Namespace, device: torch.device, n: int = 64) -> d
                          for k, v in times.items()}}
 
 
+def run_host(args: argparse.Namespace, device: torch.device, calls: int = 10) -> dict:
+    """Per-call host work: ResNet-50 ``layer4`` on one 64-px image, where the compute is small and
+    what a variant adds around the forward (Python, hooks, state, host-device synchronisation)
+    shows. On a GPU this is what separates a pass from its forward when the kernels are fast."""
+    case = build_case("resnet50", 1, 64, device)
+    fns = {name: (lambda fn=fn: [fn() for _ in range(calls)]) for name, fn in variants(case).items()
+           if name != "cam_monitor 5 methods"}
+    times = time_interleaved(fns, args.repeats * 3, device)
+    base = statistics.median(times["inference forward"])
+    return {"model": "resnet50 (host work per call)", "layer": "layer4", "batch": list(case.images.shape),
+            "variants": {k: {"median_s": statistics.median(v) / calls, "min_s": min(v) / calls,
+                             "max_s": max(v) / calls, "x_forward": statistics.median(v) / base,
+                             "max_abs_diff_vs_ours": None} for k, v in times.items()}}
+
+
 def print_table(result: dict) -> None:
     print(f"\n### {result['model']} `{result['layer']}`, batch {' x '.join(map(str, result['batch']))}\n")
     print("| variant | median s | min s | max s | x forward | peak mem MB | mem x forward | max diff vs ours |")
@@ -279,6 +296,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--no-memory", dest="memory", action="store_false")
     p.add_argument("--no-render", dest="render", action="store_false", help="skip the rendering-cost table")
+    p.add_argument("--no-host", dest="host", action="store_false", help="skip the per-call host-work table")
     p.add_argument("--out", default=None)
     p.add_argument("--_memory-of", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -298,6 +316,11 @@ def main(argv: list[str] | None = None) -> None:
         results["render"] = result
         print_table(result)
         print("(x forward here = x the CAM pass over the same 64 probes)")
+    if args.host:
+        result = run_host(args, device)
+        results["host"] = result
+        print_table(result)
+        print("(seconds per call; one 64-px image, so the forward's compute is small and the rest is host work)")
     write_json(results, args.out or default_result_path("engine", device))
 
 

@@ -68,7 +68,7 @@ class CAMResult:
 def preserved_model_state(model: nn.Module, device: torch.device) -> Iterator[None]:
     """Run the body in eval mode, then give every submodule exactly its ``training`` flag back and
     restore the RNG. A model already in eval mode (as Lightning leaves it during validation) is not
-    switched at all: ``eval()`` walks every module through Python, about 0.5 ms a call on ResNet-50."""
+    switched at all: ``model.eval()`` walks every module through Python, about 0.5 ms a call on ResNet-50."""
     flags = [(m, m.training) for m in model.modules()]
     cuda_devices = [device] if device.type == "cuda" else []
     try:
@@ -180,8 +180,19 @@ def _capture_hook(store: dict[str, Any], layer_name: str) -> Callable:
     return hook
 
 
+def _storage_ptr(t: torch.Tensor) -> int | None:
+    """Address of ``t``'s memory, or None where it has none to read (a sharded FSDP parameter
+    between forwards, a DTensor)."""
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    """Whether ``a`` and ``b`` may share memory (True when that cannot be read: then copy)."""
+    pa, pb = _storage_ptr(a), _storage_ptr(b)
+    return pa is None or pb is None or (a.device == b.device and pa == pb)
 
 
 class TailMemory:
@@ -191,13 +202,13 @@ class TailMemory:
 
     def __init__(self, model: nn.Module) -> None:
         self.nbytes = 0
-        self._seen = {t.untyped_storage().data_ptr() for t in itertools.chain(model.parameters(), model.buffers())}
+        self._seen = {_storage_ptr(t) for t in itertools.chain(model.parameters(), model.buffers())}
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in self._seen:
-            self._seen.add(storage.data_ptr())
-            self.nbytes += storage.nbytes()
+        ptr = _storage_ptr(t)
+        if ptr is None or ptr not in self._seen:
+            self._seen.add(ptr)
+            self.nbytes += t.untyped_storage().nbytes() if ptr is not None else t.numel() * t.element_size()
         return t
 
     @staticmethod

@@ -75,9 +75,10 @@ class TensorBoardSink:
         return self._writer
 
     def _add_curves(self, curves: dict[str, dict[str, float]], step: int) -> None:
-        """One scalar per probe and metric; the first time, the Custom Scalars layout that draws
-        each metric as one chart with a line per probe."""
-        from tensorboardX.summary import custom_scalars, scalar
+        """One scalar per probe and metric, all in one event; the first time, the Custom Scalars
+        layout that draws each metric as one chart with a line per probe."""
+        from tensorboardX.proto.summary_pb2 import Summary
+        from tensorboardX.summary import custom_scalars
 
         writer = self._file_writer()
         if curves and not self._layout_written:
@@ -85,9 +86,10 @@ class TensorBoardSink:
             charts = {metric: ["Multiline", [f"^{section}/{metric}/"]] for metric in curves}
             writer.add_summary(custom_scalars({section: charts}))
             self._layout_written = True
-        for metric, values in curves.items():
-            for probe_id, value in values.items():
-                writer.add_summary(scalar(curve_tag(self.prefix, metric, probe_id), value), step)
+        points = [Summary.Value(tag=curve_tag(self.prefix, metric, probe_id), simple_value=float(value))
+                  for metric, values in curves.items() for probe_id, value in values.items()]
+        if points:  # one event record for all of them: one write, one checksum
+            writer.add_summary(Summary(value=points), step)
 
     def _add_image(self, tag: str, image: torch.Tensor, step: int) -> None:
         self._file_writer().add_summary(image_summary(f"{self.prefix}/{tag}", image), step)
