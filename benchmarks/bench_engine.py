@@ -274,7 +274,7 @@ def run_host(args: argparse.Namespace, device: torch.device, calls: int = 10) ->
                              "max_abs_diff_vs_ours": None} for k, v in times.items()}}
 
 
-def print_table(result: dict) -> None:
+def print_table(result: dict, digits: int = 3) -> None:
     print(f"\n### {result['model']} `{result['layer']}`, batch {' x '.join(map(str, result['batch']))}\n")
     print("| variant | median s | min s | max s | x forward | peak mem MB | mem x forward | max diff vs ours |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
@@ -282,7 +282,7 @@ def print_table(result: dict) -> None:
         mem = "" if r.get("peak_mem_mb") is None else f"{r['peak_mem_mb']:.0f}"
         memx = "" if r.get("mem_x_forward") is None else f"{r['mem_x_forward']:.2f}"
         diff = "" if r["max_abs_diff_vs_ours"] is None else f"{r['max_abs_diff_vs_ours']:.1e}"
-        print(f"| {name} | {r['median_s']:.3f} | {r['min_s']:.3f} | {r['max_s']:.3f} | {r['x_forward']:.2f} "
+        print(f"| {name} | {r['median_s']:.{digits}f} | {r['min_s']:.{digits}f} | {r['max_s']:.{digits}f} | {r['x_forward']:.2f} "
               f"| {mem} | {memx} | {diff} |")
 
 
@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.host:
         result = run_host(args, device)
         results["host"] = result
-        print_table(result)
+        print_table(result, digits=4)
         print("(seconds per call; one 64-px image, so the forward's compute is small and the rest is host work)")
     write_json(results, args.out or default_result_path("engine", device))
 

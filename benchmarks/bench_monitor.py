@@ -7,7 +7,8 @@
    The same table times mask-free discovery at its full budget (64 pasted images), given the maps.
 2. Throughput: probes per second of the default evaluation's blocking part on 1,024 probes.
 3. The background worker's effect on the training thread: training steps of the demo CNN with the
-   worker idle vs drawing pictures all the time (interleaved rounds).
+   worker idle vs drawing pictures all the time (interleaved rounds), with torch on every core and
+   again with one core left free (what remains then is the GIL, not the cores).
 4. The demo's shortcut fit (Decoy Digits, 6 epochs) with the monitor on every epoch vs off,
    alternating runs; wall time of ``trainer.fit``.
 
@@ -163,13 +164,24 @@ def training_overhead(repeats: int, epochs: int) -> dict:
                    "x_forward": statistics.median(t) / off} for name, t in runs.items()}
 
 
-def worker_effect(repeats: int, steps: int = 20) -> dict:
+def worker_effect(repeats: int, steps: int = 20, threads: int | None = None) -> dict:
     """Table 3: what the background worker costs the training thread (the GIL, the cores).
 
     Time ``steps`` training steps of the demo CNN (batch 64) with the worker idle, and with it busy
     drawing and writing the demo monitor's pictures (64 probes, 96-px tiles, TensorBoard) the whole
     time; interleaved rounds. The ratio is what a step costs while pictures are being made.
+    ``threads`` sets torch's intra-op threads for the run (fewer than the cores leaves one free for
+    the worker: what remains of the slowdown is the GIL, not the cores).
     """
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(threads or saved_threads)
+    try:
+        return _worker_effect(repeats, steps)
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+def _worker_effect(repeats: int, steps: int) -> dict:
     from cam_monitor.demo.data import make_decoy_digits
     from cam_monitor.demo.model import DigitClassifier
     from cam_monitor.history import History
@@ -293,7 +305,12 @@ def main(argv: list[str] | None = None) -> None:
         for name, r in result["throughput"].items():
             print(f"| {name} | {r['seconds']:.2f} | {r['probes_per_s']:.1f} |")
     result["worker"] = worker_effect(args.repeats)
-    print_table("The background worker's effect on training steps (demo CNN, batch 64)", result["worker"], "x idle")
+    print_table(f"The background worker's effect on training steps (demo CNN, batch 64, {torch.get_num_threads()} "
+                "threads)", result["worker"], "x idle")
+    if torch.get_num_threads() > 1:
+        result["worker_free_core"] = worker_effect(args.repeats, threads=torch.get_num_threads() - 1)
+        print_table(f"Same, training on {torch.get_num_threads() - 1} thread(s): a core left free for the worker",
+                    result["worker_free_core"], "x idle")
     if args.fit_repeats > 0:
         result["training"] = training_overhead(args.fit_repeats, args.epochs)
         print_table(f"Demo shortcut fit, {args.epochs} epochs, TensorBoard logger", result["training"], "x off")

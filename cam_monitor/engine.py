@@ -240,6 +240,8 @@ def _target_gradients(logits: torch.Tensor, act: torch.Tensor, targets: torch.Te
     if k == 1:
         (grad,) = torch.autograd.grad(logits, act, grad_outputs=onehot[0])
         return grad.unsqueeze(1)
+    if chunk >= k:
+        return _batched_grad(logits, act, onehot).transpose(0, 1)
     out = torch.empty((k, *act.shape), dtype=act.dtype, device=act.device)
     for start in range(0, k, chunk):
         part = onehot[start:start + chunk]
@@ -250,7 +252,8 @@ def _target_gradients(logits: torch.Tensor, act: torch.Tensor, targets: torch.Te
 
 
 def _batched_grad(logits: torch.Tensor, act: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
-    """One backward vmapped over the first axis of ``onehot`` (the graph is kept for later chunks)."""
+    """One backward vmapped over the first axis of ``onehot`` (the graph is kept: for later chunks,
+    and for the fallback should the vmapped backward fail)."""
     try:
         return torch.autograd.grad(logits, act, grad_outputs=onehot, is_grads_batched=True, retain_graph=True)[0]
     except RuntimeError:
