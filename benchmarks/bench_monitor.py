@@ -2,8 +2,8 @@
 
 1. ResNet-18 (random weights), 64 probes at 224 px (smooth random images): an inference-mode forward of the batch vs
    one full monitor evaluation (CAM pass + metrics + rendering + TensorBoard write), with and
-   without the faithfulness forward; tiles at the monitor's default 128 px; interleaved rounds,
-   median/min/max.
+   without the faithfulness forward; the pictures the default monitor draws (the first 32 probes'
+   grid at 128 px, the filmstrip of 4 probes, per-probe scalars); interleaved rounds, median/min/max.
    The same table times mask-free discovery at its full budget (64 pasted images), given the maps.
 2. Throughput: probes per second of the default evaluation's blocking part on 1,024 probes.
 3. The background worker's effect on the training thread: training steps of the demo CNN with the
@@ -35,12 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine import default_result_path, machine, sync, time_interleaved, write_json  # noqa: E402
 
 import cam_monitor as cm  # noqa: E402
-from cam_monitor.render import probe_tiles, tile_grid  # noqa: E402
+from cam_monitor.history import History  # noqa: E402
 from cam_monitor.discovery import DiscoverySettings, discover  # noqa: E402
 from cam_monitor.engine import predict_classes  # noqa: E402
 from cam_monitor.evaluation import EvalSettings, Placement, evaluate  # noqa: E402
 from cam_monitor.publisher import Publisher  # noqa: E402
-from cam_monitor.report import Panel  # noqa: E402
+from cam_monitor.report import ReportSettings, build_panel  # noqa: E402
 from cam_monitor.sinks import TensorBoardSink  # noqa: E402
 
 
@@ -77,12 +77,14 @@ def monitor_evaluation(repeats: int, device: torch.device, n: int = 64, size: in
         state["ref"] = state["ref"] if state["ref"] is not None else ev.as_reference()
         return ev
 
+    history = History()
+    report = ReportSettings()
+
     def draw_and_write(ev) -> None:
-        tiles = probe_tiles(probes.display_images(), ev.maps, ids=probes.ids, labels=probes.labels.tolist(),
-                            preds=ev.preds.tolist(), scores=ev.probs.tolist(),
-                            spurious_energy=ev.per_probe["spurious_energy"].tolist(),
-                            spurious_masks=spur, object_masks=obj, tile_size=128)
-        sink.log_evaluation(ev, Panel(tile_grid(tiles), tiles, None, probes.ids, probes.labels.tolist()))
+        """What the default monitor draws and writes: the grid of the first 32 probes at 128 px,
+        the filmstrip of 4 probes, the per-probe scalars, one TensorBoard event file."""
+        history.record(ev, "fit", {})
+        sink.log_evaluation(ev, build_panel(probes, ev, history, report, trends=not sink.draws_curves))
 
     def full(faithfulness: bool):
         def run():
@@ -184,8 +186,6 @@ def worker_effect(repeats: int, steps: int = 20, threads: int | None = None) -> 
 def _worker_effect(repeats: int, steps: int) -> dict:
     from cam_monitor.demo.data import make_decoy_digits
     from cam_monitor.demo.model import DigitClassifier
-    from cam_monitor.history import History
-    from cam_monitor.report import ReportSettings, build_panel
 
     torch.manual_seed(0)
     data = make_decoy_digits(0)
