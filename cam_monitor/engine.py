@@ -1,12 +1,14 @@
 """The CAM engine: one forward and one backward through the layers after the target layer.
 
 How it stays cheap and side-effect free:
-- the forward runs under ``no_grad`` up to the target layer; a forward hook clones the layer's
-  output into a fresh leaf and switches grad mode on, so autograd records only the tail of the
-  network (target layer -> logits);
+- the forward runs under ``no_grad`` up to the target layer; a forward hook makes the layer's
+  output a fresh leaf, hands the model a copy and switches grad mode on, so autograd records only
+  the tail of the network (target layer -> logits);
 - gradients come from ``torch.autograd.grad`` w.r.t. that leaf, never ``.backward()``, so no
-  parameter ``.grad`` is touched; K targets per image share the one recorded graph through a
-  batched (vmapped) backward;
+  parameter ``.grad`` is touched; K targets per image share the one recorded graph, in batched
+  (vmapped) backwards sized so their memory stays near that of the K gradients (:class:`TailMemory`);
+- no host-device synchronisation inside the pass (targets are checked on the CPU, or read once
+  after the backward is queued; flags stay device tensors);
 - the pass runs in eval mode inside ``inference_mode(False)``; every submodule's own ``training``
   flag, the global RNG state and the global grad mode are restored afterwards, also on error.
 """
@@ -158,7 +160,7 @@ def raise_if_out_of_range(pending: torch.Tensor | None, targets: TargetSpec, num
 
 
 def _capture_hook(store: dict[str, Any], layer_name: str) -> Callable:
-    """Forward hook: keep a cloned leaf of the output and record autograd from here on.
+    """Forward hook: keep the layer's output as a leaf and record autograd from here on.
 
     A module that runs several times in one forward (a shared block) keeps its last call's
     output, as captum does; ``store["calls"]`` counts the calls so callers can say so. The model
@@ -196,9 +198,10 @@ def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 class TailMemory:
-    """Bytes of the activations autograd saves for the tail's backward (parameters and buffers excluded, each
-    storage counted once), collected by :func:`torch.autograd.graph.saved_tensors_hooks` while the
-    forward runs. A backward batched over c targets needs about c times this in transient memory."""
+    """Bytes of the activations autograd saves for the tail's backward (parameters and buffers
+    excluded, each storage counted once), collected by :func:`torch.autograd.graph.saved_tensors_hooks`
+    while the forward runs. A backward batched over c targets needs about c times this in transient
+    memory."""
 
     def __init__(self, model: nn.Module) -> None:
         self.nbytes = 0
