@@ -222,6 +222,19 @@ class TailMemory:
         return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
 
 
+def _several_targets(targets: TargetSpec) -> bool:
+    """Whether ``targets`` asks for more than one class per image: only then is the tail's memory
+    counted (one target is one plain backward). Unreadable targets say no here and get their
+    error from :func:`resolve_targets`."""
+    if targets is None or isinstance(targets, int):
+        return False
+    try:
+        shape = targets.shape if hasattr(targets, "shape") else torch.as_tensor(targets).shape
+    except (TypeError, ValueError, RuntimeError):
+        return False
+    return len(shape) == 2 and shape[1] > 1
+
+
 def targets_per_backward(k: int, act_bytes: int, tail_bytes: int) -> int:
     """How many of ``k`` targets one batched backward takes: as many as keep its transient memory
     (about ``tail_bytes`` per target) within twice the ``k`` gradients it returns. A CNN's tail after
@@ -287,9 +300,9 @@ def cam_pass(
         name, module = resolve_layer(inner, layer, x, transform)
         store: dict[str, Any] = {}
         handle = module.register_forward_hook(_capture_hook(store, name))
-        tail = TailMemory(inner)
+        tail = TailMemory(inner) if _several_targets(targets) else None
         try:
-            with tail.hooks():
+            with tail.hooks() if tail is not None else contextlib.nullcontext():
                 output = inner(x)
         finally:
             handle.remove()
@@ -304,7 +317,7 @@ def cam_pass(
         tgt, squeeze, pending = resolve_targets(targets, logits.detach())
         act_bytes = store["act"].numel() * store["act"].element_size()
         grads = _target_gradients(logits, store["act"], tgt, -1.0 if counterfactual else 1.0,
-                                  targets_per_backward(tgt.shape[1], act_bytes, tail.nbytes))
+                                  targets_per_backward(tgt.shape[1], act_bytes, tail.nbytes if tail else 0))
         raise_if_out_of_range(pending, targets, logits.shape[1])
         torch.set_grad_enabled(False)
         raw = store["act"].detach()

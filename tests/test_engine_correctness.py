@@ -223,6 +223,18 @@ def test_targets_per_backward_keeps_the_batched_backward_within_twice_the_gradie
     assert targets_per_backward(5, act_bytes=100, tail_bytes=2500) == 1  # a transformer block
 
 
+def test_the_tail_is_measured_only_when_several_targets_are_asked_for() -> None:
+    import numpy as np
+
+    from cam_monitor.engine import _several_targets
+
+    for one in (None, 3, [1, 2], torch.tensor([1, 2]), torch.tensor([[1], [2]]), [[0], [1]]):
+        assert not _several_targets(one)
+    for many in (torch.tensor([[1, 2], [3, 4]]), [[0, 1], [1, 2]], np.array([[0, 1, 2]])):
+        assert _several_targets(many)
+    assert not _several_targets([[0, 1], [2]])  # ragged: resolve_targets gives the error
+
+
 def test_tail_memory_counts_saved_activations_once_and_no_parameters() -> None:
     from cam_monitor.engine import TailMemory
 
