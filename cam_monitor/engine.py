@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence, Union
 
@@ -25,6 +26,7 @@ from torch import nn
 from .errors import InputError, LayerNotSpatialError, OutputError, TargetError
 from .layers import (LayerSpec, ReshapeSpec, check_layout, hook_not_fired, resolve_layer, resolve_layout, to_grid,
                      unwrap_compiled)
+from .layout import probe_layout
 from .methods import METHODS, check_methods
 
 TargetSpec = Union[None, int, Sequence[int], torch.Tensor]
@@ -182,6 +184,20 @@ def _capture_hook(store: dict[str, Any], layer_name: str) -> Callable:
     return hook
 
 
+_structural_layouts: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def structural_layout(model: nn.Module, layer_name: str, images: torch.Tensor) -> str | None:
+    """What produced ``layer_name``'s output says of its layout (:func:`cam_monitor.layout.probe_layout`),
+    asked only for a shape that does not settle it (C = h = w): one recorded forward of one image,
+    cached per model, layer and input shape, since it depends on the structure alone."""
+    cache = _structural_layouts.setdefault(model, {})
+    key = (layer_name, tuple(images.shape[1:]))
+    if key not in cache:
+        cache[key] = probe_layout(model, model.get_submodule(layer_name), images)
+    return cache[key]
+
+
 def _storage_ptr(t: torch.Tensor) -> int | None:
     """Address of ``t``'s memory, or None where it has none to read (a sharded FSDP parameter
     between forwards, a DTensor)."""
@@ -321,7 +337,7 @@ def cam_pass(
         raise_if_out_of_range(pending, targets, logits.shape[1])
         torch.set_grad_enabled(False)
         raw = store["act"].detach()
-        layout = (resolve_layout(raw.shape, images.shape[-2:], layout, name)
+        layout = (resolve_layout(raw.shape, images.shape[-2:], layout, name, lambda: structural_layout(inner, name, x))
                   if raw.dim() == 4 and not callable(reshape) else "nchw")
         act = to_grid(raw, reshape, name, layout).float()
         b, k = grads.shape[:2]

@@ -15,13 +15,11 @@ import torch
 from torch import nn
 
 from .errors import HookNotFiredError, LayerNotFoundError, LayerNotSpatialError, LayoutError
+from .layout import LAYOUTS, LayoutEvidence, check_layout, fitting_readings, resolve_layout  # noqa: F401 (re-exported)
 from .methods import gradcam
 
 LayerSpec = Union[str, nn.Module, None]
 ReshapeSpec = Union[None, Sequence[int], Callable[[torch.Tensor], torch.Tensor]]
-#: How a 4-D layer output is laid out: channels first (B, C, h, w), channels last (B, h, w, C), or
-#: "auto": told from the output's shape and the input image's size (see :func:`resolve_layout`).
-LAYOUTS = ("auto", "nchw", "nhwc")
 
 _COMPILED_PREFIX = "_orig_mod."
 _auto_layer_cache: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
@@ -72,134 +70,131 @@ def resolve_layer(model: nn.Module, layer: LayerSpec, probe: torch.Tensor | None
     raise LayerNotFoundError(f"model {type(model).__name__} has no layer named {layer!r}.{hint}")
 
 
-def _grid_of(t: torch.Tensor, image_size: Sequence[int]) -> torch.Tensor | None:
-    """A candidate output as (B, C, h, w), or None when it is no spatial grid: 4-D outputs (either
-    layout) with more than one cell, and token outputs (B, N, C) whose N is a square (+ 1)."""
+def _reading(t: torch.Tensor, image_size: Sequence[int], evidence: LayoutEvidence) -> str | None:
+    """How a candidate output is a spatial grid of the image (``"nchw"``, ``"nhwc"`` or ``"tokens"``),
+    or None when it is none: 4-D outputs whose layout the evidence settles to a grid that fits the
+    image (an attention's (B, heads, N, d) fits neither reading), token outputs (B, N, C) whose N is
+    a square (+ 1); a grid of one cell is none."""
     if t.dim() == 4:
+        if not fitting_readings(t.shape, image_size):
+            return None
         try:
-            layout = resolve_layout(t.shape, image_size, "auto", "?")
+            layout = resolve_layout(t.shape, image_size, "auto", "?", lambda: evidence.layout_of(t))
         except LayoutError:
-            layout = "nchw"
-        grid = t.permute(0, 3, 1, 2) if layout == "nhwc" else t
-        return grid if grid.shape[2] * grid.shape[3] > 1 else None
+            return None
+        h, w = (t.shape[1], t.shape[2]) if layout == "nhwc" else (t.shape[2], t.shape[3])
+        return layout if h * w > 1 else None
     if t.dim() == 3:
         try:
-            h, w = _token_grid(t.shape[1], None, "?")
+            _token_grid(t.shape[1], None, "?")
         except LayerNotSpatialError:
             return None
-        return t[:, t.shape[1] - h * w:, :].transpose(1, 2).reshape(t.shape[0], t.shape[2], h, w)
+        return "tokens"
     return None
+
+
+def _as_grid(t: torch.Tensor, reading: str) -> torch.Tensor:
+    """``t`` (an output or its gradient) as (B, C, h, w), read as :func:`_reading` said."""
+    if reading == "tokens":
+        h, w = _token_grid(t.shape[1], None, "?")
+        return t[:, t.shape[1] - h * w:, :].transpose(1, 2).reshape(t.shape[0], t.shape[2], h, w)
+    return t.permute(0, 3, 1, 2) if reading == "nhwc" else t
 
 
 def find_last_spatial_layer(model: nn.Module, probe: torch.Tensor,
                             output_transform: Callable[[object], torch.Tensor] | None = None) -> tuple[str, nn.Module]:
     """The last layer whose Grad-CAM explains the predicted class of ``probe``.
 
-    Candidates are the modules with a spatial output: 4-D (channels first or last) or a square
-    token grid (ViTs). One forward and one backward on the first probe give the gradient at every
-    candidate; the last candidate whose Grad-CAM map is not all zero wins. That skips the layers
-    whose patch tokens reach the head only through a class token (a ViT's last block and final
-    norm): for torchvision's ViT the pick is the last block's ``ln_1``, the attention's input.
-    When no map is non-zero (e.g. a zero-initialised head), or no ``output_transform`` gives the
-    logits, the last candidate is returned. The
-    pick is cached per model and input shape. Runs in the caller's train/eval state; touches no
-    ``.grad`` (``autograd.grad`` only).
+    Candidates are the modules with a spatial output: 4-D (channels first or last, as the evidence
+    of :mod:`cam_monitor.layout` says) or a square token grid (ViTs). One forward and one backward on
+    the first probe give the gradient at every candidate; the last candidate whose Grad-CAM map is
+    not all zero wins. That skips the layers whose patch tokens reach the head only through a class
+    token (a ViT's last block and final norm): for torchvision's ViT the pick is the last block's
+    ``ln_1``, the attention's input.
+
+    A model whose class scores have no gradient yet (torchvision zero-initialises ViT heads; an
+    untrained head can be dead) cannot be judged by them: the pick is then made by structure, with
+    a fixed direction in the head's input (the features the classifier reads) as the score, so it
+    is the layer the first real gradient will reach. Only a pick settled by a non-zero map is
+    cached (per model and input shape); otherwise the last candidate is returned and the next call
+    looks again. Runs in the caller's train/eval state; touches no ``.grad`` (``autograd.grad`` only).
     """
+    return pick_layer(model, probe, output_transform)[:2]
+
+
+def pick_layer(model: nn.Module, probe: torch.Tensor, output_transform: Callable[[object], torch.Tensor] | None = None
+               ) -> tuple[str, nn.Module, bool]:
+    """:func:`find_last_spatial_layer` with a third value: whether a non-zero map settled the pick."""
     key = tuple(probe.shape[1:])
     cache = _auto_layer_cache.setdefault(model, {})
     if key in cache:
         name = cache[key]
-        return name, dict(model.named_modules())[name]
+        return name, model.get_submodule(name), True
+    image_size = probe.shape[-2:]
     outputs: dict[str, torch.Tensor] = {}
-    handles = []
+    calls: list[tuple[torch.Tensor, object]] = []
 
     def make_hook(name: str) -> Callable:
-        def hook(_m: nn.Module, _i: tuple, out: object) -> None:
-            if isinstance(out, torch.Tensor) and out.requires_grad and _grid_of(out, probe.shape[-2:]) is not None:
-                outputs[name] = out
+        def hook(_m: nn.Module, inputs: tuple, out: object) -> None:
+            if isinstance(out, torch.Tensor):
+                calls.append((out, inputs[0] if inputs else None))
+                if out.requires_grad and out.dim() in (3, 4):
+                    outputs[name] = out
         return hook
 
-    for name, module in model.named_modules():
-        if name:
-            handles.append(module.register_forward_hook(make_hook(name)))
+    handles = [module.register_forward_hook(make_hook(name)) for name, module in model.named_modules() if name]
+    evidence = LayoutEvidence()
     with torch.enable_grad():
         try:
-            output = model(probe[:1].detach().clone().requires_grad_(True))
+            with evidence.recording(model):
+                output = model(probe[:1].detach().clone().requires_grad_(True))
         finally:
             for h in handles:
                 h.remove()
-        if not outputs:
+        readings = {n: r for n, out in outputs.items() if (r := _reading(out, image_size, evidence)) is not None}
+        if not readings:
             raise LayerNotSpatialError(
                 f"no submodule of {type(model).__name__} produced a spatial output (B, C, h, w), (B, h, w, C) or a "
                 "square token grid (B, N, C); pass layer=<dotted name> (and reshape=(h, w) for token layers)")
-        names = list(outputs)
-        picked = names[-1]
-        try:
-            logits = output_transform(output) if output_transform is not None else None
-        except Exception:  # noqa: BLE001 - a wrong transform is reported by the CAM pass that follows
-            logits = None
-        if isinstance(logits, torch.Tensor) and logits.dim() == 2 and logits.requires_grad:
-            score = logits[0, logits[0].argmax()]
-            grads = torch.autograd.grad(score, [outputs[n] for n in names], allow_unused=True)
-            for name, grad in reversed(list(zip(names, grads))):
-                if grad is not None and _gradcam_is_nonzero(outputs[name].detach(), grad, probe.shape[-2:]):
-                    picked = name
-                    break
-    cache[key] = picked
-    return picked, dict(model.named_modules())[picked]
+        names = list(readings)
+        picked = _last_explaining(names, readings, [outputs[n] for n in names], _scores(output, output_transform, calls))
+    if picked is not None:
+        cache[key] = picked
+        return picked, model.get_submodule(picked), True
+    return names[-1], model.get_submodule(names[-1]), False
 
 
-def _gradcam_is_nonzero(act: torch.Tensor, grad: torch.Tensor, image_size: Sequence[int]) -> bool:
-    return bool(gradcam(_grid_of(act, image_size), _grid_of(grad, image_size)[:, None]).amax() > 0)
+def _scores(output: object, output_transform: Callable[[object], torch.Tensor] | None,
+            calls: list[tuple[torch.Tensor, object]]) -> list[torch.Tensor]:
+    """The scores a pick can be judged by, best first: the predicted class's logit, then (for a
+    head with no gradient yet) a fixed direction in the input of the module that produced the
+    logits. Empty when no ``output_transform`` gives (B, classes) logits with a graph."""
+    try:
+        logits = output_transform(output) if output_transform is not None else None
+    except Exception:  # noqa: BLE001 - a wrong transform is reported by the CAM pass that follows
+        logits = None
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.requires_grad:
+        return []
+    scores = [logits[0, logits[0].argmax()]]
+    head_input = next((inp for out, inp in calls if out is logits), None)  # hooks fire innermost first
+    if isinstance(head_input, torch.Tensor) and head_input.requires_grad:
+        features = head_input[0].flatten()
+        signs = torch.randint(0, 2, features.shape, generator=torch.Generator().manual_seed(0)) * 2.0 - 1.0
+        scores.append((features * signs.to(features.device, features.dtype)).sum())
+    return scores
 
 
-def _strides(size: int, cells: int) -> tuple[float, float]:
-    """The strides a layer could have to turn ``size`` pixels into ``cells`` cells (floor, ceil or
-    padding rounding included)."""
-    return size / (cells + 1), (size / (cells - 1) if cells > 1 else math.inf)
-
-
-def _fits_image(h: int, w: int, image_size: Sequence[int]) -> bool:
-    """Whether an (h, w) grid can come from the image by one stride in both directions."""
-    (lo_h, hi_h), (lo_w, hi_w) = _strides(int(image_size[0]), h), _strides(int(image_size[1]), w)
-    return h <= image_size[0] and w <= image_size[1] and max(lo_h, lo_w) <= min(hi_h, hi_w)
-
-
-def _stride_mismatch(h: int, w: int, image_size: Sequence[int]) -> float:
-    """|log(H / h) - log(W / w)|: 0 when the grid has the same stride in both directions."""
-    return abs(math.log(int(image_size[0]) / h) - math.log(int(image_size[1]) / w))
-
-
-def check_layout(layout: str) -> str:
-    """``layout`` itself if it is one of :data:`LAYOUTS`, else a ``ValueError`` naming them."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    return layout
-
-
-def resolve_layout(shape: Sequence[int], image_size: Sequence[int], layout: str, layer_name: str) -> str:
-    """``"nchw"`` or ``"nhwc"`` for a 4-D output ``shape`` of a layer fed ``image_size`` images.
-
-    ``"auto"`` reads the shape both ways and keeps the reading whose grid fits the image with one
-    stride in both directions (Swin's ``features`` (B, 7, 7, 768) at 224 px is channels-last;
-    ResNet's (B, 512, 7, 7) channels-first). When both fit, the reading whose two strides agree
-    more closely wins; when they agree equally well (say C = h = w) or neither fits, it refuses
-    and names the fix.
-    """
-    if check_layout(layout) != "auto":
-        return layout
-    _, d1, d2, d3 = (int(v) for v in shape)
-    readings = {"nchw": (d2, d3), "nhwc": (d1, d2)}
-    fits = {k: _stride_mismatch(*hw, image_size) for k, hw in readings.items() if _fits_image(*hw, image_size)}
-    if len(fits) == 1:
-        return next(iter(fits))
-    if len(fits) == 2 and abs(fits["nchw"] - fits["nhwc"]) > 0.05:
-        return min(fits, key=fits.get)
-    why = "both" if fits else "neither"
-    raise LayoutError(
-        f"layer {layer_name!r} outputs {tuple(shape)} for {tuple(image_size)} images: {why} of the channels-first "
-        f"(B, C, h, w) and channels-last (B, h, w, C) readings fit the image equally; pass layout='nchw' or "
-        "layout='nhwc'")
+def _last_explaining(names: list[str], readings: dict[str, str], outputs: list[torch.Tensor],
+                     scores: list[torch.Tensor]) -> str | None:
+    """The last of ``names`` whose Grad-CAM map is not all zero, for the first of ``scores`` that
+    gives any such map (None when none does)."""
+    for score in scores:
+        grads = torch.autograd.grad(score, outputs, allow_unused=True, retain_graph=True)
+        for name, out, grad in reversed(list(zip(names, outputs, grads))):
+            if grad is not None and bool(gradcam(_as_grid(out.detach(), readings[name]),
+                                                 _as_grid(grad, readings[name])[:, None]).amax() > 0):
+                return name
+    return None
 
 
 def to_grid(t: torch.Tensor, reshape: ReshapeSpec, layer_name: str, layout: str = "nchw") -> torch.Tensor:

@@ -11,15 +11,16 @@ import torchvision
 import cam_monitor as cm
 from cam_monitor.evaluation import EvalSettings, evaluate
 
+# Inputs give grids of at least 3x3: on a 2x2 grid the border-band energy is the same for every map.
 # arch: (input size, recommended layer, its grid, the automatic pick, peer reshape for the layer)
 ZOO = {
-    "resnet18": (64, "layer4", (2, 2), "layer4", None),
-    "efficientnet_b0": (64, "features", (2, 2), "features", None),
-    "convnext_tiny": (64, "features", (2, 2), "features", None),
-    "densenet121": (64, "features", (2, 2), "features", None),
-    "mobilenet_v3_small": (64, "features", (2, 2), "features", None),
-    "regnet_y_400mf": (64, "trunk_output", (2, 2), "trunk_output", None),
-    "swin_t": (64, "norm", (2, 2), "permute", "nhwc"),
+    "resnet18": (96, "layer4", (3, 3), "layer4", None),
+    "efficientnet_b0": (96, "features", (3, 3), "features", None),
+    "convnext_tiny": (96, "features", (3, 3), "features", None),
+    "densenet121": (96, "features", (3, 3), "features", None),
+    "mobilenet_v3_small": (96, "features", (3, 3), "features", None),
+    "regnet_y_400mf": (96, "trunk_output", (3, 3), "trunk_output", None),
+    "swin_t": (96, "norm", (3, 3), "permute", "nhwc"),
     "vit_b_16": (224, "encoder.layers.encoder_layer_11.ln_1", (14, 14), "encoder.layers.encoder_layer_11.ln_1", "tokens"),
 }
 SLOW = {"vit_b_16", "densenet121", "swin_t", "convnext_tiny"}
