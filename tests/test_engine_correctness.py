@@ -398,26 +398,6 @@ def test_channels_last_swin_stages_are_read_as_such(swin) -> None:
     torch.testing.assert_close(forced, explicit)
 
 
-def test_an_output_that_reads_equally_both_ways_is_refused_with_the_fix() -> None:
-    from torch import nn
-
-    class Cube(nn.Module):  # (B, 4, 4, 4) for 16 px images: C = h = w
-        def __init__(self) -> None:
-            super().__init__()
-            self.body = nn.Conv2d(3, 4, 3, stride=4, padding=1)
-            self.head = nn.Linear(4, 2)
-
-        def forward(self, x):
-            return self.head(self.body(x).mean((2, 3)))
-
-    x = torch.randn(2, 3, 16, 16)
-    with pytest.raises(cm.LayoutError, match="pass layout='nchw' or layout='nhwc'"):
-        cm.compute_cams(Cube(), x, "body", torch.tensor([0, 1]))
-    assert cm.compute_cams(Cube(), x, "body", torch.tensor([0, 1]), layout="nchw").shape == (2, 4, 4)
-    with pytest.raises(ValueError, match="layout must be one of"):
-        cm.compute_cams(Cube(), x, "body", layout="hwc")
-
-
 def small_vit(zero_head: bool):
     import torchvision
 
@@ -438,6 +418,13 @@ def test_automatic_pick_on_a_vit_is_the_last_attention_input_and_explains_the_cl
     # the last block's output reaches the head only through the class token: zero maps, zero gradient
     last = cm.cam_pass(vit, x, "encoder.ln", torch.tensor([0, 1]))
     assert float(last.maps["gradcam"].amax()) == 0 and last.zero_gradient
+    # a zero-initialised head (torchvision's default) gives no class gradient: the pick is made by structure,
+    # the same layer, and the first gradient reaches it
+    dead = small_vit(zero_head=True)
+    blind = cm.cam_pass(dead, x, None, torch.tensor([0, 1]))
+    assert blind.layer_name == "encoder.layers.encoder_layer_1.ln_1" and blind.zero_gradient
+    from cam_monitor.layers import pick_layer
+    assert pick_layer(small_vit(zero_head=True), x)[2] is False  # no logits to judge by: not settled
     # a convolutional net keeps its last spatial layer
     cnn = torchvision_resnet()
     assert cm.cam_pass(cnn, torch.randn(1, 3, 64, 64), None).layer_name == "layer4"

@@ -86,3 +86,21 @@ def test_zoo_model_gives_right_maps_and_varying_metrics(arch: str) -> None:
     assert ev.aggregates["degenerate"] == float((~alive).sum())
     energy = ev.per_probe["spurious_energy"][alive]
     assert energy.std() > 0  # the metrics tell the probes apart
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", torchvision.models.list_models(module=torchvision.models))
+def test_every_torchvision_classifier_works_with_the_default_layer_and_layout(arch: str) -> None:
+    """No architecture is refused by layout="auto" and target_layer=None; the pick is a grid of the
+    image. ViTs (zero-initialised heads: no class gradient yet) get their layer by structure."""
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(arch, weights=None, num_classes=10).eval()
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    result = cm.cam_pass(model, x, None)
+    h, w = result.grid_size
+    maps = result.maps["gradcam"]
+    assert 1 < h * w and h <= 32 and w <= 32 and torch.isfinite(maps).all()
+    if arch.startswith("vit_"):
+        assert result.layer_name.endswith(".ln_1") and bool(result.zero_gradient)
+    else:
+        assert float(maps.amax()) > 0
