@@ -74,7 +74,8 @@ def _reading(t: torch.Tensor, image_size: Sequence[int], evidence: LayoutEvidenc
     """How a candidate output is a spatial grid of the image (``"nchw"``, ``"nhwc"`` or ``"tokens"``),
     or None when it is none: 4-D outputs whose layout the evidence settles to a grid that fits the
     image (an attention's (B, heads, N, d) fits neither reading), token outputs (B, N, C) whose N is
-    a square (+ 1); a grid of one cell is none."""
+    a square (+ 1) and that no module or operation shows to be channels-first (B, C, L) (a 1-D pooling
+    over tokens); a grid of one cell is none."""
     if t.dim() == 4:
         if not fitting_readings(t.shape, image_size):
             return None
@@ -89,7 +90,7 @@ def _reading(t: torch.Tensor, image_size: Sequence[int], evidence: LayoutEvidenc
             _token_grid(t.shape[1], None, "?")
         except LayerNotSpatialError:
             return None
-        return "tokens"
+        return None if t.shape[2] < 2 or evidence.layout_of(t) == "nchw" else "tokens"
     return None
 
 

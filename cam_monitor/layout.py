@@ -38,9 +38,10 @@ CHANNELS_FIRST_MODULES: tuple[type[nn.Module], ...] = (
     nn.SyncBatchNorm, nn.InstanceNorm2d, nn.GroupNorm, nn.LocalResponseNorm, nn.MaxPool2d, nn.AvgPool2d,
     nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.LPPool2d, nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle,
     nn.Dropout2d, nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d,
+    nn.Conv1d, nn.BatchNorm1d, nn.InstanceNorm1d, nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d,
 )
 #: Autograd operations whose 4-D output is channels-first (functional code: ``F.conv2d``, ``F.max_pool2d``...).
-_CHANNELS_FIRST_OPS = re.compile(r"Convolution|BatchNorm|GroupNorm|Pool[23]D|Upsample\w*2D|Pad2D|PixelShuffle|"
+_CHANNELS_FIRST_OPS = re.compile(r"Convolution|BatchNorm|GroupNorm|Pool[123]D|Upsample\w*2D|Pad2D|PixelShuffle|"
                                  r"PixelUnshuffle")
 #: Autograd operations that keep their input's layout: element-wise maps, sums (residuals), copies.
 _LAYOUT_KEEPING_OPS = frozenset({
@@ -62,16 +63,18 @@ def check_layout(layout: str) -> str:
 
 
 def module_layout(module: nn.Module, output: object) -> str | None:
-    """What ``module``'s type says of the layout of its 4-D ``output``, or None when it says nothing.
+    """What ``module``'s type says of the layout of its 3-D or 4-D ``output``, or None when it says nothing.
 
-    Channels-first: the convolution, normalisation and pooling modules of :data:`CHANNELS_FIRST_MODULES`
-    and modules named ``...2d`` (timm's ``BatchNormAct2d`` or ``LayerNorm2d``, torchvision's
-    ``LayerNorm2d``). Channels-last: a ``Linear`` or a ``LayerNorm`` over the last axis of a 4-D
-    tensor (Swin's blocks and norms). torchvision's ``Permute`` says what its dims produce.
+    Channels-first (``"nchw"``; for 3-D outputs (B, C, L), which are then no token sequence): the
+    convolution, normalisation and pooling modules of :data:`CHANNELS_FIRST_MODULES` and modules
+    named ``...2d`` / ``...1d`` (timm's ``BatchNormAct2d`` or ``LayerNorm2d``, torchvision's
+    ``LayerNorm2d``). Channels-last (``"nhwc"``; for 3-D outputs, tokens (B, N, C)): a ``Linear`` or
+    a ``LayerNorm`` over the last axis (Swin's blocks and norms, transformer tokens).
+    torchvision's ``Permute`` says what its dims produce.
     """
-    if not isinstance(output, torch.Tensor) or output.dim() != 4:
+    if not isinstance(output, torch.Tensor) or output.dim() not in (3, 4):
         return None
-    if isinstance(module, CHANNELS_FIRST_MODULES) or type(module).__name__.lower().endswith("2d"):
+    if isinstance(module, CHANNELS_FIRST_MODULES) or type(module).__name__.lower().endswith(("2d", "1d")):
         return "nchw"
     if isinstance(module, Permute):
         return {(0, 2, 3, 1): "nhwc", (0, 3, 1, 2): "nchw"}.get(tuple(module.dims))
