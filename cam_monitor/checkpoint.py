@@ -3,12 +3,14 @@
 Gates are ``{metric: "<op> <number>"}`` with op one of ``<``, ``<=``, ``>``, ``>=``, parsed
 without ``eval``. A top-k save is refused (and the reason logged) when any gated metric is
 missing, NaN, or fails its condition; the top-k bookkeeping is untouched, so no phantom
-checkpoint is recorded. ``last.ckpt`` (``save_last``) is the run's resume point and keeps being
-written unless ``gate_last=True``.
+checkpoint is recorded. ``last.ckpt`` (``save_last``) is the run's resume point: it is written
+wherever Lightning's own ``ModelCheckpoint`` with the same arguments would write it, whatever the
+gate says (a refused top-k save still brings it), unless ``gate_last=True``.
 
 The overridden ``_save_topk_checkpoint`` / ``_save_last_checkpoint`` are ModelCheckpoint's
-extension points for subclasses (protected by name, no public equivalent); they exist with these
-signatures in every Lightning the package allows, which CI checks against the oldest and newest.
+extension points for subclasses (protected by name, no public equivalent), and ``_last_checkpoint_saved``
+the file a ``save_last="link"`` links to; they exist with these signatures in every Lightning the
+package allows, which CI checks against the oldest (2.4) and the newest.
 """
 from __future__ import annotations
 
@@ -62,6 +64,7 @@ class GatedModelCheckpoint(ModelCheckpoint):
         self.gate = {str(k): parse_gate(k, v) for k, v in gate.items()}
         self.gate_last = bool(gate_last)
         self.refused: list[tuple[int, list[str]]] = []
+        self._resume_step: int | None = None
 
     def _gate_passes(self, trainer: pl.Trainer, monitor_candidates: dict[str, Any]) -> bool:
         reasons = failing_gates(self.gate, monitor_candidates)
@@ -73,7 +76,32 @@ class GatedModelCheckpoint(ModelCheckpoint):
     def _save_topk_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, Any]) -> None:
         if self._gate_passes(trainer, monitor_candidates):
             super()._save_topk_checkpoint(trainer, monitor_candidates)
+        elif self.save_last and not self.gate_last and self._would_save_topk(trainer, monitor_candidates):
+            self._save_resume_point(trainer, monitor_candidates)
+
+    def _would_save_topk(self, trainer: pl.Trainer, monitor_candidates: dict[str, Any]) -> bool:
+        """Whether ``ModelCheckpoint`` without the gate would save a top-k file here (Lightning then
+        writes ``last.ckpt`` beside it; since 2.5 only then)."""
+        if self.save_top_k == 0:
+            return False
+        if self.monitor is None:
+            return True
+        current = monitor_candidates.get(self.monitor)
+        return current is not None and self.check_monitor_top_k(trainer, current)
+
+    def _save_resume_point(self, trainer: pl.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        """Write ``last.ckpt`` where the refused top-k save would have brought it: a real file, never a
+        link (``save_last="link"`` would point at an older, gated-in checkpoint)."""
+        linked_to, self._last_checkpoint_saved = self._last_checkpoint_saved, ""
+        try:
+            super()._save_last_checkpoint(trainer, monitor_candidates)
+        except BaseException:
+            self._last_checkpoint_saved = linked_to
+            raise
+        self._resume_step = trainer.global_step
 
     def _save_last_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        if self._resume_step == trainer.global_step:
+            return  # written at this step already, by _save_resume_point
         if not self.gate_last or self._gate_passes(trainer, monitor_candidates):
             super()._save_last_checkpoint(trainer, monitor_candidates)

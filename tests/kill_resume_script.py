@@ -1,9 +1,11 @@
 """Run by tests/test_trust.py: a demo fit that can be SIGKILLed mid-epoch and resumed.
 
-Usage: python tests/kill_resume_script.py OUT_DIR run|kill|resume
+Usage: python tests/kill_resume_script.py OUT_DIR run|kill|resume [gated]
 - run: 5 epochs uninterrupted; ``kill``: checkpoints every 2 epochs, SIGKILLs itself in the
   middle of epoch 3 (after epoch 2's alert was written); ``resume``: continues from the last
   checkpoint (end of epoch 1) to epoch 5. ``run`` and ``resume`` write result.json.
+- gated: the checkpoint is a GatedModelCheckpoint whose gate never passes (every epoch); its
+  ``last.ckpt`` (end of epoch 2) is the resume point.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lightning as L  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 
+import cam_monitor as cm  # noqa: E402
 from lightning_helpers import fit, quick_monitor  # noqa: E402
 
 
@@ -32,7 +35,10 @@ def main() -> None:
     out, mode = Path(sys.argv[1]), sys.argv[2]
     warnings.filterwarnings("ignore")
     monitor = quick_monitor(patience=3, tile_size=32)  # the shortcut alert fires at the third evaluation
-    ckpt = ModelCheckpoint(dirpath=out / "ckpt", every_n_epochs=2, save_top_k=-1, save_last=True)
+    if sys.argv[3:] == ["gated"]:
+        ckpt = cm.GatedModelCheckpoint(dirpath=out / "ckpt", save_last=True, gate={"cam/quality": ">= 2"})
+    else:
+        ckpt = ModelCheckpoint(dirpath=out / "ckpt", every_n_epochs=2, save_top_k=-1, save_last=True)
     callbacks = [ckpt] + ([KillMidEpoch()] if mode == "kill" else [])
     last = out / "ckpt" / "last.ckpt"
     fit(out, monitor, epochs=5, callbacks=callbacks, enable_checkpointing=True,

@@ -1,7 +1,9 @@
 """GatedModelCheckpoint: best saves wait for the gates, last.ckpt stays the resume point, gate syntax."""
 from __future__ import annotations
 
+import lightning as L
 import pytest
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 import cam_monitor as cm
 from lightning_helpers import fit, quick_monitor
@@ -27,3 +29,31 @@ def test_gated_checkpoint_refuses_shortcut_and_keeps_control(tmp_path) -> None:
 def test_gate_syntax_errors(condition) -> None:
     with pytest.raises(ValueError, match="must look like"):
         cm.GatedModelCheckpoint(gate={"cam/quality": condition})
+
+
+class LastCheckpointSeen(L.Callback):
+    """Notes, at the start of every epoch after the first, whether ``last.ckpt`` exists (mid-run)."""
+
+    def __init__(self, path) -> None:
+        self.path, self.seen = path, []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch > 0:
+            self.seen.append((trainer.current_epoch, self.path.exists()))
+
+
+@pytest.mark.parametrize("save_last, monitor", [(True, None), ("link", "cam/quality")])
+def test_last_ckpt_is_written_during_the_run_wherever_modelcheckpoint_writes_it(tmp_path, save_last, monitor) -> None:
+    seen = {}
+    for kind in ("lightning", "gated"):
+        folder = tmp_path / kind
+        kwargs = dict(dirpath=folder, save_last=save_last, monitor=monitor, mode="max")
+        ckpt = (ModelCheckpoint(**kwargs) if kind == "lightning"
+                else cm.GatedModelCheckpoint(gate={"cam/quality": ">= 2"}, **kwargs))  # never passes
+        probe = LastCheckpointSeen(folder / "last.ckpt")
+        fit(tmp_path / f"run_{kind}", quick_monitor(), epochs=3, callbacks=[probe, ckpt], enable_checkpointing=True)
+        seen[kind] = probe.seen
+        if kind == "gated":
+            assert len(ckpt.refused) == 3 and sorted(p.name for p in folder.glob("*.ckpt")) == ["last.ckpt"]
+            assert not (folder / "last.ckpt").is_symlink()
+    assert seen["gated"] == seen["lightning"] == [(1, True), (2, True)]

@@ -169,6 +169,12 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path) ->
     straight_events = [json.loads(line) for line in
                        (tmp_path / "straight" / "cam_monitor" / "alerts.jsonl").read_text().splitlines()]
     assert events == straight_events  # the same events (fired and cleared) as the uninterrupted run
+    # the same kill under a checkpoint whose gate never passes: last.ckpt is there to resume from
+    gated = tmp_path / "gated"
+    assert run_script(str(gated), "kill", "gated").returncode == -9
+    assert not list((gated / "ckpt").glob("epoch=*.ckpt")) and (gated / "ckpt" / "last.ckpt").exists()
+    assert run_script(str(gated), "resume", "gated").returncode == 0
+    assert json.loads((gated / "result.json").read_text())["history"] == a["history"]
 
 
 class NaNOnce(DigitClassifier):
