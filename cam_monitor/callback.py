@@ -9,6 +9,7 @@ live from ``setup`` to ``teardown``.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 import warnings
@@ -24,8 +25,9 @@ from typing_extensions import override
 
 from . import trainer_access as access
 from .alerts import AlertBook, check_rules, default_rules, describe_alert, resolve_action, rule_threshold
-from .checks import dry_run_findings
+from .checks import dry_run_findings, inert_setting_findings
 from .discovery import DiscoverySettings
+from .engine import CAMResult
 from .errors import CAMAlertError, CAMError, InputError, ScheduleError
 from .evaluation import EvalSettings, Evaluation, Reference, evaluate
 from .history import History
@@ -136,6 +138,9 @@ class CAMMonitor(Callback):
         self.report_settings = ReportSettings(max_grid_probes, tile_size)
         self.rules = default_rules(spurious_enrichment, spurious_energy_rise, object_enrichment_floor, drift_threshold,
                                    shortcut_flip_excess, object_energy_floor)
+        given = {"spurious_enrichment": spurious_enrichment, "object_enrichment_floor": object_enrichment_floor,
+                 "object_energy_floor": object_energy_floor, "shortcut_flip_excess": shortcut_flip_excess}
+        self._explicit = {k: v for k, v in given.items() if v != _DEFAULTS[k]}
         self.patience, self.hysteresis = patience, hysteresis
         AlertBook(patience)  # validates patience now rather than at setup
         self.action = resolve_action(alert_action)
@@ -163,6 +168,7 @@ class CAMMonitor(Callback):
         self.layer_name: str | None = self.target_layer
         self._resumed_probes = False
         self._checked = False
+        self._unsettled_said = False
         self._last_eval_key: tuple[int, int] | None = None
 
     def _drop_resources(self) -> None:
@@ -271,6 +277,8 @@ class CAMMonitor(Callback):
         """Probes picked from data are picked here, once the trainer has built its loaders; a resumed
         run's probes are explained here, after every strategy has restored the callback state."""
         self._explain_resumed_probes()
+        for finding in access.schedule_findings(trainer, pl_module):
+            rank_zero_warn(f"CAMMonitor{self._tag}: {finding}")
         ready = self._ensure_probes(trainer, pl_module, "fit")
         if self.reference_mode != "fit_start" or self.series.reference is not None:
             return
@@ -306,6 +314,20 @@ class CAMMonitor(Callback):
         """Without a validation loop the monitor evaluates at the end of each training epoch."""
         if not access.validation_runs(trainer, pl_module):
             self._run(trainer, pl_module, "fit")
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A fit that ended without a single evaluation says so, and why."""
+        if self.history:
+            return
+        if self.probes is None:
+            why = "no probes: the loader they are picked from was never built (no validation ran)"
+        elif self.faults:
+            why = f"every evaluation failed ({', '.join(sorted(self.faults))})"
+        else:
+            why = f"the fit ended at step {trainer.global_step}, before any validation at which the monitor was due"
+        rank_zero_warn(f"CAMMonitor{self._tag}: this fit ended without a single evaluation ({why}); nothing was "
+                       "measured, logged or checked")
 
     @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -354,6 +376,9 @@ class CAMMonitor(Callback):
             return
         if self._due(trainer, stage):
             self._last_eval_key = (trainer.current_epoch, trainer.global_step)
+            if self.layer_name is None:
+                self._guarded("evaluate", lambda: self._settle_layer(pl_module, *self._first_probe_pass(trainer, pl_module)),
+                             trainer)
             ev = self._guarded("evaluate", lambda: self._evaluate(trainer, pl_module), trainer)
             if ev is not None:
                 self._record(trainer, ev, stage)
@@ -416,15 +441,9 @@ class CAMMonitor(Callback):
         """One probe through the CAM pass (on every rank, through the strategy's model): a wrong layer,
         probe shape or label fails here, before training; also resolves and logs ``target_layer=None``."""
         when = "before training" if stage == "fit" else f"before {stage}"
-        place = access.placement(trainer, pl_module)
-        model = access.cam_model(trainer, pl_module)
         settings = self._settings(trainer, pl_module)
-        first = slice(0, min(len(self.probes), DRY_RUN_PROBES))
         try:
-            images = place.to_model(self.probes.images[first])
-            targets = self.probes.labels[first] if settings.targets == "label" else None
-            with place.forward_context():
-                result = settings.cam_pass(model, images, targets)
+            model, result = self._first_probe_pass(trainer, pl_module, DRY_RUN_PROBES)
             if settings.targets == "label":
                 self.probes.check_classes(result.logits.shape[1])
         except CAMError as err:
@@ -436,17 +455,41 @@ class CAMMonitor(Callback):
                 "input (channels, size, normalisation)") from err
         found = dry_run_findings(result, self.probes, settings, rule_threshold(self.rules, "spurious_enrichment"),
                                  self.prefix)
+        found.warnings.extend(inert_setting_findings(self._explicit, self.probes, settings.discovery.enabled))
         for note in found.notes:
             rank_zero_info(f"CAMMonitor{self._tag}: {note}")
         for warning in found.warnings:
             rank_zero_warn(f"CAMMonitor{self._tag}: {warning}")
-        if self.layer_name is None:
-            module = dict(model.named_modules())[result.layer_name]
-            self.layer_name = next(n for n, m in unwrap_compiled(pl_module).named_modules() if m is module)
-            self._layer_module = module
-            rank_zero_info(f"CAMMonitor{self._tag}: target_layer=None picked {self.layer_name!r} "
-                           f"({result.grid_size[0]}x{result.grid_size[1]} grid)")
+        self._settle_layer(pl_module, model, result)
         self._checked = True
+
+    def _first_probe_pass(self, trainer: pl.Trainer, pl_module: pl.LightningModule, n: int = 1
+                          ) -> tuple[torch.nn.Module, CAMResult]:
+        """One CAM pass over the first ``n`` probes as the evaluations run it: ``(the model it ran, result)``."""
+        place, model, settings = access.placement(trainer, pl_module), access.cam_model(trainer, pl_module), \
+            self._settings(trainer, pl_module)
+        first = slice(0, min(len(self.probes), n))
+        images = place.to_model(self.probes.images[first])
+        targets = self.probes.labels[first] if settings.targets == "label" else None
+        with place.forward_context():
+            return model, settings.cam_pass(model, images, targets)
+
+    def _settle_layer(self, pl_module: pl.LightningModule, model: torch.nn.Module, result: CAMResult) -> None:
+        """Keep ``target_layer=None``'s pick once a non-zero map settled it (the pick then holds for the
+        run and its checkpoints); until then every evaluation picks again."""
+        if self.layer_name is not None:
+            return
+        if not result.layer_settled:
+            if not self._unsettled_said:
+                rank_zero_info(f"CAMMonitor{self._tag}: target_layer=None found no layer whose map is non-zero yet "
+                               f"(provisionally {result.layer_name!r}); it picks again at each evaluation until one is")
+                self._unsettled_said = True
+            return
+        module = model.get_submodule(result.layer_name)
+        self.layer_name = next(n for n, m in unwrap_compiled(pl_module).named_modules() if m is module)
+        self._layer_module = module
+        rank_zero_info(f"CAMMonitor{self._tag}: target_layer=None picked {self.layer_name!r} "
+                       f"({result.grid_size[0]}x{result.grid_size[1]} grid)")
 
     def _explain_resumed_probes(self) -> None:
         """A resumed run keeps the checkpoint's probes (history and drift continue on the same
@@ -551,6 +594,10 @@ class CAMMonitor(Callback):
     @property
     def _tag(self) -> str:
         return "" if self.name is None else f"[{self.name}]"
+
+
+#: The constructor's defaults: a setting that differs from its default was given by the user.
+_DEFAULTS = {k: p.default for k, p in inspect.signature(CAMMonitor.__init__).parameters.items()}
 
 
 def _stage(trainer: pl.Trainer) -> str:

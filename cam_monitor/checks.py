@@ -13,7 +13,7 @@ import torch
 
 from .engine import CAMResult
 from .evaluation import EvalSettings, spurious_regions
-from .metrics import enrichment_ceiling, pointing_always_hits
+from .metrics import energy_fraction_bounds, enrichment_ceiling, pointing_always_hits
 from .probes import ProbeSet
 
 #: Distinct spurious regions the resolution check looks at (it is exact per region, so bounded).
@@ -36,6 +36,8 @@ def dry_run_findings(result: CAMResult, probes: ProbeSet, settings: EvalSettings
     if all(float(m.amax()) <= 0 for m in result.maps.values()):
         found.warnings.append(f"{zero_map_cause(result)}; metrics stay NaN (counted in {prefix}/degenerate) until the "
                               "maps are non-zero")
+    found.warnings.extend(immobile_metric_findings(result.grid_size, result.layer_name, probes, settings.border_fraction,
+                                                   prefix))
     found.warnings.extend(resolution_findings(result.grid_size, result.layer_name, probes, settings.border_fraction,
                                               enrichment_threshold, prefix))
     found.warnings.extend(discovery_findings(result.grid_size, result.layer_name, probes, settings, prefix))
@@ -51,12 +53,57 @@ def zero_map_cause(result: CAMResult) -> str:
     """Why every map of the pass is all zero, and what to do about it."""
     where = f"every map of the first probes at layer {result.layer_name!r} is all zero"
     if result.zero_gradient:
-        return (f"{where}: the class scores' gradient there is zero. Either the head is all zeros (torchvision "
-                "zero-initialises ViT heads; it changes after the first steps), or the layer reaches the logits only "
+        return (f"{where}: the class scores' gradient there is zero. Either the head has no gradient yet (torchvision "
+                "zero-initialises ViT heads; the maps become non-zero once the first steps move it, and "
+                "target_layer=None already picked the layer by structure), or the layer reaches the logits only "
                 "through a class token (a ViT's last block or final norm): target the last block's attention input, "
-                "e.g. 'encoder.layers.encoder_layer_11.ln_1', or leave target_layer=None")
+                "e.g. 'encoder.layers.encoder_layer_11.ln_1'")
     return (f"{where}: all of its evidence is negative and the ReLU removes it; target an earlier layer, or check "
             "that the probes are normalised as the model expects")
+
+
+#: The alert-rule arguments that act only on masks the user gives, and the masks they need.
+MASK_RULE_ARGUMENTS = {"spurious_enrichment": "spurious", "object_enrichment_floor": "object",
+                       "object_energy_floor": "object"}
+
+
+def inert_setting_findings(explicit: dict[str, object], probes: ProbeSet, discovery_enabled: bool) -> list[str]:
+    """One line per setting the user gave (``explicit``: argument -> value) that cannot have any
+    effect with these probes: a mask rule's threshold without those masks, a discovery threshold
+    with discovery off."""
+    out = []
+    for arg, kind in MASK_RULE_ARGUMENTS.items():
+        if arg in explicit and getattr(probes, f"{kind}_masks") is None:
+            out.append(f"{arg}={explicit[arg]!r} can never alert: its rule judges {kind} masks the user gives, and the "
+                       f"probes have none; give {kind}_masks (ProbeSet(..., {kind}_masks=...) or <name>.{kind}.png files "
+                       "in the probe folder)" + ("" if kind == "object" else
+                                                 ", or rely on mask-free discovery (shortcut_confirmed)"))
+    if "shortcut_flip_excess" in explicit and not discovery_enabled:
+        out.append(f"shortcut_flip_excess={explicit['shortcut_flip_excess']!r} can never alert: it is the threshold of "
+                   "mask-free discovery, and discovery=False; turn discovery on")
+    return out
+
+
+def immobile_metric_findings(grid: tuple[int, int], layer: str, probes: ProbeSet, border_fraction: float,
+                             prefix: str) -> list[str]:
+    """The region metrics that are the same number for every map on this grid (every single-cell
+    map puts the same share of its energy on each probe's region), so they cannot move whatever the
+    model does, and the alerts and gates on them can never change."""
+    families = [("spurious", spurious_regions(probes, border_fraction),
+                 ("spurious_energy", "spurious_enrichment", "spurious_energy_rise"))]
+    if probes.object_masks is not None:
+        families.append(("object", probes.object_masks, ("object_energy", "object_enrichment")))
+    out = []
+    for kind, regions, names in families:
+        distinct = torch.unique(regions, dim=0)[:RESOLUTION_REGIONS]
+        low, high = energy_fraction_bounds(grid, distinct)
+        if bool(((high - low).nan_to_num(1.0) <= 1e-6).all()):
+            metrics = ", ".join(f"{prefix}/{n}" for n in names)
+            out.append(f"on the {grid[0]}x{grid[1]} grid of layer {layer!r}, every map puts the same share of its "
+                       f"energy on the {kind} regions: {metrics} are the same number whatever the model does, and "
+                       "their alerts and any gate on them can never change; target an earlier layer (a finer grid) "
+                       "or use larger probes")
+    return out
 
 
 def resolution_findings(grid: tuple[int, int], layer: str, probes: ProbeSet, border_fraction: float,

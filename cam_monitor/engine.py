@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from .errors import InputError, LayerNotSpatialError, OutputError, TargetError
-from .layers import (LayerSpec, ReshapeSpec, check_layout, hook_not_fired, resolve_layer, resolve_layout, to_grid,
-                     unwrap_compiled)
+from .layers import (LayerSpec, ReshapeSpec, check_layout, hook_not_fired, pick_layer, resolve_layer, resolve_layout,
+                     to_grid, unwrap_compiled)
 from .layout import probe_layout
 from .methods import METHODS, check_methods
 
@@ -44,7 +44,8 @@ class CAMResult:
     ``layout`` how a 4-D output was read (``"nchw"`` or ``"nhwc"``); ``zero_gradient`` whether the
     target scores' gradient on the layer's grid (class tokens excluded) was zero for every image,
     which makes every map zero (a 0-dim bool tensor on the pass's device, so the pass itself never
-    waits for the device: ``bool()`` reads it when asked).
+    waits for the device: ``bool()`` reads it when asked); ``layer_settled`` False when ``layer=None``
+    found no layer whose map is non-zero yet, so the layer is a provisional last candidate.
     """
 
     maps: dict[str, torch.Tensor]
@@ -55,6 +56,7 @@ class CAMResult:
     layer_calls: int = 1
     layout: str = "nchw"
     zero_gradient: bool | torch.Tensor = False
+    layer_settled: bool = True
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -313,7 +315,8 @@ def cam_pass(
     inner = unwrap_compiled(model)
     with preserved_model_state(inner, images.device), torch.inference_mode(False), torch.no_grad():
         x = images.clone()
-        name, module = resolve_layer(inner, layer, x, transform)
+        name, module, settled = (pick_layer(inner, x, transform) if layer is None
+                                 else (*resolve_layer(inner, layer, x, transform), True))
         store: dict[str, Any] = {}
         handle = module.register_forward_hook(_capture_hook(store, name))
         tail = TailMemory(inner) if _several_targets(targets) else None
@@ -346,7 +349,8 @@ def cam_pass(
         with torch.autocast(device_type=act.device.type, enabled=False):
             maps = {m: METHODS[m](act, grads_grid) for m in methods}
         return CAMResult(maps=maps, logits=logits.detach().float(), targets=tgt, layer_name=name, squeeze_targets=squeeze,
-                         layer_calls=store["calls"], layout=layout, zero_gradient=grads_grid.eq(0).all())
+                         layer_calls=store["calls"], layout=layout, zero_gradient=grads_grid.eq(0).all(),
+                         layer_settled=settled)
 
 
 def compute_cams(

@@ -211,8 +211,8 @@ def probe_metrics(maps: torch.Tensor, probes: ProbeSet, previous: torch.Tensor |
     out["drift_ref"] = zeros.clone() if reference is None else 1.0 - M.spearman(maps, reference.maps)
     out["spurious_energy_rise"] = (zeros.clone() if reference is None
                                    else out["spurious_energy"] - reference.per_probe["spurious_energy"])
-    if y is not None and o is not None:
-        out["average_drop"] = M.average_drop(y, o)
+    if y is not None and o is not None:  # an all-zero map explains nothing: image x map measures no explanation
+        out["average_drop"] = M.average_drop(y, o).masked_fill(maps.flatten(1).amax(1) <= 0, float("nan"))
     return out
 
 
@@ -229,7 +229,9 @@ def spurious_regions(probes: ProbeSet, border_fraction: float) -> torch.Tensor:
 
 def quality_score(aggregates: dict[str, float]) -> float:
     """``quality`` in [0, 1], higher is better: the mean of the available components
-    ``1 - spurious_energy``, ``object_energy`` (with object masks) and ``1 - average_drop``."""
+    ``1 - spurious_energy``, ``object_energy`` (with object masks) and ``1 - average_drop``. Every
+    component rests on the maps and is NaN for a probe whose map is all zero, so ``quality`` is NaN
+    (and a gate on it fails) when every map is degenerate, never a score of nothing."""
     parts = [1.0 - aggregates["spurious_energy"]]
     if "object_energy" in aggregates:
         parts.append(aggregates["object_energy"])

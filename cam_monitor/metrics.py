@@ -70,23 +70,35 @@ def _single_cell_maps(grid: tuple[int, int], size: tuple[int, int], start: int, 
     return upsample(onehot.reshape(-1, h, w), size)
 
 
-def enrichment_ceiling(grid: tuple[int, int], masks: torch.Tensor) -> torch.Tensor:
-    """(N,) the largest enrichment any non-negative map on an ``grid`` (h, w) can reach on each mask.
+def energy_fraction_bounds(grid: tuple[int, int], masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N,) the smallest and the largest energy fraction any non-negative map on a ``grid`` (h, w)
+    can put on each mask.
 
     After bilinear upsampling a map's energy fraction inside a mask is a ratio of two linear forms
-    in its cells, so its maximum is reached by a map with a single non-zero cell: the ceiling is
-    the best cell's fraction divided by the mask's area share. On a 2x2 grid the border band's
-    ceiling is exactly 1.0 (chance): no map can ever be enriched there. NaN for an empty mask.
+    in its cells, so its extremes are reached by maps with a single non-zero cell. Where the two
+    bounds are equal, every map scores the same on that mask (the border band on a 2x2 grid): a
+    metric of it cannot move whatever the model does. NaN for an empty mask.
     """
     h, w = int(grid[0]), int(grid[1])
     flat_masks = masks.bool().flatten(1).float()
-    fraction = torch.zeros(masks.shape[0], device=masks.device)
+    low = torch.full((masks.shape[0],), math.inf, device=masks.device)
+    high = torch.zeros(masks.shape[0], device=masks.device)
     for start in range(0, h * w, 64):  # a chunk of cells at a time: bounded memory on fine grids
         basis = _single_cell_maps((h, w), masks.shape[-2:], start, start + 64, masks.device).flatten(1)
-        inside = flat_masks @ basis.t()
-        fraction = torch.maximum(fraction, (inside / basis.sum(1)[None]).amax(1))
-    area = flat_masks.mean(1)
-    return torch.where(area > 0, fraction / area.clamp_min(1e-12), torch.full_like(area, _NAN))
+        fraction = (flat_masks @ basis.t()) / basis.sum(1)[None]
+        low, high = torch.minimum(low, fraction.amin(1)), torch.maximum(high, fraction.amax(1))
+    empty = flat_masks.sum(1) == 0
+    return low.masked_fill(empty, _NAN), high.masked_fill(empty, _NAN)
+
+
+def enrichment_ceiling(grid: tuple[int, int], masks: torch.Tensor) -> torch.Tensor:
+    """(N,) the largest enrichment any non-negative map on an ``grid`` (h, w) can reach on each mask:
+    the largest energy fraction (:func:`energy_fraction_bounds`) divided by the mask's area share.
+    On a 2x2 grid the border band's ceiling is exactly 1.0 (chance): no map can ever be enriched
+    there. NaN for an empty mask.
+    """
+    area = masks.bool().flatten(1).float().mean(1)
+    return energy_fraction_bounds(grid, masks)[1] / area.clamp_min(1e-12)
 
 
 def default_tolerance(map_size: tuple[int, int], image_size: tuple[int, int]) -> float:

@@ -243,10 +243,15 @@ class ProbeSet:
         if not files:
             raise InputError(f"probe folder {str(root)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         _warn_skipped(root, files, "not listed in " + csv_path.name if csv_path.exists() else "outside the class sub-folders")
+        _refuse_orphan_masks(root)
         images, spurious, objects = [], [], []
         for f in files:
-            image, spur, obj = _transformed(transform, _read_image(f), _read_mask(_mask_path(f, "spurious")),
-                                            _read_mask(_mask_path(f, "object")), f)
+            raw = _read_image(f)
+            masks = {kind: _read_mask(_mask_path(f, kind)) for kind in MASK_KINDS}
+            for kind, mask in masks.items():
+                if mask is not None:
+                    check_mask_shape(tuple(mask.shape), tuple(raw.shape[-2:]), f"mask {str(_mask_path(f, kind))!r}")
+            image, spur, obj = _transformed(transform, raw, masks["spurious"], masks["object"], f)
             images.append(image)
             spurious.append(spur)
             objects.append(obj)
@@ -349,6 +354,16 @@ def _check_labels(labels: Any, ids: list[str], num_classes: int | None) -> torch
     return t
 
 
+def check_mask_shape(mask: tuple[int, int], image: tuple[int, int], what: str) -> None:
+    """Refuse a mask whose shape is not its image's, unless only a resize of the same aspect ratio
+    tells them apart (a mask drawn at another resolution, resized with nearest); a stretched mask
+    would mark another region than the one drawn."""
+    if tuple(mask) != tuple(image) and mask[0] * image[1] != mask[1] * image[0]:
+        raise InputError(f"{what}: mask shape {tuple(mask)} (H, W) does not match image shape {tuple(image)} and "
+                         "differs in aspect ratio, so resizing would stretch it onto another region; give masks of the "
+                         "image's shape (or a resize of it)")
+
+
 def _check_masks(masks: MaskSpec, kind: str, ids: list[str], h: int, w: int) -> torch.Tensor | None:
     if masks is None:
         return None
@@ -360,6 +375,7 @@ def _check_masks(masks: MaskSpec, kind: str, ids: list[str], h: int, w: int) -> 
         masks = masks[:, 0]
     if masks.dim() != 3 or masks.shape[0] != len(ids):
         raise InputError(f"{kind}_masks must be (N, H, W) with N = {len(ids)}, got shape {tuple(masks.shape)}")
+    check_mask_shape(tuple(masks.shape[-2:]), (h, w), f"{kind}_masks of the {len(ids)} probes")
     if masks.dtype != torch.bool:
         binary = ((masks == 0) | (masks == 1)).flatten(1).all(1)
         if not binary.all():
@@ -438,6 +454,19 @@ def _labels_from_csv(root: Path, csv_path: Path) -> tuple[list[Path], list[int],
                 raise InputError(f"{csv_path}:{line}: label {row['label']!r} is not an integer") from None
             files.append(path)
     return files, labels, None
+
+
+def _refuse_orphan_masks(root: Path) -> None:
+    """A mask file with no image of its name (a typo, a renamed image) would leave the image it was
+    drawn for measured against the border band: refuse it, naming the files."""
+    stems = {p.with_suffix("") for p in root.rglob("*") if p.is_file() and _is_probe_image(p)}
+    orphans = sorted(str(p.relative_to(root)) for p in root.rglob("*.png") if p.is_file()
+                     and any(p.stem.endswith("." + k) for k in MASK_KINDS) and p.with_name(p.stem).with_suffix("") not in stems)
+    if orphans:
+        names = ", ".join(orphans[:5]) + (", ..." if len(orphans) > 5 else "")
+        raise InputError(f"probe folder {str(root)!r}: {len(orphans)} mask file(s) have no image of the same name "
+                         f"(<name>.spurious.png / <name>.object.png belong to <name>.<image suffix>): {names}; rename "
+                         "them to their image's name or remove them")
 
 
 def _is_probe_image(path: Path) -> bool:

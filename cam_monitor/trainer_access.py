@@ -6,6 +6,7 @@ trainer's loggers. Public Lightning APIs only; with :mod:`cam_monitor.callback` 
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Sequence
 
 import lightning.pytorch as pl
@@ -95,6 +96,37 @@ def placement(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Placement:
     forward_context = getattr(plugin, "forward_context", contextlib.nullcontext)
     return Placement(device=device, prepare=prepare, forward_context=forward_context, rank=trainer.global_rank,
                      world=world, gather=gather if world > 1 else None)
+
+
+def steps_before_first_evaluation(trainer: pl.Trainer, pl_module: pl.LightningModule) -> int | None:
+    """Optimizer steps the fit takes before the monitor's first evaluation (the first validation, or
+    the end of the first training epoch without one); None where the loop cannot say (an iterable
+    loader of unknown length). Read once the training loader is set up (``on_train_start``)."""
+    batches = trainer.num_training_batches
+    if not isinstance(batches, int) or batches <= 0:
+        return None
+    accumulate = max(1, int(getattr(trainer, "accumulate_grad_batches", 1) or 1))
+    per_epoch = -(-batches // accumulate)
+    if not validation_runs(trainer, pl_module):
+        return per_epoch
+    every = trainer.check_val_every_n_epoch
+    val_batch = getattr(trainer, "val_check_batch", None)
+    if every is None:  # val_check_interval counts training batches across epochs
+        return int(val_batch) // accumulate if isinstance(val_batch, (int, float)) and math.isfinite(val_batch) else None
+    within = min(int(val_batch), batches) if isinstance(val_batch, (int, float)) and math.isfinite(val_batch) else batches
+    return (every - 1) * per_epoch + -(-within // accumulate)
+
+
+def schedule_findings(trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str]:
+    """The schedule settings under which the monitor will never evaluate in this fit, each with its fix
+    (a ``max_steps`` that ends the fit before the first validation)."""
+    needed, max_steps = steps_before_first_evaluation(trainer, pl_module), trainer.max_steps
+    if needed is None or max_steps is None or max_steps < 0 or max_steps >= needed:
+        return []
+    when = "first validation" if validation_runs(trainer, pl_module) else "end of the first training epoch"
+    return [f"Trainer(max_steps={max_steps}) ends the fit before the monitor's first evaluation (the {when}, after "
+            f"{needed} optimizer steps): nothing will be measured; raise max_steps, or validate earlier "
+            "(val_check_interval, check_val_every_n_epoch)"]
 
 
 def check_schedule(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -8,9 +8,12 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import cam_monitor as cm
 from cam_monitor.demo.model import DecoyDigitsDataModule, DigitClassifier
+from cam_monitor.engine import default_output_transform
 
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
@@ -53,3 +56,34 @@ def cam_scalars(monitor: cm.CAMMonitor) -> list[dict[str, float]]:
 
 def tensor_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and bool(torch.equal(torch.nan_to_num(a, nan=-7.0), torch.nan_to_num(b, nan=-7.0)))
+
+
+class Classifier(L.LightningModule):
+    """Any image classifier (a tensor, or an output with ``.logits``) trained with cross-entropy."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x)
+
+    def step(self, batch):
+        x, y = batch
+        return F.cross_entropy(default_output_transform(self(x)), y)
+
+    def training_step(self, batch, _idx):
+        return self.step(batch)
+
+    def validation_step(self, batch, _idx):
+        self.log("val/loss", self.step(batch))
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def random_loader(n: int, size: int, seed: int, num_classes: int) -> torch.utils.data.DataLoader:
+    """``n`` random RGB images of ``size`` px with balanced labels, in batches of 8."""
+    g = torch.Generator().manual_seed(seed)
+    data = torch.utils.data.TensorDataset(torch.randn(n, 3, size, size, generator=g), torch.arange(n) % num_classes)
+    return torch.utils.data.DataLoader(data, batch_size=8)

@@ -89,6 +89,8 @@ PROBE_CASES = [
     ("NaN pixels", dict(images=torch.full((2, 1, 8, 8), float("nan"))), r"NaN or inf pixels"),
     ("empty probe set", dict(images=torch.rand(0, 1, 8, 8), labels=torch.zeros(0, dtype=torch.long)), r"empty"),
     ("wrong std length", dict(std=(0.5, 0.5)), r"2 values but the images have 1 channels"),
+    ("mask of another aspect ratio", dict(spurious_masks=torch.zeros(2, 8, 4, dtype=torch.bool)),
+     r"mask shape \(8, 4\) .* image shape \(8, 8\) and differs in aspect ratio"),
 ]
 
 
@@ -98,6 +100,92 @@ def test_bad_probe_sets_name_the_probe(name, override, pattern) -> None:
     args.update(override)
     with pytest.raises(cm.InputError, match=pattern):
         cm.ProbeSet(**args)
+
+
+def test_masks_of_the_same_aspect_ratio_are_resized_to_their_image() -> None:
+    masks = torch.zeros(2, 16, 16, dtype=torch.bool)
+    masks[:, :8, :8] = True
+    probes = cm.ProbeSet(torch.rand(2, 1, 8, 8), torch.tensor([0, 1]), spurious_masks=masks)
+    assert probes.spurious_masks.shape == (2, 8, 8) and int(probes.spurious_masks[0].sum()) == 16
+
+
+def write_folder(root, files: dict[str, tuple[int, int]]) -> str:
+    """A probe folder with one class sub-folder: ``files`` maps names to (H, W) of grey PNGs."""
+    from torchvision.io import write_png
+
+    (root / "cls0").mkdir(parents=True)
+    for name, (h, w) in files.items():
+        write_png(torch.full((1, h, w), 255, dtype=torch.uint8), str(root / "cls0" / name))
+    return str(root)
+
+
+FOLDER_CASES = [
+    ("mask of another aspect ratio", {"a.png": (8, 8), "a.spurious.png": (8, 4)},
+     r"mask '.*cls0/a.spurious.png': mask shape \(8, 4\) .* image shape \(8, 8\)"),
+    ("mask file without its image", {"a.png": (8, 8), "b.spurious.png": (8, 8), "c.object.png": (8, 8)},
+     r"2 mask file\(s\) have no image of the same name .*cls0/b.spurious.png, cls0/c.object.png"),
+]
+
+
+@pytest.mark.parametrize("name, files, pattern", FOLDER_CASES, ids=[c[0] for c in FOLDER_CASES])
+def test_bad_probe_folders_name_the_file(tmp_path, name, files, pattern) -> None:
+    with pytest.raises(cm.InputError, match=pattern):
+        cm.ProbeSet.from_folder(write_folder(tmp_path / "probes", files))
+
+
+def test_a_folder_mask_drawn_at_another_resolution_is_resized(tmp_path) -> None:
+    probes = cm.ProbeSet.from_folder(write_folder(tmp_path / "probes", {"a.png": (8, 8), "a.spurious.png": (16, 16)}))
+    assert probes.spurious_masks.shape == (1, 8, 8) and bool(probes.spurious_masks.all())
+
+
+def random_digits(size: int, n: int = 4) -> cm.ProbeSet:
+    """Probes the demo CNN takes (1 channel) at ``size`` px, without masks."""
+    return cm.ProbeSet(torch.rand(n, 1, size, size, generator=torch.Generator().manual_seed(0)), torch.arange(n))
+
+
+#: Settings and schedules that cannot act in a fit: (name, monitor arguments, trainer arguments, the warning's words).
+INERT_CASES = [
+    ("mask rule threshold without masks", dict(probes=random_digits(32), spurious_enrichment=5.0), {},
+     r"spurious_enrichment=5.0 can never alert: its rule judges spurious masks .* give spurious_masks"),
+    ("object floor without object masks", dict(probes=random_digits(32), object_enrichment_floor=0.3), {},
+     r"object_enrichment_floor=0.3 can never alert: .* give object_masks"),
+    ("discovery threshold with discovery off", dict(probes=random_digits(32), shortcut_flip_excess=0.2,
+                                                    discovery=False), {},
+     r"shortcut_flip_excess=0.2 can never alert: .* discovery=False"),
+    ("grid too coarse for the border-band metrics", dict(probes=random_digits(8)), {},
+     r"2x2 grid of layer 'net.features'.* cam/spurious_energy, cam/spurious_enrichment, cam/spurious_energy_rise are "
+     r"the same number whatever the model does"),
+    ("max_steps before the first validation", {}, dict(max_steps=3),
+     r"Trainer\(max_steps=3\) ends the fit before the monitor's first evaluation \(the first validation, after 8 "
+     r"optimizer steps\)"),
+    ("a fit that never evaluated says so at its end", {}, dict(max_steps=3),
+     r"this fit ended without a single evaluation \(the fit ended at step 3, before any validation"),
+]
+INERT_WORDS = r"can never alert|the same number whatever|ends the fit before|without a single evaluation"
+
+
+def fit_warnings(tmp_path, monitor_kwargs: dict, trainer_kwargs: dict) -> list[str]:
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(tmp_path, quick_monitor(**monitor_kwargs), epochs=1, **trainer_kwargs)
+    return [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("name, monitor_kwargs, trainer_kwargs, pattern", INERT_CASES, ids=[c[0] for c in INERT_CASES])
+def test_a_setting_that_cannot_act_is_named_with_its_fix(tmp_path, name, monitor_kwargs, trainer_kwargs, pattern) -> None:
+    import re
+
+    said = fit_warnings(tmp_path, monitor_kwargs, trainer_kwargs)
+    assert any(re.search(pattern, m) for m in said), said
+
+
+def test_a_run_whose_settings_all_act_hears_none_of_those_warnings(tmp_path) -> None:
+    import re
+
+    said = fit_warnings(tmp_path, {}, {})
+    assert not [m for m in said if re.search(INERT_WORDS, m)]
 
 
 def test_failed_save_leaves_no_temporary_file(tmp_path) -> None:

@@ -15,6 +15,7 @@ from torch import nn
 
 import cam_monitor as cm
 from cam_monitor.engine import default_output_transform
+from lightning_helpers import Classifier, random_loader
 
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
@@ -110,37 +111,6 @@ def test_the_automatic_pick_explains_the_class_and_equals_pytorch_grad_cam(name:
     torch.testing.assert_close(display(maps, size)[alive], theirs[alive], atol=1e-4, rtol=0)
 
 
-class Classifier(L.LightningModule):
-    """Any image classifier (a tensor, or an output with ``.logits``) trained with cross-entropy."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return self.model(x)
-
-    def step(self, batch):
-        x, y = batch
-        return F.cross_entropy(default_output_transform(self(x)), y)
-
-    def training_step(self, batch, _idx):
-        return self.step(batch)
-
-    def validation_step(self, batch, _idx):
-        self.log("val/loss", self.step(batch))
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=1e-3)
-
-
-def random_loader(n: int, size: int, seed: int) -> torch.utils.data.DataLoader:
-    g = torch.Generator().manual_seed(seed)
-    data = torch.utils.data.TensorDataset(torch.randn(n, 3, size, size, generator=g),
-                                          torch.arange(n) % NUM_CLASSES)
-    return torch.utils.data.DataLoader(data, batch_size=8)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(ZOO))
 def test_a_default_monitor_fits_two_epochs(name: str, tmp_path) -> None:
@@ -151,7 +121,7 @@ def test_a_default_monitor_fits_two_epochs(name: str, tmp_path) -> None:
                         callbacks=[monitor])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(Classifier(build(name)), random_loader(16, size, 0), random_loader(8, size, 1))
+        trainer.fit(Classifier(build(name)), random_loader(16, size, 0, NUM_CLASSES), random_loader(8, size, 1, NUM_CLASSES))
     assert [h["epoch"] for h in monitor.history] == [0, 1] and monitor.faults == {}
     assert monitor.layer_name is not None and monitor.last_evaluation.maps.shape[-2:] == grid
 
@@ -177,6 +147,6 @@ def test_a_cnn_whose_channels_equal_its_grid_fits_with_the_default_layout(target
                         callbacks=[monitor])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(Classifier(SquareCNN()), random_loader(16, 32, 0), random_loader(8, 32, 1))
+        trainer.fit(Classifier(SquareCNN()), random_loader(16, 32, 0, NUM_CLASSES), random_loader(8, 32, 1, NUM_CLASSES))
     assert len(monitor.history) == 2 and monitor.faults == {} and monitor.layer_name in ("model.net.2", "model.net")
     assert monitor.last_evaluation.maps.shape[-2:] == (32, 32)
