@@ -1,6 +1,8 @@
 """Evaluation: settings checked once, equal-length shards, metrics against the reference."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -94,3 +96,17 @@ def test_degenerate_counts_all_zero_maps_only() -> None:
     per = {"spurious_energy": torch.tensor([float("nan"), float("nan"), 0.5])}  # NaN for probe 1: an empty mask
     probes = ProbeSet(torch.rand(3, 1, 8, 8), torch.tensor([0, 1, 0]))
     assert aggregate(per, maps, probes)["degenerate"] == 2.0  # probes 0 and 2 have all-zero maps
+
+
+def test_quality_is_nan_when_every_map_is_all_zero() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
+    torch.nn.init.zeros_(model[4].weight)  # a zero head: every map is all zero, as a fresh torchvision ViT's
+    probes = cm.ProbeSet(torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 0]))
+    ev = evaluate(model, probes, EvalSettings("0"))
+    assert ev.aggregates["degenerate"] == 4.0
+    assert math.isnan(ev.aggregates["quality"]) and math.isnan(ev.aggregates["average_drop"])
+    from cam_monitor.checkpoint import failing_gates
+
+    assert failing_gates({"quality": (">=", 0.5)}, {"quality": ev.aggregates["quality"]})
