@@ -87,3 +87,15 @@ def random_loader(n: int, size: int, seed: int, num_classes: int) -> torch.utils
     g = torch.Generator().manual_seed(seed)
     data = torch.utils.data.TensorDataset(torch.randn(n, 3, size, size, generator=g), torch.arange(n) % num_classes)
     return torch.utils.data.DataLoader(data, batch_size=8)
+
+
+def fit_classifier(tmp_path: Path, model: nn.Module, monitor: cm.CAMMonitor, size: int, num_classes: int,
+                   train: int = 16, val: int = 8) -> L.Trainer:
+    """Two epochs of :class:`Classifier` on random RGB images of ``size`` px, warnings silenced."""
+    trainer = L.Trainer(max_epochs=2, default_root_dir=str(tmp_path), enable_progress_bar=False, logger=False,
+                        enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
+                        callbacks=[monitor])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(Classifier(model), random_loader(train, size, 0, num_classes), random_loader(val, size, 1, num_classes))
+    return trainer

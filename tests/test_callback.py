@@ -358,24 +358,17 @@ def test_a_vit_trained_from_scratch_gets_real_maps_from_the_first_evaluation(tmp
     automatic pick is made by structure (the last attention input, not the final norm), holds for
     the run, and the first evaluation after the head moves has non-zero maps and finite metrics."""
     import math
-    import warnings
 
-    import lightning as L
     import torchvision
 
-    from lightning_helpers import Classifier, random_loader
+    from lightning_helpers import fit_classifier
 
     torch.manual_seed(0)
     vit = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32,
                                                mlp_dim=64, num_classes=4)
     assert not vit.heads.head.weight.any()
     monitor = cm.CAMMonitor()
-    trainer = L.Trainer(max_epochs=2, default_root_dir=str(tmp_path), enable_progress_bar=False, logger=False,
-                        enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
-                        callbacks=[monitor])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(Classifier(vit), random_loader(32, 32, 0, 4), random_loader(16, 32, 1, 4))
+    fit_classifier(tmp_path, vit, monitor, 32, 4, train=32, val=16)
     assert monitor.layer_name == "model.encoder.layers.encoder_layer_1.ln_1"
     first = monitor.history[0]
     assert first["cam/degenerate"] < len(monitor.probes)

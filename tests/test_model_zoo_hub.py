@@ -4,10 +4,8 @@ pytorch-grad-cam's at that layer, and a two-epoch CAMMonitor fit on tiny random 
 default arguments."""
 from __future__ import annotations
 
-import warnings
 from typing import Callable
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,7 +13,7 @@ from torch import nn
 
 import cam_monitor as cm
 from cam_monitor.engine import default_output_transform
-from lightning_helpers import Classifier, random_loader
+from lightning_helpers import fit_classifier
 
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
@@ -116,12 +114,7 @@ def test_the_automatic_pick_explains_the_class_and_equals_pytorch_grad_cam(name:
 def test_a_default_monitor_fits_two_epochs(name: str, tmp_path) -> None:
     _, size, grid, _ = ZOO[name]
     monitor = cm.CAMMonitor()
-    trainer = L.Trainer(max_epochs=2, default_root_dir=str(tmp_path), enable_progress_bar=False, logger=False,
-                        enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
-                        callbacks=[monitor])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(Classifier(build(name)), random_loader(16, size, 0, NUM_CLASSES), random_loader(8, size, 1, NUM_CLASSES))
+    fit_classifier(tmp_path, build(name), monitor, size, NUM_CLASSES)
     assert [h["epoch"] for h in monitor.history] == [0, 1] and monitor.faults == {}
     assert monitor.layer_name is not None and monitor.last_evaluation.maps.shape[-2:] == grid
 
@@ -142,11 +135,6 @@ class SquareCNN(nn.Module):
 def test_a_cnn_whose_channels_equal_its_grid_fits_with_the_default_layout(target_layer, tmp_path) -> None:
     torch.manual_seed(0)
     monitor = cm.CAMMonitor(target_layer=target_layer, num_probes=8, faithfulness=False, discovery=False)
-    trainer = L.Trainer(max_epochs=2, default_root_dir=str(tmp_path), enable_progress_bar=False, logger=False,
-                        enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
-                        callbacks=[monitor])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(Classifier(SquareCNN()), random_loader(16, 32, 0, NUM_CLASSES), random_loader(8, 32, 1, NUM_CLASSES))
+    fit_classifier(tmp_path, SquareCNN(), monitor, 32, NUM_CLASSES)
     assert len(monitor.history) == 2 and monitor.faults == {} and monitor.layer_name in ("model.net.2", "model.net")
     assert monitor.last_evaluation.maps.shape[-2:] == (32, 32)
