@@ -221,6 +221,23 @@ def describe_alert(alert: dict[str, Any]) -> str:
     return text
 
 
+def describe_alert_markdown(event: dict[str, Any]) -> str:
+    """An alert event (fired or cleared) as Markdown for a dashboard's text panel: what happened in a
+    sentence, then the regions (class, box, flips against the control) and the probes."""
+    what = "cleared" if event.get("event") == "cleared" else "fired"
+    lines = [f"**{event['rule']} {what}** at epoch {event['epoch']}, step {event['global_step']}: "
+             f"`{event['metric']}` = {event['value']:.4g} (threshold {event['threshold']:.4g})"]
+    regions = [r for r in event.get("regions", []) if r["flip_rate"] > r["control_rate"]][:5]
+    if regions:
+        lines += ["", "| class | box (y0, x0, y1, x1) | flips | control flips | tests |", "|---|---|---|---|---|"]
+        lines += [f"| {r.get('class_name', r['class'])} | {tuple(r['boxes'][0])} | {r['flips']} | {r['control_flips']} "
+                  f"| {r['tests']} |" for r in regions]
+    probes = event.get("probe_ids", [])
+    if probes:
+        lines += ["", "Probes: " + ", ".join(f"`{p}`" for p in probes[:10]) + (" ..." if len(probes) > 10 else "")]
+    return "\n".join(lines)
+
+
 def resolve_action(action: str) -> str | Callable[[dict[str, Any]], Any]:
     """Validate an alert action: one of :data:`ACTIONS` or an import path ``pkg.module:function``."""
     if action in ACTIONS:

@@ -41,6 +41,8 @@ from .sinks import AlertLog, Sink, sinks_for
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 2
+#: Which probes get per-probe curves on the dashboards: the few the filmstrip follows, every tiled one, or none.
+PROBE_CURVES = ("filmstrip", "all", "none")
 DRY_RUN_PROBES = 8
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -102,6 +104,7 @@ class CAMMonitor(Callback):
         probe_transform: Callable[..., torch.Tensor] | str | None = None,
         layout: str = "auto",
         background: bool | str = "auto",
+        probe_curves: str = "filmstrip",
     ) -> None:
         super().__init__()
         for arg, value, minimum in (("every_n_epochs", every_n_epochs, 1), ("num_probes", num_probes, 1),
@@ -135,7 +138,11 @@ class CAMMonitor(Callback):
                                      targets, batch_size, faithfulness, border_fraction,
                                      as_callable(output_transform, "output_transform"), reshape, layout, discovery)
         self.probe_transform = as_callable(probe_transform, "probe_transform")
-        self.report_settings = ReportSettings(max_grid_probes, tile_size)
+        if probe_curves not in PROBE_CURVES:
+            raise ValueError(f"probe_curves must be one of {tuple(PROBE_CURVES)}, got {probe_curves!r}")
+        self.report_settings = ReportSettings(max_grid_probes, tile_size,
+                                              curve_probes={"filmstrip": filmstrip_probes, "all": None,
+                                                            "none": 0}[probe_curves])
         self.rules = default_rules(spurious_enrichment, spurious_energy_rise, object_enrichment_floor, drift_threshold,
                                    shortcut_flip_excess, object_energy_floor)
         given = {"spurious_enrichment": spurious_enrichment, "object_enrichment_floor": object_enrichment_floor,
@@ -169,6 +176,7 @@ class CAMMonitor(Callback):
         self._resumed_probes = False
         self._checked = False
         self._unsettled_said = False
+        self._shown_regions: torch.Tensor | None = None
         self._last_eval_key: tuple[int, int] | None = None
 
     def _drop_resources(self) -> None:
@@ -405,6 +413,7 @@ class CAMMonitor(Callback):
         checks = check_rules(self.rules, ev.aggregates, ev.per_probe, self.probes.ids,
                              None if ref is None else ref.aggregates, self.hysteresis, regions)
         events = self.book.update(checks, ev.epoch, ev.global_step, self.prefix)
+        self._shown_regions = self._regions_to_show(ev)
         self.series.record(ev, stage, {"alerts": float(self.book.n_active)})
         fired = [{k: v for k, v in e.items() if k != "event"} for e in events if e["event"] == "fired"]
         self.alerts.extend(fired)
@@ -415,6 +424,9 @@ class CAMMonitor(Callback):
             for event in events:
                 self._guarded("alert_log", lambda e=event: self._write_alert(trainer, e), trainer)
             self._report_worker_faults(trainer)
+        for event in events:
+            if event["event"] == "cleared":
+                rank_zero_info(f"CAMMonitor{self._tag} alert cleared: {describe_alert(event)}")
         self._act(trainer, fired)
 
     # ---- probes ----------------------------------------------------------------------------------
@@ -522,12 +534,21 @@ class CAMMonitor(Callback):
         """Queue this evaluation's pictures: rendered and sent by the worker, from a snapshot."""
         sinks, probes, history, settings = self._sinks_of(trainer), self.probes, self.series.snapshot(), self.report_settings
         figure = any(not getattr(sink, "draws_curves", False) for sink in sinks)  # else the dashboards plot the numbers
+        regions = self._shown_regions
 
         def job() -> None:
-            panel = build_panel(probes, ev, history, settings, trends=figure)
+            panel = build_panel(probes, ev, history, settings, trends=figure, inferred_masks=regions)
             self._to_sinks(sinks, lambda sink: sink.log_evaluation(ev, panel))
 
         self._publisher.submit("render", job)
+
+    def _regions_to_show(self, ev: Evaluation) -> torch.Tensor | None:
+        """The inferred shortcut regions the pictures outline: this evaluation's; while the
+        ``shortcut_confirmed`` alert stays active and this evaluation inferred none, the last ones shown."""
+        now = None if ev.discovery is None else ev.discovery.masks(len(self.probes), self.probes.image_size)
+        if now is not None and bool(now.any()):
+            return now
+        return self._shown_regions if self.book.active.get("shortcut_confirmed") else now
 
     def _to_sinks(self, sinks: list[Sink], send: Callable[[Sink], None]) -> None:
         """Send to every sink; a failing sink is a fault of its own kind and the others still get it."""

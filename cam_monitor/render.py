@@ -90,9 +90,14 @@ def mask_boundary(masks: torch.Tensor) -> torch.Tensor:
     return m & ~inner
 
 
-def draw_contours(images: torch.Tensor, masks: torch.Tensor, color: Sequence[float]) -> torch.Tensor:
-    """Paint the contour of each (B, H, W) mask onto (B, 3, H, W) images in ``color``."""
-    edge = mask_boundary(masks.to(images.device))[:, None]
+def draw_contours(images: torch.Tensor, masks: torch.Tensor, color: Sequence[float], width: int = 1) -> torch.Tensor:
+    """Paint the contour of each (B, H, W) mask onto (B, 3, H, W) images in ``color``, ``width`` px
+    thick (grown inwards, so the line stays inside the region it outlines)."""
+    m = masks.to(images.device).bool()
+    edge = mask_boundary(m)
+    for _ in range(width - 1):
+        edge = (F.max_pool2d(edge[:, None].float(), 3, stride=1, padding=1)[:, 0] > 0) & m
+    edge = edge[:, None]
     c = torch.tensor(color, dtype=images.dtype, device=images.device)[None, :, None, None]
     return torch.where(edge, c, images)
 
@@ -104,17 +109,61 @@ def _font() -> ImageFont.ImageFont:
     return getattr(ImageFont, "load_default_imagefont", ImageFont.load_default)()
 
 
-def caption(tile: torch.Tensor, lines: Sequence[str]) -> torch.Tensor:
-    """Append a white strip with ``lines`` of black text under a (3, H, W) tile (characters outside
-    Latin-1, which the bitmap font lacks, are drawn as ``?``)."""
-    width = tile.shape[-1]
-    strip = Image.new("L", (width, CAPTION_LINE_PX * len(lines) + 2), 255)
+def _latin1(text: str) -> str:
+    return text.encode("latin-1", "replace").decode("latin-1")
+
+
+def text_width(text: str) -> float:
+    """Width in pixels of ``text`` in the caption font."""
+    return _font().getlength(_latin1(text))
+
+
+def text_strip(width: int, lines: Sequence[str | Sequence[tuple[str, Sequence[float]]]]) -> torch.Tensor:
+    """A white (3, h, width) strip of text lines; a line is a string (black) or a sequence of
+    ``(text, rgb colour)`` runs drawn left to right. Characters outside Latin-1, which the bitmap
+    font lacks, are drawn as ``?``."""
+    strip = Image.new("RGB", (width, CAPTION_LINE_PX * len(lines) + 2), (255, 255, 255))
     draw = ImageDraw.Draw(strip)
     for i, line in enumerate(lines):
-        text = line.encode("latin-1", "replace").decode("latin-1")
-        draw.text((2, 1 + i * CAPTION_LINE_PX), text, fill=0, font=_font())
-    text = torch.from_numpy(np.asarray(strip, dtype=np.float32) / 255.0).to(tile.device)
-    return torch.cat([tile, text.expand(3, -1, -1)], dim=1)
+        x = 2.0
+        for run, color in ([(line, (0.0, 0.0, 0.0))] if isinstance(line, str) else line):
+            text = _latin1(run)
+            draw.text((x, 1 + i * CAPTION_LINE_PX), text, fill=tuple(int(255 * c) for c in color), font=_font())
+            x += text_width(text)
+    return torch.from_numpy(np.asarray(strip, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+
+
+def caption(tile: torch.Tensor, lines: Sequence[str | Sequence[tuple[str, Sequence[float]]]]) -> torch.Tensor:
+    """Append a white strip with ``lines`` of text (see :func:`text_strip`) under a (3, H, W) tile."""
+    return torch.cat([tile, text_strip(tile.shape[-1], lines).to(tile.device, tile.dtype)], dim=1)
+
+
+def fit_text(parts: Sequence[str], keep: str, width: float) -> list[str]:
+    """Shorten the longest of ``parts`` with ``..`` until ``"".join(parts) + keep`` fits ``width``
+    pixels: class names give way, never ``keep`` (the probability)."""
+    parts = list(parts)
+    while text_width("".join(parts) + keep) > width:
+        longest = max(range(len(parts)), key=lambda j: len(parts[j]))
+        if len(parts[longest]) <= 4:
+            break
+        parts[longest] = parts[longest][:-3] + ".."
+    return parts
+
+
+#: The colour legend drawn under every probe grid.
+LEGEND = (("contours: ", (0.0, 0.0, 0.0)), ("red", RED), (" spurious mask  ", (0.0, 0.0, 0.0)), ("green", GREEN),
+          (" object mask  ", (0.0, 0.0, 0.0)), ("magenta", MAGENTA), (" inferred shortcut  ", (0.0, 0.0, 0.0)),
+          ("red caption", (0.85, 0.0, 0.0)), (" = misprediction", (0.0, 0.0, 0.0)))
+
+
+def with_legend(grid: torch.Tensor) -> torch.Tensor:
+    """The grid with the colour legend underneath (wrapped onto as many lines as its width needs)."""
+    lines: list[list[tuple[str, Sequence[float]]]] = [[]]
+    for run in LEGEND:
+        if lines[-1] and text_width("".join(t for t, _ in lines[-1]) + run[0]) > grid.shape[-1] - 4:
+            lines.append([])
+        lines[-1].append(run)
+    return torch.cat([grid, text_strip(grid.shape[-1], lines).to(grid.device, grid.dtype)], dim=1)
 
 
 def _fmt(value: float | None, spec: str = ".2f") -> str:
@@ -140,7 +189,8 @@ def probe_tiles(
 ) -> torch.Tensor:
     """One captioned overlay tile per probe: (N, 3, H + caption, W) float in [0, 1].
 
-    Caption: id; label and prediction (score); spurious energy. Spurious mask contours are red,
+    Caption: id; label and prediction (score), in red for a misprediction, class names shortened
+    with ``..`` where the tile is too narrow (never the score); spurious energy. Spurious mask contours are red,
     object contours green, regions the mask-free discovery inferred magenta. ``tile_size`` resizes each tile's longer side (useful for small images
     whose captions would not fit); masks are resized with nearest, maps bilinearly from the grid.
     """
@@ -151,22 +201,23 @@ def probe_tiles(
         spurious_masks, object_masks, inferred_masks = (None if m is None else resize_masks(m, size)
                                                         for m in (spurious_masks, object_masks, inferred_masks))
     tiles = overlay(images, maps, alpha, cmap)
-    for masks, color in ((spurious_masks, RED), (object_masks, GREEN), (inferred_masks, MAGENTA)):
+    thick = max(1, round(max(tiles.shape[-2:]) / 64))  # inferred regions stay visible at dashboard size
+    for masks, color, width in ((spurious_masks, RED, 1), (object_masks, GREEN, 1), (inferred_masks, MAGENTA, thick)):
         if masks is not None:
-            tiles = draw_contours(tiles, masks, color)
+            tiles = draw_contours(tiles, masks, color, width)
     def name(c: int) -> str:
         """A class's display name; its index when ``class_names`` does not cover it (a prediction
         of a class the probe folder has no sub-folder for)."""
         return class_names[c] if class_names and 0 <= c < len(class_names) else str(c)
 
     out = []
+    width = tiles.shape[-1] - 4
     for i in range(tiles.shape[0]):
-        line2 = f"y={name(int(labels[i]))}"
-        if preds is not None:
-            line2 += f" p={name(int(preds[i]))}"
-        if scores is not None:
-            line2 += f" ({_fmt(float(scores[i]))})"
-        lines = [str(ids[i])[:28], line2]
+        parts = [f"y={name(int(labels[i]))}"] + ([f" p={name(int(preds[i]))}"] if preds is not None else [])
+        keep = f" ({_fmt(float(scores[i]))})" if scores is not None else ""
+        wrong = preds is not None and int(preds[i]) != int(labels[i])
+        line2 = [("".join(fit_text(parts, keep, width)) + keep, (0.85, 0.0, 0.0) if wrong else (0.0, 0.0, 0.0))]
+        lines: list = [fit_text([str(ids[i])], "", width)[0], line2]
         if spurious_energy is not None:
             lines.append(f"spur {_fmt(float(spurious_energy[i]))}")
         out.append(caption(tiles[i], lines))

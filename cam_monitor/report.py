@@ -15,26 +15,33 @@ import torch
 from .evaluation import Evaluation
 from .history import History
 from .probes import ProbeSet
-from .render import figure_to_tensor, filmstrip, metric_curves, probe_tiles, tile_grid
+from .render import figure_to_tensor, filmstrip, metric_curves, probe_tiles, tile_grid, with_legend
 
 #: Per-probe series drawn in the trends figure.
 TREND_METRICS = ("spurious_energy", "spurious_enrichment", "object_energy", "drift_ref")
+#: Per-probe curves sent to dashboards that plot them (per probe, enrichment is energy over a fixed
+#: area share: the same curve as the energy, so it is left out).
+CURVE_METRICS = ("spurious_energy", "object_energy", "drift_ref")
 
 
 @dataclass(frozen=True)
 class ReportSettings:
     """How the pictures look: at most ``max_grid_probes`` tiles, ``tile_size`` px on the longer
-    side (None keeps the probe size), ``nrow`` tiles a grid row."""
+    side (None keeps the probe size), ``nrow`` tiles a grid row; ``curve_probes``: how many of the
+    first probes get per-probe curves on the dashboards (None: every tiled probe)."""
 
     max_grid_probes: int = 32
     tile_size: int | None = 128
     nrow: int = 8
+    curve_probes: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_grid_probes, int) or self.max_grid_probes < 1:
             raise ValueError(f"max_grid_probes must be an int >= 1, got {self.max_grid_probes!r}")
         if self.tile_size is not None and (not isinstance(self.tile_size, int) or self.tile_size < 8):
             raise ValueError(f"tile_size must be an int >= 8 or None, got {self.tile_size!r}")
+        if self.curve_probes is not None and (not isinstance(self.curve_probes, int) or self.curve_probes < 0):
+            raise ValueError(f"curve_probes must be an int >= 0 or None, got {self.curve_probes!r}")
 
 
 @dataclass
@@ -58,23 +65,28 @@ class Panel:
 
 
 def build_panel(probes: ProbeSet, ev: Evaluation, history: History, settings: ReportSettings,
-                trends: bool = True) -> Panel:
-    """Render the grid of the first ``max_grid_probes`` probes, the filmstrip and, with ``trends``,
-    the trends figure (a dashboard that plots :attr:`Panel.curves` itself does not need it)."""
+                trends: bool = True, inferred_masks: torch.Tensor | None = None) -> Panel:
+    """Render the grid of the first ``max_grid_probes`` probes (with the colour legend), the
+    filmstrip and, with ``trends``, the trends figure (a dashboard that plots :attr:`Panel.curves`
+    itself does not need it). ``inferred_masks`` (N, H, W): the shortcut regions to outline; by
+    default those this evaluation's discovery inferred."""
     n = min(len(probes), settings.max_grid_probes)
+    if inferred_masks is None and ev.discovery is not None:
+        inferred_masks = ev.discovery.masks(n, probes.image_size)
     display = probes.display_images()
     tiles = probe_tiles(display[:n], ev.maps[:n], ids=probes.ids[:n], labels=probes.labels[:n].tolist(),
                         preds=ev.preds[:n].tolist(), scores=ev.probs[:n].tolist(),
                         spurious_energy=ev.per_probe["spurious_energy"][:n].tolist(),
                         spurious_masks=_rows(probes.spurious_masks, slice(0, n)),
                         object_masks=_rows(probes.object_masks, slice(0, n)),
-                        inferred_masks=None if ev.discovery is None else ev.discovery.masks(n, probes.image_size),
+                        inferred_masks=None if inferred_masks is None else inferred_masks[:n],
                         class_names=probes.class_names, tile_size=settings.tile_size)
     series = {f"{history.prefix}/{k}": v[:, :n] for k, v in history.per_probe.items() if k in TREND_METRICS}
     figure = figure_to_tensor(metric_curves(history.steps, series)) if series and trends else None
-    curves = {k: {pid: float(x) for pid, x in zip(probes.ids[:n], ev.per_probe[k][:n].tolist()) if not math.isnan(x)}
-              for k in TREND_METRICS if k in ev.per_probe}
-    return Panel(grid=tile_grid(tiles, nrow=settings.nrow), tiles=tiles, trends=figure, ids=probes.ids[:n],
+    k = n if settings.curve_probes is None else min(n, settings.curve_probes)
+    curves = {m: {pid: float(x) for pid, x in zip(probes.ids[:k], ev.per_probe[m][:k].tolist()) if not math.isnan(x)}
+              for m in CURVE_METRICS if m in ev.per_probe} if k else {}
+    return Panel(grid=with_legend(tile_grid(tiles, nrow=settings.nrow)), tiles=tiles, trends=figure, ids=probes.ids[:n],
                  labels=probes.labels[:n].tolist(), filmstrip=build_filmstrip(probes, display, history, settings),
                  curves=curves)
 

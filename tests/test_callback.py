@@ -204,7 +204,11 @@ def test_tensorboard_event_files_hold_images_and_scalars(tmp_path) -> None:
         float(mon.last_evaluation.per_probe["spurious_energy"][0]))
     steps = [e.step for e in acc.Images("cam/probe_grid")]
     assert steps == [h["global_step"] for h in mon.history]
-    assert "cam/alerts/text_summary" in tags["tensors"]  # alerts as text summaries
+    assert "cam/alerts" in tags["tensors"]  # alerts as Markdown text summaries under the documented tag
+    # per-probe curves only for the filmstrip's probes: the monitor's own scalars stay few
+    mine = [t for t in tags["scalars"] if t.startswith(("cam/", "cam_probes/"))]
+    curves = {t.split("/")[-1] for t in mine if t.startswith("cam_probes/")}
+    assert curves == set(mon.probes.ids[:mon.filmstrip_probes]) and len(mine) <= 30, sorted(mine)
 
 
 def test_csv_logger_gets_scalars_and_pngs_go_to_the_log_dir(tmp_path) -> None:
@@ -295,7 +299,7 @@ def tb_images(log_dir) -> dict[str, list[tuple[int, bytes]]]:
     acc = EventAccumulator(str(log_dir), size_guidance={"images": 0, "tensors": 0})
     acc.Reload()
     images = {tag: [(e.step, e.encoded_image_string) for e in acc.Images(tag)] for tag in acc.Tags()["images"]}
-    images["alerts"] = [(e.step, e.tensor_proto.SerializeToString()) for e in acc.Tensors("cam/alerts/text_summary")]
+    images["alerts"] = [(e.step, e.tensor_proto.SerializeToString()) for e in acc.Tensors("cam/alerts")]
     return images
 
 

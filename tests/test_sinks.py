@@ -103,7 +103,10 @@ def test_tensorboard_sink_writes_its_own_event_file_with_a_native_checksum(tmp_p
     panel = Panel(grid=torch.rand(3, 40, 60), tiles=torch.rand(1, 3, 8, 8), trends=torch.rand(3, 20, 30),
                   ids=["a"], labels=[0], filmstrip=None, curves={"spurious_energy": {"a": 0.25, "b": 0.5}})
     sink.log_evaluation(ev, panel)
-    sink.log_alert({"event": "fired", "rule": "r", "global_step": 7})
+    sink.log_alert({"event": "fired", "rule": "shortcut_confirmed", "metric": "shortcut_flip_excess", "value": 0.31,
+                    "threshold": 0.1, "epoch": 2, "global_step": 7, "probe_ids": ["a"],
+                    "regions": [{"class": 3, "class_name": "three", "boxes": [[0, 0, 4, 4]], "flips": 9,
+                                 "control_flips": 1, "tests": 12, "flip_rate": 0.75, "control_rate": 0.08}]})
     sink.close()
     (event_file,) = tmp_path.iterdir()
     assert event_file.name.startswith("events.out.tfevents.") and event_file.name.endswith(".cam_monitor.cam.late")
@@ -112,7 +115,12 @@ def test_tensorboard_sink_writes_its_own_event_file_with_a_native_checksum(tmp_p
     assert set(acc.Tags()["images"]) == {"cam/late/probe_grid", "cam/late/trends"}
     (grid,) = acc.Images("cam/late/probe_grid")
     assert (grid.step, grid.width, grid.height) == (7, 60, 40)
-    assert {"cam/late/alerts/text_summary", "custom_scalars__config__"} == set(acc.Tags()["tensors"])
+    assert {"cam/late/alerts", "custom_scalars__config__"} == set(acc.Tags()["tensors"])
+    (text,) = acc.Tensors("cam/late/alerts")
+    markdown = text.tensor_proto.string_val[0].decode()  # what the Text tab renders as Markdown
+    assert text.step == 7 and markdown.startswith("**shortcut_confirmed fired** at epoch 2, step 7: "
+                                                  "`shortcut_flip_excess` = 0.31 (threshold 0.1)")
+    assert "| three | (0, 0, 4, 4) | 9 | 1 | 12 |" in markdown and "{" not in markdown
     assert set(acc.Tags()["scalars"]) == {"cam_late_probes/spurious_energy/a", "cam_late_probes/spurious_energy/b"}
     (point,) = acc.Scalars("cam_late_probes/spurious_energy/b")
     assert (point.step, point.value) == (7, 0.5)

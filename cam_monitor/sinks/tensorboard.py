@@ -8,13 +8,13 @@ training thread would feel while the background worker writes a probe grid).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from torchvision.io import encode_png
 
+from ..alerts import describe_alert_markdown
 from ..evaluation import Evaluation
 from ..render import to_uint8
 from ..report import Panel
@@ -37,6 +37,20 @@ def image_summary(tag: str, image: torch.Tensor) -> Any:
     img = Summary.Image(height=int(u8.shape[1]), width=int(u8.shape[2]), colorspace=int(u8.shape[0]),
                         encoded_image_string=png)
     return Summary(value=[Summary.Value(tag=tag, image=img)])
+
+
+def text_summary(tag: str, markdown: str) -> Any:
+    """A summary for TensorBoard's text plugin under exactly ``tag`` (tensorboardX's ``text`` would
+    append ``/text_summary`` to it)."""
+    from tensorboardX.proto.summary_pb2 import Summary, SummaryMetadata
+    from tensorboardX.proto.plugin_text_pb2 import TextPluginData
+    from tensorboardX.proto.tensor_pb2 import TensorProto
+    from tensorboardX.proto.tensor_shape_pb2 import TensorShapeProto
+
+    plugin = SummaryMetadata.PluginData(plugin_name="text", content=TextPluginData(version=0).SerializeToString())
+    tensor = TensorProto(dtype="DT_STRING", string_val=[markdown.encode("utf-8")],
+                         tensor_shape=TensorShapeProto(dim=[TensorShapeProto.Dim(size=1)]))
+    return Summary(value=[Summary.Value(tag=tag, metadata=SummaryMetadata(plugin_data=plugin), tensor=tensor)])
 
 
 def curve_section(prefix: str) -> str:
@@ -102,9 +116,9 @@ class TensorBoardSink:
         self._file_writer().flush()
 
     def log_alert(self, event: dict[str, Any]) -> None:
-        from tensorboardX.summary import text
-
-        self._file_writer().add_summary(text(f"{self.prefix}/alerts", json.dumps(event)), event["global_step"])
+        """The event in words (Markdown, which TensorBoard's Text tab renders) under ``<prefix>/alerts``."""
+        self._file_writer().add_summary(text_summary(f"{self.prefix}/alerts", describe_alert_markdown(event)),
+                                        event["global_step"])
         self._file_writer().flush()
 
     def close(self) -> None:

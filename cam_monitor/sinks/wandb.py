@@ -31,6 +31,8 @@ class WandbSink:
 
     def __init__(self, run: Any, prefix: str = "cam") -> None:
         self.run, self.prefix = run, prefix
+        self._events: Any = None
+        self._rows: list[list[Any]] = []
 
     def log_evaluation(self, ev: Evaluation, panel: Panel) -> None:
         import wandb
@@ -50,10 +52,23 @@ class WandbSink:
         self.run.log(payload)
 
     def log_alert(self, event: dict[str, Any]) -> None:
+        """One row more in the run's one table of alert events (the panel shows them all), the event
+        in words, and a W&B alert when a rule fires."""
         import wandb
 
-        row = [event[c] if c != "probe_ids" else ",".join(event[c]) for c in ALERT_COLUMNS]
-        table = wandb.Table(columns=ALERT_COLUMNS, data=[row])
+        columns = [*ALERT_COLUMNS, "summary"]
+        row = [event[c] if c != "probe_ids" else ",".join(event[c]) for c in ALERT_COLUMNS] + [describe_alert(event)]
+        self._rows.append(row)
+        if self._events is None:
+            try:
+                self._events = wandb.Table(columns=columns, log_mode="INCREMENTAL")
+            except TypeError:  # wandb < 0.19: no incremental tables; a new table of every row each time
+                self._events = False
+        if self._events is False:
+            table = wandb.Table(columns=columns, data=[list(r) for r in self._rows])
+        else:
+            table = self._events
+            table.add_data(*row)
         self.run.log({f"{self.prefix}/alert_events": table, "trainer/global_step": event["global_step"]})
         if event["event"] == "fired":
             self.run.alert(title=f"cam_monitor: {event['rule']}", text=describe_alert(event), level=wandb.AlertLevel.WARN)
