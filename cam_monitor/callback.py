@@ -107,6 +107,7 @@ class CAMMonitor(Callback):
         probe_curves: str = "filmstrip",
     ) -> None:
         super().__init__()
+        self._settings_given = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         for arg, value, minimum in (("every_n_epochs", every_n_epochs, 1), ("num_probes", num_probes, 1),
                                     ("images_every_n_evals", images_every_n_evals, 0),
                                     ("filmstrip_probes", filmstrip_probes, 0)):
@@ -279,7 +280,14 @@ class CAMMonitor(Callback):
             self.probes = load_probe_source(self._probe_source, self.probe_transform)
         if self.probes is not None:
             self._dry_run(trainer, pl_module, "fit")
+        for logger in trainer.loggers:
+            logger.log_hyperparams(self.hyperparameters())
 
+    def hyperparameters(self) -> dict[str, Any]:
+        """The monitor's settings, flat, for the loggers' hyperparameters (``run.config``,
+        TensorBoard's HParams): ``cam_monitor.<argument>`` (``cam_monitor.<name>.<argument>`` for a named monitor)."""
+        head = "cam_monitor" if self.name is None else f"cam_monitor.{self.name}"
+        return {f"{head}.{k}": _plain(v) for k, v in self._settings_given.items()}
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Probes picked from data are picked here, once the trainer has built its loaders; a resumed
@@ -619,6 +627,18 @@ class CAMMonitor(Callback):
 
 #: The constructor's defaults: a setting that differs from its default was given by the user.
 _DEFAULTS = {k: p.default for k, p in inspect.signature(CAMMonitor.__init__).parameters.items()}
+
+
+def _plain(value: Any) -> Any:
+    """A setting as a logger can store it: numbers, strings, booleans and None as they are; a
+    sequence as a list of those; anything else (a ProbeSet, a callable) as its short text."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)) and all(isinstance(v, (bool, int, float, str)) for v in value):
+        return list(value)
+    if isinstance(value, ProbeSet):
+        return f"ProbeSet({len(value)} probes)"
+    return getattr(value, "__qualname__", None) or repr(value)[:200]
 
 
 def _stage(trainer: pl.Trainer) -> str:

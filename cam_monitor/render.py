@@ -170,6 +170,16 @@ def _fmt(value: float | None, spec: str = ".2f") -> str:
     return "n/a" if value is None or value != value else format(value, spec)
 
 
+def resize_images(images: torch.Tensor, tile_size: int | None) -> torch.Tensor:
+    """(N, C, H, W) images with the longer side ``tile_size`` px (antialiased bilinear); as they are
+    for None or that size already."""
+    if tile_size is None or max(images.shape[-2:]) == tile_size:
+        return images
+    scale = tile_size / max(images.shape[-2:])
+    size = (max(1, round(images.shape[-2] * scale)), max(1, round(images.shape[-1] * scale)))
+    return F.interpolate(images.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
 def probe_tiles(
     images: torch.Tensor,
     maps: torch.Tensor,
@@ -194,12 +204,10 @@ def probe_tiles(
     object contours green, regions the mask-free discovery inferred magenta. ``tile_size`` resizes each tile's longer side (useful for small images
     whose captions would not fit); masks are resized with nearest, maps bilinearly from the grid.
     """
-    if tile_size is not None and max(images.shape[-2:]) != tile_size:
-        scale = tile_size / max(images.shape[-2:])
-        size = (max(1, round(images.shape[-2] * scale)), max(1, round(images.shape[-1] * scale)))
-        images = F.interpolate(images.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
-        spurious_masks, object_masks, inferred_masks = (None if m is None else resize_masks(m, size)
-                                                        for m in (spurious_masks, object_masks, inferred_masks))
+    images = resize_images(images, tile_size)
+    size = tuple(images.shape[-2:])
+    spurious_masks, object_masks, inferred_masks = (None if m is None else resize_masks(m, size)
+                                                    for m in (spurious_masks, object_masks, inferred_masks))
     tiles = overlay(images, maps, alpha, cmap)
     thick = max(1, round(max(tiles.shape[-2:]) / 64))  # inferred regions stay visible at dashboard size
     for masks, color, width in ((spurious_masks, RED, 1), (object_masks, GREEN, 1), (inferred_masks, MAGENTA, thick)):

@@ -15,7 +15,9 @@ import torch
 from .evaluation import Evaluation
 from .history import History
 from .probes import ProbeSet
-from .render import figure_to_tensor, filmstrip, metric_curves, probe_tiles, tile_grid, with_legend
+from .maps import resize_masks
+from .render import (figure_to_tensor, filmstrip, metric_curves, overlay, probe_tiles, resize_images, tile_grid,
+                     with_legend)
 
 #: Per-probe series drawn in the trends figure.
 TREND_METRICS = ("spurious_energy", "spurious_enrichment", "object_energy", "drift_ref")
@@ -48,8 +50,11 @@ class ReportSettings:
 class Panel:
     """The pictures of one evaluation: the probe grid, per-probe tiles, the trends figure (None when
     no sink needs it) and the filmstrip (first probes over the last evaluations); ``ids``/``labels``
-    of the tiled probes; ``curves``: this evaluation's value of each trend metric per tiled probe
-    (``{metric: {probe_id: value}}``, NaN left out), the numbers dashboards plot themselves."""
+    of the tiled probes; ``curves``: this evaluation's value of each curve metric per followed probe
+    (``{metric: {probe_id: value}}``, NaN left out), the numbers dashboards plot themselves;
+    ``overlays``: the tiled probes' heatmap overlays without contours or captions, and ``masks``
+    (``spurious``, ``object``, ``inferred``: (N, H, W) bool at the overlays' size), for dashboards
+    that draw masks as overlays the user can toggle (W&B)."""
 
     grid: torch.Tensor
     tiles: torch.Tensor
@@ -58,6 +63,8 @@ class Panel:
     labels: Sequence[int]
     filmstrip: torch.Tensor | None = None
     curves: dict[str, dict[str, float]] = field(default_factory=dict)
+    overlays: torch.Tensor | None = None
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def extra_images(self) -> dict[str, torch.Tensor]:
         """The optional pictures that exist for this evaluation, by tag."""
@@ -86,7 +93,12 @@ def build_panel(probes: ProbeSet, ev: Evaluation, history: History, settings: Re
     k = n if settings.curve_probes is None else min(n, settings.curve_probes)
     curves = {m: {pid: float(x) for pid, x in zip(probes.ids[:k], ev.per_probe[m][:k].tolist()) if not math.isnan(x)}
               for m in CURVE_METRICS if m in ev.per_probe} if k else {}
-    return Panel(grid=with_legend(tile_grid(tiles, nrow=settings.nrow)), tiles=tiles, trends=figure, ids=probes.ids[:n],
+    overlays = overlay(resize_images(display[:n], settings.tile_size), ev.maps[:n])
+    size = tuple(overlays.shape[-2:])
+    masks = {kind: resize_masks(m[:n], size) for kind, m in (("spurious", probes.spurious_masks),
+                                                             ("object", probes.object_masks),
+                                                             ("inferred", inferred_masks)) if m is not None}
+    return Panel(grid=with_legend(tile_grid(tiles, nrow=settings.nrow)), tiles=tiles, overlays=overlays, masks=masks, trends=figure, ids=probes.ids[:n],
                  labels=probes.labels[:n].tolist(), filmstrip=build_filmstrip(probes, display, history, settings),
                  curves=curves)
 

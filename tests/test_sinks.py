@@ -6,6 +6,8 @@ import json
 import pytest
 import torch
 
+import cam_monitor as cm
+from cam_monitor.evaluation import Evaluation
 from cam_monitor.sinks import AlertLog
 from lightning_helpers import fit, quick_monitor
 
@@ -41,8 +43,10 @@ def test_wandb_offline_run_holds_images_table_and_alerts(tmp_path, monkeypatch) 
     monkeypatch.setenv("WANDB_SILENT", "true")
     mon = quick_monitor(tile_size=48)
     logger = WandbLogger(save_dir=str(tmp_path), project="cam-monitor-test", offline=True)
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb_data"))  # staged table files stay under tmp_path
     try:
         fit(tmp_path, mon, epochs=2, logger=logger)
+        config = dict(logger.experiment.config)
     finally:
         wandb.finish()
     assert mon.faults == {}
@@ -60,6 +64,34 @@ def test_wandb_offline_run_holds_images_table_and_alerts(tmp_path, monkeypatch) 
     rules = {row[3] for t in alert_tables for row in json.loads(t.read_text())["data"]}
     assert "spurious_enrichment" in rules and rules <= {"spurious_enrichment", "shortcut_confirmed"}
     assert (run_dir / f"run-{run_dir.name.split('-')[-1]}.wandb").stat().st_size > 0
+    # one table of alert events that accumulates: its incremental parts hold each event once, in words too
+    events = [row for t in alert_tables for row in json.loads(t.read_text())["data"]]
+    assert len(events) == len({(r[0], r[2], r[3]) for r in events}) >= 2
+    assert all(r[-1].startswith(r[3] + " (") for r in events)
+    # the monitor's settings are in the run's config
+    assert config["cam_monitor.target_layer"] == "net.features" and config["cam_monitor.num_probes"] == 20
+
+
+def test_wandb_overlays_carry_the_masks_and_the_inferred_box_natively() -> None:
+    pytest.importorskip("wandb")
+    from cam_monitor.history import History
+    from cam_monitor.report import ReportSettings, build_panel
+    from cam_monitor.sinks.wandb import overlay_image
+
+    spurious = torch.zeros(2, 16, 16, dtype=torch.bool)
+    spurious[0, :4, :4] = True
+    probes = cm.ProbeSet(torch.rand(2, 3, 16, 16), torch.tensor([0, 1]), spurious_masks=spurious)
+    ev = Evaluation(epoch=0, global_step=1, maps=torch.rand(2, 4, 4), preds=torch.tensor([0, 0]),
+                    probs=torch.tensor([0.9, 0.4]), per_probe={"spurious_energy": torch.tensor([0.1, 0.2])})
+    inferred = torch.zeros(2, 16, 16, dtype=torch.bool)
+    inferred[1, 8:12, 4:10] = True
+    panel = build_panel(probes, ev, History("cam", 1), ReportSettings(tile_size=32), trends=False,
+                        inferred_masks=inferred)
+    first, second = overlay_image(panel, 0), overlay_image(panel, 1)
+    assert list(first._masks) == ["spurious"] and first._boxes is None
+    assert list(second._masks) == ["inferred"]
+    (box,) = second._boxes["inferred"]._val
+    assert box["position"] == {"minX": 8, "minY": 16, "maxX": 20, "maxY": 24}  # the 16 px box at 32 px tiles
 
 
 def test_registry_serves_a_users_logger_type_and_falls_back_to_files(tmp_path) -> None:

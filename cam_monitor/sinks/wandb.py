@@ -19,6 +19,32 @@ def _hwc(image: torch.Tensor) -> Any:
     return to_uint8(image).permute(1, 2, 0).numpy()
 
 
+#: Captions of the pictures besides the probe grid.
+CAPTIONS = {"filmstrip": "the first probes (rows) at the last evaluations (left to right)",
+            "trends": "per-probe metric curves (thin) and their mean (thick)"}
+#: The masks W&B draws as overlays the user can toggle, with their legend.
+MASK_LABELS = {"spurious": "spurious mask", "object": "object mask", "inferred": "inferred shortcut"}
+
+
+def overlay_image(panel: Panel, i: int) -> Any:
+    """Probe ``i``'s heatmap overlay as a ``wandb.Image`` with its masks as native, toggleable
+    overlays and the inferred shortcut region also as a box."""
+    import wandb
+    from torchvision.ops import masks_to_boxes
+
+    image = panel.overlays[i] if panel.overlays is not None else panel.tiles[i]
+    masks = {kind: {"mask_data": m[i].to(torch.uint8).numpy(), "class_labels": {0: "background", 1: MASK_LABELS[kind]}}
+             for kind, m in panel.masks.items() if bool(m[i].any())}
+    boxes = None
+    inferred = panel.masks.get("inferred")
+    if inferred is not None and bool(inferred[i].any()):
+        x0, y0, x1, y1 = (int(v) for v in masks_to_boxes(inferred[i][None])[0].tolist())
+        boxes = {"inferred": {"box_data": [{"position": {"minX": x0, "minY": y0, "maxX": x1 + 1, "maxY": y1 + 1},
+                                            "domain": "pixel", "class_id": 1, "box_caption": MASK_LABELS["inferred"]}],
+                              "class_labels": {1: MASK_LABELS["inferred"]}}}
+    return wandb.Image(_hwc(image), masks=masks or None, boxes=boxes)
+
+
 class WandbSink:
     """Logs to a ``wandb`` run; keys start with ``prefix`` (``cam/probe_grid``, ``cam/probes``).
 
@@ -40,13 +66,13 @@ class WandbSink:
         metric_names = list(ev.per_probe)
         table = wandb.Table(columns=["probe_id", "label", "prediction", "probability", "overlay", *metric_names])
         for i, pid in enumerate(panel.ids):
-            row = [pid, int(panel.labels[i]), int(ev.preds[i]), float(ev.probs[i]), wandb.Image(_hwc(panel.tiles[i]))]
+            row = [pid, int(panel.labels[i]), int(ev.preds[i]), float(ev.probs[i]), overlay_image(panel, i)]
             table.add_data(*row, *[float(ev.per_probe[m][i]) for m in metric_names])
         p = self.prefix
         payload = {f"{p}/probe_grid": wandb.Image(_hwc(panel.grid), caption=f"epoch {ev.epoch} step {ev.global_step}"),
                    f"{p}/probes": table, "trainer/global_step": ev.global_step}
         for tag, image in panel.extra_images().items():
-            payload[f"{p}/{tag}"] = wandb.Image(_hwc(image))
+            payload[f"{p}/{tag}"] = wandb.Image(_hwc(image), caption=CAPTIONS.get(tag))
         for metric, values in panel.curves.items():
             payload.update({curve_tag(p, metric, probe_id): value for probe_id, value in values.items()})
         self.run.log(payload)
