@@ -15,9 +15,10 @@ import re
 import warnings
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence, Union
 
 import lightning.pytorch as pl
+from jsonargparse.typing import restricted_string_type
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -41,6 +42,10 @@ from .sinks import AlertLog, Sink, sinks_for
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 2
+#: A CAM method's name (``cam_monitor.methods.METHODS``), spelled out so a CLI or YAML typo fails at parsing.
+Method = Literal["gradcam", "gradcam++", "xgradcam", "hirescam", "layercam"]
+#: An import path ``package.module:function`` (an alert action or a transform named in YAML).
+ImportPath = restricted_string_type("ImportPath", r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 #: Which probes get per-probe curves on the dashboards: the few the filmstrip follows, every tiled one, or none.
 PROBE_CURVES = ("filmstrip", "all", "none")
 DRY_RUN_PROBES = 8
@@ -50,21 +55,67 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 class CAMMonitor(Callback):
     """Grad-CAM on a fixed probe set at every validation: metrics, pictures, alerts.
 
-    Args (README, "CAMMonitor arguments", has the full table):
-        target_layer: dotted module name inside the LightningModule, or None for the last layer
-            with a spatial 4-D output (the pick is logged at fit start and kept in checkpoints).
-        probes: a :class:`ProbeSet`, a probe file or folder, or None to pick ``num_probes``
+    The README's "CAMMonitor arguments" table says more about each argument.
+
+    Args:
+        target_layer: dotted module name inside the LightningModule (``net.layer4``), or None for
+            the last layer whose Grad-CAM explains the class (the pick is logged at fit start and
+            kept in the state and checkpoint card).
+        probes: a ProbeSet, a saved probe file, a probe folder, or None to pick ``num_probes``
             class-balanced probes from the loaders the trainer uses (validation, else training).
-        name: distinguishes several monitors in one Trainer: metrics ``cam/<name>/...``, image tags,
-            output folder ``cam_monitor/<name>/``, state key and checkpoint card.
-        every_n_epochs: 1 evaluates at every validation; N evaluates at the first validation and
-            then at the first validation at least N epochs after the last evaluation. Validations
-            in between re-log the last values, so monitored metrics are never stale.
-        discovery: mask-free shortcut discovery with paste confirmation (True, False, or a
-            :class:`DiscoverySettings`); its ``shortcut_confirmed`` rule fires when pasting the
-            discovered regions flips predictions ``shortcut_flip_excess`` more often than the control.
-        background: draw and write the pictures on a worker thread (True), on the training thread
-            (False), or "auto": on the worker where training runs on an accelerator, inline on a CPU.
+        num_probes: probes to pick when ``probes`` is None.
+        every_n_epochs: 1 evaluates at every validation; N at the first validation, then at the
+            first validation at least N epochs after the last evaluation (the others re-log the
+            last values, so monitored metrics are never stale).
+        methods: CAM methods computed in the one pass; the metrics use the first.
+        targets: explain the true class ("label") or the predicted class ("pred").
+        batch_size: probes per CAM chunk (bounds device memory).
+        images_every_n_evals: send pictures every N-th evaluation (0 = never).
+        max_grid_probes: probes shown in the pictures.
+        filmstrip_probes: the first N probes also get a filmstrip (their overlay over the last
+            evaluations) and, by default, per-probe curves on the dashboard.
+        tile_size: picture tile size in px (longer side); None keeps the image size.
+        faithfulness: compute cam/average_drop (one extra forward on image x map).
+        border_fraction: width of the border band that stands in for a spurious mask (share of
+            each side).
+        spurious_enrichment: alert threshold on the energy share on the user's spurious masks
+            over their area share (needs spurious masks).
+        spurious_energy_rise: alert threshold on the rise of the spurious energy since the reference.
+        object_enrichment_floor: alert when the object masks' enrichment falls below this (1.0 =
+            chance; needs object masks).
+        drift_threshold: alert threshold on drift from the reference (1 - Spearman rho) while
+            the maps move off the object.
+        shortcut_flip_excess: alert threshold of mask-free discovery: how much more often pasting
+            a discovered region flips predictions than the same-size control.
+        object_energy_floor: opt-in absolute floor on cam/object_energy (needs object masks).
+        discovery: mask-free shortcut discovery with paste confirmation: True, False, or a
+            DiscoverySettings.
+        patience: consecutive failing evaluations before a rule fires.
+        hysteresis: a fired rule clears only this share of its threshold past it.
+        alert_action: "log", "warn", "stop" (every rank stops at the same step), "raise"
+            (CAMAlertError), or an import path "package.module:function" called with the alert.
+        on_error: a fault inside the monitor is reported once per kind and training goes on
+            ("warn"), or re-raised ("raise").
+        log_dir: where alerts.jsonl and PNG files go; default <trainer.log_dir>/cam_monitor.
+        reference: what drift and the reference rules compare with: the first evaluation
+            ("first") or the model before its first training step ("fit_start").
+        probe_seed: seed of the probe pick (and of discovery's controls).
+        mean: display normalisation (per-channel mean) of probes picked from data.
+        std: display normalisation (per-channel std) of probes picked from data.
+        reshape: (h, w) of a token layer whose grid is not square.
+        output_transform: callable or import path "pkg.module:function" picking the
+            (B, classes) logits from the model's output; None finds a tensor, ["logits"],
+            .logits or [0].
+        name: tells several monitors in one Trainer apart: metrics cam/<name>/..., image tags,
+            output folder cam_monitor/<name>/, state key and checkpoint card.
+        probe_transform: with a probe folder, a callable or import path mapping each image
+            (float (C, H, W) in [0, 1]) to the model's input.
+        layout: of a 4-D layer output: "nchw", "nhwc" (channels-last), or "auto" (by evidence:
+            the shape, then what produced the output).
+        background: draw and write the pictures on a worker thread (True), on the training
+            thread (False), or "auto": on the worker where training runs on an accelerator.
+        probe_curves: which probes get per-probe curves on the dashboards: the filmstrip's
+            ("filmstrip"), every probe in the grid ("all"), or none ("none").
     """
 
     def __init__(
@@ -73,8 +124,8 @@ class CAMMonitor(Callback):
         probes: ProbeSet | str | Path | None = None,
         num_probes: int = 64,
         every_n_epochs: int = 1,
-        methods: Sequence[str] = ("gradcam",),
-        targets: str = "label",
+        methods: Sequence[Method] = ("gradcam",),
+        targets: Literal["label", "pred"] = "label",
         batch_size: int = 64,
         images_every_n_evals: int = 1,
         max_grid_probes: int = 32,
@@ -91,20 +142,20 @@ class CAMMonitor(Callback):
         discovery: bool | DiscoverySettings = True,
         patience: int = 1,
         hysteresis: float = 0.1,
-        alert_action: str = "warn",
-        on_error: str = "warn",
+        alert_action: Union[Literal["log", "warn", "stop", "raise"], ImportPath] = "warn",
+        on_error: Literal["warn", "raise"] = "warn",
         log_dir: str | None = None,
-        reference: str = "first",
+        reference: Literal["first", "fit_start"] = "first",
         probe_seed: int = 0,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         reshape: Sequence[int] | None = None,
-        output_transform: Callable[[Any], torch.Tensor] | str | None = None,
+        output_transform: Union[Callable[[Any], torch.Tensor], ImportPath, None] = None,
         name: str | None = None,
-        probe_transform: Callable[..., torch.Tensor] | str | None = None,
-        layout: str = "auto",
-        background: bool | str = "auto",
-        probe_curves: str = "filmstrip",
+        probe_transform: Union[Callable[..., torch.Tensor], ImportPath, None] = None,
+        layout: Literal["auto", "nchw", "nhwc"] = "auto",
+        background: Union[bool, Literal["auto"]] = "auto",
+        probe_curves: Literal["filmstrip", "all", "none"] = "filmstrip",
     ) -> None:
         super().__init__()
         self._settings_given = {k: v for k, v in locals().items() if k not in ("self", "__class__")}

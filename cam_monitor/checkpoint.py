@@ -52,9 +52,14 @@ def failing_gates(gates: dict[str, tuple[str, float]], metrics: dict[str, Any]) 
 class GatedModelCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint(..., gate={"cam/spurious_enrichment": "<= 1.5"})``: save only when every gate passes.
 
-    All other arguments are ``ModelCheckpoint``'s. ``gate_last=True`` gates ``last.ckpt`` too
-    (by default it is always written, so a run whose gate never passes can still be resumed).
-    ``refused`` lists ``(global_step, reasons)`` for each refused save.
+    All other arguments are ``ModelCheckpoint``'s. ``refused`` lists ``(global_step, reasons)``
+    for each refused save.
+
+    Args:
+        gate: metric name -> condition ("<= 1.5"; ops <, <=, >, >=): a top-k ("best") save is
+            refused while any gated metric is missing, NaN or fails its condition.
+        gate_last: gate last.ckpt too; by default it is written wherever ModelCheckpoint writes
+            it, so a run whose gate never passes can still be resumed.
     """
 
     def __init__(self, *args: Any, gate: dict[str, str] | None = None, gate_last: bool = False, **kwargs: Any) -> None:

@@ -11,8 +11,9 @@ import sys
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
-def lightning_cli(argv: list[str]) -> None:
-    """Run LightningCLI in subclass mode: model and data classes come from the config."""
+def lightning_cli(argv: list[str] | None) -> None:
+    """Run LightningCLI in subclass mode: model and data classes come from the config. ``argv`` None
+    lets it read the command line itself (passing it as well makes Lightning warn of a mistake)."""
     from lightning.pytorch.cli import LightningCLI
 
     LightningCLI(args=argv, subclass_mode_model=True, subclass_mode_data=True, save_config_kwargs={"overwrite": True})
@@ -20,9 +21,10 @@ def lightning_cli(argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
-        lightning_cli(argv)
+        lightning_cli(None if from_command_line else argv)
         return 0
     if argv and argv[0] == "demo":
         from .demo.run import main as demo_main

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
+import cam_monitor as cm
 from cam_monitor.cli import main
 
 
@@ -69,3 +72,33 @@ def test_lightning_cli_config_wires_the_callback(tmp_path) -> None:
     alerts = list(tmp_path.rglob("cam_monitor/alerts.jsonl"))
     assert len(alerts) == 1 and "spurious_enrichment" in alerts[0].read_text()
     assert not list(tmp_path.rglob("*.ckpt"))  # the gate refused the shortcut model's checkpoint
+
+
+def cli(*argv: str) -> subprocess.CompletedProcess:
+    """The cam-monitor command as a user runs it (its own process, its own command line)."""
+    return subprocess.run([sys.executable, "-m", "cam_monitor.cli", *argv], capture_output=True, text=True, timeout=300)
+
+
+def test_every_argument_of_the_monitor_and_the_gate_is_documented_for_the_cli() -> None:
+    import inspect
+
+    import docstring_parser
+
+    for cls in (cm.CAMMonitor, cm.GatedModelCheckpoint):
+        documented = {p.arg_name: p.description for p in docstring_parser.parse(cls.__doc__).params}
+        wanted = [n for n, p in inspect.signature(cls.__init__).parameters.items()
+                  if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        assert [n for n in wanted if not documented.get(n)] == [], cls.__name__
+    shown = cli("fit", "--trainer.callbacks.help", "cam_monitor.CAMMonitor")
+    assert shown.returncode == 0 and "LightningCLI's args parameter" not in shown.stderr
+    assert "explain the true class" in shown.stdout and "{label,pred}" in shown.stdout
+
+
+def test_a_typo_in_a_choice_fails_at_parsing_naming_the_key(tmp_path) -> None:
+    config = tmp_path / "typo.yaml"
+    config.write_text("trainer:\n  callbacks:\n    - class_path: cam_monitor.CAMMonitor\n      init_args:\n"
+                      "        alert_action: warnn\nmodel:\n  class_path: cam_monitor.demo.model.DigitClassifier\n"
+                      "data:\n  class_path: cam_monitor.demo.model.DecoyDigitsDataModule\n")
+    run = cli("fit", "--config", str(config))
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert 'Parser key "alert_action"' in run.stderr and "Given value: warnn" in run.stderr
