@@ -12,7 +12,6 @@ from __future__ import annotations
 import inspect
 import logging
 import re
-import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence, Union
@@ -21,7 +20,7 @@ import lightning.pytorch as pl
 from jsonargparse.typing import restricted_string_type
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from . import trainer_access as access
@@ -333,6 +332,9 @@ class CAMMonitor(Callback):
             self._dry_run(trainer, pl_module, "fit")
         for logger in trainer.loggers:
             logger.log_hyperparams(self.hyperparameters())
+        if trainer.is_global_zero:
+            places = "; ".join(getattr(s, "where", lambda s=s: s.name)() for s in self._sinks_of(trainer))
+            rank_zero_info(f"CAMMonitor{self._tag}: alerts go to {self._out_dir / 'alerts.jsonl'}; pictures to {places}")
 
     def hyperparameters(self) -> dict[str, Any]:
         """The monitor's settings, flat, for the loggers' hyperparameters (``run.config``,
@@ -345,7 +347,7 @@ class CAMMonitor(Callback):
         run's probes are explained here, after every strategy has restored the callback state."""
         self._explain_resumed_probes()
         for finding in access.schedule_findings(trainer, pl_module):
-            rank_zero_warn(f"CAMMonitor{self._tag}: {finding}")
+            access.rank_zero_warn_user(f"CAMMonitor{self._tag}: {finding}")
         ready = self._ensure_probes(trainer, pl_module, "fit")
         if self.reference_mode != "fit_start" or self.series.reference is not None:
             return
@@ -393,7 +395,7 @@ class CAMMonitor(Callback):
             why = f"every evaluation failed ({', '.join(sorted(self.faults))})"
         else:
             why = f"the fit ended at step {trainer.global_step}, before any validation at which the monitor was due"
-        rank_zero_warn(f"CAMMonitor{self._tag}: this fit ended without a single evaluation ({why}); nothing was "
+        access.rank_zero_warn_user(f"CAMMonitor{self._tag}: this fit ended without a single evaluation ({why}); nothing was "
                        "measured, logged or checked")
 
     @override
@@ -530,7 +532,7 @@ class CAMMonitor(Callback):
         for note in found.notes:
             rank_zero_info(f"CAMMonitor{self._tag}: {note}")
         for warning in found.warnings:
-            rank_zero_warn(f"CAMMonitor{self._tag}: {warning}")
+            access.rank_zero_warn_user(f"CAMMonitor{self._tag}: {warning}")
         self._settle_layer(pl_module, model, result)
         self._checked = True
 
@@ -575,7 +577,7 @@ class CAMMonitor(Callback):
         else:
             differs, asked = not load_probe_source(src, self.probe_transform).same_as(self.probes), f"probes={src!r}"[:80]
         if differs:
-            rank_zero_warn(f"CAMMonitor{self._tag}: resuming with the checkpoint's {n} probes, not {asked}: history, "
+            access.rank_zero_warn_user(f"CAMMonitor{self._tag}: resuming with the checkpoint's {n} probes, not {asked}: history, "
                            "drift and alerts must continue on the same images; start a new run (no ckpt_path) or add "
                            "a monitor with another name= to monitor a new set")
         else:
@@ -623,7 +625,7 @@ class CAMMonitor(Callback):
             self._alert_log = AlertLog(self._out_dir / "alerts.jsonl")
         written = self._alert_log.append(event)
         if self._alert_log.repaired:
-            rank_zero_warn(f"CAMMonitor: dropped a torn last line from {self._alert_log.path} (a process died mid-write)")
+            access.rank_zero_warn_user(f"CAMMonitor: dropped a torn last line from {self._alert_log.path} (a process died mid-write)")
             self._alert_log.repaired = False
         if written:
             sinks = self._sinks_of(trainer)
@@ -637,7 +639,7 @@ class CAMMonitor(Callback):
             return
         text = "; ".join(describe_alert(a) for a in fired)
         if self.action == "warn":
-            rank_zero_warn(f"CAMMonitor alert: {text}")
+            access.rank_zero_warn_user(f"CAMMonitor alert: {text}")
         elif self.action == "stop":
             rank_zero_info(f"CAMMonitor alert, stopping training: {text}")
         elif self.action == "raise":
@@ -667,8 +669,8 @@ class CAMMonitor(Callback):
         key = f"{kind}:{type(err).__name__}"
         self.faults[key] = self.faults.get(key, 0) + 1
         if self.faults[key] == 1:
-            warnings.warn(f"CAMMonitor{self._tag}: {kind} failed ({type(err).__name__}: {err}); training goes on, "
-                          "the next evaluation retries (reported once per kind)", stacklevel=3)
+            access.warn_user(f"CAMMonitor{self._tag}: {kind} failed ({type(err).__name__}: {err}); training goes on, "
+                          "the next evaluation retries (reported once per kind)")
         log.debug("CAMMonitor %s failed", kind, exc_info=err)
 
     @property

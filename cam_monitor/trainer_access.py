@@ -6,12 +6,15 @@ trainer's loggers. Public Lightning APIs only; with :mod:`cam_monitor.callback` 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
+import warnings
 from typing import Any, Sequence
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import nn
 
@@ -26,6 +29,23 @@ register_sink(WandbLogger, lambda logger, prefix: WandbSink(logger.experiment, p
 #: The trainer function whose loaders probes come from: "fit" uses validation, else training.
 STAGE_LOADERS = {"fit": ("val_dataloaders", "train_dataloader"), "validate": ("val_dataloaders",),
                  "test": ("test_dataloaders",)}
+
+
+#: Top-level packages whose frames a warning skips on its way to the user's code.
+_LIBRARY_PACKAGES = frozenset({"cam_monitor", "lightning", "lightning_fabric", "lightning_utilities", "pytorch_lightning",
+                               "torch", "contextlib", "functools"})
+
+
+def warn_user(message: str) -> None:
+    """Warn attributed to the user's own frame (the first outside cam_monitor, Lightning and torch),
+    so the console shows the message and the user's line (``trainer.fit(...)``), not the library's."""
+    frame, level = inspect.currentframe(), 1
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in _LIBRARY_PACKAGES:
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UserWarning, stacklevel=level)
+
+
+rank_zero_warn_user = rank_zero_only(warn_user)
 
 
 def validation_runs(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:

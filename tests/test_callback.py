@@ -377,3 +377,22 @@ def test_a_vit_trained_from_scratch_gets_real_maps_from_the_first_evaluation(tmp
     first = monitor.history[0]
     assert first["cam/degenerate"] < len(monitor.probes)
     assert math.isfinite(first["cam/spurious_energy"]) and math.isfinite(first["cam/quality"])
+
+
+def test_the_console_says_where_outputs_go_when_an_alert_clears_and_warns_from_the_users_line(tmp_path, caplog) -> None:
+    import logging
+    import warnings
+
+    caplog.set_level(logging.INFO, logger="lightning.pytorch")
+    mon = quick_monitor(patience=3, tile_size=32, alert_action="warn")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(tmp_path, mon, epochs=5, logger=TensorBoardLogger(str(tmp_path), name="tb"))
+    said = caplog.text
+    assert f"alerts go to {tmp_path / 'tb' / 'version_0' / 'cam_monitor' / 'alerts.jsonl'}" in said
+    assert "pictures to TensorBoard in" in said and "--samples_per_plugin images=0" in said
+    cleared = [line for line in (tmp_path / "tb" / "version_0" / "cam_monitor" / "alerts.jsonl").read_text().splitlines()
+               if '"cleared"' in line]
+    assert len(cleared) == said.count("alert cleared: ") >= 1
+    ours = [w for w in caught if str(w.message).startswith("CAMMonitor")]
+    assert ours and all(w.filename.endswith("lightning_helpers.py") for w in ours)  # the line that called trainer.fit

@@ -30,7 +30,7 @@ class Sink(Protocol):
     def log_alert(self, event: dict[str, Any]) -> None:
         """Send one alert event (fired or cleared)."""
 
-# A sink may also have ``close()``: the callback calls it at teardown (after the background worker
+# A sink may also have ``where()``, the destination in words for the fit-start line; ``close()``: the callback calls it at teardown (after the background worker
 # has drained), for sinks that keep a file of their own open; and ``draws_curves = True`` when it
 # plots ``Panel.curves`` itself (the trends figure is then rendered only for the sinks that need it).
 

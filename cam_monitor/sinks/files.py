@@ -19,6 +19,10 @@ class FileSink:
     def __init__(self, folder: str | os.PathLike) -> None:
         self.folder = Path(folder)
 
+    def where(self) -> str:
+        """Where the pictures go, for the fit-start line."""
+        return f"PNG files in {self.folder}"
+
     def log_evaluation(self, ev: Evaluation, panel: Panel) -> None:
         save_png(panel.grid, self.folder / f"probe_grid_e{ev.epoch:03d}_s{ev.global_step:07d}.png")
         for tag, image in panel.extra_images().items():

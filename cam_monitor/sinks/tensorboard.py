@@ -80,6 +80,12 @@ class TensorBoardSink:
         self._writer: Any = None
         self._layout_written = False
 
+    def where(self) -> str:
+        """Where the pictures go, for the fit-start line (with TensorBoard's image sampling, which
+        otherwise hides evaluations on a long run)."""
+        return (f"TensorBoard in {self.log_dir} (it keeps 10 images per tag by default: start it with "
+                "--samples_per_plugin images=0 to see every evaluation)")
+
     def _file_writer(self) -> Any:
         if self._writer is None:
             from tensorboardX import FileWriter

@@ -60,6 +60,10 @@ class WandbSink:
         self._events: Any = None
         self._rows: list[list[Any]] = []
 
+    def where(self) -> str:
+        """Where the pictures go, for the fit-start line."""
+        return f"W&B run {getattr(self.run, 'name', None) or getattr(self.run, 'id', '?')}"
+
     def log_evaluation(self, ev: Evaluation, panel: Panel) -> None:
         import wandb
 
