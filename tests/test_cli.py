@@ -102,3 +102,18 @@ def test_a_typo_in_a_choice_fails_at_parsing_naming_the_key(tmp_path) -> None:
     run = cli("fit", "--config", str(config))
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert 'Parser key "alert_action"' in run.stderr and "Given value: warnn" in run.stderr
+
+
+@pytest.mark.slow
+def test_the_readme_shows_what_the_demo_prints(tmp_path, capsys) -> None:
+    """The README's demo block is the output of `make demo` (seed 0, 6 epochs), line for line."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    shown = re.search(r"<!-- demo-output:.*?-->\n```\n(.*?)\n```\n<!-- /demo-output -->", readme, re.S).group(1)
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    start = printed.index("shortcut run\n")
+    end = printed.index("\n", printed.index("the shortcut run's first alert:"))
+    assert printed[start:end] == shown
