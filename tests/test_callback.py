@@ -396,3 +396,19 @@ def test_the_console_says_where_outputs_go_when_an_alert_clears_and_warns_from_t
     assert len(cleared) == said.count("alert cleared: ") >= 1
     ours = [w for w in caught if str(w.message).startswith("CAMMonitor")]
     assert ours and all(w.filename.endswith("lightning_helpers.py") for w in ours)  # the line that called trainer.fit
+
+
+def test_inferred_regions_stay_drawn_while_their_alert_is_active() -> None:
+    from types import SimpleNamespace
+
+    mon = quick_monitor()
+    mon.probes = cm.ProbeSet(torch.rand(2, 1, 8, 8), torch.tensor([0, 1]))
+    box = torch.zeros(2, 8, 8, dtype=torch.bool)
+    box[0, :2, :2] = True
+    found = SimpleNamespace(discovery=SimpleNamespace(masks=lambda n, size: box[:n]))
+    nothing = SimpleNamespace(discovery=SimpleNamespace(masks=lambda n, size: torch.zeros(n, *size, dtype=torch.bool)))
+    mon._shown_regions = mon._regions_to_show(found)
+    mon.book.active["shortcut_confirmed"] = True
+    assert torch.equal(mon._regions_to_show(nothing), box)  # still active: the last regions stay drawn
+    mon.book.active["shortcut_confirmed"] = False
+    assert not bool(mon._regions_to_show(nothing).any())  # cleared: nothing inferred now, nothing drawn

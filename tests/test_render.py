@@ -110,3 +110,28 @@ def test_captions_fall_back_to_the_index_for_classes_without_a_name() -> None:
     tiles = R.probe_tiles(torch.rand(2, 3, 16, 16), torch.rand(2, 4, 4), ids=["a", "b"], labels=[0, 1], preds=[7, 1],
                           class_names=["cat", "dog"], tile_size=64)
     assert tiles.shape[0] == 2
+
+
+def test_captions_shorten_class_names_never_the_probability_and_mark_mispredictions_red() -> None:
+    from cam_monitor.render import fit_text, probe_tiles, text_width
+
+    names = ["a_very_long_class_name_circle", "an_even_longer_class_name_triangle"]
+    parts = fit_text(["y=" + names[0], " p=" + names[1]], " (0.87)", 120)
+    assert text_width("".join(parts) + " (0.87)") <= 120 and all(p.endswith("..") for p in parts)
+    images, maps = torch.rand(2, 3, 32, 32), torch.rand(2, 4, 4)
+    tiles = probe_tiles(images, maps, ids=["a", "b"], labels=[0, 1], preds=[0, 0], scores=[0.9, 0.4],
+                        class_names=names, tile_size=128)
+    caption = tiles[:, :, 128:]  # the text strip under each 128 px tile
+    red = (caption[:, 0] > 0.6) & (caption[:, 1] < 0.3) & (caption[:, 2] < 0.3)
+    assert not bool(red[0].any()) and bool(red[1].any())  # only the misprediction is drawn in red
+
+
+def test_the_grid_carries_a_colour_legend() -> None:
+    from cam_monitor.render import tile_grid, with_legend
+
+    grid = tile_grid(torch.zeros(4, 3, 32, 32), nrow=4)
+    out = with_legend(grid)
+    assert out.shape[-1] == grid.shape[-1] and out.shape[-2] > grid.shape[-2]
+    legend = out[:, grid.shape[-2]:]
+    magenta = (legend[0] > 0.7) & (legend[1] < 0.4) & (legend[2] > 0.7)
+    assert bool(magenta.any())
