@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Sequence, Union
 
 import lightning.pytorch as pl
-from jsonargparse.typing import restricted_string_type
 import torch
+from jsonargparse.typing import restricted_string_type
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override

@@ -117,3 +117,12 @@ def test_the_readme_shows_what_the_demo_prints(tmp_path, capsys) -> None:
     start = printed.index("shortcut run\n")
     end = printed.index("\n", printed.index("the shortcut run's first alert:"))
     assert printed[start:end] == shown
+
+
+def test_the_cli_choice_of_methods_is_the_engines_list() -> None:
+    import typing
+
+    from cam_monitor.callback import Method
+    from cam_monitor.methods import METHODS
+
+    assert set(typing.get_args(Method)) == set(METHODS)
