@@ -209,6 +209,7 @@ def test_tensorboard_event_files_hold_images_and_scalars(tmp_path) -> None:
     mine = [t for t in tags["scalars"] if t.startswith(("cam/", "cam_probes/"))]
     curves = {t.split("/")[-1] for t in mine if t.startswith("cam_probes/")}
     assert curves == set(mon.probes.ids[:mon.filmstrip_probes]) and len(mine) <= 30, sorted(mine)
+    assert logger.hparams["cam_monitor.target_layer"] == "net.features"  # the settings in TensorBoard's HParams
 
 
 def test_csv_logger_gets_scalars_and_pngs_go_to_the_log_dir(tmp_path) -> None:
