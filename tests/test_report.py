@@ -24,7 +24,7 @@ def test_panel_holds_grid_tiles_trends_and_filmstrip(small_cnn, images) -> None:
     # two filmstrip probes stacked, two evaluations side by side
     assert panel.filmstrip.shape[1] > panel.filmstrip.shape[2] / 2
     # the numbers behind the trends, per tiled probe, for dashboards that plot them themselves
-    assert set(panel.curves) == {"spurious_energy", "spurious_enrichment", "drift_ref"}
+    assert set(panel.curves) == {"spurious_energy", "drift_ref"}  # per probe, enrichment is the energy curve rescaled
     assert panel.curves["spurious_energy"][probes.ids[0]] == pytest.approx(float(ev.per_probe["spurious_energy"][0]))
     assert len(panel.curves["drift_ref"]) == 4
     without = build_panel(probes, ev, history, ReportSettings(max_grid_probes=4, tile_size=32), trends=False)
