@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import logging
 import re
+import typing
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence, Union
@@ -25,7 +26,7 @@ from typing_extensions import override
 
 from . import trainer_access as access
 from .alerts import AlertBook, check_rules, default_rules, describe_alert, resolve_action, rule_threshold
-from .checks import dry_run_findings, inert_setting_findings
+from .checks import JUDGED_SETTINGS, dry_run_findings, inert_setting_findings
 from .discovery import DiscoverySettings
 from .engine import CAMResult
 from .errors import CAMAlertError, CAMError, InputError, ScheduleError
@@ -46,7 +47,8 @@ Method = Literal["gradcam", "gradcam++", "xgradcam", "hirescam", "layercam"]
 #: An import path ``package.module:function`` (an alert action or a transform named in YAML).
 ImportPath = restricted_string_type("ImportPath", r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 #: Which probes get per-probe curves on the dashboards: the few the filmstrip follows, every tiled one, or none.
-PROBE_CURVES = ("filmstrip", "all", "none")
+ProbeCurves = Literal["filmstrip", "all", "none"]
+PROBE_CURVES = typing.get_args(ProbeCurves)
 DRY_RUN_PROBES = 8
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -154,7 +156,7 @@ class CAMMonitor(Callback):
         probe_transform: Union[Callable[..., torch.Tensor], ImportPath, None] = None,
         layout: Literal["auto", "nchw", "nhwc"] = "auto",
         background: Union[bool, Literal["auto"]] = "auto",
-        probe_curves: Literal["filmstrip", "all", "none"] = "filmstrip",
+        probe_curves: ProbeCurves = "filmstrip",
     ) -> None:
         super().__init__()
         self._settings_given = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
@@ -190,15 +192,14 @@ class CAMMonitor(Callback):
                                      as_callable(output_transform, "output_transform"), reshape, layout, discovery)
         self.probe_transform = as_callable(probe_transform, "probe_transform")
         if probe_curves not in PROBE_CURVES:
-            raise ValueError(f"probe_curves must be one of {tuple(PROBE_CURVES)}, got {probe_curves!r}")
+            raise ValueError(f"probe_curves must be one of {PROBE_CURVES}, got {probe_curves!r}")
         self.report_settings = ReportSettings(max_grid_probes, tile_size,
                                               curve_probes={"filmstrip": filmstrip_probes, "all": None,
                                                             "none": 0}[probe_curves])
         self.rules = default_rules(spurious_enrichment, spurious_energy_rise, object_enrichment_floor, drift_threshold,
                                    shortcut_flip_excess, object_energy_floor)
-        given = {"spurious_enrichment": spurious_enrichment, "object_enrichment_floor": object_enrichment_floor,
-                 "object_energy_floor": object_energy_floor, "shortcut_flip_excess": shortcut_flip_excess}
-        self._explicit = {k: v for k, v in given.items() if v != _DEFAULTS[k]}
+        self._explicit = {k: self._settings_given[k] for k in JUDGED_SETTINGS
+                          if self._settings_given[k] != _DEFAULTS[k]}  # the judged settings the user gave
         self.patience, self.hysteresis = patience, hysteresis
         AlertBook(patience)  # validates patience now rather than at setup
         self.action = resolve_action(alert_action)

@@ -65,6 +65,8 @@ def zero_map_cause(result: CAMResult) -> str:
 #: The alert-rule arguments that act only on masks the user gives, and the masks they need.
 MASK_RULE_ARGUMENTS = {"spurious_enrichment": "spurious", "object_enrichment_floor": "object",
                        "object_energy_floor": "object"}
+#: Every setting :func:`inert_setting_findings` judges when the user gives it.
+JUDGED_SETTINGS = (*MASK_RULE_ARGUMENTS, "shortcut_flip_excess")
 
 
 def inert_setting_findings(explicit: dict[str, object], probes: ProbeSet, discovery_enabled: bool) -> list[str]:
