@@ -39,12 +39,21 @@ class Rule:
     threshold: float
     needs_reference: bool = False
     guard: Guard | None = None
+    clear_at: float | None = None
 
     def level(self, value: float, hysteresis: float) -> str:
-        """``fire``, ``clear`` or ``hold`` for ``value`` (NaN holds)."""
+        """``fire``, ``clear`` or ``hold`` for ``value`` (NaN holds). The clear level is
+        ``clear_at`` where the rule has one, else the threshold less the hysteresis margin."""
         if math.isnan(value):
             return HOLD
-        margin = hysteresis * abs(self.threshold)
+        if self.clear_at is not None:
+            above = self.direction == "above"
+            margin = (self.threshold - self.clear_at) if above else (self.clear_at - self.threshold)
+            return self.level_with_margin(value, margin)
+        return self.level_with_margin(value, hysteresis * abs(self.threshold))
+
+    def level_with_margin(self, value: float, margin: float) -> str:
+        """``fire`` past the threshold, ``clear`` back by ``margin`` or more, ``hold`` between."""
         if self.direction == "above":
             return FIRE if value > self.threshold else CLEAR if value <= self.threshold - margin else HOLD
         return FIRE if value < self.threshold else CLEAR if value >= self.threshold + margin else HOLD
@@ -84,16 +93,18 @@ _VALID: dict[str, tuple[str, str, Callable[[float], bool]]] = {
     "object_enrichment_floor": ("object_enrichment_floor", "in [0, 1] (1.0 = chance)", lambda v: 0 <= v <= 1),
     "object_energy_floor": ("object_energy_floor", "in [0, 1]", lambda v: 0 <= v <= 1),
     "drift_off_object": ("drift_threshold", "in (0, 2] (drift is 1 - Spearman rho)", lambda v: 0 < v <= 2),
-    "shortcut_confirmed": ("shortcut_flip_excess", "in (0, 1]", lambda v: 0 < v <= 1),
+    "shortcut_confirmed": ("discovery alpha", "in (0, 1)", lambda v: v > 1),
 }
 
 
 def default_rules(spurious_enrichment: float = 4.0, spurious_energy_rise: float = 0.15,
                   object_enrichment_floor: float = 0.5, drift_threshold: float = 0.5,
-                  shortcut_flip_excess: float = 0.1, object_energy_floor: float | None = None) -> tuple[Rule, ...]:
+                  shortcut_alpha: float = 1e-3, object_energy_floor: float | None = None) -> tuple[Rule, ...]:
     """The built-in rules (README, "Alerts"), with their thresholds checked.
 
-    Object evidence is judged relative to chance (``object_enrichment``: energy share / area share),
+    ``shortcut_confirmed`` fires when the accumulated shortcut evidence (an e-detector,
+    :mod:`evidence`) reaches ``1 / shortcut_alpha`` and clears when it is back at 1 (no net
+    evidence left). Object evidence is judged relative to chance (``object_enrichment``: energy share / area share),
     so a small object and a large one are judged alike and diffuse maps (enrichment near 1) never
     fire; the absolute ``object_energy_floor`` is opt-in.
     """
@@ -102,14 +113,15 @@ def default_rules(spurious_enrichment: float = 4.0, spurious_energy_rise: float 
         Rule("spurious_energy_rise", "spurious_energy_rise", "above", spurious_energy_rise, needs_reference=True),
         Rule("object_enrichment_floor", "object_enrichment", "below", object_enrichment_floor),
         Rule("drift_off_object", "drift_ref", "above", drift_threshold, needs_reference=True, guard=_moved_off_object),
-        Rule("shortcut_confirmed", "shortcut_flip_excess", "above", shortcut_flip_excess),
+        Rule("shortcut_confirmed", "shortcut_evidence", "above", 1 / shortcut_alpha, clear_at=1.0),
     )
     if object_energy_floor is not None:
         rules += (Rule("object_energy_floor", "object_energy", "below", object_energy_floor),)
     for rule in rules:
         arg, text, ok = _VALID[rule.name]
         if not isinstance(rule.threshold, (int, float)) or isinstance(rule.threshold, bool) or not ok(rule.threshold):
-            raise ValueError(f"{arg}={rule.threshold!r} (threshold of alert rule {rule.name}) must be {text}")
+            given = shortcut_alpha if rule.name == "shortcut_confirmed" else rule.threshold
+            raise ValueError(f"{arg}={given!r} (threshold of alert rule {rule.name}) must be {text}")
     return rules
 
 
@@ -133,7 +145,7 @@ class Check:
 
 #: rule metric -> (the per-probe series whose worst probes an alert names, the level they must pass)
 #: where that is not the metric itself at the rule's threshold.
-_OFFENDERS = {"shortcut_flip_excess": ("shortcut_flip", 0.0)}
+_OFFENDERS = {"shortcut_evidence": ("shortcut_flip", 0.0)}
 
 
 def check_rules(rules: tuple[Rule, ...], agg: dict[str, float], per_probe: dict[str, torch.Tensor], ids: list[str],

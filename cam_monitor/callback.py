@@ -28,6 +28,7 @@ from . import trainer_access as access
 from .alerts import AlertBook, check_rules, default_rules, describe_alert, resolve_action, rule_threshold
 from .checks import JUDGED_SETTINGS, dry_run_findings, inert_setting_findings
 from .discovery import DiscoverySettings
+from .evidence import EvidenceState
 from .engine import CAMResult
 from .errors import CAMAlertError, CAMError, InputError, ScheduleError
 from .evaluation import EvalSettings, Evaluation, Reference, evaluate
@@ -86,11 +87,12 @@ class CAMMonitor(Callback):
             chance; needs object masks).
         drift_threshold: alert threshold on drift from the reference (1 - Spearman rho) while
             the maps move off the object.
-        shortcut_flip_excess: alert threshold of mask-free discovery: how much more often pasting
-            a discovered region flips predictions than the same-size control.
+        shortcut_flip_excess: the smallest excess of flips over the control that counts as a
+            shortcut (the margin of discovery's null hypothesis; default: the DiscoverySettings'
+            ``min_effect``, 0.05). The false-alarm rate is DiscoverySettings' ``alpha``.
         object_energy_floor: opt-in absolute floor on cam/object_energy (needs object masks).
-        discovery: mask-free shortcut discovery with paste confirmation: True, False, or a
-            DiscoverySettings.
+        discovery: mask-free shortcut discovery with paste and amplitude-swap confirmation: True,
+            False, or a DiscoverySettings (false-alarm rate ``alpha``, 1e-3 per evaluation).
         patience: consecutive failing evaluations before a rule fires.
         hysteresis: a fired rule clears only this share of its threshold past it.
         alert_action: "log", "warn", "stop" (every rank stops at the same step), "raise"
@@ -138,7 +140,7 @@ class CAMMonitor(Callback):
         spurious_energy_rise: float = 0.15,
         object_enrichment_floor: float = 0.5,
         drift_threshold: float = 0.5,
-        shortcut_flip_excess: float = 0.1,
+        shortcut_flip_excess: float | None = None,
         object_energy_floor: float | None = None,
         discovery: bool | DiscoverySettings = True,
         patience: int = 1,
@@ -185,6 +187,8 @@ class CAMMonitor(Callback):
             raise TypeError(f"discovery must be True, False or a DiscoverySettings, got {type(discovery).__name__}")
         if isinstance(discovery, bool):
             discovery = DiscoverySettings(enabled=discovery, seed=probe_seed)
+        if shortcut_flip_excess is not None:
+            discovery = replace(discovery, min_effect=shortcut_flip_excess)
         self.target_layer, self.name = target_layer, name
         self.prefix = "cam" if name is None else f"cam/{name}"
         self.settings = EvalSettings(target_layer, tuple(methods) if not isinstance(methods, str) else (methods,),
@@ -197,7 +201,7 @@ class CAMMonitor(Callback):
                                               curve_probes={"filmstrip": filmstrip_probes, "all": None,
                                                             "none": 0}[probe_curves])
         self.rules = default_rules(spurious_enrichment, spurious_energy_rise, object_enrichment_floor, drift_threshold,
-                                   shortcut_flip_excess, object_energy_floor)
+                                   discovery.alpha, object_energy_floor)
         self._explicit = {k: self._settings_given[k] for k in JUDGED_SETTINGS
                           if self._settings_given[k] != _DEFAULTS[k]}  # the judged settings the user gave
         self.patience, self.hysteresis = patience, hysteresis
@@ -230,6 +234,7 @@ class CAMMonitor(Callback):
         self._unsettled_said = False
         self._shown_regions: torch.Tensor | None = None
         self._last_eval_key: tuple[int, int] | None = None
+        self._evidence: EvidenceState | None = None
 
     def _drop_resources(self) -> None:
         self._out_dir: Path | None = None
@@ -414,7 +419,8 @@ class CAMMonitor(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, "name": self.name, "target_layer": self.layer_name,
                 "history": self.series.state_dict(), "alerts": [dict(a) for a in self.alerts],
-                "book": self.book.state_dict(), "probes": None if self.probes is None else self.probes.state()}
+                "book": self.book.state_dict(), "probes": None if self.probes is None else self.probes.state(),
+                "evidence": None if self._evidence is None else self._evidence.state_dict()}
 
     @override
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -424,6 +430,8 @@ class CAMMonitor(Callback):
         self.series.load_state_dict(state["history"])
         self.alerts = [dict(a) for a in state["alerts"]]
         self.book.load_state_dict(state["book"])
+        evidence = state.get("evidence")  # absent from checkpoints written before the evidence was kept
+        self._evidence = None if evidence is None else EvidenceState.from_state(evidence)
         self.layer_name = state["target_layer"]
         if state["probes"] is not None:
             self.probes = ProbeSet.from_state(state["probes"], source="CAMMonitor checkpoint state")
@@ -465,16 +473,17 @@ class CAMMonitor(Callback):
         return evaluate(access.cam_model(trainer, pl_module), self.probes, self._settings(trainer, pl_module),
                         access.placement(trainer, pl_module), epoch=trainer.current_epoch,
                         global_step=trainer.global_step, previous=self.series.previous_maps,
-                        reference=self.series.reference)
+                        reference=self.series.reference, evidence=self._evidence)
 
     def _record(self, trainer: pl.Trainer, ev: Evaluation, stage: str) -> None:
         """Rules, history, then (rank 0) pictures and the alert log, then the alert action."""
         ref = self.series.reference
         regions = None if ev.discovery is None else {
-            "shortcut_flip_excess": ev.discovery.regions(self.probes.ids, self.probes.class_names)}
+            "shortcut_evidence": ev.discovery.regions(self.probes.ids, self.probes.class_names)}
         checks = check_rules(self.rules, ev.aggregates, ev.per_probe, self.probes.ids,
                              None if ref is None else ref.aggregates, self.hysteresis, regions)
         events = self.book.update(checks, ev.epoch, ev.global_step, self.prefix)
+        self._evidence = ev.evidence or self._evidence
         self._shown_regions = self._regions_to_show(ev)
         self.series.record(ev, stage, {"alerts": float(self.book.n_active)})
         fired = [{k: v for k, v in e.items() if k != "event"} for e in events if e["event"] == "fired"]

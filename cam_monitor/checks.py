@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .discovery import window_side
 from .engine import CAMResult
 from .evaluation import EvalSettings, spurious_regions
 from .metrics import energy_fraction_bounds, enrichment_ceiling, pointing_always_hits
@@ -18,6 +19,8 @@ from .probes import ProbeSet
 
 #: Distinct spurious regions the resolution check looks at (it is exact per region, so bounded).
 RESOLUTION_REGIONS = 16
+#: The largest share of the image a candidate region of discovery's local test may cover.
+MAX_REGION_SHARE = 0.25
 
 
 @dataclass
@@ -134,14 +137,16 @@ def resolution_findings(grid: tuple[int, int], layer: str, probes: ProbeSet, bor
 def discovery_findings(grid: tuple[int, int], layer: str, probes: ProbeSet, settings: EvalSettings,
                        prefix: str) -> list[str]:
     """Whether mask-free discovery can work here: it is the only shortcut check without spurious
-    masks, and it needs a grid whose cell is smaller than the largest "small region"."""
+    masks, and its local test needs a candidate region that is a small part of the image."""
     found = settings.discovery
     if probes.spurious_masks is None and not found.enabled:
         return [f"no spurious masks and discovery=False: nothing watches for shortcuts ({prefix}/spurious_enrichment "
                 "of the default border band is logged but does not alert); turn discovery on or give spurious masks"]
-    cell = 1.0 / (grid[0] * grid[1])
-    if found.enabled and cell > found.max_area:
-        return [f"one cell of the {grid[0]}x{grid[1]} grid of layer {layer!r} covers {cell:.0%} of the image, more "
-                f"than discovery's small region (max_area={found.max_area:g}): mask-free discovery cannot find a small "
-                "region here; target an earlier layer (a finer grid)"]
+    side = window_side(grid, found.box_cells)
+    share = side[0] * side[1] / (grid[0] * grid[1])
+    if found.enabled and share > MAX_REGION_SHARE:
+        return [f"discovery's candidate region ({side[0]}x{side[1]} cells of the {grid[0]}x{grid[1]} grid of layer "
+                f"{layer!r}) covers {share:.0%} of the image: the local paste test cannot tell a small cue from "
+                "the object here (the global test still runs); target an earlier layer (a finer grid) or lower "
+                "DiscoverySettings(box_cells=...)"]
     return []

@@ -1,22 +1,28 @@
 """Mask-free shortcut discovery and its causal confirmation, from maps already computed.
 
-Discovery (no extra backward): a probe is a *suspect* when its map puts at least
-``energy_share`` of its energy into a box covering at most ``max_area`` of the image, and the
-model predicts the class the map explains. The box is sized from the map itself: the smallest
-rectangle of layer-grid cells holding that share (Lapuschkin et al., "Unmasking Clever Hans
-predictors", Nature Communications 2019: a Clever Hans model's evidence sits on a small,
-consistent region; what separates a shortcut is that a small region carries the decision).
+Two interventions, each a paired test against a control (:mod:`evidence` turns the pairs into a
+decision with a stated false-alarm rate); forward passes only, no backward.
 
-Confirmation (forward passes only): each suspect's box is pasted, at the same place, into probes
-the model assigns to other classes; a *flip* is a prediction that becomes the suspect's class.
-The control pastes a box of the same size from the same suspect image at a random other place
-into the same probes. A model that uses the region flips far more often than the control; a large
-enough piece of the real object flips too, but then so do the control boxes of that size. The
-whole budget (tests plus controls) is ``budget`` x the number of probes images, one inference
-forward of the probe set at the default 1.0.
+**Local cues** (a stamp, a tag, a ruler: something at a place). Every probe the model classifies
+correctly is a candidate; its candidate region is the window of ``box_cells`` x ``box_cells``
+cells of the layer's grid that holds the most map energy (sized in cells: a region means
+something only at the resolution of the grid). The region is pasted into a probe of another class
+*at that probe's own least-credited window* (its background, as its map sees it): a cue works
+wherever it is, a piece of an object pasted beside another object mostly does not. The control
+pastes another window of the same source, drawn in proportion to the map's credit outside the
+candidate (another part the map also credits), at the same place. A flip is a prediction that
+becomes the source's class.
 
-Everything here is deterministic given its inputs (a private generator seeded by the caller), so
-every rank of a multi-process run plans the same tests. Lightning-free.
+**Global cues** (a texture, a colour or brightness cast, a background: no one place). The
+recipient gets the source's Fourier amplitude with its own phase (the image statistics: colour,
+texture, gratings) and, as the control, its own amplitude with the source's phase (the
+structure: shapes, edges). A model that follows the amplitude more than the structure uses a
+global cue.
+
+Budget: ``budget`` x the number of probes pasted images per evaluation (tests and controls, half
+to each arm), inference forwards only. Everything is deterministic given its inputs (a private
+generator seeded by the caller), so every rank of a multi-process run plans the same tests.
+Lightning-free.
 """
 from __future__ import annotations
 
@@ -27,52 +33,63 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from .evidence import check_bet, holm, sign_test_p
 from .probes import ProbeSet
 
 Box = tuple[int, int, int, int]  # y0, x0, y1, x1 in image pixels, half-open
 Predict = Callable[[torch.Tensor], torch.Tensor]  # (B, C, H, W) CPU images -> (B,) predicted classes
+#: The confirmation arms: local paste, global (amplitude) swap.
+ARMS = ("local", "global")
 
 
 @dataclass(frozen=True)
 class DiscoverySettings:
-    """How suspects are found and how many paste tests confirm them.
+    """How candidates are tested and how the evidence is judged.
 
     Args:
         enabled: run discovery and confirmation at every evaluation.
-        energy_share: share of a map's energy its suspect box must hold.
-        max_area: largest box, as a fraction of the image, that still counts as a small region.
-        budget: pasted images per evaluation (tests plus controls) as a multiple of the probe count.
-        min_tests: fewer paste tests than this (too few suspects or recipients) give NaN rates.
-        min_suspects: fewer tested suspects than this give NaN rates too: a shortcut recurs across
-            probes, while one probe's small box can be a telling piece of its object.
-        seed: seeds the recipients' order and the control boxes (mixed with the evaluation's step).
+        box_cells: side of a candidate region, in cells of the layer's grid (2: 2x2 cells).
+        budget: pasted images per evaluation (tests plus controls, both arms) as a multiple of the
+            probe count: 2.0 costs two inference forwards of the probe set.
+        alpha: false-alarm rate per evaluation of ``shortcut_confirmed``: under the null (no
+            candidate more than ``min_effect`` more potent than its control) the evidence needs
+            at least ``1 / alpha`` evaluations on average to cross its threshold ``1 / alpha``.
+        min_effect: the null hypothesis' margin: how much more often the candidate may flip
+            predictions than its control and still not count (parts of a real object are a little
+            more potent than other parts).
+        bet: the fraction of evidence staked on each pair (larger: faster on strong cues, slower
+            to recover from pairs against).
+        global_test: run the amplitude-swap arm for global cues.
+        seed: seeds the recipients' order and the control windows (mixed with the evaluation's step).
     """
 
     enabled: bool = True
-    energy_share: float = 0.35
-    max_area: float = 0.04
-    budget: float = 1.0
-    min_tests: int = 8
-    min_suspects: int = 3
+    box_cells: int = 2
+    budget: float = 2.0
+    alpha: float = 1e-3
+    min_effect: float = 0.05
+    bet: float = 0.7
+    global_test: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not 0 < self.energy_share < 1:
-            raise ValueError(f"discovery energy_share must be in (0, 1), got {self.energy_share!r}")
-        if not 0 < self.max_area < 1:
-            raise ValueError(f"discovery max_area must be in (0, 1), got {self.max_area!r}")
+        if not isinstance(self.box_cells, int) or isinstance(self.box_cells, bool) or self.box_cells < 1:
+            raise ValueError(f"discovery box_cells must be an int >= 1 (cells of the layer grid), got {self.box_cells!r}")
         if not self.budget > 0:
             raise ValueError(f"discovery budget must be > 0 (pasted images per probe), got {self.budget!r}")
-        for name in ("min_tests", "min_suspects"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"discovery {name} must be an int >= 1, got {value!r}")
+        if not 0 < self.alpha < 1:
+            raise ValueError(f"discovery alpha must be in (0, 1) (false alarms per evaluation), got {self.alpha!r}")
+        check_bet(self.bet, self.min_effect)
+
+    @property
+    def arms(self) -> tuple[str, ...]:
+        return ARMS if self.global_test else ARMS[:1]
 
 
 @dataclass
 class Suspect:
-    """A probe whose evidence sits in a small box: its index, the class its map explains, the box
-    (image pixels) and the share of the map's energy inside it."""
+    """A candidate: a probe the model classifies correctly, the class its map explains, its
+    best-credited window (image pixels) and the share of the map's energy inside it."""
 
     probe: int
     cls: int
@@ -86,40 +103,68 @@ class Suspect:
 
 @dataclass
 class PasteTest:
-    """One confirmation: ``suspect``'s box pasted into probe ``recipient``, and the control box."""
+    """One local confirmation: ``suspect``'s box pasted into probe ``recipient`` at ``place``
+    (the recipient's least-credited window), and the control: the source's ``control_box`` pasted
+    at the same place."""
 
     suspect: int
     recipient: int
     control_box: Box
+    place: Box
+
+
+@dataclass
+class SwapTest:
+    """One global confirmation: the amplitude of ``suspect``'s image with the phase of ``recipient``
+    (and, as the control, the recipient's amplitude with the suspect's phase)."""
+
+    suspect: int
+    recipient: int
 
 
 @dataclass
 class Discovery:
     """What one evaluation's discovery found and its confirmation measured.
 
-    ``flips[i]`` / ``control_flips[i]`` say whether test ``i`` (and its control) turned the
-    recipient's prediction into the suspect's class.
+    ``flips[i]`` / ``control_flips[i]`` say whether local test ``i`` (and its control) turned the
+    recipient's prediction into the suspect's class; ``swap_flips`` / ``swap_control_flips`` the
+    same for the global tests.
     """
 
     suspects: list[Suspect]
     tests: list[PasteTest]
     flips: torch.Tensor
     control_flips: torch.Tensor
-    min_tests: int
-    min_suspects: int = 1
+    swaps: list[SwapTest]
+    swap_flips: torch.Tensor
+    swap_control_flips: torch.Tensor
+
+    def diffs(self) -> dict[str, torch.Tensor]:
+        """Per arm, the paired differences flip - control flip (in {-1, 0, 1}) of its tests."""
+        out = {"local": self.flips.long() - self.control_flips.long()}
+        if self.swaps:
+            out["global"] = self.swap_flips.long() - self.swap_control_flips.long()
+        return out
+
+    def p_value(self) -> float:
+        """This evaluation alone: the smallest Holm-adjusted exact sign-test p-value over the arms
+        tested (1.0 when nothing was tested)."""
+        ps = {arm: sign_test_p(int((d > 0).sum()), int((d < 0).sum())) for arm, d in self.diffs().items() if d.numel()}
+        return min(holm(ps).values(), default=1.0)
 
     def aggregates(self) -> dict[str, float]:
-        """``shortcut_flip_rate`` and ``shortcut_flip_control`` over all tests, their difference
-        ``shortcut_flip_excess`` (NaN below ``min_tests`` tests or ``min_suspects`` tested suspects)
-        and the count of ``shortcut_suspects``."""
-        enough = decidable(self.tests, self.min_tests, self.min_suspects)
-        rate = float(self.flips.float().mean()) if enough else math.nan
-        control = float(self.control_flips.float().mean()) if enough else math.nan
-        return {"shortcut_flip_rate": rate, "shortcut_flip_control": control,
-                "shortcut_flip_excess": rate - control, "shortcut_suspects": float(len(self.suspects))}
+        """Flip rates of both arms, their controls and excesses (NaN for an arm without tests), the
+        evaluation's ``shortcut_p`` and the count of ``shortcut_suspects`` (candidates)."""
+        out = {"shortcut_suspects": float(len(self.suspects)), "shortcut_p": self.p_value()}
+        for name, flips, control in (("shortcut", self.flips, self.control_flips),
+                                     ("global", self.swap_flips, self.swap_control_flips)):
+            rate = float(flips.float().mean()) if flips.numel() else math.nan
+            base = float(control.float().mean()) if control.numel() else math.nan
+            out.update({f"{name}_flip_rate": rate, f"{name}_flip_control": base, f"{name}_flip_excess": rate - base})
+        return out
 
     def excess(self) -> dict[int, float]:
-        """Probe index -> its flip rate minus its control rate, for every suspect that was tested."""
+        """Probe index -> its local flip rate minus its control rate, for every suspect that was tested."""
         out = {}
         for s, suspect in enumerate(self.suspects):
             mine = torch.tensor([t.suspect == s for t in self.tests], dtype=torch.bool)
@@ -135,8 +180,8 @@ class Discovery:
         return {"shortcut_flip": out}
 
     def regions(self, ids: list[str], class_names: list[str] | None = None) -> list[dict[str, Any]]:
-        """Per class of the tested suspects, strongest first: the flip and control rates, the number
-        of tests, and each suspect's probe id and box (``[y0, x0, y1, x1]`` image pixels)."""
+        """Per class of the tested suspects, strongest first: the local flip and control rates, the
+        number of tests, and each suspect's probe id and box (``[y0, x0, y1, x1]`` image pixels)."""
         by_class: dict[int, dict[str, Any]] = {}
         for s, suspect in enumerate(self.suspects):
             mine = [i for i, t in enumerate(self.tests) if t.suspect == s]
@@ -170,40 +215,20 @@ class Discovery:
         return out
 
 
-def decidable(tests: list[PasteTest], min_tests: int, min_suspects: int) -> bool:
-    """Whether ``tests`` are enough to decide anything: ``min_tests`` tests from ``min_suspects`` suspects."""
-    return len(tests) >= min_tests and len({t.suspect for t in tests}) >= min_suspects
+def window_energy(maps: torch.Tensor, side: tuple[int, int]) -> torch.Tensor:
+    """(N, h - bh + 1, w - bw + 1): the map energy inside every window of ``side`` cells."""
+    return F.avg_pool2d(maps.float().clamp_min(0)[:, None], side, stride=1)[:, 0] * (side[0] * side[1])
 
 
-def top_boxes(maps: torch.Tensor, share: float, max_cells: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The smallest box of grid cells holding ``share`` of each map's energy.
+def window_side(grid: tuple[int, int], box_cells: int) -> tuple[int, int]:
+    """The candidate window in cells: ``box_cells`` a side, at most the grid."""
+    return min(box_cells, grid[0]), min(box_cells, grid[1])
 
-    ``maps`` (N, h, w) non-negative. Rectangles of up to ``max_cells`` cells are tried smallest
-    first (equal areas: the one holding more energy). Returns ``boxes`` (N, 4) long
-    ``(y0, x0, y1, x1)`` in cells, half-open, and ``held`` (N,) the share inside; rows without
-    such a box (or an all-zero map) have ``held`` NaN.
-    """
-    n, h, w = maps.shape
-    a = maps.float().clamp_min(0)[:, None]
-    total = a.flatten(1).sum(1)
-    best_area = torch.full((n,), math.inf)
-    held = torch.full((n,), math.nan)
-    boxes = torch.zeros(n, 4, dtype=torch.long)
-    sizes = sorted(((bh, bw) for bh in range(1, h + 1) for bw in range(1, w + 1) if bh * bw <= max_cells),
-                   key=lambda s: s[0] * s[1])
-    for bh, bw in sizes:
-        windows = F.avg_pool2d(a, (bh, bw), stride=1).flatten(1) * (bh * bw)
-        best, idx = windows.max(1)
-        frac = best / total.clamp_min(1e-30)
-        area = bh * bw
-        better = (total > 0) & (frac >= share) & ((area < best_area) | ((area == best_area) & (frac > held)))
-        if better.any():
-            ys, xs = idx // (w - bw + 1), idx % (w - bw + 1)
-            new = torch.stack([ys, xs, ys + bh, xs + bw], 1)
-            boxes[better] = new[better]
-            held[better] = frac[better]
-            best_area[better] = float(area)
-    return boxes, held
+
+def window_at(index: int, energy_width: int, side: tuple[int, int]) -> torch.Tensor:
+    """The (y0, x0, y1, x1) cell box of flat window ``index`` in a window-energy map ``energy_width`` wide."""
+    y, x = divmod(int(index), energy_width)
+    return torch.tensor([y, x, y + side[0], x + side[1]])
 
 
 def cells_to_pixels(box: torch.Tensor, grid: tuple[int, int], image_size: tuple[int, int]) -> Box:
@@ -216,90 +241,135 @@ def cells_to_pixels(box: torch.Tensor, grid: tuple[int, int], image_size: tuple[
 
 def find_suspects(maps: torch.Tensor, targets: torch.Tensor, preds: torch.Tensor, image_size: tuple[int, int],
                   settings: DiscoverySettings) -> list[Suspect]:
-    """Probes whose map concentrates on a small box and whose prediction is the explained class,
-    most concentrated (share per area) first."""
-    h, w = maps.shape[-2:]
-    max_cells = max(1, int(settings.max_area * h * w))
-    boxes, held = top_boxes(maps, settings.energy_share, max_cells)
-    ok = ~torch.isnan(held) & (preds == targets)
-    suspects = [Suspect(i, int(targets[i]), cells_to_pixels(boxes[i], (h, w), image_size), float(held[i]))
-                for i in ok.nonzero()[:, 0].tolist()]
-    return sorted(suspects, key=lambda s: (-s.share / s.area, s.probe))
+    """Every probe classified correctly with a non-zero map, with its best-credited window, most
+    concentrated first (no gate: the paired tests decide, not a share of energy)."""
+    grid = tuple(maps.shape[-2:])
+    side = window_side(grid, settings.box_cells)
+    energy = window_energy(maps, side)
+    total = maps.float().clamp_min(0).flatten(1).sum(1)
+    best, idx = energy.flatten(1).max(1)
+    ok = (preds == targets) & (total > 0)
+    suspects = [Suspect(i, int(targets[i]), cells_to_pixels(window_at(idx[i], energy.shape[-1], side), grid, image_size),
+                        float(best[i] / total[i])) for i in ok.nonzero()[:, 0].tolist()]
+    return sorted(suspects, key=lambda s: (-s.share, s.probe))
 
 
-def _random_box(size: tuple[int, int], avoid: Box, image_size: tuple[int, int], gen: torch.Generator,
-                tries: int = 32) -> Box:
-    """A ``size`` box at a random place not overlapping ``avoid`` (anywhere, if ``tries`` draws
-    all overlap it: the suspect box then covers most of the image)."""
-    bh, bw = size
-    y0, x0, y1, x1 = avoid
-    ys = torch.randint(image_size[0] - bh + 1, (tries,), generator=gen).tolist()
-    xs = torch.randint(image_size[1] - bw + 1, (tries,), generator=gen).tolist()
-    y, x = next(((y, x) for y, x in zip(ys, xs) if y + bh <= y0 or y >= y1 or x + bw <= x0 or x >= x1), (ys[0], xs[0]))
-    return y, x, y + bh, x + bw
+def _overlaps(a: Box, b: Box) -> bool:
+    return not (a[2] <= b[0] or a[0] >= b[2] or a[3] <= b[1] or a[1] >= b[3])
 
 
-def plan_tests(suspects: list[Suspect], targets: torch.Tensor, preds: torch.Tensor, image_size: tuple[int, int],
-               num_tests: int, gen: torch.Generator) -> list[PasteTest]:
-    """Up to ``num_tests`` paste tests, suspects taken round-robin (one of each class before a
-    second of any), each into recipients it has not been pasted into yet, in a seeded order.
+def _fit(box: Box, size: tuple[int, int], image_size: tuple[int, int]) -> Box:
+    """``box``'s top-left with ``size``, moved back inside the image."""
+    y = min(box[0], image_size[0] - size[0])
+    x = min(box[1], image_size[1] - size[1])
+    return y, x, y + size[0], x + size[1]
 
-    A recipient neither belongs to nor is predicted as the suspect's class, so a flip is a change.
-    """
+
+def control_box(source_map: torch.Tensor, avoid: Box, size: tuple[int, int], image_size: tuple[int, int],
+                side: tuple[int, int], gen: torch.Generator) -> Box:
+    """A window of the source the map also credits: drawn in proportion to its energy among the
+    windows not overlapping ``avoid`` (uniformly among them if none has any), ``size`` pixels."""
+    grid = tuple(source_map.shape)
+    energy = window_energy(source_map[None], side)[0]
+    boxes = [cells_to_pixels(window_at(i, energy.shape[-1], side), grid, image_size) for i in range(energy.numel())]
+    free = torch.tensor([not _overlaps(b, avoid) for b in boxes])
+    if not free.any():
+        free = torch.ones_like(free)
+    weights = energy.flatten().double() * free
+    weights = weights if weights.sum() > 0 else free.double()
+    pick = int(torch.multinomial(weights, 1, generator=gen))
+    return _fit(boxes[pick], size, image_size)
+
+
+def quiet_place(recipient_map: torch.Tensor, size: tuple[int, int], image_size: tuple[int, int],
+                side: tuple[int, int]) -> Box:
+    """The recipient's least-credited window (its background as its map sees it), ``size`` pixels."""
+    grid = tuple(recipient_map.shape)
+    energy = window_energy(recipient_map[None], side)[0]
+    return _fit(cells_to_pixels(window_at(int(energy.flatten().argmin()), energy.shape[-1], side), grid, image_size),
+                size, image_size)
+
+
+def recipients_of(suspects: list[Suspect], targets: torch.Tensor, preds: torch.Tensor, num: int,
+                  gen: torch.Generator) -> list[tuple[int, int]]:
+    """Up to ``num`` (suspect, recipient) pairs: suspects round-robin (one of each class before a
+    second of any), each into recipients it has not met yet, in a seeded order. A recipient neither
+    belongs to nor is predicted as the suspect's class, so a flip is a change."""
     seen: dict[int, int] = {}
     rank = []
     for suspect in suspects:
         rank.append(seen.get(suspect.cls, 0))
         seen[suspect.cls] = rank[-1] + 1
-    order = sorted(range(len(suspects)), key=lambda s: (rank[s], s))[:num_tests]
+    order = sorted(range(len(suspects)), key=lambda s: (rank[s], s))[:num]
     queues = {}
     for s in order:
         cls = suspects[s].cls
         ok = ((targets != cls) & (preds != cls)).nonzero()[:, 0]
         queues[s] = ok[torch.randperm(len(ok), generator=gen)].tolist()
-    tests: list[PasteTest] = []
-    while len(tests) < num_tests and any(queues[s] for s in order):
+    pairs: list[tuple[int, int]] = []
+    while len(pairs) < num and any(queues[s] for s in order):
         for s in order:
-            if len(tests) >= num_tests:
-                break
-            if queues[s]:
-                box = suspects[s].box
-                size = (box[2] - box[0], box[3] - box[1])
-                tests.append(PasteTest(s, queues[s].pop(0), _random_box(size, box, image_size, gen)))
+            if len(pairs) < num and queues[s]:
+                pairs.append((s, queues[s].pop(0)))
+    return pairs
+
+
+def plan_tests(suspects: list[Suspect], maps: torch.Tensor, targets: torch.Tensor, preds: torch.Tensor,
+               image_size: tuple[int, int], num_tests: int, box_cells: int, gen: torch.Generator) -> list[PasteTest]:
+    """Up to ``num_tests`` local paste tests (see the module docstring)."""
+    side = window_side(tuple(maps.shape[-2:]), box_cells)
+    tests = []
+    for s, r in recipients_of(suspects, targets, preds, num_tests, gen):
+        box = suspects[s].box
+        size = (box[2] - box[0], box[3] - box[1])
+        tests.append(PasteTest(s, r, control_box(maps[suspects[s].probe], box, size, image_size, side, gen),
+                               quiet_place(maps[r], size, image_size, side)))
     return tests
 
 
 def pasted_images(images: torch.Tensor, suspects: list[Suspect], tests: list[PasteTest]) -> torch.Tensor:
-    """(2T, C, H, W): each test's recipient with the suspect's box pasted in, then each control."""
+    """(2T, C, H, W): each test's recipient with the suspect's box pasted at its place, then each control."""
     out = []
     for use_control in (False, True):
         for t in tests:
             y0, x0, y1, x1 = t.control_box if use_control else suspects[t.suspect].box
+            p0, q0, p1, q1 = t.place
             img = images[t.recipient].clone()
-            img[:, y0:y1, x0:x1] = images[suspects[t.suspect].probe][:, y0:y1, x0:x1]
+            img[:, p0:p1, q0:q1] = images[suspects[t.suspect].probe][:, y0:y1, x0:x1]
             out.append(img)
     return torch.stack(out) if out else images[:0]
 
 
+def swapped_images(images: torch.Tensor, suspects: list[Suspect], swaps: list[SwapTest]) -> torch.Tensor:
+    """(2S, C, H, W): each swap's source amplitude with the recipient's phase, then each control
+    (the recipient's amplitude with the source's phase), per channel, in the images' own units."""
+    if not swaps:
+        return images[:0]
+    src = torch.fft.fft2(images[[suspects[t.suspect].probe for t in swaps]].double())
+    dst = torch.fft.fft2(images[[t.recipient for t in swaps]].double())
+    test = torch.fft.ifft2(torch.polar(src.abs(), dst.angle())).real
+    control = torch.fft.ifft2(torch.polar(dst.abs(), src.angle())).real
+    return torch.cat([test, control]).to(images.dtype)
+
+
 def discover(maps: torch.Tensor, probes: ProbeSet, targets: torch.Tensor, preds: torch.Tensor, predict: Predict,
              settings: DiscoverySettings, step: int = 0) -> Discovery:
-    """Find suspects in ``maps`` (N, h, w), plan ``budget`` x N pasted images, and run them.
+    """Find candidates in ``maps`` (N, h, w), plan ``budget`` x N pasted images over the arms, run them.
 
     ``predict`` classifies a CPU batch of pasted images (it does the device placement, batching and
-    any cross-rank sharding); it is called once, and not at all when the plan has fewer than
-    ``min_tests`` tests or ``min_suspects`` suspects (its rates would be NaN anyway).
+    any cross-rank sharding); it is called once, and not at all when nothing can be tested.
     """
     image_size = probes.image_size
     suspects = find_suspects(maps, targets, preds, image_size, settings)
     gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
-    num_tests = int(settings.budget * len(probes)) // 2
-    tests = plan_tests(suspects, targets, preds, image_size, num_tests, gen)
-    if not decidable(tests, settings.min_tests, settings.min_suspects):
-        tests = []  # too few to decide anything: spend no forward on them
-    if not tests:
-        empty = torch.zeros(0, dtype=torch.bool)
-        return Discovery(suspects, tests, empty, empty, settings.min_tests, settings.min_suspects)
-    out = predict(pasted_images(probes.images, suspects, tests)).cpu()
-    src = torch.tensor([suspects[t.suspect].cls for t in tests])
-    return Discovery(suspects, tests, out[:len(tests)] == src, out[len(tests):] == src, settings.min_tests,
-                     settings.min_suspects)
+    per_arm = int(settings.budget * len(probes)) // (2 * len(settings.arms))
+    tests = plan_tests(suspects, maps, targets, preds, image_size, per_arm, settings.box_cells, gen)
+    swaps = ([SwapTest(s, r) for s, r in recipients_of(suspects, targets, preds, per_arm, gen)]
+             if settings.global_test else [])
+    batch = torch.cat([pasted_images(probes.images, suspects, tests), swapped_images(probes.images, suspects, swaps)])
+    out = predict(batch).cpu() if len(batch) else torch.zeros(0, dtype=torch.long)
+    n = len(tests)
+    src = torch.tensor([suspects[t.suspect].cls for t in tests], dtype=torch.long)
+    swap_src = torch.tensor([suspects[t.suspect].cls for t in swaps], dtype=torch.long)
+    return Discovery(suspects, tests, out[:n] == src, out[n:2 * n] == src, swaps,
+                     out[2 * n:2 * n + len(swaps)] == swap_src, out[2 * n + len(swaps):] == swap_src)

@@ -19,6 +19,7 @@ from torch import nn
 
 from . import metrics as M
 from .discovery import Discovery, DiscoverySettings, discover
+from .evidence import EvidenceState
 from .engine import CAMResult, OutputTransform, cam_pass, masked_scores, predict_classes
 from .errors import NonFiniteOutputError
 from .layers import LayerSpec, ReshapeSpec, check_layout
@@ -127,6 +128,7 @@ class Evaluation:
     per_probe: dict[str, torch.Tensor]
     aggregates: dict[str, float] = field(default_factory=dict)
     discovery: Discovery | None = None
+    evidence: EvidenceState | None = None
 
     def as_reference(self) -> Reference:
         return Reference(self.epoch, self.global_step, self.maps, dict(self.per_probe), dict(self.aggregates))
@@ -270,11 +272,12 @@ def sharded_predict(model: nn.Module, settings: EvalSettings, placement: Placeme
 
 def evaluate(model: nn.Module, probes: ProbeSet, settings: EvalSettings, placement: Placement | None = None, *,
              epoch: int = 0, global_step: int = 0, previous: torch.Tensor | None = None,
-             reference: Reference | None = None) -> Evaluation:
+             reference: Reference | None = None, evidence: EvidenceState | None = None) -> Evaluation:
     """Run one evaluation of ``model`` on ``probes``; metrics use the first of ``settings.methods``.
 
     ``previous`` are the last evaluation's maps (for ``drift_prev``), ``reference`` the evaluation
-    drift and rise are measured against.
+    drift and rise are measured against, ``evidence`` the shortcut evidence accumulated so far
+    (the result carries it updated, and its value as ``shortcut_evidence``).
     """
     placement = placement or Placement(device=next(model.parameters()).device)
     index = shard_indices(len(probes), placement.rank, placement.world)
@@ -289,14 +292,18 @@ def evaluate(model: nn.Module, probes: ProbeSet, settings: EvalSettings, placeme
     per_probe = probe_metrics(maps, probes, previous, reference, full.get("y"), full.get("o"), settings.border_fraction)
     probs = full["logits"].softmax(1)
     preds, targets = probs.argmax(1), full["targets"].long()
-    found = None
-    if settings.discovery.enabled:
-        found = discover(maps, probes, targets, preds, sharded_predict(model, settings, placement), settings.discovery,
+    found, accumulated = None, None
+    found_settings = settings.discovery
+    if found_settings.enabled:
+        found = discover(maps, probes, targets, preds, sharded_predict(model, settings, placement), found_settings,
                          step=global_step)
         per_probe.update(found.per_probe(len(probes)))
+        prior = evidence or EvidenceState(cap=2 * math.log(1 / found_settings.alpha))
+        accumulated = prior.update(found.diffs(), found_settings.bet, found_settings.min_effect)
     aggregates = aggregate(per_probe, maps, probes)
-    if found is not None:
+    if found is not None and accumulated is not None:
         aggregates.update(found.aggregates())
+        aggregates["shortcut_evidence"] = accumulated.value(found_settings.arms)
     return Evaluation(epoch=epoch, global_step=global_step, maps=maps, preds=preds,
                       probs=probs.gather(1, targets[:, None])[:, 0], per_probe=per_probe,
-                      aggregates=aggregates, discovery=found)
+                      aggregates=aggregates, discovery=found, evidence=accumulated)

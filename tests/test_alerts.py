@@ -53,7 +53,7 @@ def test_reference_rules_only_once_a_reference_exists() -> None:
 def test_every_rule_reads_a_metric_the_evaluation_produces() -> None:
     from cam_monitor.evaluation import PER_PROBE
 
-    assert {r.metric for r in RULES} - {"shortcut_flip_excess"} <= set(PER_PROBE)
+    assert {r.metric for r in RULES} - {"shortcut_evidence"} <= set(PER_PROBE)
     assert [r.name for r in RULES] == ["spurious_enrichment", "spurious_energy_rise", "object_enrichment_floor",
                                        "drift_off_object", "shortcut_confirmed"]
 
@@ -97,15 +97,31 @@ def test_the_enrichment_rule_judges_only_regions_the_user_outlined() -> None:
 def test_the_shortcut_rule_names_the_suspect_probes_and_carries_the_regions() -> None:
     regions = [{"class": 3, "flips": 6, "control_flips": 0, "tests": 8, "flip_rate": 0.75, "control_rate": 0.0,
                 "probe_ids": ["c"], "boxes": [[0, 0, 4, 4]]}]
-    values = {**agg(), "shortcut_flip_excess": 0.75}
+    values = {**agg(), "shortcut_evidence": 2000.0}
     series = {**per(), "shortcut_flip": torch.tensor([math.nan, 0.2, 0.75])}
-    (c,) = [c for c in check_rules(RULES, values, series, IDS, None, regions={"shortcut_flip_excess": regions})
+    (c,) = [c for c in check_rules(RULES, values, series, IDS, None, regions={"shortcut_evidence": regions})
             if c.rule == "shortcut_confirmed"]
     assert c.level == "fire" and c.probe_ids == ["c", "b"]
     (event,) = AlertBook().update([c], epoch=2, global_step=40)
     assert event["regions"] == regions and event["regions"] is not regions
     text = describe_alert(event)
     assert "class 3 at box (y0, x0, y1, x1) (0, 0, 4, 4) flips 6/8 vs control 0/8" in text
+
+
+def test_the_shortcut_rule_fires_at_one_over_alpha_holds_between_and_clears_only_at_no_evidence() -> None:
+    """The evidence is an e-detector: it fires on reaching 1 / alpha, a fall short of that holds the
+    alert (one weak evaluation neither raises nor clears it), and it clears only back at 1."""
+    (rule,) = [r for r in default_rules(shortcut_alpha=0.01) if r.name == "shortcut_confirmed"]
+    assert rule.metric == "shortcut_evidence" and rule.threshold == 100.0
+    assert [rule.level(v, hysteresis=0.1) for v in (150.0, 99.0, 2.0, 1.0, 0.3, math.nan)] == [
+        "fire", "hold", "hold", "clear", "clear", "hold"]
+    book = AlertBook()
+    states = []
+    for value in (5.0, 300.0, 40.0, 3.0, 0.9, 50.0):
+        (c,) = check_rules((rule,), {"shortcut_evidence": value}, {}, IDS, None)
+        book.update([c], epoch=0, global_step=0)
+        states.append(book.active.get("shortcut_confirmed", False))
+    assert states == [False, True, True, True, False, False]
 
 
 def test_a_custom_rule_is_a_row_of_the_table() -> None:
@@ -118,7 +134,7 @@ def test_a_custom_rule_is_a_row_of_the_table() -> None:
 @pytest.mark.parametrize("kwargs, text", [(dict(spurious_enrichment=0), "> 0"), (dict(spurious_energy_rise=2), "(0, 1]"),
                                           (dict(object_energy_floor=-1), "[0, 1]"), (dict(drift_threshold=3), "(0, 2]"),
                                           (dict(object_enrichment_floor=2), "1.0 = chance"),
-                                          (dict(shortcut_flip_excess=0), "(0, 1]")])
+                                          (dict(shortcut_alpha=1.5), "(0, 1)")])
 def test_thresholds_out_of_range_are_refused(kwargs, text) -> None:
     with pytest.raises(ValueError, match=re.escape(text)):
         default_rules(**kwargs)

@@ -8,7 +8,11 @@ canvas. The cue (:data:`CUES`) is fixed per class:
   anywhere) at a random position inside the digit's box, drawn over the digit (no fixed place,
   off the border);
 - ``background_texture``: a faint grating (orientation and frequency fixed per class) behind the
-  digit, over the whole canvas.
+  digit, over the whole canvas;
+- ``border_frame``: a one-pixel frame around the canvas, dashed with a class-coded period and phase
+  (a global cue at no single spot: every side carries it);
+- ``background_cast``: the black background lifted to a class-coded grey level (a brightness
+  cast, the grayscale form of a colour cast: nothing local to find).
 
 When the cue matches the label (the "shortcut" split) a small CNN learns the cue instead of the
 digit; when it is random (the "control" split) the cue is noise.
@@ -31,9 +35,13 @@ MARGIN = (CANVAS - DIGIT) // 2
 PATCH = 4
 NUM_CLASSES = 10
 CORNERS = ((0, 0), (0, CANVAS - PATCH), (CANVAS - PATCH, 0), (CANVAS - PATCH, CANVAS - PATCH))
-#: The zoo's cues; the first two are localised (a patch), the texture covers the background.
-CUES = ("corner_patch", "interior_patch", "background_texture")
+#: The zoo's cues: the first two are localised (a patch), the others global (they cover the
+#: background or the border, no one spot carries them).
+CUES = ("corner_patch", "interior_patch", "background_texture", "border_frame", "background_cast")
+LOCAL_CUES = ("corner_patch", "interior_patch")
 TEXTURE_CONTRAST = 0.35
+#: The background grey level of class k under ``background_cast``: CAST_STEP * (k + 1).
+CAST_STEP = 0.03
 
 
 @lru_cache(maxsize=1)
@@ -83,6 +91,20 @@ def class_textures(contrast: float = TEXTURE_CONTRAST) -> torch.Tensor:
         theta, period = k * torch.pi / NUM_CLASSES, 4.0 if k % 2 == 0 else 6.0
         phase = 2 * torch.pi * (xs * torch.cos(torch.tensor(theta)) + ys * torch.sin(torch.tensor(theta))) / period
         out.append(0.5 * contrast * (1 + torch.sin(phase)))
+    return torch.stack(out)
+
+
+def class_frames() -> torch.Tensor:
+    """(10, 32, 32) one-pixel border frames, dashed: class k lights runs of ``2 + k % 5`` pixels
+    every ``2 * (2 + k % 5)`` along the border, shifted by a further ``k // 5`` pixels, so no two
+    classes share a frame."""
+    ys, xs = torch.meshgrid(torch.arange(CANVAS), torch.arange(CANVAS), indexing="ij")
+    on_border = (ys == 0) | (xs == 0) | (ys == CANVAS - 1) | (xs == CANVAS - 1)
+    along = torch.where((ys == 0) | (ys == CANVAS - 1), xs, ys)  # position along the side
+    out = []
+    for k in range(NUM_CLASSES):
+        run = 2 + k % 5
+        out.append((on_border & (((along + k // 5 * run) // run) % 2 == 0)).float())
     return torch.stack(out)
 
 
@@ -141,12 +163,14 @@ def draw_cues(images: torch.Tensor, cue_class: torch.Tensor, cue: str, gen: torc
     check_cue(cue)
     if not bool((cue_class >= 0).any()):
         return masks
-    if cue == "background_texture":
-        textures = class_textures()
+    if cue in ("background_texture", "border_frame", "background_cast"):
+        layers = (class_textures() if cue == "background_texture" else class_frames() if cue == "border_frame"
+                  else CAST_STEP * (torch.arange(NUM_CLASSES, dtype=torch.float32) + 1)[:, None, None].expand(
+                      NUM_CLASSES, CANVAS, CANVAS))
         for i in torch.nonzero(cue_class >= 0)[:, 0].tolist():
-            tex = textures[int(cue_class[i])]
-            masks[i] = tex > images[i, 0]
-            images[i, 0] = torch.maximum(images[i, 0], tex)
+            layer = layers[int(cue_class[i])]
+            masks[i] = layer > images[i, 0]
+            images[i, 0] = torch.maximum(images[i, 0], layer)
         return masks
     if cue == "corner_patch":
         scale = 1

@@ -1,0 +1,84 @@
+"""The decision's statistics: the exact sign test, Holm, the betting e-value and the e-detector,
+with its false-alarm rate measured on simulated null evaluations."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cam_monitor.evidence import EvidenceState, check_bet, holm, log_evalue, sign_test_p
+
+
+def test_the_sign_test_is_the_exact_binomial_tail_on_discordant_pairs() -> None:
+    assert sign_test_p(10, 0) == pytest.approx(2 ** -10)  # every pair one way: 10 pairs reach 1e-3
+    assert sign_test_p(0, 0) == 1.0 and sign_test_p(0, 5) == 1.0
+    assert sign_test_p(12, 1) == pytest.approx(14 / 2 ** 13)
+    assert sign_test_p(3, 3) == pytest.approx(sum(math.comb(6, k) for k in range(3, 7)) / 64)
+
+
+def test_holm_adjusts_step_down_and_stays_monotone() -> None:
+    out = holm({"a": 0.01, "b": 0.04, "c": 0.03})
+    assert out == {"a": pytest.approx(0.03), "c": pytest.approx(0.06), "b": pytest.approx(0.06)}
+    assert holm({"a": 0.6, "b": 0.7}) == {"a": 1.0, "b": 1.0}
+
+
+def test_the_evalue_bets_on_each_pair_less_the_margin() -> None:
+    d = torch.tensor([1, 1, 0, -1])
+    expected = 2 * math.log(1 + 0.5 * 0.9) + math.log(1 - 0.5 * 0.1) + math.log(1 - 0.5 * 1.1)
+    assert log_evalue(d, bet=0.5, min_effect=0.1) == pytest.approx(expected)
+    assert log_evalue(torch.zeros(0), 0.5, 0.1) == 0.0
+    with pytest.raises(ValueError, match="bet"):
+        check_bet(0.95, 0.1)  # a pair against would bet more than everything
+    with pytest.raises(ValueError, match="min_effect"):
+        check_bet(0.5, -0.1)
+
+
+def test_the_detector_restarts_at_one_holds_without_pairs_and_is_capped() -> None:
+    state = EvidenceState(cap=math.log(50))
+    against = state.update({"local": torch.tensor([-1, -1])}, 0.5, 0.0)
+    assert against.value(("local",)) == pytest.approx(0.25)
+    back = against.update({"local": torch.tensor([1])}, 0.5, 0.0)
+    assert back.value(("local",)) == pytest.approx(1.5)  # restarts from 1, not from 0.25
+    held = back.update({"local": torch.zeros(0)}, 0.5, 0.0)
+    assert held.log_detector == back.log_detector
+    capped = back.update({"local": torch.ones(20)}, 0.5, 0.0)
+    assert capped.value(("local",)) == pytest.approx(50)
+    assert capped.value(("local", "global")) == pytest.approx(25.5)  # the mean over arms; untested counts 1
+    assert EvidenceState.from_state(capped.state_dict()) == capped
+
+
+def _null_pairs(n: int, effect: float, gen: torch.Generator, discordant: float = 0.3) -> torch.Tensor:
+    """n paired differences with P(+1) - P(-1) = ``effect`` among a ``discordant`` share."""
+    u = torch.rand(n, generator=gen)
+    plus = discordant * (1 + effect / discordant) / 2
+    return torch.where(u < plus, 1, torch.where(u < discordant, -1, 0))
+
+
+@pytest.mark.parametrize("effect", [0.0, 0.05])
+def test_the_false_alarm_rate_per_evaluation_is_at_most_alpha_on_null_evaluations(effect) -> None:
+    """Null evaluations (candidates at most ``min_effect`` more potent than their controls, the
+    worst case included): the detector crosses 1 / alpha in at most alpha of the evaluations."""
+    alpha, bet, min_effect = 0.02, 0.7, 0.05
+    gen = torch.Generator().manual_seed(0)
+    alarms, evaluations = 0, 0
+    for _ in range(100):
+        state = EvidenceState(cap=2 * math.log(1 / alpha))
+        for _ in range(50):
+            state = state.update({"local": _null_pairs(32, effect, gen), "global": _null_pairs(32, effect, gen)},
+                                 bet, min_effect)
+            evaluations += 1
+            if state.value(("local", "global")) >= 1 / alpha:
+                alarms += 1
+                state = EvidenceState(cap=state.cap)  # count the alarm, start over
+    assert alarms / evaluations <= alpha, (alarms, evaluations)
+
+
+def test_a_cue_a_third_more_potent_than_its_control_is_confirmed_within_three_evaluations() -> None:
+    gen = torch.Generator().manual_seed(1)
+    state = EvidenceState(cap=2 * math.log(1e3))
+    values = []
+    for _ in range(3):
+        state = state.update({"local": _null_pairs(32, 0.33, gen, discordant=0.4)}, 0.7, 0.05)
+        values.append(state.value(("local", "global")))
+    assert values[-1] >= 1e3, values
