@@ -4,7 +4,7 @@
    one full monitor evaluation (CAM pass + metrics + rendering + TensorBoard write), with and
    without the faithfulness forward; the pictures the default monitor draws (the first 32 probes'
    grid at 128 px, the filmstrip of 4 probes, per-probe scalars); interleaved rounds, median/min/max.
-   The same table times mask-free discovery at its full budget (64 pasted images), given the maps.
+   The same table times mask-free discovery at its default budget (128 pasted or swapped images), given the maps.
 2. Throughput: probes per second of the default evaluation's blocking part on 1,024 probes.
 3. The background worker's effect on the training thread: training steps of the demo CNN with the
    worker idle vs drawing pictures all the time (interleaved rounds), with torch on every core and
@@ -105,19 +105,19 @@ def monitor_evaluation(repeats: int, device: torch.device, n: int = 64, size: in
         return run
 
     def discovery_full_budget():
-        """Mask-free discovery with every probe a suspect (settings loosened so the maps of this
-        random-weight model qualify): the most it pastes, 64 images for 64 probes."""
+        """Mask-free discovery at its default budget, both arms: 2 x 64 pasted or swapped images for
+        64 probes (every probe a candidate, as if the model got 10 classes right)."""
         ev = state["last"] = state.get("last") or measure(False)
-        loose = DiscoverySettings(energy_share=0.01, max_area=0.5)
-        classes = torch.arange(n) % 10  # as if the model got 10 classes right: every probe a suspect, any recipient
-        found = discover(ev.maps, probes, classes, classes, lambda x: predict_classes(model, x.to(device)), loose)
-        assert len(found.tests) == n // 2
+        classes = torch.arange(n) % 10
+        found = discover(ev.maps, probes, classes, classes, lambda x: predict_classes(model, x.to(device)),
+                         DiscoverySettings())
+        assert 2 * (len(found.tests) + len(found.swaps)) == 2 * n
 
     names = {"forward": "inference forward (64 x 224)", "nofaith": "monitor evaluation, no faithfulness",
              "default": "monitor evaluation (default, + faithfulness forward)",
              "queued": "same, pictures on the background worker: whole evaluation",
              "queued_nofaith": "no faithfulness, pictures on the background worker: whole evaluation",
-             "discovery": "mask-free discovery at its full budget (64 pasted images), given the maps"}
+             "discovery": "mask-free discovery at its default budget (128 pasted or swapped images), given the maps"}
     times = time_interleaved({names["forward"]: forward, names["nofaith"]: full(False), names["default"]: full(True),
                               names["queued"]: queued(), names["queued_nofaith"]: queued(False),
                               names["discovery"]: discovery_full_budget}, repeats, device)

@@ -3,8 +3,10 @@
 For every task of ``cam_monitor.demo.data.CUES`` and every seed: one fit where the cue codes the
 label (shortcut) and one where it is random (control), the default ``CAMMonitor`` on every epoch
 with mask-free probes (``cam_monitor.demo.zoo``). Ground truth: accuracy with matched cues minus
-accuracy with random cues. Reports per task: detection rate on shortcut runs, false alarms on
-controls, the first alert's epoch next to the epoch the gap passes 0.2, and what the discovery
+accuracy with random cues. Reports per task: detection rate on shortcut runs, detections by the
+epoch after the gap passes 0.2, alerts still active at the last epoch while the gap is still
+>= 0.2, false alarms on controls (runs, and fired alerts per control evaluation beside the stated
+alpha), the first alert's epoch next to the epoch the gap passes 0.2, and what the discovery
 costs per evaluation (pasted images, seconds, ratio to one inference forward of the probe set;
 medians of interleaved repeats on the last model).
 
@@ -30,7 +32,7 @@ from bench_engine import default_result_path, machine, time_interleaved, write_j
 
 from cam_monitor.demo.data import CUES  # noqa: E402
 from cam_monitor.demo.zoo import ZooRun, run_task  # noqa: E402
-from cam_monitor.discovery import discover  # noqa: E402
+from cam_monitor.discovery import DiscoverySettings, discover  # noqa: E402
 from cam_monitor.engine import predict_classes  # noqa: E402
 
 
@@ -56,16 +58,21 @@ def discovery_cost(run: ZooRun, repeats: int) -> dict:
 
 def summarise(runs: list[ZooRun]) -> list[dict]:
     rows = []
-    for cue in CUES:
+    for cue in dict.fromkeys(r.cue for r in runs):
         shortcut = [r for r in runs if r.cue == cue and r.variant == "shortcut"]
         control = [r for r in runs if r.cue == cue and r.variant == "control"]
         detected = [r for r in shortcut if r.alerts]
         in_time = [r for r in shortcut if r.first_alert_epoch is not None
-                   and (r.gap_epoch is None or r.first_alert_epoch <= r.gap_epoch)]
+                   and (r.gap_epoch is None or r.first_alert_epoch <= r.gap_epoch + 1)]
+        still_cheating = [r for r in shortcut if r.rows[-1]["accuracy_gap"] >= 0.2]
+        control_evals = sum(len(r.rows) for r in control)
         rows.append({
             "task": cue, "seeds": len(shortcut),
-            "detected": len(detected), "detected_by_gap_epoch": len(in_time),
+            "detected": len(detected), "detected_by_next_epoch": len(in_time),
+            "still_cheating_at_end": len(still_cheating),
+            "active_at_end": sum(1 for r in still_cheating if r.active_at_end),
             "false_alarms": sum(1 for r in control if r.alerts),
+            "false_alarm_rate_per_evaluation": sum(len(r.alerts) for r in control) / max(1, control_evals),
             "first_alert_epochs": [r.first_alert_epoch for r in shortcut],
             "gap_passes_0.2_epochs": [r.gap_epoch for r in shortcut],
             "final_gap": [round(r.rows[-1]["accuracy_gap"], 3) for r in shortcut],
@@ -76,13 +83,17 @@ def summarise(runs: list[ZooRun]) -> list[dict]:
 
 
 def print_table(rows: list[dict], cost: dict) -> None:
-    print("\n| task | detected (shortcut runs) | by the gap epoch | false alarms (controls) | first alert epoch | "
-          "gap > 0.2 epoch |")
-    print("|---|---|---|---|---|---|")
+    print("\n| task | detected (shortcut runs) | by the epoch after gap > 0.2 | active at the end (gap still >= 0.2) | "
+          "false alarms (controls) | first alert epoch | gap > 0.2 epoch |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         fmt = lambda xs: ", ".join("-" if x is None else str(x) for x in xs)  # noqa: E731
-        print(f"| {r['task']} | {r['detected']}/{r['seeds']} | {r['detected_by_gap_epoch']}/{r['seeds']} | "
-              f"{r['false_alarms']}/{r['seeds']} | {fmt(r['first_alert_epochs'])} | {fmt(r['gap_passes_0.2_epochs'])} |")
+        print(f"| {r['task']} | {r['detected']}/{r['seeds']} | {r['detected_by_next_epoch']}/{r['seeds']} | "
+              f"{r['active_at_end']}/{r['still_cheating_at_end']} | {r['false_alarms']}/{r['seeds']} | "
+              f"{fmt(r['first_alert_epochs'])} | {fmt(r['gap_passes_0.2_epochs'])} |")
+    fired = sum(r["false_alarm_rate_per_evaluation"] for r in rows) / max(1, len(rows))
+    print(f"\nfalse alarms per control evaluation: {fired:.4f} (stated alpha "
+          f"{DiscoverySettings().alpha:g})")
     print(f"\ndiscovery cost per evaluation: {cost['pasted_images']} pasted images for {cost['probes']} probes, "
           f"{cost['discovery_s'] * 1e3:.1f} ms vs {cost['forward_s'] * 1e3:.1f} ms for one inference forward of the "
           f"probe set (ratio {cost['ratio']:.2f})")
@@ -92,6 +103,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--cues", default=",".join(CUES), help="comma-separated zoo tasks (default: all)")
     p.add_argument("--repeats", type=int, default=20, help="interleaved repeats of the cost measurement")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/zoo_cpu.json)")
     args = p.parse_args()
@@ -102,13 +114,13 @@ def main() -> None:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="cam_zoo_") as root:
         for seed in range(args.seeds):
-            for cue in CUES:
+            for cue in args.cues.split(","):
                 for variant in ("shortcut", "control"):
                     run = run_task(cue, variant, seed, args.epochs, f"{root}/{cue}_{variant}_{seed}")
                     runs.append(run)
                     print(f"{cue:>18} {variant:>8} seed {seed}: gap > 0.2 at epoch {run.gap_epoch}, alerts "
                           f"{[(a['epoch'], a['rule']) for a in run.alerts]}", flush=True)
-        cost = discovery_cost(next(r for r in reversed(runs) if r.cue == CUES[0] and r.variant == "shortcut"),
+        cost = discovery_cost(next(r for r in reversed(runs) if r.variant == "shortcut"),
                               args.repeats)
     rows = summarise(runs)
     print_table(rows, cost)

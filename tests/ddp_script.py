@@ -28,7 +28,7 @@ def main() -> None:
     L.seed_everything(0, verbose=False)
     # discovery with low minimums, so its rates are defined on 15 probes and can be compared
     monitor = quick_monitor(num_probes=15, batch_size=4, alert_action=action, tile_size=32,
-                            discovery=DiscoverySettings(min_tests=2, min_suspects=1))
+                            discovery=DiscoverySettings(box_cells=1))
     trainer = L.Trainer(callbacks=[monitor], accelerator="cpu", devices=2, strategy="ddp", max_epochs=3, limit_train_batches=4,
                         limit_val_batches=2, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(out))

@@ -39,32 +39,50 @@ def test_no_alert_on_any_control_of_the_zoo(cue, tmp_path) -> None:
     assert max(abs(r["accuracy_gap"]) for r in run.rows) < 0.1  # the ground truth agrees: no shortcut
 
 
-def test_the_corner_shortcut_is_found_without_masks_and_its_region_named_and_exported(tmp_path) -> None:
+def test_the_corner_shortcut_is_found_without_masks_held_and_its_region_named_and_exported(tmp_path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        run = run_task("corner_patch", "shortcut", 0, 2, str(tmp_path))
-    assert run.gap_epoch == 0 and run.first_alert_epoch == 0
-    (alert,) = [a for a in run.alerts if a["epoch"] == 0]
-    assert alert["rule"] == "shortcut_confirmed" and alert["metric"] == "cam/shortcut_flip_excess"
+        run = run_task("corner_patch", "shortcut", 0, 3, str(tmp_path))
+    assert run.gap_epoch == 0 and run.first_alert_epoch is not None and run.first_alert_epoch <= 1
+    (alert,) = run.alerts
+    assert alert["rule"] == "shortcut_confirmed" and alert["metric"] == "cam/shortcut_evidence"
+    assert alert["value"] >= alert["threshold"] == 1000.0  # 1 / alpha
+    assert run.monitor.book.active["shortcut_confirmed"]  # still active at the last epoch: the model still cheats
+    assert all(r["cam/shortcut_p"] < 0.05 for r in run.rows)
     truth = make_decoy_digits(0, cue="corner_patch").val
     probes = run.monitor.probes
     ids = {pid: i for i, pid in enumerate(probes.ids)}
     top = alert["regions"][0]
     assert top["flip_rate"] > top["control_rate"] and top["tests"] >= 1
-    # every box the alert names covers its probe's decoy, which nobody marked
+    # the boxes of the regions that flipped cover their probe's decoy, which nobody marked
     picked = mask_free_probes("corner_patch", 0)
     assert torch.equal(picked.images, probes.images)
+    covered, named = 0, 0
     for region in alert["regions"]:
+        if region["flip_rate"] <= region["control_rate"]:
+            continue
         for pid, (y0, x0, y1, x1) in zip(region["probe_ids"], region["boxes"]):
-            i = ids[pid]
-            decoy = _truth_mask(truth, probes.images[i])
-            assert decoy[y0:y1, x0:x1].any(), (pid, (y0, x0, y1, x1))
-            assert (y1 - y0) * (x1 - x0) <= 4 * PATCH * PATCH * 4
+            decoy = _truth_mask(truth, probes.images[ids[pid]])
+            covered += bool(decoy[y0:y1, x0:x1].any())
+            named += 1
+            assert (y1 - y0) * (x1 - x0) <= 4 * PATCH * PATCH  # 2x2 cells of the 8x8 grid
+    assert named and covered >= 0.75 * named, (covered, named)
     logged = [json.loads(line) for line in (tmp_path / "cam_monitor" / "alerts.jsonl").read_text().splitlines()]
     assert logged[0]["regions"] == alert["regions"]
     exported = run.monitor.inferred_probes()
     assert exported.spurious_masks is not None and exported.spurious_masks.flatten(1).any(1).sum() >= 1
     assert exported.images is probes.images or torch.equal(exported.images, probes.images)
+
+
+@pytest.mark.parametrize("cue", ["background_cast", "background_texture"])
+def test_a_global_shortcut_is_confirmed_by_the_amplitude_swap(cue, tmp_path) -> None:
+    """Nothing local to paste: the maps spread over the cue, the global arm finds it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run = run_task(cue, "shortcut", 0, 2, str(tmp_path))
+    assert run.gap_epoch == 0 and [a["rule"] for a in run.alerts] == ["shortcut_confirmed"]
+    last = run.rows[-1]
+    assert last["cam/global_flip_excess"] > 0.2 and last["cam/shortcut_evidence"] >= 1000
 
 
 def _truth_mask(split, image: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,11 @@ class ZooRun:
         return min((a["epoch"] for a in self.alerts), default=None)
 
     @property
+    def active_at_end(self) -> bool:
+        """Whether ``shortcut_confirmed`` is still active after the last evaluation."""
+        return bool(self.monitor.book.active.get("shortcut_confirmed"))
+
+    @property
     def gap_epoch(self) -> int | None:
         """The first epoch whose accuracy gap passes :data:`GAP_LINE` (None if it never does)."""
         return next((r["epoch"] for r in self.rows if r["accuracy_gap"] > GAP_LINE), None)
