@@ -265,29 +265,37 @@ def _fit(box: Box, size: tuple[int, int], image_size: tuple[int, int]) -> Box:
     return y, x, y + size[0], x + size[1]
 
 
-def control_box(source_map: torch.Tensor, avoid: Box, size: tuple[int, int], image_size: tuple[int, int],
-                side: tuple[int, int], gen: torch.Generator) -> Box:
-    """A window of the source the map also credits: drawn in proportion to its energy among the
-    windows not overlapping ``avoid`` (uniformly among them if none has any), ``size`` pixels."""
-    grid = tuple(source_map.shape)
-    energy = window_energy(source_map[None], side)[0]
-    boxes = [cells_to_pixels(window_at(i, energy.shape[-1], side), grid, image_size) for i in range(energy.numel())]
-    free = torch.tensor([not _overlaps(b, avoid) for b in boxes])
+@dataclass
+class Windows:
+    """Every window of ``side`` cells of a set of maps: its energy per map (N, K) and its pixel box."""
+
+    energy: torch.Tensor
+    boxes: list[Box]
+
+    @classmethod
+    def of(cls, maps: torch.Tensor, side: tuple[int, int], image_size: tuple[int, int]) -> "Windows":
+        grid = tuple(maps.shape[-2:])
+        energy = window_energy(maps, side)
+        width = energy.shape[-1]
+        boxes = [cells_to_pixels(window_at(i, width, side), grid, image_size) for i in range(width * energy.shape[-2])]
+        return cls(energy.flatten(1), boxes)
+
+
+def control_box(windows: Windows, source: int, avoid: Box, size: tuple[int, int], image_size: tuple[int, int],
+                gen: torch.Generator) -> Box:
+    """A window of map ``source`` that its map also credits: drawn in proportion to its energy among
+    the windows not overlapping ``avoid`` (uniformly among them if none has any), ``size`` pixels."""
+    free = torch.tensor([not _overlaps(b, avoid) for b in windows.boxes])
     if not free.any():
         free = torch.ones_like(free)
-    weights = energy.flatten().double() * free
+    weights = windows.energy[source].double() * free
     weights = weights if weights.sum() > 0 else free.double()
-    pick = int(torch.multinomial(weights, 1, generator=gen))
-    return _fit(boxes[pick], size, image_size)
+    return _fit(windows.boxes[int(torch.multinomial(weights, 1, generator=gen))], size, image_size)
 
 
-def quiet_place(recipient_map: torch.Tensor, size: tuple[int, int], image_size: tuple[int, int],
-                side: tuple[int, int]) -> Box:
+def quiet_place(windows: Windows, recipient: int, size: tuple[int, int], image_size: tuple[int, int]) -> Box:
     """The recipient's least-credited window (its background as its map sees it), ``size`` pixels."""
-    grid = tuple(recipient_map.shape)
-    energy = window_energy(recipient_map[None], side)[0]
-    return _fit(cells_to_pixels(window_at(int(energy.flatten().argmin()), energy.shape[-1], side), grid, image_size),
-                size, image_size)
+    return _fit(windows.boxes[int(windows.energy[recipient].argmin())], size, image_size)
 
 
 def recipients_of(suspects: list[Suspect], targets: torch.Tensor, preds: torch.Tensor, num: int,
@@ -317,13 +325,16 @@ def recipients_of(suspects: list[Suspect], targets: torch.Tensor, preds: torch.T
 def plan_tests(suspects: list[Suspect], maps: torch.Tensor, targets: torch.Tensor, preds: torch.Tensor,
                image_size: tuple[int, int], num_tests: int, box_cells: int, gen: torch.Generator) -> list[PasteTest]:
     """Up to ``num_tests`` local paste tests (see the module docstring)."""
-    side = window_side(tuple(maps.shape[-2:]), box_cells)
+    pairs = recipients_of(suspects, targets, preds, num_tests, gen)
+    if not pairs:
+        return []
+    windows = Windows.of(maps, window_side(tuple(maps.shape[-2:]), box_cells), image_size)
     tests = []
-    for s, r in recipients_of(suspects, targets, preds, num_tests, gen):
+    for s, r in pairs:
         box = suspects[s].box
         size = (box[2] - box[0], box[3] - box[1])
-        tests.append(PasteTest(s, r, control_box(maps[suspects[s].probe], box, size, image_size, side, gen),
-                               quiet_place(maps[r], size, image_size, side)))
+        tests.append(PasteTest(s, r, control_box(windows, suspects[s].probe, box, size, image_size, gen),
+                               quiet_place(windows, r, size, image_size)))
     return tests
 
 

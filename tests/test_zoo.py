@@ -25,6 +25,23 @@ def test_each_cue_is_class_coded_in_the_shortcut_split_and_random_in_the_control
         assert (masks.flatten(1).sum(1) == (2 * PATCH) ** 2).all()
 
 
+def test_the_zoo_also_trains_a_resnet18_whose_layer4_is_a_4x4_grid() -> None:
+    from cam_monitor.demo.model import ARCHS, DigitClassifier
+    from cam_monitor.layers import resolve_layer
+
+    model = DigitClassifier(arch="resnet18")
+    _, layer = resolve_layer(model, ARCHS["resnet18"])
+    seen = []
+    handle = layer.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    try:
+        assert model(torch.rand(2, 1, 32, 32)).shape == (2, 10)
+    finally:
+        handle.remove()
+    assert seen == [(2, 512, 4, 4)]
+    with pytest.raises(ValueError, match="arch must be one of"):
+        DigitClassifier(arch="vit")
+
+
 def test_an_unknown_cue_is_refused() -> None:
     with pytest.raises(ValueError, match="cue must be one of"):
         make_decoy_digits(0, cue="watermark")

@@ -36,13 +36,35 @@ class SmallCNN(nn.Module):
         return self.head(self.pool(self.features(x)).flatten(1))
 
 
-class DigitClassifier(L.LightningModule):
-    """Cross-entropy training of :class:`SmallCNN` with Adam; logs ``train/loss``, ``val/loss``, ``val/acc``."""
+def digit_resnet18(num_classes: int = NUM_CLASSES) -> nn.Module:
+    """torchvision's ResNet-18 (random weights) for 1-channel 32 px digits: a 3x3 stride-1 stem and
+    no max-pool, so ``layer4`` ends on a 4x4 grid (stride 8), as a ResNet-18 adapted to small
+    images; BatchNorm momentum 0.3 as in :class:`SmallCNN`."""
+    from torchvision.models import resnet18
 
-    def __init__(self, lr: float = 3e-3, width: int = 16) -> None:
+    net = resnet18(weights=None, num_classes=num_classes)
+    net.conv1 = nn.Conv2d(1, 64, 3, stride=1, padding=1, bias=False)
+    net.maxpool = nn.Identity()
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = 0.3
+    return net
+
+
+#: The demo's architectures and the layer each explains.
+ARCHS = {"cnn": "net.features", "resnet18": "net.layer4"}
+
+
+class DigitClassifier(L.LightningModule):
+    """Cross-entropy training of :class:`SmallCNN` (``arch="cnn"``) or :func:`digit_resnet18`
+    (``arch="resnet18"``) with Adam; logs ``train/loss``, ``val/loss``, ``val/acc``."""
+
+    def __init__(self, lr: float = 3e-3, width: int = 16, arch: str = "cnn") -> None:
         super().__init__()
+        if arch not in ARCHS:
+            raise ValueError(f"arch must be one of {tuple(ARCHS)}, got {arch!r}")
         self.save_hyperparameters()
-        self.net = SmallCNN(width=width)
+        self.net = SmallCNN(width=width) if arch == "cnn" else digit_resnet18()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

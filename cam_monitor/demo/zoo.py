@@ -16,10 +16,10 @@ import lightning as L
 from ..callback import CAMMonitor
 from ..probes import ProbeSet
 from .data import make_decoy_digits
-from .model import DecoyDigitsDataModule, DigitClassifier
+from .model import ARCHS, DecoyDigitsDataModule, DigitClassifier
 from .run import GAP_LINE, DecoyAccuracy
 
-LAYER = "net.features"
+LAYER = ARCHS["cnn"]
 
 
 @dataclass
@@ -59,19 +59,20 @@ def mask_free_probes(cue: str, seed: int, num_probes: int = 64) -> ProbeSet:
 
 
 def run_task(cue: str, variant: str, seed: int, epochs: int, root: str, *, num_probes: int = 64,
-             limit_train_batches: int | float | None = None, **monitor_kwargs: Any) -> ZooRun:
-    """Train the demo CNN on one zoo task with a mask-free :class:`CAMMonitor` on every epoch."""
+             limit_train_batches: int | float | None = None, arch: str = "cnn", **monitor_kwargs: Any) -> ZooRun:
+    """Train the demo CNN (or ``arch="resnet18"``) on one zoo task with a mask-free :class:`CAMMonitor`
+    on every epoch."""
     L.seed_everything(seed, verbose=False)
     data = DecoyDigitsDataModule(variant, seed=seed, cue=cue)
     data.setup()
     accuracy = DecoyAccuracy({"matched": data.data.test_matched, "random": data.data.test_random})
-    kwargs = {"target_layer": LAYER, "alert_action": "log", "images_every_n_evals": 0, **monitor_kwargs}
+    kwargs = {"target_layer": ARCHS[arch], "alert_action": "log", "images_every_n_evals": 0, **monitor_kwargs}
     monitor = CAMMonitor(probes=mask_free_probes(cue, seed, num_probes), log_dir=f"{root}/cam_monitor", **kwargs)
     trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, deterministic=True, logger=False,
                         callbacks=[accuracy, monitor], enable_checkpointing=False, enable_model_summary=False,
                         enable_progress_bar=False, default_root_dir=root, num_sanity_val_steps=0,
                         limit_train_batches=limit_train_batches)
-    model = DigitClassifier()
+    model = DigitClassifier(arch=arch)
     trainer.fit(model, data)
     rows = [{**acc, **{k: v for k, v in hist.items() if k.startswith("cam/")}}
             for acc, hist in zip(accuracy.rows, monitor.history)]
