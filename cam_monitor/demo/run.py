@@ -68,10 +68,14 @@ class FirstAlertEvaluation(L.Callback):
     def __init__(self, monitor: CAMMonitor) -> None:
         self.monitor = monitor
         self.evaluation = None
+        self._alerted = False  # whether an alert had fired before the latest evaluation
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.sanity_checking and (self.evaluation is None or not self.monitor.alerts):
+        if trainer.sanity_checking:
+            return
+        if not self._alerted:
             self.evaluation = self.monitor.last_evaluation
+        self._alerted = bool(self.monitor.alerts)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
