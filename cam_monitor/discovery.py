@@ -254,10 +254,6 @@ def find_suspects(maps: torch.Tensor, targets: torch.Tensor, preds: torch.Tensor
     return sorted(suspects, key=lambda s: (-s.share, s.probe))
 
 
-def _overlaps(a: Box, b: Box) -> bool:
-    return not (a[2] <= b[0] or a[0] >= b[2] or a[3] <= b[1] or a[1] >= b[3])
-
-
 def _fit(box: Box, size: tuple[int, int], image_size: tuple[int, int]) -> Box:
     """``box``'s top-left with ``size``, moved back inside the image."""
     y = min(box[0], image_size[0] - size[0])
@@ -271,6 +267,7 @@ class Windows:
 
     energy: torch.Tensor
     boxes: list[Box]
+    corners: torch.Tensor  # (K, 4) the boxes as a tensor
 
     @classmethod
     def of(cls, maps: torch.Tensor, side: tuple[int, int], image_size: tuple[int, int]) -> "Windows":
@@ -278,14 +275,15 @@ class Windows:
         energy = window_energy(maps, side)
         width = energy.shape[-1]
         boxes = [cells_to_pixels(window_at(i, width, side), grid, image_size) for i in range(width * energy.shape[-2])]
-        return cls(energy.flatten(1), boxes)
+        return cls(energy.flatten(1), boxes, torch.tensor(boxes, dtype=torch.long).reshape(-1, 4))
 
 
 def control_box(windows: Windows, source: int, avoid: Box, size: tuple[int, int], image_size: tuple[int, int],
                 gen: torch.Generator) -> Box:
     """A window of map ``source`` that its map also credits: drawn in proportion to its energy among
     the windows not overlapping ``avoid`` (uniformly among them if none has any), ``size`` pixels."""
-    free = torch.tensor([not _overlaps(b, avoid) for b in windows.boxes])
+    c = windows.corners
+    free = (c[:, 2] <= avoid[0]) | (c[:, 0] >= avoid[2]) | (c[:, 3] <= avoid[1]) | (c[:, 1] >= avoid[3])
     if not free.any():
         free = torch.ones_like(free)
     weights = windows.energy[source].double() * free
