@@ -84,8 +84,8 @@ def inert_setting_findings(explicit: dict[str, object], probes: ProbeSet, discov
                        "in the probe folder)" + ("" if kind == "object" else
                                                  ", or rely on mask-free discovery (shortcut_confirmed)"))
     if "shortcut_flip_excess" in explicit and not discovery_enabled:
-        out.append(f"shortcut_flip_excess={explicit['shortcut_flip_excess']!r} can never alert: it is the threshold of "
-                   "mask-free discovery, and discovery=False; turn discovery on")
+        out.append(f"shortcut_flip_excess={explicit['shortcut_flip_excess']!r} can never alert: it is the margin of "
+                   "mask-free discovery's test, and discovery=False; turn discovery on")
     return out
 
 

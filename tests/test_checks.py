@@ -43,7 +43,7 @@ def test_a_coarse_grid_the_band_and_a_shared_layer_are_warned_and_channels_last_
     assert "pointing_spurious is 1.0" in text and "runs 2 times in one forward" in text
     # mask-free, the band's enrichment does not alert (nothing to warn about), but discovery cannot work
     assert "no map can put more than" not in text
-    assert "covers 25% of the image, more than discovery's small region" in text
+    assert "covers 100% of the image: the local paste test cannot tell" in text
     assert found.notes == ["layer 'body' outputs channels-last (B, h, w, C); reading it so (pass layout='nchw' to override)"]
 
 

@@ -41,7 +41,7 @@ def test_wandb_offline_run_holds_images_table_and_alerts(tmp_path, monkeypatch) 
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    mon = quick_monitor(tile_size=48)
+    mon = quick_monitor(tile_size=48, object_enrichment_floor=1.0)  # a second rule: the object floor at chance
     logger = WandbLogger(save_dir=str(tmp_path), project="cam-monitor-test", offline=True)
     monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb_data"))  # staged table files stay under tmp_path
     try:
@@ -62,7 +62,8 @@ def test_wandb_offline_run_holds_images_table_and_alerts(tmp_path, monkeypatch) 
     assert [row[0] for row in table["data"]] == mon.probes.ids
     alert_tables = list((media / "table" / "cam").glob("alert_events_*.table.json"))
     rules = {row[3] for t in alert_tables for row in json.loads(t.read_text())["data"]}
-    assert "spurious_enrichment" in rules and rules <= {"spurious_enrichment", "shortcut_confirmed"}
+    assert "spurious_enrichment" in rules and rules <= {"spurious_enrichment", "object_enrichment_floor",
+                                                        "shortcut_confirmed"}
     assert (run_dir / f"run-{run_dir.name.split('-')[-1]}.wandb").stat().st_size > 0
     # one table of alert events that accumulates: its incremental parts hold each event once, in words too
     events = [row for t in alert_tables for row in json.loads(t.read_text())["data"]]

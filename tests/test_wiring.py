@@ -417,5 +417,5 @@ def test_a_2x2_grid_warns_that_pointing_and_enrichment_cannot_move(tmp_path) -> 
         warnings.simplefilter("always")
         fit(tmp_path, mon, epochs=1, model=Coarse(), limit_train_batches=1)
     texts = [str(w.message) for w in caught if "grid of layer" in str(w.message)]
-    assert any("covers 25% of the image, more than discovery's small region" in t for t in texts)
+    assert any("covers 100% of the image: the local paste test cannot tell" in t for t in texts)
     assert any("pointing_spurious is 1.0 whatever the model does" in t for t in texts)
