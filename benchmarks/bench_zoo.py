@@ -107,6 +107,7 @@ def print_table(rows: list[dict], cost: dict) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--first-seed", type=int, default=0, help="seeds run are first-seed .. first-seed + seeds - 1")
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--arch", default="cnn", choices=("cnn", "resnet18"), help="the model trained on each task")
     p.add_argument("--cues", default=",".join(CUES), help="comma-separated zoo tasks (default: all)")
@@ -119,7 +120,7 @@ def main() -> None:
     runs: list[ZooRun] = []
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="cam_zoo_") as root:
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             for cue in args.cues.split(","):
                 for variant in ("shortcut", "control"):
                     run = run_task(cue, variant, seed, args.epochs, f"{root}/{cue}_{variant}_{seed}", arch=args.arch)
@@ -130,7 +131,8 @@ def main() -> None:
                               args.repeats)
     rows = summarise(runs)
     print_table(rows, cost)
-    result = {"machine": machine(), "arch": args.arch, "epochs": args.epochs, "seeds": args.seeds, "tasks": rows, "cost": cost,
+    result = {"machine": machine(), "arch": args.arch, "epochs": args.epochs,
+              "seeds": list(range(args.first_seed, args.first_seed + args.seeds)), "tasks": rows, "cost": cost,
               "runs": [{"task": r.cue, "variant": r.variant, "seed": r.seed, "alerts": r.alerts, "epochs": r.rows}
                        for r in runs],
               "wall_s": time.perf_counter() - start}
