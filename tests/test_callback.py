@@ -416,3 +416,21 @@ def test_inferred_regions_stay_drawn_while_their_alert_is_active() -> None:
     assert torch.equal(mon._regions_to_show(nothing), box)  # still active: the last regions stay drawn
     mon.book.active["shortcut_confirmed"] = False
     assert not bool(mon._regions_to_show(nothing).any())  # cleared: nothing inferred now, nothing drawn
+
+
+def test_the_shortcut_evidence_is_part_of_the_state_and_old_states_still_load(tmp_path) -> None:
+    """A resumed run keeps the evidence it had accumulated (the alert neither restarts nor clears on
+    resume); a state written before the evidence was kept loads with none."""
+    from cam_monitor.evidence import EvidenceState
+
+    mon = quick_monitor()
+    mon._evidence = EvidenceState({"local": 3.5, "global": -0.2}, cap=13.8)
+    torch.save(mon.state_dict(), tmp_path / "state.pt")
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    fresh = quick_monitor()
+    fresh.load_state_dict(state)
+    assert fresh._evidence == mon._evidence
+    del state["evidence"]
+    old = quick_monitor()
+    old.load_state_dict(state)
+    assert old._evidence is None
