@@ -1,8 +1,8 @@
 """What the monitor costs: one full evaluation vs an inference forward, and training overhead.
 
 1. ResNet-18 (random weights), 64 probes at 224 px (smooth random images): an inference-mode forward of the batch vs
-   one full monitor evaluation (CAM pass + metrics + rendering + TensorBoard write), with and
-   without the faithfulness forward; the pictures the default monitor draws (the first 32 probes'
+   one full evaluation of ``cam_monitor.Monitor`` (CAM pass + metrics + discovery + rules + rendering + TensorBoard
+   write), with and without the faithfulness forward; the pictures the default monitor draws (the first 32 probes'
    grid at 128 px, the filmstrip of 4 probes, per-probe scalars); interleaved rounds, median/min/max.
    The same table times mask-free discovery at its default budget (128 pasted or swapped images), given the maps.
 2. Throughput: probes per second of the default evaluation's blocking part on 1,024 probes.
@@ -61,53 +61,51 @@ def monitor_evaluation(repeats: int, device: torch.device, n: int = 64, size: in
     probes = cm.ProbeSet(images, torch.randint(0, 1000, (n,), generator=g), spur, obj,
                          mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
     batch = images.to(device)
-    sink = TensorBoardSink(tempfile.mkdtemp(prefix="cam_bench_tb_"))
-    state: dict = {"step": 0, "prev": None, "ref": None}
+    placement = Placement(device=device)
+    monitors: list[cm.Monitor] = []
+
+    def default_monitor(faithfulness: bool, background: bool) -> cm.Monitor:
+        """The default monitor (discovery on, the grid of the first 32 probes at 128 px, the
+        filmstrip of 4 probes, per-probe scalars) writing one TensorBoard event file."""
+        mon = cm.Monitor("layer4", probes, cams=cm.CAMSettings(batch_size=n, faithfulness=faithfulness),
+                         alerting=cm.AlertSettings(action="log"))
+        folder = tempfile.mkdtemp(prefix="cam_bench_tb_")
+        mon.open(folder, [TensorBoardSink(folder)], background=background)
+        mon.prepare(model, placement)
+        monitors.append(mon)
+        return mon
 
     def forward():
         with torch.inference_mode():
             model(batch)
 
-    def measure(faithfulness: bool):
-        ev = evaluate(model, probes, EvalSettings("layer4", batch_size=n, faithfulness=faithfulness),
-                      Placement(device=device), epoch=0, global_step=state["step"], previous=state["prev"],
-                      reference=state["ref"])
-        state["step"] += 1
-        state["prev"] = ev.maps
-        state["ref"] = state["ref"] if state["ref"] is not None else ev.as_reference()
-        return ev
-
-    history = History()
-    report = ReportSettings()
-
-    def draw_and_write(ev) -> None:
-        """What the default monitor draws and writes: the grid of the first 32 probes at 128 px,
-        the filmstrip of 4 probes, the per-probe scalars, one TensorBoard event file."""
-        history.record(ev, "fit", {})
-        sink.log_evaluation(ev, build_panel(probes, ev, history, report, trends=not sink.draws_curves))
-
     def full(faithfulness: bool):
+        mon, step = default_monitor(faithfulness, background=False), iter(range(10**6))
+
         def run():
-            draw_and_write(measure(faithfulness))
+            mon.evaluate(model, placement, epoch=0, step=next(step))
         return run
 
-    worker = Publisher(background=True)
     blocking: dict[bool, list[float]] = {True: [], False: []}
 
     def queued(faithfulness: bool = True):
-        """The default monitor: the caller waits for the pass and the metrics, the worker draws."""
+        """The default monitor on an accelerator: the caller waits for the pass and the metrics, the worker draws."""
+        mon, step = default_monitor(faithfulness, background=True), iter(range(10**6))
+
         def run():
             start = time.perf_counter()
-            ev = measure(faithfulness)
-            worker.submit("render", lambda: draw_and_write(ev))
+            mon.evaluate(model, placement, epoch=0, step=next(step))
             blocking[faithfulness].append(time.perf_counter() - start)
-            worker.drain()  # timed as part of the round: blocking + background = the whole evaluation
+            mon.outputs.publisher.drain()  # timed as part of the round: blocking + background = the whole evaluation
         return run
+
+    state: dict = {}
 
     def discovery_full_budget():
         """Mask-free discovery at its default budget, both arms: 2 x 64 pasted or swapped images for
         64 probes (every probe a candidate, as if the model got 10 classes right)."""
-        ev = state["last"] = state.get("last") or measure(False)
+        ev = state["last"] = state.get("last") or evaluate(model, probes, EvalSettings("layer4", batch_size=n),
+                                                              placement)
         classes = torch.arange(n) % 10
         found = discover(ev.maps, probes, classes, classes, lambda x: predict_classes(model, x.to(device)),
                          DiscoverySettings())
@@ -121,8 +119,8 @@ def monitor_evaluation(repeats: int, device: torch.device, n: int = 64, size: in
     times = time_interleaved({names["forward"]: forward, names["nofaith"]: full(False), names["default"]: full(True),
                               names["queued"]: queued(), names["queued_nofaith"]: queued(False),
                               names["discovery"]: discovery_full_budget}, repeats, device)
-    worker.close()
-    sink.close()
+    for mon in monitors:
+        mon.close()
     times["same: blocking part (what the training loop waits for)"] = blocking[True][1:]  # [0] was the warm-up
     times["same: background part (on the worker)"] = [t - b for t, b in zip(times[names["queued"]], blocking[True][1:])]
     times["no faithfulness: blocking part"] = blocking[False][1:]
@@ -139,8 +137,10 @@ def demo_fit_seconds(monitor: str, epochs: int, root: str) -> float:
     L.seed_everything(0, verbose=False)
     data = DecoyDigitsDataModule("shortcut")
     data.setup()
-    callbacks = [cm.CAMMonitor(target_layer="net.features", num_probes=20, tile_size=96, alert_action="log",
-                               background=monitor == "background")] if monitor != "off" else []
+    callbacks = [cm.CAMMonitor("net.features", probe_settings=cm.ProbeSettings(num_probes=20),
+                               alerting=cm.AlertSettings(action="log"),
+                               pictures=cm.PictureSettings(tile_size=96, background=monitor == "background"))
+                 ] if monitor != "off" else []
     trainer = L.Trainer(max_epochs=epochs, callbacks=callbacks, logger=L.pytorch.loggers.TensorBoardLogger(root),
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=root)

@@ -11,7 +11,7 @@ Pure Python: no Lightning, no I/O.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Literal
 
 import torch
@@ -31,6 +31,11 @@ class Rule:
 
     ``needs_reference`` rules are skipped until a reference evaluation exists; ``guard`` (given
     this evaluation's and the reference's aggregates) must also hold for the rule to fire.
+    A built-in rule also carries the setting that sets its threshold (``setting``, a field of
+    its settings ``group``, :class:`~cam_monitor.settings.AlertSettings` for all but one), its valid
+    range (``valid`` in words, ``accepts`` as a check) and, where an alert names its probes by
+    another per-probe series than its metric, that series and the level they must pass
+    (``offenders_from``).
     """
 
     name: str
@@ -40,6 +45,20 @@ class Rule:
     needs_reference: bool = False
     guard: Guard | None = None
     clear_at: float | None = None
+    setting: str | None = None
+    group: str | None = None
+    valid: str | None = None
+    accepts: Callable[[float], bool] | None = None
+    offenders_from: tuple[str, float] | None = None
+
+    def check(self, value: Any) -> None:
+        """Refuse ``value`` for the setting behind this rule when it is outside the valid range
+        (``None`` is accepted: an opt-in rule left off)."""
+        if value is None or self.accepts is None:
+            return
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not self.accepts(value):
+            raise ValueError(f"{self.group}: {self.setting}={value!r} (threshold of alert rule {self.name}) must be "
+                             f"{self.valid}")
 
     def level(self, value: float, hysteresis: float) -> str:
         """``fire``, ``clear`` or ``hold`` for ``value`` (NaN holds). The clear level is
@@ -86,43 +105,52 @@ def _user_masks(agg: dict[str, float], ref: dict[str, float]) -> bool:
     return agg.get("spurious_masked", 0.0) > 0
 
 
-#: rule name -> (the CAMMonitor argument that sets its threshold, valid range as text, check).
-_VALID: dict[str, tuple[str, str, Callable[[float], bool]]] = {
-    "spurious_enrichment": ("spurious_enrichment", "> 0", lambda v: v > 0),
-    "spurious_energy_rise": ("spurious_energy_rise", "in (0, 1]", lambda v: 0 < v <= 1),
-    "object_enrichment_floor": ("object_enrichment_floor", "in [0, 1] (1.0 = chance)", lambda v: 0 <= v <= 1),
-    "object_energy_floor": ("object_energy_floor", "in [0, 1]", lambda v: 0 <= v <= 1),
-    "drift_off_object": ("drift_threshold", "in (0, 2] (drift is 1 - Spearman rho)", lambda v: 0 < v <= 2),
-    "shortcut_confirmed": ("discovery alpha", "in (0, 1)", lambda v: v > 1),
-}
+#: The built-in rules (docs/reference.md, "Alerts"), each defined once here, at its default threshold.
+RULES: tuple[Rule, ...] = (
+    Rule("spurious_enrichment", "spurious_enrichment", "above", 4.0, guard=_user_masks,
+         setting="spurious_enrichment", group="AlertSettings", valid="> 0",
+         accepts=lambda v: v > 0),
+    Rule("spurious_energy_rise", "spurious_energy_rise", "above", 0.15, needs_reference=True,
+         setting="spurious_energy_rise", group="AlertSettings", valid="in (0, 1]",
+         accepts=lambda v: 0 < v <= 1),
+    Rule("object_enrichment_floor", "object_enrichment", "below", 0.5,
+         setting="object_enrichment_floor", group="AlertSettings",
+         valid="in [0, 1] (1.0 = chance)", accepts=lambda v: 0 <= v <= 1),
+    Rule("drift_off_object", "drift_ref", "above", 0.5, needs_reference=True, guard=_moved_off_object,
+         setting="drift_threshold", group="AlertSettings",
+         valid="in (0, 2] (drift is 1 - Spearman rho)", accepts=lambda v: 0 < v <= 2),
+    Rule("shortcut_confirmed", "shortcut_evidence", "above", 1e3, clear_at=1.0,
+         setting="alpha", group="DiscoverySettings", valid="in (0, 1)", accepts=lambda v: 0 < v < 1,
+         offenders_from=("shortcut_flip", 0.0)),
+    Rule("object_energy_floor", "object_energy", "below", math.nan,
+         setting="object_energy_floor", group="AlertSettings", valid="in [0, 1]",
+         accepts=lambda v: 0 <= v <= 1),
+)
+#: The rule whose threshold is ``1 / alpha`` of discovery's false-alarm rate (DiscoverySettings' ``alpha``).
+SHORTCUT_RULE = "shortcut_confirmed"
 
 
 def default_rules(spurious_enrichment: float = 4.0, spurious_energy_rise: float = 0.15,
                   object_enrichment_floor: float = 0.5, drift_threshold: float = 0.5,
                   shortcut_alpha: float = 1e-3, object_energy_floor: float | None = None) -> tuple[Rule, ...]:
-    """The built-in rules (README, "Alerts"), with their thresholds checked.
+    """The built-in :data:`RULES` at these thresholds, each checked against its valid range.
 
     ``shortcut_confirmed`` fires when the accumulated shortcut evidence (an e-detector,
     :mod:`evidence`) reaches ``1 / shortcut_alpha`` and clears when it is back at 1 (no net
-    evidence left). Object evidence is judged relative to chance (``object_enrichment``: energy share / area share),
-    so a small object and a large one are judged alike and diffuse maps (enrichment near 1) never
-    fire; the absolute ``object_energy_floor`` is opt-in.
+    evidence left). Object evidence is judged relative to chance (``object_enrichment``: energy
+    share / area share), so a small object and a large one are judged alike and diffuse maps
+    (enrichment near 1) never fire; the absolute ``object_energy_floor`` is opt-in (None: off).
     """
-    rules = (
-        Rule("spurious_enrichment", "spurious_enrichment", "above", spurious_enrichment, guard=_user_masks),
-        Rule("spurious_energy_rise", "spurious_energy_rise", "above", spurious_energy_rise, needs_reference=True),
-        Rule("object_enrichment_floor", "object_enrichment", "below", object_enrichment_floor),
-        Rule("drift_off_object", "drift_ref", "above", drift_threshold, needs_reference=True, guard=_moved_off_object),
-        Rule("shortcut_confirmed", "shortcut_evidence", "above", 1 / shortcut_alpha, clear_at=1.0),
-    )
-    if object_energy_floor is not None:
-        rules += (Rule("object_energy_floor", "object_energy", "below", object_energy_floor),)
-    for rule in rules:
-        arg, text, ok = _VALID[rule.name]
-        if not isinstance(rule.threshold, (int, float)) or isinstance(rule.threshold, bool) or not ok(rule.threshold):
-            given = shortcut_alpha if rule.name == "shortcut_confirmed" else rule.threshold
-            raise ValueError(f"{arg}={given!r} (threshold of alert rule {rule.name}) must be {text}")
-    return rules
+    given = {"spurious_enrichment": spurious_enrichment, "spurious_energy_rise": spurious_energy_rise,
+             "object_enrichment_floor": object_enrichment_floor, "drift_threshold": drift_threshold,
+             "object_energy_floor": object_energy_floor}
+    rules = []
+    for rule in RULES:
+        value = shortcut_alpha if rule.group == "DiscoverySettings" else given[rule.setting]
+        rule.check(value)
+        if value is not None:
+            rules.append(replace(rule, threshold=1 / value if rule.name == SHORTCUT_RULE else float(value)))
+    return tuple(rules)
 
 
 def rule_threshold(rules: tuple[Rule, ...], name: str) -> float:
@@ -141,11 +169,6 @@ class Check:
     level: str
     probe_ids: list[str]
     regions: list[dict[str, Any]] | None = None
-
-
-#: rule metric -> (the per-probe series whose worst probes an alert names, the level they must pass)
-#: where that is not the metric itself at the rule's threshold.
-_OFFENDERS = {"shortcut_evidence": ("shortcut_flip", 0.0)}
 
 
 def check_rules(rules: tuple[Rule, ...], agg: dict[str, float], per_probe: dict[str, torch.Tensor], ids: list[str],
@@ -167,7 +190,7 @@ def check_rules(rules: tuple[Rule, ...], agg: dict[str, float], per_probe: dict[
         level = rule.level(value, hysteresis)
         if level == FIRE and rule.guard is not None and not rule.guard(agg, reference or {}):
             level = HOLD
-        series, past = _OFFENDERS.get(rule.metric, (rule.metric, None))
+        series, past = rule.offenders_from or (rule.metric, None)
         offenders = rule.offenders(per_probe.get(series), ids, threshold=past)
         checks.append(Check(rule.name, rule.metric, value, rule.threshold, level, offenders,
                             (regions or {}).get(rule.metric)))

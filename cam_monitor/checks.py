@@ -2,8 +2,9 @@
 
 Each finding is a sentence with its fix. Warnings are about numbers that would not mean what their
 names say (every map zero, a grid too coarse for the spurious region, a layer that runs twice);
-notes say what was read automatically (a channels-last layout). Lightning-free: the callback only
-prints them.
+notes say what was read automatically (a channels-last layout). Also the pass itself
+(:func:`dry_run`), which turns a model/probe mismatch into an error that names the fix.
+Lightning-free: the monitor only prints the findings.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import torch
 
 from .discovery import window_side
 from .engine import CAMResult
-from .evaluation import EvalSettings, spurious_regions
+from .errors import CAMError, InputError
+from .evaluation import EvalSettings, Placement, spurious_regions
 from .metrics import energy_fraction_bounds, enrichment_ceiling, pointing_always_hits
 from .probes import ProbeSet
 
@@ -65,27 +67,26 @@ def zero_map_cause(result: CAMResult) -> str:
             "that the probes are normalised as the model expects")
 
 
-#: The alert-rule arguments that act only on masks the user gives, and the masks they need.
-MASK_RULE_ARGUMENTS = {"spurious_enrichment": "spurious", "object_enrichment_floor": "object",
-                       "object_energy_floor": "object"}
-#: Every setting :func:`inert_setting_findings` judges when the user gives it.
-JUDGED_SETTINGS = (*MASK_RULE_ARGUMENTS, "shortcut_flip_excess")
+#: The alert settings that act only on masks the user gives, and the masks they need.
+MASK_RULE_SETTINGS = {"spurious_enrichment": "spurious", "object_enrichment_floor": "object",
+                      "object_energy_floor": "object"}
 
 
-def inert_setting_findings(explicit: dict[str, object], probes: ProbeSet, discovery_enabled: bool) -> list[str]:
-    """One line per setting the user gave (``explicit``: argument -> value) that cannot have any
-    effect with these probes: a mask rule's threshold without those masks, a discovery threshold
-    with discovery off."""
+def inert_setting_findings(alerting: dict[str, object], min_effect: float | None, probes: ProbeSet,
+                           discovery_enabled: bool) -> list[str]:
+    """One line per setting the user gave that cannot have any effect with these probes: a mask
+    rule's threshold (``alerting``: the AlertSettings fields the user set) without those masks, the
+    discovery margin (``min_effect``, None unless the user set it) with discovery off."""
     out = []
-    for arg, kind in MASK_RULE_ARGUMENTS.items():
-        if arg in explicit and getattr(probes, f"{kind}_masks") is None:
-            out.append(f"{arg}={explicit[arg]!r} can never alert: its rule judges {kind} masks the user gives, and the "
-                       f"probes have none; give {kind}_masks (ProbeSet(..., {kind}_masks=...) or <name>.{kind}.png files "
-                       "in the probe folder)" + ("" if kind == "object" else
-                                                 ", or rely on mask-free discovery (shortcut_confirmed)"))
-    if "shortcut_flip_excess" in explicit and not discovery_enabled:
-        out.append(f"shortcut_flip_excess={explicit['shortcut_flip_excess']!r} can never alert: it is the margin of "
-                   "mask-free discovery's test, and discovery=False; turn discovery on")
+    for arg, kind in MASK_RULE_SETTINGS.items():
+        if arg in alerting and getattr(probes, f"{kind}_masks") is None:
+            out.append(f"AlertSettings: {arg}={alerting[arg]!r} can never alert: its rule judges {kind} masks the user "
+                       f"gives, and the probes have none; give {kind}_masks (ProbeSet(..., {kind}_masks=...) or "
+                       f"<name>.{kind}.png files in the probe folder)" + ("" if kind == "object" else
+                                                     ", or rely on mask-free discovery (shortcut_confirmed)"))
+    if min_effect is not None and not discovery_enabled:
+        out.append(f"DiscoverySettings: min_effect={min_effect!r} can never alert: it is the margin of mask-free "
+                   "discovery's test, and discovery is off (enabled=False); turn discovery on")
     return out
 
 
@@ -150,3 +151,36 @@ def discovery_findings(grid: tuple[int, int], layer: str, probes: ProbeSet, sett
                 "the object here (the global test still runs); target an earlier layer (a finer grid) or lower "
                 "DiscoverySettings(box_cells=...)"]
     return []
+
+
+#: Probes the check before training runs through the model.
+DRY_RUN_PROBES = 8
+
+
+def first_pass(runner: torch.nn.Module, probes: ProbeSet, settings: EvalSettings, placement: Placement,
+               n: int = 1) -> CAMResult:
+    """One CAM pass over the first ``n`` probes, as the evaluations run it."""
+    first = slice(0, min(len(probes), n))
+    images = placement.to_model(probes.images[first])
+    targets = probes.labels[first] if settings.targets == "label" else None
+    with placement.forward_context():
+        return settings.cam_pass(runner, images, targets)
+
+
+def dry_run(runner: torch.nn.Module, probes: ProbeSet, settings: EvalSettings, placement: Placement, when: str,
+            model_name: str) -> CAMResult:
+    """The first :data:`DRY_RUN_PROBES` probes through the CAM pass: a wrong layer, probe shape or
+    label fails here, ``when`` (``"before training"``), with the fix, instead of at the first
+    validation; ``model_name`` names the model in the message."""
+    try:
+        result = first_pass(runner, probes, settings, placement, DRY_RUN_PROBES)
+        if settings.targets == "label":
+            probes.check_classes(result.logits.shape[1])
+    except CAMError as err:
+        raise type(err)(f"CAMMonitor check {when} failed: {err}") from err
+    except Exception as err:  # noqa: BLE001 - e.g. a conv rejecting the probes' channel count
+        raise InputError(
+            f"CAMMonitor could not run a probe of shape {tuple(probes.images.shape[1:])} through {model_name} {when} "
+            f"({type(err).__name__}: {err}); make the probes match the model's input (channels, size, "
+            "normalisation)") from err
+    return result

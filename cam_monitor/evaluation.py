@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import metrics as M
-from .discovery import Discovery, DiscoverySettings, discover
+from .discovery import DiscoverySettings, discover
 from .evidence import EvidenceState
 from .engine import CAMResult, OutputTransform, cam_pass, masked_scores, predict_classes
 from .errors import NonFiniteOutputError
@@ -26,6 +26,7 @@ from .layers import LayerSpec, ReshapeSpec, check_layout
 from .maps import upsample
 from .methods import check_methods
 from .probes import ProbeSet
+from .records import Evaluation, Reference
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
 
@@ -101,37 +102,6 @@ class Placement:
 
     def to_model(self, images: torch.Tensor) -> torch.Tensor:
         return self.prepare(images) if self.prepare is not None else images.to(self.device, non_blocking=True)
-
-
-@dataclass
-class Reference:
-    """The evaluation drift and the reference rules compare with (CPU tensors, bare metric names)."""
-
-    epoch: int
-    global_step: int
-    maps: torch.Tensor
-    per_probe: dict[str, torch.Tensor]
-    aggregates: dict[str, float]
-
-
-@dataclass
-class Evaluation:
-    """What one evaluation measured. Tensors are on the CPU; ``maps`` are raw (N, h, w) of the
-    first method; ``probs`` the softmax probability of each probe's target class; metric names
-    in ``per_probe`` and ``aggregates`` are bare (``spurious_energy``)."""
-
-    epoch: int
-    global_step: int
-    maps: torch.Tensor
-    preds: torch.Tensor
-    probs: torch.Tensor
-    per_probe: dict[str, torch.Tensor]
-    aggregates: dict[str, float] = field(default_factory=dict)
-    discovery: Discovery | None = None
-    evidence: EvidenceState | None = None
-
-    def as_reference(self) -> Reference:
-        return Reference(self.epoch, self.global_step, self.maps, dict(self.per_probe), dict(self.aggregates))
 
 
 def shard_indices(n: int, rank: int, world: int) -> torch.Tensor:

@@ -103,7 +103,7 @@ def background_worker(setting: bool | str, device_type: str) -> bool:
     runs on an accelerator, whose host thread mostly waits for the device, and no on a CPU, where
     the worker would compete with training for the same cores and the GIL: measured on the 2-core
     CPU, a step of the demo CNN took 2x as long while the worker drew, and the demo fit came out
-    slower with the worker than without it (README, "Benchmarks")."""
+    slower with the worker than without it (docs/benchmarks.md)."""
     return device_type != "cpu" if setting == "auto" else bool(setting)
 
 

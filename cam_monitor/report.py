@@ -5,14 +5,13 @@ only one that knows both the probe set's fields and rendering's arguments. No Li
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Sequence
+from dataclasses import dataclass
 
 import math
 
 import torch
 
-from .evaluation import Evaluation
+from .records import Evaluation, Panel
 from .history import History
 from .probes import ProbeSet
 from .maps import resize_masks
@@ -44,31 +43,6 @@ class ReportSettings:
             raise ValueError(f"tile_size must be an int >= 8 or None, got {self.tile_size!r}")
         if self.curve_probes is not None and (not isinstance(self.curve_probes, int) or self.curve_probes < 0):
             raise ValueError(f"curve_probes must be an int >= 0 or None, got {self.curve_probes!r}")
-
-
-@dataclass
-class Panel:
-    """The pictures of one evaluation: the probe grid, per-probe tiles, the trends figure (None when
-    no sink needs it) and the filmstrip (first probes over the last evaluations); ``ids``/``labels``
-    of the tiled probes; ``curves``: this evaluation's value of each curve metric per followed probe
-    (``{metric: {probe_id: value}}``, NaN left out), the numbers dashboards plot themselves;
-    ``overlays``: the tiled probes' heatmap overlays without contours or captions, and ``masks``
-    (``spurious``, ``object``, ``inferred``: (N, H, W) bool at the overlays' size), for dashboards
-    that draw masks as overlays the user can toggle (W&B)."""
-
-    grid: torch.Tensor
-    tiles: torch.Tensor
-    trends: torch.Tensor | None
-    ids: Sequence[str]
-    labels: Sequence[int]
-    filmstrip: torch.Tensor | None = None
-    curves: dict[str, dict[str, float]] = field(default_factory=dict)
-    overlays: torch.Tensor | None = None
-    masks: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def extra_images(self) -> dict[str, torch.Tensor]:
-        """The optional pictures that exist for this evaluation, by tag."""
-        return {tag: img for tag, img in (("trends", self.trends), ("filmstrip", self.filmstrip)) if img is not None}
 
 
 def build_panel(probes: ProbeSet, ev: Evaluation, history: History, settings: ReportSettings,

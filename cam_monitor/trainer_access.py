@@ -1,51 +1,43 @@
 """What the monitor reads from a Lightning ``Trainer``: the loaders in use, the model to run the
-CAM pass through, the probes' device and dtype, whether validation runs, and the sinks for the
-trainer's loggers. Public Lightning APIs only; with :mod:`cam_monitor.callback` and
+CAM pass through, the probes' device and dtype, whether validation runs, the sinks for the
+trainer's loggers, and how to speak on rank 0. Public Lightning APIs only; with :mod:`cam_monitor.callback` and
 :mod:`cam_monitor.checkpoint` this is the only code that imports Lightning.
 """
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
-import warnings
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-from lightning.pytorch.utilities import rank_zero_only
-from lightning.pytorch.utilities.seed import isolate_rng
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import nn
 
-from .errors import InputError, ScheduleError
+from .console import Voice, warn_user
+from .errors import ScheduleError
 from .evaluation import Placement
-from .probes import ProbeSet
-from .sinks import TensorBoardSink, WandbSink, register_sink
+from .sinks import Sink, SinkFactory, TensorBoardSink, WandbSink, sinks_for
 
-register_sink(TensorBoardLogger, lambda logger, prefix: TensorBoardSink(logger.experiment.get_logdir(), prefix))
-register_sink(WandbLogger, lambda logger, prefix: WandbSink(logger.experiment, prefix))
+#: The sinks of Lightning's loggers that draw pictures (a user's own logger type: ``register_sink``).
+LIGHTNING_SINKS: tuple[tuple[type, SinkFactory], ...] = (
+    (TensorBoardLogger, lambda logger, prefix: TensorBoardSink(logger.experiment.get_logdir(), prefix)),
+    (WandbLogger, lambda logger, prefix: WandbSink(logger.experiment, prefix)),
+)
 
 #: The trainer function whose loaders probes come from: "fit" uses validation, else training.
 STAGE_LOADERS = {"fit": ("val_dataloaders", "train_dataloader"), "validate": ("val_dataloaders",),
                  "test": ("test_dataloaders",)}
 
 
-#: Top-level packages whose frames a warning skips on its way to the user's code.
-_LIBRARY_PACKAGES = frozenset({"cam_monitor", "lightning", "lightning_fabric", "lightning_utilities", "pytorch_lightning",
-                               "torch", "contextlib", "functools"})
-
-
-def warn_user(message: str) -> None:
-    """Warn attributed to the user's own frame (the first outside cam_monitor, Lightning and torch),
-    so the console shows the message and the user's line (``trainer.fit(...)``), not the library's."""
-    frame, level = inspect.currentframe(), 1
-    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in _LIBRARY_PACKAGES:
-        frame, level = frame.f_back, level + 1
-    warnings.warn(message, UserWarning, stacklevel=level)
-
-
 rank_zero_warn_user = rank_zero_only(warn_user)
+
+
+def rank_zero_voice() -> Voice:
+    """Notes and warnings on rank 0 only (Lightning's console logger for notes); faults on every rank."""
+    return Voice(info=rank_zero_info, warn=rank_zero_warn_user, fault=warn_user)
 
 
 def validation_runs(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
@@ -77,15 +69,9 @@ def probe_loader(trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str)
     return None if loader is None else (loader, f"{names[0].split('_')[0]} loader 0")
 
 
-def pick_probes(loader: Any, which: str, num_probes: int, seed: int, mean: Sequence[float] | None,
-                std: Sequence[float] | None) -> ProbeSet:
-    """``num_probes`` class-balanced probes from a loader's map-style dataset, without touching the RNG."""
-    dataset = getattr(loader, "dataset", None)
-    if dataset is None or isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__getitem__"):
-        raise InputError(f"CAMMonitor(probes=None) picks probes from the {which}'s dataset, but it is not a map-style "
-                         f"dataset ({type(dataset).__name__}); pass probes=ProbeSet(...), a probe file or a folder")
-    with isolate_rng():  # a dataset's random transforms must not move the training RNG
-        return ProbeSet.from_dataset(dataset, num_probes=num_probes, seed=seed, mean=mean, std=std)
+def trainer_sinks(trainer: pl.Trainer, prefix: str, folder: Path) -> list[Sink]:
+    """One sink per logger of the trainer that draws pictures; PNG files in ``folder`` when none does."""
+    return sinks_for(trainer.loggers, prefix, folder, LIGHTNING_SINKS)
 
 
 def cam_model(trainer: pl.Trainer, pl_module: pl.LightningModule) -> nn.Module:

@@ -3,7 +3,7 @@
     python examples/train_imagefolder.py --data DATA --probes PROBES [--epochs 5] [--size 224] [--out runs/imagefolder]
 
 DATA holds ``train/<class>/*.png`` and ``val/<class>/*.png`` (torchvision ImageFolder layout);
-PROBES is a probe folder (README, "Probe folders") with the same class sub-folders and optional
+PROBES is a probe folder (docs/reference.md, "Probe folders") with the same class sub-folders and optional
 ``<stem>.spurious.png`` / ``<stem>.object.png`` masks. The model is a torchvision ResNet-18 with
 random weights (``weights=None``); swap in your own. Checkpoints are kept only while the maps stay
 off the spurious regions (``GatedModelCheckpoint``).
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> L.Trainer:
     probes = cm.ProbeSet.from_folder(args.probes, transform=probe_tf, mean=MEAN, std=STD,
                                      num_classes=len(train.classes))
 
-    monitor = cm.CAMMonitor(target_layer="net.layer4", probes=probes, alert_action="warn")
+    monitor = cm.CAMMonitor("net.layer4", probes, alerting=cm.AlertSettings(action="warn"))
     keep = cm.GatedModelCheckpoint(monitor="cam/quality", mode="max", gate={"cam/spurious_enrichment": "<= 2.0"})
     trainer = L.Trainer(max_epochs=args.epochs, callbacks=[monitor, keep], default_root_dir=args.out,
                         logger=TensorBoardLogger(args.out, name="imagefolder"))

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> cm.CAMMonitor:
     os.environ.setdefault("WANDB_MODE", "offline")
 
     logger = WandbLogger(project="cam-monitor-example", save_dir=args.out)
-    monitor = cm.CAMMonitor(target_layer="net.features", num_probes=20, alert_action="warn")
+    monitor = cm.CAMMonitor("net.features", probe_settings=cm.ProbeSettings(num_probes=20))
     trainer = L.Trainer(max_epochs=args.epochs, logger=logger, callbacks=[monitor], default_root_dir=args.out,
                         limit_train_batches=args.limit_train_batches, enable_checkpointing=False)
     trainer.fit(DigitClassifier(), DecoyDigitsDataModule("shortcut"))

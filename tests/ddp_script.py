@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
+import cam_monitor as cm  # noqa: E402
 
 from lightning_helpers import quick_monitor  # noqa: E402
 from cam_monitor.demo.model import DecoyDigitsDataModule, DigitClassifier  # noqa: E402
@@ -27,8 +28,9 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     L.seed_everything(0, verbose=False)
     # discovery with low minimums, so its rates are defined on 15 probes and can be compared
-    monitor = quick_monitor(num_probes=15, batch_size=4, alert_action=action, tile_size=32,
-                            discovery=DiscoverySettings(box_cells=1))
+    monitor = quick_monitor(discovery=DiscoverySettings(box_cells=1), probe_settings=cm.ProbeSettings(num_probes=15),
+                            cams=cm.CAMSettings(batch_size=4), alerting=cm.AlertSettings(action=action),
+                            pictures=cm.PictureSettings(tile_size=32))
     trainer = L.Trainer(callbacks=[monitor], accelerator="cpu", devices=2, strategy="ddp", max_epochs=3, limit_train_batches=4,
                         limit_val_batches=2, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(out))

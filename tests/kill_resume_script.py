@@ -34,7 +34,8 @@ class KillMidEpoch(L.Callback):
 def main() -> None:
     out, mode = Path(sys.argv[1]), sys.argv[2]
     warnings.filterwarnings("ignore")
-    monitor = quick_monitor(patience=3, tile_size=32)  # the shortcut alert fires at the third evaluation
+    monitor = quick_monitor(alerting=cm.AlertSettings(action="log", patience=3),
+                            pictures=cm.PictureSettings(tile_size=32))  # the shortcut alert fires at the third evaluation
     if sys.argv[3:] == ["gated"]:
         ckpt = cm.GatedModelCheckpoint(dirpath=out / "ckpt", save_last=True, gate={"cam/quality": ">= 2"})
     else:

@@ -42,8 +42,8 @@ def fit(tmp_path: Path, monitor: cm.CAMMonitor | None = None, *, epochs: int = 2
 def quick_monitor(**kwargs: Any) -> cm.CAMMonitor:
     """A monitor on the demo CNN with small defaults for tests."""
     kwargs.setdefault("target_layer", LAYER)
-    kwargs.setdefault("num_probes", 20)
-    kwargs.setdefault("alert_action", "log")
+    kwargs.setdefault("probe_settings", cm.ProbeSettings(num_probes=20))
+    kwargs.setdefault("alerting", cm.AlertSettings(action="log"))
     return cm.CAMMonitor(**kwargs)
 
 

@@ -52,7 +52,7 @@ CONSTRUCTOR_CASES = [
     (dict(every_n_epochs=0), "every_n_epochs must be an int >= 1"),
     (dict(num_probes=0), "num_probes"),
     (dict(batch_size=-1), "batch_size"),
-    (dict(images_every_n_evals=-1), "images_every_n_evals"),
+    (dict(images_every_n_evals=-1), r"PictureSettings: every_n_evals must be an int >= 0"),
     (dict(tile_size=2), "tile_size"),
     (dict(targets="logits"), "targets must be 'label' or 'pred'"),
     (dict(on_error="ignore"), "on_error"),
@@ -151,7 +151,7 @@ INERT_CASES = [
      r"object_enrichment_floor=0.3 can never alert: .* give object_masks"),
     ("discovery threshold with discovery off", dict(probes=random_digits(32), shortcut_flip_excess=0.2,
                                                     discovery=False), {},
-     r"shortcut_flip_excess=0.2 can never alert: .* discovery=False"),
+     r"DiscoverySettings: min_effect=0.2 can never alert: .*\(enabled=False\)"),
     ("grid too coarse for the border-band metrics", dict(probes=random_digits(8)), {},
      r"2x2 grid of layer 'net.features'.* cam/spurious_energy, cam/spurious_enrichment, cam/spurious_energy_rise are "
      r"the same number whatever the model does"),

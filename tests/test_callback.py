@@ -129,24 +129,24 @@ def test_control_run_raises_no_alert(tmp_path) -> None:
 
 
 def test_stop_action_stops_training(tmp_path) -> None:
-    trainer, _ = fit(tmp_path, quick_monitor(alert_action="stop"), epochs=5)
+    trainer, _ = fit(tmp_path, quick_monitor(alerting=cm.AlertSettings(action="stop")), epochs=5)
     assert trainer.current_epoch == 1  # stopped after the first epoch's evaluation
 
 
 def test_raise_action_raises_alert_error(tmp_path) -> None:
     with pytest.raises(cm.CAMAlertError, match="spurious_enrichment"):
-        fit(tmp_path, quick_monitor(alert_action="raise", on_error="warn"), epochs=2)
+        fit(tmp_path, quick_monitor(on_error="warn", alerting=cm.AlertSettings(action="raise")), epochs=2)
 
 
 def test_import_path_action_is_called_with_the_alert(tmp_path) -> None:
     RECORDED.clear()
-    fit(tmp_path, quick_monitor(alert_action="test_callback:record_alert"), epochs=1)
+    fit(tmp_path, quick_monitor(alerting=cm.AlertSettings(action="test_callback:record_alert")), epochs=1)
     assert [a["rule"] for a in RECORDED] == ["spurious_enrichment"]
 
 
 def test_warn_action_warns(tmp_path) -> None:
     with pytest.warns(UserWarning, match="CAMMonitor alert: spurious_enrichment"):
-        fit(tmp_path, quick_monitor(alert_action="warn"), epochs=1)
+        fit(tmp_path, quick_monitor(alerting=cm.AlertSettings(action="warn")), epochs=1)
 
 
 def test_fault_in_pass_is_reported_once_and_retried(tmp_path, monkeypatch) -> None:
@@ -156,7 +156,7 @@ def test_fault_in_pass_is_reported_once_and_retried(tmp_path, monkeypatch) -> No
         calls.append(1)
         raise RuntimeError("CAM pass exploded")
 
-    monkeypatch.setattr("cam_monitor.callback.evaluate", broken)
+    monkeypatch.setattr("cam_monitor.monitor.evaluate", broken)
     mon = quick_monitor()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -170,7 +170,7 @@ def test_on_error_raise_stops_fit_with_the_original_exception(tmp_path, monkeypa
     def broken(*args, **kwargs):
         raise KeyError("original")
 
-    monkeypatch.setattr("cam_monitor.callback.evaluate", broken)
+    monkeypatch.setattr("cam_monitor.monitor.evaluate", broken)
     with pytest.raises(KeyError, match="original"):
         fit(tmp_path, quick_monitor(on_error="raise"), epochs=2)
 
@@ -181,7 +181,7 @@ def test_failing_logger_never_kills_training(tmp_path, monkeypatch, background: 
         raise OSError("disk full")
 
     monkeypatch.setattr("cam_monitor.sinks.tensorboard.image_summary", refuse)
-    mon = quick_monitor(background=background)
+    mon = quick_monitor(pictures=cm.PictureSettings(background=background))
     with pytest.warns(UserWarning, match="sink:tensorboard failed"):
         trainer, _ = fit(tmp_path, mon, epochs=2, logger=TensorBoardLogger(str(tmp_path)))
     assert len(mon.history) == 2 and trainer.current_epoch == 2
@@ -190,7 +190,7 @@ def test_failing_logger_never_kills_training(tmp_path, monkeypatch, background: 
 def test_tensorboard_event_files_hold_images_and_scalars(tmp_path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    mon = quick_monitor(tile_size=48)
+    mon = quick_monitor(pictures=cm.PictureSettings(tile_size=48))
     logger = TensorBoardLogger(str(tmp_path), name="tb")
     fit(tmp_path, mon, epochs=2, logger=logger)
     acc = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "scalars": 0})
@@ -210,7 +210,7 @@ def test_tensorboard_event_files_hold_images_and_scalars(tmp_path) -> None:
     # per-probe curves only for the filmstrip's probes: the monitor's own scalars stay few
     mine = [t for t in tags["scalars"] if t.startswith(("cam/", "cam_probes/"))]
     curves = {t.split("/")[-1] for t in mine if t.startswith("cam_probes/")}
-    assert curves == set(mon.probes.ids[:mon.filmstrip_probes]) and len(mine) <= 35, sorted(mine)
+    assert curves == set(mon.probes.ids[:mon.monitor.pictures.filmstrip_probes]) and len(mine) <= 35, sorted(mine)
     assert logger.hparams["cam_monitor.target_layer"] == "net.features"  # the settings in TensorBoard's HParams
 
 
@@ -255,13 +255,13 @@ def test_state_dict_roundtrip_through_weights_only_file(tmp_path) -> None:
 
 
 def test_resumed_run_matches_uninterrupted_run_without_duplicate_alert_lines(tmp_path) -> None:
-    straight = quick_monitor(patience=2)
+    straight = quick_monitor(alerting=cm.AlertSettings(action="log", patience=2))
     fit(tmp_path / "straight", straight, epochs=3)
 
-    first = quick_monitor(patience=2)
+    first = quick_monitor(alerting=cm.AlertSettings(action="log", patience=2))
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", save_top_k=-1, filename="{epoch}")
     fit(tmp_path / "resumed", first, epochs=3, callbacks=[ckpt], enable_checkpointing=True)
-    resumed = quick_monitor(patience=2)  # the job died after epoch 2; restart from epoch 0's checkpoint
+    resumed = quick_monitor(alerting=cm.AlertSettings(action="log", patience=2))  # the job died after epoch 2; restart from epoch 0's checkpoint
     fit(tmp_path / "resumed", resumed, epochs=3, ckpt_path=str(tmp_path / "ck" / "epoch=0.ckpt"))
 
     assert cam_scalars(resumed) == cam_scalars(straight)
@@ -271,13 +271,13 @@ def test_resumed_run_matches_uninterrupted_run_without_duplicate_alert_lines(tmp
 
 
 def test_fit_start_reference_lets_rise_and_drift_rules_fire_only_for_the_shortcut(tmp_path) -> None:
-    shortcut = quick_monitor(reference="fit_start")
+    shortcut = quick_monitor(cams=cm.CAMSettings(reference="fit_start"))
     fit(tmp_path / "s", shortcut, epochs=2, limit_train_batches=None)
     assert shortcut.reference.epoch == 0 and shortcut.reference.global_step == 0
     assert {a["rule"] for a in shortcut.alerts} - {"shortcut_confirmed"} == {
         "spurious_enrichment", "spurious_energy_rise", "drift_off_object"}
     assert shortcut.history[0]["cam/drift_prev"] > 0  # the first evaluation already compares with fit start
-    control = quick_monitor(reference="fit_start")
+    control = quick_monitor(cams=cm.CAMSettings(reference="fit_start"))
     fit(tmp_path / "c", control, epochs=2, variant="control", limit_train_batches=None)
     assert control.alerts == [] and control.history[-1]["cam/drift_ref"] > 0.5  # moved onto the digit: no alert
 
@@ -311,9 +311,9 @@ def test_background_pictures_and_events_are_identical_to_the_synchronous_ones(tm
     for background in (False, True):
         root = tmp_path / str(background)
         tb = TensorBoardLogger(str(root), name="tb")
-        fit(root / "a", quick_monitor(background=background, tile_size=48), epochs=2, logger=tb)
+        fit(root / "a", quick_monitor(pictures=cm.PictureSettings(background=background, tile_size=48)), epochs=2, logger=tb)
         csv = CSVLogger(str(root), name="csv")  # no image-capable logger: PNG files
-        fit(root / "b", quick_monitor(background=background, tile_size=48), epochs=2, logger=csv)
+        fit(root / "b", quick_monitor(pictures=cm.PictureSettings(background=background, tile_size=48)), epochs=2, logger=csv)
         files = {p.name: p.read_bytes() for p in (root / "csv" / "version_0" / "cam_monitor").glob("*")}
         outputs[background] = (tb_images(tb.log_dir), files)
     sync_images, sync_files = outputs[False]
@@ -325,7 +325,7 @@ def test_background_pictures_and_events_are_identical_to_the_synchronous_ones(tm
 def test_background_auto_draws_on_the_training_thread_on_a_cpu(tmp_path, monkeypatch) -> None:
     import threading
 
-    import cam_monitor.callback as callback_module
+    import cam_monitor.monitor as callback_module
 
     threads: dict[object, set[str]] = {}
     real = callback_module.build_panel
@@ -337,12 +337,12 @@ def test_background_auto_draws_on_the_training_thread_on_a_cpu(tmp_path, monkeyp
     monkeypatch.setattr(callback_module, "build_panel", spy)
     for current in ("auto", True):
         threads[current] = set()
-        mon = quick_monitor(tile_size=32, background=current)
+        mon = quick_monitor(pictures=cm.PictureSettings(tile_size=32, background=current))
         fit(tmp_path / str(current), mon, epochs=1)
     assert threads["auto"] == {threading.current_thread().name}
     assert len(threads[True]) == 1 and next(iter(threads[True])).startswith("cam_monitor")
     with pytest.raises(ValueError, match="background must be True, False or 'auto'"):
-        quick_monitor(background="yes")
+        quick_monitor(pictures=cm.PictureSettings(background="yes"))
 
 
 def test_a_failing_fit_still_gets_the_pictures_of_its_evaluations(tmp_path) -> None:
@@ -354,7 +354,7 @@ def test_a_failing_fit_still_gets_the_pictures_of_its_evaluations(tmp_path) -> N
                 raise RuntimeError("boom")
             return super().training_step(batch, batch_idx)
 
-    mon = quick_monitor(tile_size=32, background=True)  # the worker is drained when the fit fails
+    mon = quick_monitor(pictures=cm.PictureSettings(tile_size=32, background=True))  # the worker is drained when the fit fails
     with pytest.raises(RuntimeError, match="boom"):
         fit(tmp_path, mon, epochs=3, model=FailsInEpoch1())
     assert len(list((tmp_path / "cam_monitor").glob("probe_grid_*.png"))) == 1 and len(mon.history) == 1
@@ -388,7 +388,8 @@ def test_the_console_says_where_outputs_go_when_an_alert_clears_and_warns_from_t
 
     caplog.set_level(logging.INFO, logger="lightning.pytorch")
     # the shortcut run's enrichment on the decoy passes 15 at epoch 2 and falls back to 14.5 at epoch 4
-    mon = quick_monitor(spurious_enrichment=15.0, hysteresis=0.01, tile_size=32, alert_action="warn")
+    mon = quick_monitor(alerting=cm.AlertSettings(spurious_enrichment=15.0, hysteresis=0.01, action="warn"),
+                        pictures=cm.PictureSettings(tile_size=32))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fit(tmp_path, mon, epochs=5, logger=TensorBoardLogger(str(tmp_path), name="tb"))
@@ -402,35 +403,3 @@ def test_the_console_says_where_outputs_go_when_an_alert_clears_and_warns_from_t
     assert ours and all(w.filename.endswith("lightning_helpers.py") for w in ours)  # the line that called trainer.fit
 
 
-def test_inferred_regions_stay_drawn_while_their_alert_is_active() -> None:
-    from types import SimpleNamespace
-
-    mon = quick_monitor()
-    mon.probes = cm.ProbeSet(torch.rand(2, 1, 8, 8), torch.tensor([0, 1]))
-    box = torch.zeros(2, 8, 8, dtype=torch.bool)
-    box[0, :2, :2] = True
-    found = SimpleNamespace(discovery=SimpleNamespace(masks=lambda n, size: box[:n]))
-    nothing = SimpleNamespace(discovery=SimpleNamespace(masks=lambda n, size: torch.zeros(n, *size, dtype=torch.bool)))
-    mon._shown_regions = mon._regions_to_show(found)
-    mon.book.active["shortcut_confirmed"] = True
-    assert torch.equal(mon._regions_to_show(nothing), box)  # still active: the last regions stay drawn
-    mon.book.active["shortcut_confirmed"] = False
-    assert not bool(mon._regions_to_show(nothing).any())  # cleared: nothing inferred now, nothing drawn
-
-
-def test_the_shortcut_evidence_is_part_of_the_state_and_old_states_still_load(tmp_path) -> None:
-    """A resumed run keeps the evidence it had accumulated (the alert neither restarts nor clears on
-    resume); a state written before the evidence was kept loads with none."""
-    from cam_monitor.evidence import EvidenceState
-
-    mon = quick_monitor()
-    mon._evidence = EvidenceState({"local": 3.5, "global": -0.2}, cap=13.8)
-    torch.save(mon.state_dict(), tmp_path / "state.pt")
-    state = torch.load(tmp_path / "state.pt", weights_only=True)
-    fresh = quick_monitor()
-    fresh.load_state_dict(state)
-    assert fresh._evidence == mon._evidence
-    del state["evidence"]
-    old = quick_monitor()
-    old.load_state_dict(state)
-    assert old._evidence is None

@@ -97,11 +97,11 @@ def test_every_argument_of_the_monitor_and_the_gate_is_documented_for_the_cli() 
 def test_a_typo_in_a_choice_fails_at_parsing_naming_the_key(tmp_path) -> None:
     config = tmp_path / "typo.yaml"
     config.write_text("trainer:\n  callbacks:\n    - class_path: cam_monitor.CAMMonitor\n      init_args:\n"
-                      "        alert_action: warnn\nmodel:\n  class_path: cam_monitor.demo.model.DigitClassifier\n"
+                      "        alerting:\n          action: warnn\nmodel:\n  class_path: cam_monitor.demo.model.DigitClassifier\n"
                       "data:\n  class_path: cam_monitor.demo.model.DecoyDigitsDataModule\n")
     run = cli("fit", "--config", str(config))
     assert run.returncode == 2 and "Traceback" not in run.stderr
-    assert 'Parser key "alert_action"' in run.stderr and "Given value: warnn" in run.stderr
+    assert 'Parser key "alerting.action"' in run.stderr and "Given value: warnn" in run.stderr
 
 
 @pytest.mark.slow
@@ -122,7 +122,7 @@ def test_the_readme_shows_what_the_demo_prints(tmp_path, capsys) -> None:
 def test_the_cli_choice_of_methods_is_the_engines_list() -> None:
     import typing
 
-    from cam_monitor.callback import Method
+    from cam_monitor.settings import Method
     from cam_monitor.methods import METHODS
 
     assert set(typing.get_args(Method)) == set(METHODS)

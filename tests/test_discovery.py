@@ -273,8 +273,8 @@ def test_the_monitor_takes_discovery_settings_and_refuses_other_types() -> None:
     assert tuned.settings.discovery.box_cells == 3 and tuned.settings.discovery.budget == 0.5
     (rule,) = [r for r in tuned.rules if r.name == "shortcut_confirmed"]
     assert rule.threshold == pytest.approx(1e4)  # the alert's threshold is 1 / alpha
-    assert cm.CAMMonitor(shortcut_flip_excess=0.2).settings.discovery.min_effect == 0.2
+    assert cm.CAMMonitor(discovery=cm.DiscoverySettings(min_effect=0.2)).settings.discovery.min_effect == 0.2
     assert cm.CAMMonitor(discovery=False).settings.discovery.enabled is False
-    assert cm.CAMMonitor(probe_seed=3).settings.discovery.seed == 3
+    assert cm.CAMMonitor(probe_settings=cm.ProbeSettings(seed=3)).settings.discovery.seed == 3
     with pytest.raises(TypeError, match="discovery must be True, False or a DiscoverySettings"):
         cm.CAMMonitor(discovery="yes")

@@ -53,7 +53,14 @@ def test_wandb_example_runs_offline(tmp_path, monkeypatch) -> None:
     assert monitor.history and list((tmp_path / "wandb").glob("offline-run-*"))
 
 
-def test_plain_pytorch_loop_example_sees_the_shortcut(capsys) -> None:
-    rows = load("plain_pytorch_loop").main(["--epochs", "2"])
+def test_plain_pytorch_loop_example_sees_the_shortcut(tmp_path, capsys) -> None:
+    rows = load("plain_pytorch_loop").main(["--epochs", "2", "--out", str(tmp_path)])
     assert len(rows) == 2 and rows[-1]["spurious_enrichment"] > 4.0
-    assert "spurious_enrichment=" in capsys.readouterr().out
+    assert "fired=[spurious_enrichment" in capsys.readouterr().out
+    assert len(list(tmp_path.glob("probe_grid_*.png"))) == 2 and "spurious_enrichment" in (tmp_path / "alerts.jsonl").read_text()
+
+
+def test_fabric_example_drives_the_monitor_by_hand(tmp_path) -> None:
+    monitor = load("fabric_loop").main(["--epochs", "1", "--out", str(tmp_path)])
+    assert [h["epoch"] for h in monitor.history] == [0] and "spurious_enrichment" in {a["rule"] for a in monitor.alerts}
+    assert list(tmp_path.glob("probe_grid_e000_*.png")) and (tmp_path / "alerts.jsonl").exists()

@@ -1,4 +1,4 @@
-"""torchvision's model zoo (random weights): for the automatic pick and for the layer the README
+"""torchvision's model zoo (random weights): for the automatic pick and for the layer docs/reference.md
 recommends, the grid has the expected shape, the maps are finite and not all zero, they equal
 pytorch-grad-cam's, and the monitor's metrics differ across probes."""
 from __future__ import annotations

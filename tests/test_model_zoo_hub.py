@@ -134,7 +134,8 @@ class SquareCNN(nn.Module):
 @pytest.mark.parametrize("target_layer", ["model.net.2", None])
 def test_a_cnn_whose_channels_equal_its_grid_fits_with_the_default_layout(target_layer, tmp_path) -> None:
     torch.manual_seed(0)
-    monitor = cm.CAMMonitor(target_layer=target_layer, num_probes=8, faithfulness=False, discovery=False)
+    monitor = cm.CAMMonitor(target_layer=target_layer, discovery=False, probe_settings=cm.ProbeSettings(num_probes=8),
+                            cams=cm.CAMSettings(faithfulness=False))
     fit_classifier(tmp_path, SquareCNN(), monitor, 32, NUM_CLASSES)
     assert len(monitor.history) == 2 and monitor.faults == {} and monitor.layer_name in ("model.net.2", "model.net")
     assert monitor.last_evaluation.maps.shape[-2:] == (32, 32)

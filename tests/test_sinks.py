@@ -41,7 +41,8 @@ def test_wandb_offline_run_holds_images_table_and_alerts(tmp_path, monkeypatch) 
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    mon = quick_monitor(tile_size=48, object_enrichment_floor=1.0)  # a second rule: the object floor at chance
+    mon = quick_monitor(alerting=cm.AlertSettings(action="log", object_enrichment_floor=1.0),
+                        pictures=cm.PictureSettings(tile_size=48))  # a second rule: the object floor at chance
     logger = WandbLogger(save_dir=str(tmp_path), project="cam-monitor-test", offline=True)
     monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb_data"))  # staged table files stay under tmp_path
     try:
@@ -70,7 +71,7 @@ def test_wandb_offline_run_holds_images_table_and_alerts(tmp_path, monkeypatch) 
     assert len(events) == len({(r[0], r[2], r[3]) for r in events}) >= 2
     assert all(r[-1].startswith(r[3] + " (") for r in events)
     # the monitor's settings are in the run's config
-    assert config["cam_monitor.target_layer"] == "net.features" and config["cam_monitor.num_probes"] == 20
+    assert config["cam_monitor.target_layer"] == "net.features" and config["cam_monitor.probe_settings.num_probes"] == 20
 
 
 def test_wandb_overlays_carry_the_masks_and_the_inferred_box_natively() -> None:
@@ -96,13 +97,13 @@ def test_wandb_overlays_carry_the_masks_and_the_inferred_box_natively() -> None:
 
 
 def test_registry_serves_a_users_logger_type_and_falls_back_to_files(tmp_path) -> None:
-    from cam_monitor.sinks import FileSink, register_sink, sinks_for
+    from cam_monitor.sinks import FileSink, Sink, register_sink, sinks_for
     from cam_monitor.sinks import _REGISTRY
 
     class MyLogger:
         pass
 
-    class MySink:
+    class MySink(Sink):
         name = "mine"
 
         def __init__(self, logger, prefix):
@@ -164,11 +165,11 @@ def test_a_sink_whose_close_fails_is_a_fault_reported_once_and_the_fit_completes
     close is reported like any other sink fault."""
     from lightning.pytorch.loggers import CSVLogger
 
-    from cam_monitor.sinks import _REGISTRY, register_sink
+    from cam_monitor.sinks import _REGISTRY, Sink, register_sink
 
     closed = []
 
-    class ClosingSink:
+    class ClosingSink(Sink):
         name = "closing"
 
         def __init__(self, logger, prefix) -> None:
@@ -187,7 +188,7 @@ def test_a_sink_whose_close_fails_is_a_fault_reported_once_and_the_fit_completes
     saved = list(_REGISTRY)
     try:
         register_sink(CSVLogger, ClosingSink)
-        mon = quick_monitor(tile_size=32, background=True)
+        mon = quick_monitor(pictures=cm.PictureSettings(tile_size=32, background=True))
         with pytest.warns(UserWarning, match=r"sink:closing failed \(OSError: disk went away\)"):
             trainer, _ = fit(tmp_path, mon, epochs=2, logger=CSVLogger(str(tmp_path)))
     finally:

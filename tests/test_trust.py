@@ -1,6 +1,6 @@
 """Trust suite: the monitor never changes training, does not leak, survives faults, loses nothing.
 
-Each test here backs one line of the README's "Guarantees" section.
+Each test here backs one line of docs/guarantees.md.
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ class LossRecorder(L.Callback):
 
 def run_training(tmp_path: Path, with_monitor: bool, **trainer_kwargs):
     recorder = LossRecorder()
-    monitor = quick_monitor(methods=("gradcam", "gradcam++"), faithfulness=True) if with_monitor else None
+    monitor = quick_monitor(cams=cm.CAMSettings(methods=("gradcam", "gradcam++"), faithfulness=True)) if with_monitor else None
     L.seed_everything(0, verbose=False)
     model = BNDropoutNet()
     trainer, model = fit(tmp_path, monitor, epochs=2, model=model, callbacks=[recorder], **trainer_kwargs)
@@ -127,7 +127,8 @@ class Soak(L.Callback):
 @pytest.mark.slow
 def test_soak_200_evaluations_leave_no_hooks_tensors_or_memory_behind(tmp_path) -> None:
     # the worker, as on a GPU: its own malloc arena is what used to grow
-    monitor = quick_monitor(num_probes=10, images_every_n_evals=20, tile_size=32, background=True)
+    monitor = quick_monitor(probe_settings=cm.ProbeSettings(num_probes=10),
+                            pictures=cm.PictureSettings(every_n_evals=20, tile_size=32, background=True))
     soak = Soak(monitor)
     trainer, model = fit(tmp_path, monitor, epochs=200, callbacks=[soak], limit_train_batches=1, limit_val_batches=1,
                          deterministic=False)
@@ -221,7 +222,7 @@ def test_full_disk_for_alert_log_is_reported_once(tmp_path, monkeypatch) -> None
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("cam_monitor.sinks.alert_log.os.fsync", no_space)
-    monitor = quick_monitor(spurious_enrichment=1.0, patience=1)
+    monitor = quick_monitor(alerting=cm.AlertSettings(action="log", spurious_enrichment=1.0, patience=1))
     with pytest.warns(UserWarning, match="No space left on device"):
         trainer, _ = fit(tmp_path, monitor, epochs=2)
     assert trainer.current_epoch == 2 and monitor.faults.get("alert_log:OSError", 0) >= 1
@@ -242,7 +243,7 @@ def get_json(url: str):
 def test_tensorboard_server_serves_probe_grids_and_cam_scalars(tmp_path) -> None:
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    fit(tmp_path, quick_monitor(tile_size=32), epochs=2, logger=TensorBoardLogger(str(tmp_path / "tb"), name="run"))
+    fit(tmp_path, quick_monitor(pictures=cm.PictureSettings(tile_size=32)), epochs=2, logger=TensorBoardLogger(str(tmp_path / "tb"), name="run"))
     port = free_port()
     tb = ROOT / ".venv" / "bin" / "tensorboard"
     exe = [str(tb)] if tb.exists() else [sys.executable, "-m", "tensorboard.main"]

@@ -84,7 +84,7 @@ def test_without_validation_probes_come_from_the_train_loader_passed_to_fit(tmp_
 
 
 def test_default_pick_covers_every_class(tmp_path) -> None:
-    mon = quick_monitor(num_probes=32)
+    mon = quick_monitor(probe_settings=cm.ProbeSettings(num_probes=32))
     fit(tmp_path, mon, epochs=1)
     counts = Counter(mon.probes.labels.tolist())
     assert sorted(counts) == list(range(10)) and set(counts.values()) == {3, 4}
@@ -100,7 +100,8 @@ def test_default_pick_covers_every_class(tmp_path) -> None:
     (3, 1, 6, [2, 5]),
 ])
 def test_schedule_evaluates_for_every_combination(tmp_path, check_val, every, epochs, expected) -> None:
-    mon = quick_monitor(every_n_epochs=every, num_probes=10, faithfulness=False, images_every_n_evals=0)
+    mon = quick_monitor(every_n_epochs=every, probe_settings=cm.ProbeSettings(num_probes=10),
+                        cams=cm.CAMSettings(faithfulness=False), pictures=cm.PictureSettings(every_n_evals=0))
     fit(tmp_path, mon, epochs=epochs, check_val_every_n_epoch=check_val, limit_train_batches=1, limit_val_batches=1)
     assert [h["epoch"] for h in mon.history] == expected
 
@@ -111,7 +112,8 @@ def test_schedule_that_can_never_fire_is_an_error_before_training(tmp_path) -> N
 
 
 def test_mid_epoch_validations_each_evaluate_with_every_n_epochs_1(tmp_path) -> None:
-    mon = quick_monitor(num_probes=10, faithfulness=False, images_every_n_evals=0)
+    mon = quick_monitor(probe_settings=cm.ProbeSettings(num_probes=10), cams=cm.CAMSettings(faithfulness=False),
+                        pictures=cm.PictureSettings(every_n_evals=0))
     fit(tmp_path, mon, epochs=1, limit_train_batches=4, val_check_interval=2, limit_val_batches=1)
     assert [h["global_step"] for h in mon.history] == [2, 4]
 
@@ -163,8 +165,8 @@ def test_a_reused_monitor_starts_a_new_run_in_the_new_folder(tmp_path) -> None:
 def test_two_named_monitors_log_apart(tmp_path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    a = quick_monitor(target_layer="net.features.3", name="early", tile_size=32)
-    b = quick_monitor(target_layer="net.features", name="late", tile_size=32)
+    a = quick_monitor(target_layer="net.features.3", name="early", pictures=cm.PictureSettings(tile_size=32))
+    b = quick_monitor(target_layer="net.features", name="late", pictures=cm.PictureSettings(tile_size=32))
     logger = TensorBoardLogger(str(tmp_path), name="tb")
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)
     trainer, _ = fit(tmp_path, a, epochs=1, callbacks=[b, ckpt], logger=logger, enable_checkpointing=True)
@@ -203,7 +205,7 @@ def test_bad_names_are_refused() -> None:
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "bf16-true"])
 def test_probes_follow_the_trainer_precision(tmp_path, precision) -> None:
-    mon = quick_monitor(num_probes=10, on_error="raise")
+    mon = quick_monitor(on_error="raise", probe_settings=cm.ProbeSettings(num_probes=10))
     fit(tmp_path, mon, epochs=1, precision=precision, deterministic=False)
     row = mon.history[0]
     assert all(torch.isfinite(torch.tensor(row[k])) for k in ("cam/spurious_energy", "cam/drift_prev", "cam/quality"))
@@ -228,8 +230,8 @@ def checkpointed_run(tmp_path, monitor: cm.CAMMonitor) -> str:
 
 
 def test_resume_with_another_num_probes_says_which_set_is_used(tmp_path) -> None:
-    path = checkpointed_run(tmp_path, quick_monitor(num_probes=20))
-    resumed = quick_monitor(num_probes=30)
+    path = checkpointed_run(tmp_path, quick_monitor(probe_settings=cm.ProbeSettings(num_probes=20)))
+    resumed = quick_monitor(probe_settings=cm.ProbeSettings(num_probes=30))
     with pytest.warns(UserWarning, match="checkpoint's 20 probes, not num_probes=30"):
         fit(tmp_path / "again", resumed, epochs=2, ckpt_path=path)
     assert len(resumed.probes) == 20 and [h["epoch"] for h in resumed.history] == [0, 1]
@@ -252,7 +254,7 @@ def test_resume_with_the_same_probe_set_is_silent(tmp_path) -> None:
     path = checkpointed_run(tmp_path, quick_monitor(probes=probes))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fit(tmp_path / "again", quick_monitor(probes=probes, alert_action="log"), epochs=2, ckpt_path=path)
+        fit(tmp_path / "again", quick_monitor(probes=probes), epochs=2, ckpt_path=path)
     assert not [w for w in caught if "CAMMonitor" in str(w.message)]
 
 
@@ -266,11 +268,11 @@ def test_resume_under_a_strategy_that_restores_after_setup_checks_the_checkpoint
         def restore_checkpoint_after_setup(self) -> bool:
             return True
 
-    path = checkpointed_run(tmp_path, quick_monitor(num_probes=20))
-    resumed = quick_monitor(num_probes=30)
+    path = checkpointed_run(tmp_path, quick_monitor(probe_settings=cm.ProbeSettings(num_probes=20)))
+    resumed = quick_monitor(probe_settings=cm.ProbeSettings(num_probes=30))
     checked = []
-    real = resumed._dry_run
-    resumed._dry_run = lambda *a: (checked.append(len(resumed.probes)), real(*a))
+    real = resumed.monitor.check
+    resumed.monitor.check = lambda *a: (checked.append(len(resumed.probes)), real(*a))
     with pytest.warns(UserWarning, match="checkpoint's 20 probes, not num_probes=30"):
         fit(tmp_path / "again", resumed, epochs=2, ckpt_path=path, strategy=LateRestore(device="cpu"))
     assert checked[-1] == 20 and len(resumed.probes) == 20 and [h["epoch"] for h in resumed.history] == [0, 1]
@@ -290,16 +292,17 @@ def test_folder_probes_go_through_probe_transform_given_as_an_import_path(tmp_pa
         folder = tmp_path / "probes" / f"c{i}"
         folder.mkdir(parents=True)
         write_png(torch.randint(0, 255, (3, *size), dtype=torch.uint8), str(folder / f"p{i}.png"))
-    mon = quick_monitor(probes=str(tmp_path / "probes"), probe_transform="test_wiring:to_32px", on_error="raise")
+    mon = quick_monitor(probes=str(tmp_path / "probes"), on_error="raise",
+                        probe_settings=cm.ProbeSettings(num_probes=20, transform="test_wiring:to_32px"))
     fit(tmp_path / "run", mon, epochs=1)
     assert mon.probes.images.shape == (2, 1, 32, 32) and len(mon.history) == 1
 
 
 def test_probe_transform_is_refused_where_it_cannot_apply(tmp_path) -> None:
-    with pytest.raises(ValueError, match="probe_transform applies to probes loaded from a folder"):
-        cm.CAMMonitor(probe_transform=to_32px)
+    with pytest.raises(ValueError, match=r"ProbeSettings\(transform=\.\.\.\) applies to probes loaded from a folder"):
+        cm.CAMMonitor(probe_settings=cm.ProbeSettings(transform=to_32px))
     with pytest.raises(ValueError, match="cannot import"):
-        cm.CAMMonitor(probes="x/", probe_transform="no_such_module_abc:f")
+        cm.CAMMonitor(probes="x/", probe_settings=cm.ProbeSettings(transform="no_such_module_abc:f"))
 
 
 class NamespaceOutput(DigitClassifier):
@@ -330,7 +333,7 @@ def scores_of(output):
 def test_an_output_without_logits_is_reported_as_such_before_training(tmp_path) -> None:
     with pytest.raises(cm.OutputError, match="cannot find logits in a model output of type SimpleNamespace.*output_transform"):
         fit(tmp_path, quick_monitor(), epochs=1, model=NamespaceOutput("scores"))
-    mon = quick_monitor(output_transform="test_wiring:scores_of", on_error="raise")
+    mon = quick_monitor(on_error="raise", cams=cm.CAMSettings(output_transform="test_wiring:scores_of"))
     fit(tmp_path / "ok", mon, epochs=1, model=NamespaceOutput("scores"))
     logits_attr = quick_monitor(on_error="raise")
     fit(tmp_path / "attr", logits_attr, epochs=1, model=NamespaceOutput("logits"))
@@ -350,7 +353,8 @@ class SharedBlock(DigitClassifier):
 
 def test_a_layer_that_runs_twice_is_named_in_a_warning_before_training(tmp_path) -> None:
     with pytest.warns(UserWarning, match=r"layer 'shared' runs 2 times in one forward.*last call only"):
-        fit(tmp_path, quick_monitor(target_layer="shared", num_probes=10), epochs=1, model=SharedBlock())
+        fit(tmp_path, quick_monitor(target_layer="shared",
+                                    probe_settings=cm.ProbeSettings(num_probes=10)), epochs=1, model=SharedBlock())
 
 
 class TinyViT(DigitClassifier):
@@ -374,13 +378,13 @@ class TinyViT(DigitClassifier):
     (False, "vit.encoder.ln", "only through a class token"),
 ])
 def test_all_zero_maps_at_fit_start_are_a_warning_that_names_the_cause(tmp_path, zero_head, layer, cause) -> None:
-    mon = quick_monitor(target_layer=layer, num_probes=10)
+    mon = quick_monitor(target_layer=layer, probe_settings=cm.ProbeSettings(num_probes=10))
     with pytest.warns(UserWarning, match=f"every map of the first probes at layer .* is all zero.*{cause}"):
         fit(tmp_path, mon, epochs=1, model=TinyViT(zero_head), limit_train_batches=1)
 
 
 def test_automatic_pick_on_a_vit_monitor_is_logged_and_explains(tmp_path) -> None:
-    mon = quick_monitor(target_layer=None, num_probes=10, on_error="raise")
+    mon = quick_monitor(target_layer=None, on_error="raise", probe_settings=cm.ProbeSettings(num_probes=10))
     fit(tmp_path, mon, epochs=1, model=TinyViT(zero_head=False), limit_train_batches=1)
     assert mon.layer_name == "vit.encoder.layers.encoder_layer_1.ln_1"
     assert mon.history[0]["cam/degenerate"] < 10
@@ -392,12 +396,12 @@ def test_a_grid_too_coarse_for_the_spurious_region_is_a_warning_at_fit_start(tmp
     band = cm.metrics.border_mask(32, 32, 0.1).expand(len(probes), -1, -1).clone()
     wide = cm.ProbeSet(probes.images, probes.labels, spurious_masks=band, ids=probes.ids)  # the user outlined the band
     # 8x8 grid at 32 px against a 3-px band: no map gets past about 2x chance, threshold 4
-    coarse = quick_monitor(probes=wide, target_layer="net.features", num_probes=10)
+    coarse = quick_monitor(probes=wide, target_layer="net.features", probe_settings=cm.ProbeSettings(num_probes=10))
     with pytest.warns(UserWarning, match=r"on the \dx\d grid of layer 'net.features', no map can put more than .* "
                                          r"that alert can never fire"):
         fit(tmp_path / "a", coarse, epochs=1, limit_train_batches=1)
     no_masks = cm.ProbeSet(probes.images, probes.labels, ids=probes.ids)
-    for name, monitor in (("b", quick_monitor(num_probes=10)), ("c", quick_monitor(probes=no_masks, num_probes=10))):
+    for name, monitor in (("b", quick_monitor(probe_settings=cm.ProbeSettings(num_probes=10))), ("c", quick_monitor(probes=no_masks, probe_settings=cm.ProbeSettings(num_probes=10)))):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             fit(tmp_path / name, monitor, epochs=1, limit_train_batches=1)  # 4x4 masks resolvable; no masks: no rule
@@ -412,7 +416,7 @@ def test_a_2x2_grid_warns_that_pointing_and_enrichment_cannot_move(tmp_path) -> 
     _, _, data = loaders()
     probes = cm.ProbeSet.from_dataset(data.data.val, num_probes=10)
     probes = cm.ProbeSet(probes.images, probes.labels, ids=probes.ids)
-    mon = quick_monitor(probes=probes, num_probes=10)
+    mon = quick_monitor(probes=probes, probe_settings=cm.ProbeSettings(num_probes=10))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fit(tmp_path, mon, epochs=1, model=Coarse(), limit_train_batches=1)

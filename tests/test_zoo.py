@@ -64,7 +64,7 @@ def test_the_corner_shortcut_is_found_without_masks_held_and_its_region_named_an
     (alert,) = run.alerts
     assert alert["rule"] == "shortcut_confirmed" and alert["metric"] == "cam/shortcut_evidence"
     assert alert["value"] >= alert["threshold"] == 1000.0  # 1 / alpha
-    assert run.monitor.book.active["shortcut_confirmed"]  # still active at the last epoch: the model still cheats
+    assert "shortcut_confirmed" in run.monitor.active_alerts  # still active at the last epoch: the model still cheats
     assert all(r["cam/shortcut_p"] < 0.05 for r in run.rows)
     truth = make_decoy_digits(0, cue="corner_patch").val
     probes = run.monitor.probes

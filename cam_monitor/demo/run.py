@@ -26,6 +26,7 @@ import torch
 from ..atomic import atomic_path
 from ..alerts import describe_alert, rule_threshold
 from ..callback import CAMMonitor
+from ..settings import AlertSettings, PictureSettings
 from ..probes import ProbeSet
 from ..render import probe_tiles, tile_grid
 from .data import DecoySplit, make_decoy_digits
@@ -119,10 +120,12 @@ def train_run(run: str, args: argparse.Namespace, probes: ProbeSet, out: Path) -
     data.setup()
     splits = {"matched": data.data.test_matched, "random": data.data.test_random, "none": data.data.test_none}
     accuracy = DecoyAccuracy(splits)
-    monitor = CAMMonitor(target_layer=LAYER, probes=replace(probes, spurious_masks=None, object_masks=None),
-                         tile_size=96, alert_action="log", log_dir=str(out / run / "cam_monitor"))
-    masked = CAMMonitor(target_layer=LAYER, probes=probes, name="masked", tile_size=96, alert_action="log",
-                        discovery=False, images_every_n_evals=0, log_dir=str(out / run / "cam_monitor_masked"))
+    monitor = CAMMonitor(LAYER, replace(probes, spurious_masks=None, object_masks=None),
+                         pictures=PictureSettings(tile_size=96), alerting=AlertSettings(action="log"),
+                         log_dir=str(out / run / "cam_monitor"))
+    masked = CAMMonitor(LAYER, probes, name="masked", pictures=PictureSettings(every_n_evals=0),
+                        alerting=AlertSettings(action="log"), discovery=False,
+                        log_dir=str(out / run / "cam_monitor_masked"))
     shown = FirstAlertEvaluation(monitor)
     accelerator = {"cuda": "gpu"}.get(args.device, args.device)
     trainer = L.Trainer(max_epochs=args.epochs, accelerator=accelerator, devices=1, deterministic=True,

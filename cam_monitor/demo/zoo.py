@@ -14,6 +14,7 @@ from typing import Any
 import lightning as L
 
 from ..callback import CAMMonitor
+from ..settings import AlertSettings, PictureSettings
 from ..probes import ProbeSet
 from .data import make_decoy_digits
 from .model import ARCHS, DecoyDigitsDataModule, DigitClassifier
@@ -42,7 +43,7 @@ class ZooRun:
     @property
     def active_at_end(self) -> bool:
         """Whether ``shortcut_confirmed`` is still active after the last evaluation."""
-        return bool(self.monitor.book.active.get("shortcut_confirmed"))
+        return "shortcut_confirmed" in self.monitor.active_alerts
 
     @property
     def gap_epoch(self) -> int | None:
@@ -66,7 +67,8 @@ def run_task(cue: str, variant: str, seed: int, epochs: int, root: str, *, num_p
     data = DecoyDigitsDataModule(variant, seed=seed, cue=cue)
     data.setup()
     accuracy = DecoyAccuracy({"matched": data.data.test_matched, "random": data.data.test_random})
-    kwargs = {"target_layer": ARCHS[arch], "alert_action": "log", "images_every_n_evals": 0, **monitor_kwargs}
+    kwargs = {"target_layer": ARCHS[arch], "alerting": AlertSettings(action="log"),
+              "pictures": PictureSettings(every_n_evals=0), **monitor_kwargs}
     monitor = CAMMonitor(probes=mask_free_probes(cue, seed, num_probes), log_dir=f"{root}/cam_monitor", **kwargs)
     trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, deterministic=True, logger=False,
                         callbacks=[accuracy, monitor], enable_checkpointing=False, enable_model_summary=False,

@@ -1,38 +1,22 @@
 """Where an evaluation goes: one module per destination, chosen from the user's loggers.
 
 A sink takes the already-rendered :class:`~cam_monitor.report.Panel` (rendered once, shared by
-every sink) and the alert events. Which sink serves which logger is one registry,
-:func:`register_sink`: the callback layer registers Lightning's TensorBoard and W&B loggers, and a
-user can register their own logger type the same way. This package knows nothing of Lightning.
+every sink) and the alert events. Which sink serves which logger is explicit: :func:`sinks_for` takes the
+built-in pairs (logger type, factory) from its caller (the callback layer passes Lightning's
+TensorBoard and W&B loggers), and a user registers their own logger type with
+:func:`register_sink`; a registration wins over a built-in pair. Every sink is a :class:`Sink`.
+This package knows nothing of Lightning.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Callable, Sequence
 
-from ..evaluation import Evaluation
-from ..report import Panel
 from .alert_log import AlertLog
+from .base import Sink
 from .files import FileSink
 from .tensorboard import TensorBoardSink
 from .wandb import WandbSink
-
-
-@runtime_checkable
-class Sink(Protocol):
-    """A destination for pictures and alert events."""
-
-    name: str
-
-    def log_evaluation(self, ev: Evaluation, panel: Panel) -> None:
-        """Send one evaluation's pictures (and tables) at ``ev.global_step``."""
-
-    def log_alert(self, event: dict[str, Any]) -> None:
-        """Send one alert event (fired or cleared)."""
-
-# A sink may also have ``where()``, the destination in words for the fit-start line; ``close()``: the callback calls it at teardown (after the background worker
-# has drained), for sinks that keep a file of their own open; and ``draws_curves = True`` when it
-# plots ``Panel.curves`` itself (the trends figure is then rendered only for the sinks that need it).
 
 
 #: ``factory(logger, prefix) -> Sink``: builds the sink for one logger; ``prefix`` starts its tags.
@@ -49,13 +33,20 @@ def register_sink(logger_type: type, factory: SinkFactory) -> None:
     _REGISTRY.append((logger_type, factory))
 
 
-def sinks_for(loggers: list[Any], prefix: str, folder: Path) -> list[Sink]:
-    """One sink per logger that has a registered factory; PNG files in ``folder`` when none has."""
+def sinks_for(loggers: list[Any], prefix: str, folder: Path,
+              builtin: Sequence[tuple[type, SinkFactory]] = ()) -> list[Sink]:
+    """One sink per logger served by a registered factory, else by a ``builtin`` one; PNG files in
+    ``folder`` when no logger is served."""
     sinks: list[Sink] = []
     for logger in loggers:
-        factory = next((f for t, f in reversed(_REGISTRY) if isinstance(logger, t)), None)
-        if factory is not None:
-            sinks.append(factory(logger, prefix))
+        factory = next((f for t, f in [*reversed(_REGISTRY), *builtin] if isinstance(logger, t)), None)
+        if factory is None:
+            continue
+        sink = factory(logger, prefix)
+        if not isinstance(sink, Sink):
+            raise TypeError(f"the sink factory for {type(logger).__name__} returned a {type(sink).__name__}, not a "
+                            "cam_monitor.sinks.Sink: subclass Sink (it supplies where(), close() and draws_curves)")
+        sinks.append(sink)
     return sinks or [FileSink(folder)]
 
 

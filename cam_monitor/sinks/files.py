@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
-from ..evaluation import Evaluation
+from .base import Sink
 from ..render import save_png
-from ..report import Panel
+from ..records import AlertEvent, Evaluation, Panel
 
 
-class FileSink:
+class FileSink(Sink):
     """``probe_grid_e<epoch>_s<step>.png`` per evaluation, and the latest ``trends.png`` and
     ``filmstrip.png``, written atomically."""
 
@@ -28,5 +27,5 @@ class FileSink:
         for tag, image in panel.extra_images().items():
             save_png(image, self.folder / f"{tag}.png")
 
-    def log_alert(self, event: dict[str, Any]) -> None:
+    def log_alert(self, event: AlertEvent) -> None:
         """Alerts always go to :class:`~cam_monitor.sinks.AlertLog`; nothing more to write here."""

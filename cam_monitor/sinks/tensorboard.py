@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from torchvision.io import encode_png
 
+from .base import Sink
 from ..alerts import describe_alert_markdown
-from ..evaluation import Evaluation
 from ..render import to_uint8
-from ..report import Panel
+from ..records import AlertEvent, Evaluation, Panel
 
 #: Start of the suffix of the sink's event file name
 #: (``events.out.tfevents.<time>.<host>.cam_monitor.<prefix with dots>``: one file per monitor).
@@ -64,7 +64,7 @@ def curve_tag(prefix: str, metric: str, probe_id: str) -> str:
     return f"{curve_section(prefix)}/{metric}/{probe_id}"
 
 
-class TensorBoardSink:
+class TensorBoardSink(Sink):
     """Writes into the TensorBoard run folder ``log_dir``; tags start with ``prefix`` (``cam/probe_grid``).
 
     Per-probe curves go as scalars (TensorBoard plots them; the Custom Scalars tab shows one chart
@@ -121,7 +121,7 @@ class TensorBoardSink:
         self._add_curves(panel.curves, ev.global_step)
         self._file_writer().flush()
 
-    def log_alert(self, event: dict[str, Any]) -> None:
+    def log_alert(self, event: AlertEvent) -> None:
         """The event in words (Markdown, which TensorBoard's Text tab renders) under ``<prefix>/alerts``."""
         self._file_writer().add_summary(text_summary(f"{self.prefix}/alerts", describe_alert_markdown(event)),
                                         event["global_step"])

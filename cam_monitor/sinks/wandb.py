@@ -5,10 +5,10 @@ from typing import Any
 
 import torch
 
+from .base import Sink
 from ..alerts import describe_alert
-from ..evaluation import Evaluation
 from ..render import to_uint8
-from ..report import Panel
+from ..records import AlertEvent, Evaluation, Panel
 from .tensorboard import curve_tag
 
 ALERT_COLUMNS = ["event", "epoch", "global_step", "rule", "metric", "value", "threshold", "probe_ids"]
@@ -45,7 +45,7 @@ def overlay_image(panel: Panel, i: int) -> Any:
     return wandb.Image(_hwc(image), masks=masks or None, boxes=boxes)
 
 
-class WandbSink:
+class WandbSink(Sink):
     """Logs to a ``wandb`` run; keys start with ``prefix`` (``cam/probe_grid``, ``cam/probes``).
 
     Per-probe curves go as scalars (``cam_probes/<metric>/<probe id>``, W&B plots them) instead of
@@ -81,7 +81,7 @@ class WandbSink:
             payload.update({curve_tag(p, metric, probe_id): value for probe_id, value in values.items()})
         self.run.log(payload)
 
-    def log_alert(self, event: dict[str, Any]) -> None:
+    def log_alert(self, event: AlertEvent) -> None:
         """One row more in the run's one table of alert events (the panel shows them all), the event
         in words, and a W&B alert when a rule fires."""
         import wandb

@@ -1,0 +1,215 @@
+"""``Monitor``, the Lightning-free core: a whole evaluation in a plain loop, its outputs, its
+state, its alert action, and the callback as its adapter (grouped settings, deprecated flat ones)."""
+from __future__ import annotations
+
+import ast
+import inspect
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cam_monitor as cm
+from cam_monitor.demo.data import make_decoy_digits
+from cam_monitor.demo.model import SmallCNN
+
+PACKAGE = Path(cm.__file__).parent
+#: The modules that may import Lightning: the callback layer.
+LIGHTNING_LAYER = {"callback.py", "trainer_access.py", "checkpoint.py", "cli.py", "compat.py"}
+
+
+def plain_monitor(**kwargs) -> cm.Monitor:
+    kwargs.setdefault("probe_settings", cm.ProbeSettings(num_probes=20))
+    return cm.Monitor("features", **kwargs)
+
+
+def train_one_epoch(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, seed: int) -> None:
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for idx in torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:512].split(64):
+        loss = F.cross_entropy(model(images[idx]), labels[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def test_only_the_callback_layer_imports_lightning() -> None:
+    """The monitor, its settings, outputs, probes and sinks run without Lightning."""
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        rel = path.relative_to(PACKAGE)
+        if str(rel) in LIGHTNING_LAYER or rel.parts[0] == "demo":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{rel}: {n}" for n in names if n.split(".")[0] in ("lightning", "pytorch_lightning",
+                                                                               "lightning_fabric")]
+    assert offenders == []
+
+
+def test_a_whole_evaluation_runs_in_a_plain_loop_with_pictures_alerts_and_state(tmp_path) -> None:
+    """Train on the shortcut variant by hand: the monitor picks its probes from a loader, checks
+    them, evaluates each epoch, writes pictures and alerts.jsonl, fires the spurious alert, and its
+    state round-trips; the training's RNG is untouched by the pick."""
+    torch.manual_seed(0)
+    data = make_decoy_digits(0)
+    loader = torch.utils.data.DataLoader(data.val, batch_size=64)
+    model = SmallCNN()
+    mon = plain_monitor(alerting=cm.AlertSettings(action="log"), pictures=cm.PictureSettings(tile_size=32))
+    mon.open(tmp_path / "cam")
+    before = torch.get_rng_state()
+    assert mon.prepare(model, loader=loader, which="validation loader") and len(mon.probes) == 20
+    assert torch.equal(torch.get_rng_state(), before)
+    outcomes = []
+    for epoch in range(2):
+        train_one_epoch(model, data.train_shortcut.images, data.train_shortcut.labels, epoch)
+        outcomes.append(mon.evaluate(model, epoch=epoch, step=epoch + 1))
+    mon.close()
+    assert [o.evaluation.epoch for o in outcomes] == [0, 1] and [h["epoch"] for h in mon.history] == [0, 1]
+    assert "spurious_enrichment" in {a["rule"] for a in mon.alerts}
+    assert [a["rule"] for a in outcomes[0].fired] == [a["rule"] for a in mon.alerts[:len(outcomes[0].fired)]]
+    lines = [json.loads(line) for line in (tmp_path / "cam" / "alerts.jsonl").read_text().splitlines()]
+    assert [line["rule"] for line in lines if line["event"] == "fired"] == [a["rule"] for a in mon.alerts]
+    assert sorted(p.name for p in (tmp_path / "cam").glob("probe_grid_*.png")) == [
+        "probe_grid_e000_s0000001.png", "probe_grid_e001_s0000002.png"]
+    fresh = plain_monitor()
+    fresh.load_state_dict(torch.load(_saved(mon, tmp_path), weights_only=True))
+    assert fresh.history == mon.history and fresh.alerts == mon.alerts and fresh.probes.same_as(mon.probes)
+
+
+def _saved(mon: cm.Monitor, tmp_path: Path) -> Path:
+    path = tmp_path / "state.pt"
+    torch.save(mon.state_dict(), path)
+    return path
+
+
+def test_without_a_loader_a_pick_from_data_waits_and_evaluate_does_nothing() -> None:
+    model = SmallCNN()
+    mon = plain_monitor()
+    assert mon.prepare(model) is False and mon.probes is None
+    assert mon.evaluate(model, epoch=0, step=0) is None and mon.history == []
+
+
+def test_the_stop_action_is_reported_to_the_loop_and_raise_raises() -> None:
+    data = make_decoy_digits(0)
+    probes = cm.ProbeSet.from_dataset(data.val, per_class=2, seed=0)
+    model = SmallCNN()
+    train_one_epoch(model, data.train_shortcut.images, data.train_shortcut.labels, 0)
+    stop = plain_monitor(probes=probes, alerting=cm.AlertSettings(action="stop", spurious_enrichment=1.5))
+    stop.prepare(model)
+    outcome = stop.evaluate(model, epoch=0, step=1)
+    assert outcome.fired and outcome.stop
+    loud = plain_monitor(probes=probes, alerting=cm.AlertSettings(action="raise", spurious_enrichment=1.5))
+    loud.prepare(model)
+    with pytest.raises(cm.CAMAlertError, match="spurious_enrichment"):
+        loud.evaluate(model, epoch=0, step=1)
+    assert loud.history  # the evaluation was recorded before the action raised
+
+
+def test_a_failing_evaluation_is_a_fault_reported_once(monkeypatch) -> None:
+    data = make_decoy_digits(0)
+    model = SmallCNN()
+    mon = plain_monitor(probes=cm.ProbeSet.from_dataset(data.val, per_class=1, seed=0))
+    mon.prepare(model)
+
+    def broken(*a, **k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("cam_monitor.monitor.evaluate", broken)
+    with pytest.warns(UserWarning, match=r"evaluate failed \(RuntimeError: boom\)"):
+        assert mon.evaluate(model, epoch=0, step=0) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert mon.evaluate(model, epoch=1, step=1) is None  # once per kind
+    assert mon.faults == {"evaluate:RuntimeError": 2}
+    raising = plain_monitor(probes=mon.probes, on_error="raise")
+    raising.prepare(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        raising.evaluate(model)
+
+
+def test_cammonitor_takes_grouped_keyword_only_settings_at_most_15_parameters() -> None:
+    params = inspect.signature(cm.CAMMonitor.__init__).parameters
+    assert len(params) - 1 <= 15
+    assert [n for n, p in params.items() if p.kind is p.POSITIONAL_OR_KEYWORD] == ["self", "target_layer", "probes"]
+    mon = cm.CAMMonitor(alerting=cm.AlertSettings(spurious_enrichment=3.0, patience=2),
+                        cams=cm.CAMSettings(methods=["gradcam", "layercam"]), probe_settings=cm.ProbeSettings(seed=3))
+    (rule,) = [r for r in mon.rules if r.name == "spurious_enrichment"]
+    assert rule.threshold == 3.0 and mon.monitor.book.patience == 2
+    assert mon.settings.methods == ("gradcam", "layercam") and mon.settings.discovery.seed == 3
+
+
+@pytest.mark.parametrize("flat, group, field, value", [
+    ({"num_probes": 12}, "probe_settings", "num_probes", 12),
+    ({"probe_seed": 4}, "probe_settings", "seed", 4),
+    ({"spurious_enrichment": 3.0}, "alerting", "spurious_enrichment", 3.0),
+    ({"alert_action": "stop"}, "alerting", "action", "stop"),
+    ({"images_every_n_evals": 2}, "pictures", "every_n_evals", 2),
+    ({"layout": "nhwc"}, "cams", "layout", "nhwc"),
+    ({"shortcut_flip_excess": 0.2}, "discovery", "min_effect", 0.2),
+])
+def test_the_flat_arguments_of_earlier_releases_still_work_and_name_their_new_spelling(flat, group, field, value) -> None:
+    (name,) = flat
+    with pytest.warns(DeprecationWarning, match=rf"CAMMonitor\({name}=\.\.\.\) is deprecated.*{group}=\w+\({field}=") as seen:
+        mon = cm.CAMMonitor(**flat)
+    assert seen[0].filename == __file__  # attributed to the caller's line
+    assert getattr(mon._given[group], field) == value
+    with pytest.raises(TypeError, match="unexpected keyword argument 'num_probe'"):
+        cm.CAMMonitor(num_probe=3)
+
+
+def test_a_settings_group_refuses_a_bad_value_where_it_is_written() -> None:
+    with pytest.raises(ValueError, match=r"AlertSettings: drift_threshold=3.0 \(threshold of alert rule drift_off_object\)"):
+        cm.AlertSettings(drift_threshold=3.0)
+    with pytest.raises(ValueError, match="PictureSettings: probe_curves must be 'filmstrip', 'all' or 'none'"):
+        cm.PictureSettings(probe_curves="some")
+    with pytest.raises(ValueError, match="CAMSettings: reference must be 'first' or 'fit_start'"):
+        cm.CAMSettings(reference="pretrained")
+    with pytest.raises(TypeError):
+        cm.AlertSettings(4.0)  # keyword-only
+
+
+def test_hyperparameters_are_flat_with_groups_spelled_out() -> None:
+    hp = cm.CAMMonitor("net.features", alerting=cm.AlertSettings(spurious_enrichment=3.0), name="l3").hyperparameters()
+    assert hp["cam_monitor.l3.target_layer"] == "net.features"
+    assert hp["cam_monitor.l3.alerting.spurious_enrichment"] == 3.0
+    assert hp["cam_monitor.l3.discovery.alpha"] == 1e-3 and hp["cam_monitor.l3.probe_settings.num_probes"] == 64
+    assert all(isinstance(v, (bool, int, float, str, list, type(None))) for v in hp.values())
+
+
+def test_inferred_regions_stay_drawn_while_their_alert_is_active() -> None:
+    from types import SimpleNamespace
+
+    mon = plain_monitor()
+    mon.probes = cm.ProbeSet(torch.rand(2, 1, 8, 8), torch.tensor([0, 1]))
+    box = torch.zeros(2, 8, 8, dtype=torch.bool)
+    box[0, :2, :2] = True
+    found = SimpleNamespace(discovery=SimpleNamespace(masks=lambda n, size: box[:n]))
+    nothing = SimpleNamespace(discovery=SimpleNamespace(masks=lambda n, size: torch.zeros(n, *size, dtype=torch.bool)))
+    mon.shown_regions = mon._regions_to_show(found)
+    mon.book.active["shortcut_confirmed"] = True
+    assert torch.equal(mon._regions_to_show(nothing), box)  # still active: the last regions stay drawn
+    mon.book.active["shortcut_confirmed"] = False
+    assert not bool(mon._regions_to_show(nothing).any())  # cleared: nothing inferred now, nothing drawn
+
+
+def test_the_shortcut_evidence_is_part_of_the_state_and_old_states_still_load(tmp_path) -> None:
+    """A resumed run keeps the evidence it had accumulated (the alert neither restarts nor clears on
+    resume); a state written before the evidence was kept loads with none."""
+    from cam_monitor.evidence import EvidenceState
+
+    mon = plain_monitor()
+    mon.evidence = EvidenceState({"local": 3.5, "global": -0.2}, cap=13.8)
+    torch.save(mon.state_dict(), tmp_path / "state.pt")
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    fresh = plain_monitor()
+    fresh.load_state_dict(state)
+    assert fresh.evidence == mon.evidence
+    del state["evidence"]
+    old = plain_monitor()
+    old.load_state_dict(state)
+    assert old.evidence is None
