@@ -17,6 +17,7 @@ from typing import Any, Callable, Literal
 import torch
 
 from .imports import import_callable
+from .records import Alert, AlertEvent, ShortcutRegion
 
 FIRE, CLEAR, HOLD = "fire", "clear", "hold"
 ACTIONS = ("log", "warn", "stop", "raise")
@@ -168,12 +169,12 @@ class Check:
     threshold: float
     level: str
     probe_ids: list[str]
-    regions: list[dict[str, Any]] | None = None
+    regions: list[ShortcutRegion] | None = None
 
 
 def check_rules(rules: tuple[Rule, ...], agg: dict[str, float], per_probe: dict[str, torch.Tensor], ids: list[str],
                 reference: dict[str, float] | None, hysteresis: float = 0.1,
-                regions: dict[str, list[dict[str, Any]]] | None = None) -> list[Check]:
+                regions: dict[str, list[ShortcutRegion]] | None = None) -> list[Check]:
     """Every rule whose metric this evaluation has (and whose reference exists), judged.
 
     ``agg`` and ``per_probe`` are keyed by bare metric names; ``reference`` is the reference
@@ -207,7 +208,7 @@ class AlertBook:
         self.count: dict[str, int] = {}
         self.active: dict[str, bool] = {}
 
-    def update(self, checks: list[Check], epoch: int, global_step: int, prefix: str = "cam") -> list[dict[str, Any]]:
+    def update(self, checks: list[Check], epoch: int, global_step: int, prefix: str = "cam") -> list[AlertEvent]:
         """Advance the state with one evaluation; return the events (``event`` = fired/cleared).
 
         An event's ``metric`` is the logged name, ``<prefix>/<metric>``.
@@ -243,7 +244,7 @@ class AlertBook:
         self.active = {str(k): bool(v) for k, v in state["active"].items()}
 
 
-def describe_alert(alert: dict[str, Any]) -> str:
+def describe_alert(alert: Alert) -> str:
     """The one-line sentence for an alert, as warnings, logs and W&B alerts show it."""
     probes = ", ".join(alert["probe_ids"][:5]) or "-"
     text = (f"{alert['rule']} ({alert['metric']} = {alert['value']:.4g}, threshold {alert['threshold']:.4g}) "
@@ -256,7 +257,7 @@ def describe_alert(alert: dict[str, Any]) -> str:
     return text
 
 
-def describe_alert_markdown(event: dict[str, Any]) -> str:
+def describe_alert_markdown(event: AlertEvent) -> str:
     """An alert event (fired or cleared) as Markdown for a dashboard's text panel: what happened in a
     sentence, then the regions (class, box, flips against the control) and the probes."""
     what = "cleared" if event.get("event") == "cleared" else "fired"
@@ -273,7 +274,7 @@ def describe_alert_markdown(event: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def resolve_action(action: str) -> str | Callable[[dict[str, Any]], Any]:
+def resolve_action(action: str) -> str | Callable[[Alert], Any]:
     """Validate an alert action: one of :data:`ACTIONS` or an import path ``pkg.module:function``."""
     if action in ACTIONS:
         return action

@@ -1,11 +1,8 @@
-"""``CAMMonitor``: Lightning's adapter of :class:`~cam_monitor.monitor.Monitor`.
-
-It decides *when* (the Lightning hooks and the one skip test, :meth:`CAMMonitor._due`), reads what
-the monitor needs from the Trainer (:mod:`trainer_access`: loaders, the model a pass calls, the
-probes' device and dtype, the loggers), and attaches the explanation card to checkpoints; the
-monitor does the rest. Each ``fit`` is one run: its state starts fresh in ``setup`` unless a
-checkpoint restores it, and its outputs live from ``setup`` to ``teardown``.
-"""
+"""``CAMMonitor``: Lightning's adapter of :class:`~cam_monitor.monitor.Monitor`. It decides *when*
+(the hooks and the one skip test, :meth:`CAMMonitor._due`), reads what the monitor needs from the
+Trainer (:mod:`trainer_access`) and attaches the explanation card to checkpoints. Each ``fit`` is
+one run: its state starts fresh in ``setup`` unless a checkpoint restores it, and its outputs live
+from ``setup`` to ``teardown``."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,7 +16,6 @@ from typing_extensions import override
 from . import trainer_access as access
 from .discovery import DiscoverySettings
 from .errors import InputError, ScheduleError
-from .evaluation import Evaluation, Reference
 from .faults import OnError
 from .monitor import Monitor
 from .probes import ProbeSet
@@ -34,8 +30,7 @@ class CAMMonitor(Callback):
 
     Args:
         target_layer: dotted module name inside the LightningModule (``net.layer4``), or None for
-            the last layer whose Grad-CAM explains the class (logged at fit start, kept in the
-            state and the checkpoint card).
+            the last layer whose Grad-CAM explains the class (logged at fit start).
         probes: a ProbeSet, a saved probe file, a probe folder, or None to pick
             ``probe_settings.num_probes`` class-balanced probes from the loaders the trainer uses
             (validation, else training).
@@ -88,14 +83,8 @@ class CAMMonitor(Callback):
     rules = property(lambda self: self.monitor.rules, doc="The alert rules at their thresholds.")
     settings = property(lambda self: self.monitor.settings, doc="What each evaluation computes.")
 
-    @property
-    def reference(self) -> Reference | None:
-        """The evaluation drift and the reference rules compare with."""
-        return self.monitor.reference
-
-    @property
-    def last_evaluation(self) -> Evaluation | None:
-        return self.monitor.last_evaluation
+    reference = property(lambda self: self.monitor.reference, doc="What drift and the reference rules compare with.")
+    last_evaluation = property(lambda self: self.monitor.last_evaluation, doc="The latest Evaluation.")
 
     def inferred_probes(self, min_excess: float = 0.0) -> ProbeSet:
         """The probes with discovery's confirmed regions as spurious masks (:meth:`Monitor.inferred_probes`)."""

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from .evidence import check_bet, holm, sign_test_p
 from .probes import ProbeSet
+from .records import ShortcutRegion
 
 Box = tuple[int, int, int, int]  # y0, x0, y1, x1 in image pixels, half-open
 Predict = Callable[[torch.Tensor], torch.Tensor]  # (B, C, H, W) CPU images -> (B,) predicted classes
@@ -179,7 +180,7 @@ class Discovery:
             out[probe] = value
         return {"shortcut_flip": out}
 
-    def regions(self, ids: list[str], class_names: list[str] | None = None) -> list[dict[str, Any]]:
+    def regions(self, ids: list[str], class_names: list[str] | None = None) -> list[ShortcutRegion]:
         """Per class of the tested suspects, strongest first: the local flip and control rates, the
         number of tests, and each suspect's probe id and box (``[y0, x0, y1, x1]`` image pixels)."""
         by_class: dict[int, dict[str, Any]] = {}
