@@ -33,7 +33,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from .evidence import check_bet, holm, sign_test_p
+from .evidence import EvidenceState, check_bet, holm, sign_test_p, stream
 from .probes import ProbeSet
 from .records import ShortcutRegion
 
@@ -41,6 +41,7 @@ Box = tuple[int, int, int, int]  # y0, x0, y1, x1 in image pixels, half-open
 Predict = Callable[[torch.Tensor], torch.Tensor]  # (B, C, H, W) CPU images -> (B,) predicted classes
 #: The confirmation arms: local paste, global (amplitude) swap.
 ARMS = ("local", "global")
+LOCAL = ARMS[0]
 
 
 @dataclass(frozen=True)
@@ -140,11 +141,19 @@ class Discovery:
     swap_flips: torch.Tensor
     swap_control_flips: torch.Tensor
 
-    def diffs(self) -> dict[str, torch.Tensor]:
-        """Per arm, the paired differences flip - control flip (in {-1, 0, 1}) of its tests."""
+    def diffs(self, by_class: bool = False) -> dict[str, torch.Tensor]:
+        """Per arm, the paired differences flip - control flip (in {-1, 0, 1}) of its tests; with
+        ``by_class`` also the local arm's per candidate class (streams ``local/<class>``,
+        :func:`stream`). The global arm stays pooled: a class can be told by its amplitude alone
+        (a "1" is a vertical bar: its spectrum is its orientation), which is no shortcut, and a
+        per-class stream would find it (measured: a control model's ``global/1`` reached 4e3)."""
         out = {"local": self.flips.long() - self.control_flips.long()}
         if self.swaps:
             out["global"] = self.swap_flips.long() - self.swap_control_flips.long()
+        if by_class:
+            cls = torch.tensor([self.suspects[t.suspect].cls for t in self.tests], dtype=torch.long)
+            for k in cls.unique().tolist():
+                out[stream(LOCAL, k)] = out[LOCAL][cls == k]
         return out
 
     def p_value(self) -> float:
@@ -241,17 +250,16 @@ def cells_to_pixels(box: torch.Tensor, grid: tuple[int, int], image_size: tuple[
 
 
 def find_suspects(maps: torch.Tensor, targets: torch.Tensor, preds: torch.Tensor, image_size: tuple[int, int],
-                  settings: DiscoverySettings) -> list[Suspect]:
+                  settings: DiscoverySettings, windows: "Windows | None" = None) -> list[Suspect]:
     """Every probe classified correctly with a non-zero map, with its best-credited window, most
-    concentrated first (no gate: the paired tests decide, not a share of energy)."""
-    grid = tuple(maps.shape[-2:])
-    side = window_side(grid, settings.box_cells)
-    energy = window_energy(maps, side)
+    concentrated first (no gate: the paired tests decide, not a share of energy). ``windows``: the
+    maps' windows when the caller has them already (:meth:`Windows.of`)."""
+    windows = windows or Windows.of(maps, window_side(tuple(maps.shape[-2:]), settings.box_cells), image_size)
     total = maps.float().clamp_min(0).flatten(1).sum(1)
-    best, idx = energy.flatten(1).max(1)
+    best, idx = windows.energy.max(1)
     ok = (preds == targets) & (total > 0)
-    suspects = [Suspect(i, int(targets[i]), cells_to_pixels(window_at(idx[i], energy.shape[-1], side), grid, image_size),
-                        float(best[i] / total[i])) for i in ok.nonzero()[:, 0].tolist()]
+    suspects = [Suspect(i, int(targets[i]), windows.boxes[int(idx[i])], float(best[i] / total[i]))
+                for i in ok.nonzero()[:, 0].tolist()]
     return sorted(suspects, key=lambda s: (-s.share, s.probe))
 
 
@@ -298,21 +306,24 @@ def quiet_place(windows: Windows, recipient: int, size: tuple[int, int], image_s
 
 
 def recipients_of(suspects: list[Suspect], targets: torch.Tensor, preds: torch.Tensor, num: int,
-                  gen: torch.Generator) -> list[tuple[int, int]]:
+                  gen: torch.Generator, weights: dict[int, float] | None = None) -> list[tuple[int, int]]:
     """Up to ``num`` (suspect, recipient) pairs: suspects round-robin (one of each class before a
     second of any), each into recipients it has not met yet, in a seeded order. A recipient neither
-    belongs to nor is predicted as the suspect's class, so a flip is a change."""
+    belongs to nor is predicted as the suspect's class, so a flip is a change.
+
+    With ``weights`` (class -> weight, from the evidence so far), half the pairs go round-robin as
+    above and the other half to the classes in proportion to their weights (:func:`follow_evidence`).
+    """
+    if weights:
+        pairs = recipients_of(suspects, targets, preds, num - num // 2, gen)
+        return pairs + follow_evidence(suspects, targets, preds, num - len(pairs), gen, weights, set(pairs))
     seen: dict[int, int] = {}
     rank = []
     for suspect in suspects:
         rank.append(seen.get(suspect.cls, 0))
         seen[suspect.cls] = rank[-1] + 1
     order = sorted(range(len(suspects)), key=lambda s: (rank[s], s))[:num]
-    queues = {}
-    for s in order:
-        cls = suspects[s].cls
-        ok = ((targets != cls) & (preds != cls)).nonzero()[:, 0]
-        queues[s] = ok[torch.randperm(len(ok), generator=gen)].tolist()
+    queues = {s: _recipients(suspects[s].cls, targets, preds, gen) for s in order}
     pairs: list[tuple[int, int]] = []
     while len(pairs) < num and any(queues[s] for s in order):
         for s in order:
@@ -321,13 +332,42 @@ def recipients_of(suspects: list[Suspect], targets: torch.Tensor, preds: torch.T
     return pairs
 
 
+def _recipients(cls: int, targets: torch.Tensor, preds: torch.Tensor, gen: torch.Generator) -> list[int]:
+    """The probes a suspect of class ``cls`` can be pasted into, in a seeded order."""
+    ok = ((targets != cls) & (preds != cls)).nonzero()[:, 0]
+    return ok[torch.randperm(len(ok), generator=gen)].tolist()
+
+
+def follow_evidence(suspects: list[Suspect], targets: torch.Tensor, preds: torch.Tensor, num: int,
+                    gen: torch.Generator, weights: dict[int, float], taken: set[tuple[int, int]]
+                    ) -> list[tuple[int, int]]:
+    """Up to ``num`` pairs not in ``taken``, shared among the suspects' classes in proportion to
+    ``weights`` (largest remainder), each class's suspects in turn. The weights come from earlier
+    evaluations only, so every pair's factor keeps its mean under the null (the e-values stay valid)."""
+    classes = sorted({s.cls for s in suspects})
+    if num <= 0 or not classes:
+        return []
+    w = torch.tensor([max(float(weights.get(k, 1.0)), 0.0) for k in classes], dtype=torch.float64)
+    share = (w / w.sum() if w.sum() > 0 else torch.full_like(w, 1 / len(w))) * num
+    counts = share.floor().long()
+    rest = (share - counts).argsort(descending=True, stable=True)[:num - int(counts.sum())]
+    counts[rest] += 1
+    pairs: list[tuple[int, int]] = []
+    for k, count in zip(classes, counts.tolist()):
+        members = [i for i, s in enumerate(suspects) if s.cls == k]
+        fresh = [(m, r) for r in _recipients(k, targets, preds, gen) for m in members if (m, r) not in taken]
+        pairs += fresh[:count]  # each recipient meets the class's suspects in turn
+    return pairs
+
+
 def plan_tests(suspects: list[Suspect], maps: torch.Tensor, targets: torch.Tensor, preds: torch.Tensor,
-               image_size: tuple[int, int], num_tests: int, box_cells: int, gen: torch.Generator) -> list[PasteTest]:
-    """Up to ``num_tests`` local paste tests (see the module docstring)."""
-    pairs = recipients_of(suspects, targets, preds, num_tests, gen)
+               image_size: tuple[int, int], num_tests: int, box_cells: int, gen: torch.Generator,
+               windows: "Windows | None" = None, weights: dict[int, float] | None = None) -> list[PasteTest]:
+    """Up to ``num_tests`` local paste tests (see the module docstring); ``weights``: see :func:`recipients_of`."""
+    pairs = recipients_of(suspects, targets, preds, num_tests, gen, weights)
     if not pairs:
         return []
-    windows = Windows.of(maps, window_side(tuple(maps.shape[-2:]), box_cells), image_size)
+    windows = windows or Windows.of(maps, window_side(tuple(maps.shape[-2:]), box_cells), image_size)
     tests = []
     for s, r in pairs:
         box = suspects[s].box
@@ -363,17 +403,24 @@ def swapped_images(images: torch.Tensor, suspects: list[Suspect], swaps: list[Sw
 
 
 def discover(maps: torch.Tensor, probes: ProbeSet, targets: torch.Tensor, preds: torch.Tensor, predict: Predict,
-             settings: DiscoverySettings, step: int = 0) -> Discovery:
+             settings: DiscoverySettings, step: int = 0, evidence: EvidenceState | None = None) -> Discovery:
     """Find candidates in ``maps`` (N, h, w), plan ``budget`` x N pasted images over the arms, run them.
 
     ``predict`` classifies a CPU batch of pasted images (it does the device placement, batching and
-    any cross-rank sharding); it is called once, and not at all when nothing can be tested.
+    any cross-rank sharding); it is called once, and not at all when nothing can be tested. With
+    the ``evidence`` accumulated so far, half of the local arm's pairs follow it
+    (:func:`follow_evidence`): a class whose own stream has grown gets more of them, so a cue in
+    one class is confirmed without waiting for the round-robin share of that class.
     """
     image_size = probes.image_size
-    suspects = find_suspects(maps, targets, preds, image_size, settings)
+    windows = Windows.of(maps, window_side(tuple(maps.shape[-2:]), settings.box_cells), image_size)
+    suspects = find_suspects(maps, targets, preds, image_size, settings, windows)
     gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
     per_arm = int(settings.budget * len(probes)) // (2 * len(settings.arms))
-    tests = plan_tests(suspects, maps, targets, preds, image_size, per_arm, settings.box_cells, gen)
+    classes = tuple(sorted({s.cls for s in suspects}))
+    follow = evidence is not None and bool(evidence.log_detector)  # from the second evaluation on
+    tests = plan_tests(suspects, maps, targets, preds, image_size, per_arm, settings.box_cells, gen, windows,
+                       evidence.class_weights(LOCAL, classes) if follow else None)
     swaps = ([SwapTest(s, r) for s, r in recipients_of(suspects, targets, preds, per_arm, gen)]
              if settings.global_test else [])
     batch = torch.cat([pasted_images(probes.images, suspects, tests), swapped_images(probes.images, suspects, swaps)])

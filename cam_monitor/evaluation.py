@@ -225,6 +225,11 @@ def aggregate(per_probe: dict[str, torch.Tensor], maps: torch.Tensor, probes: Pr
     return agg
 
 
+def probe_classes(probes: ProbeSet) -> tuple[int, ...]:
+    """The classes of the probe set: fixed for a run, so the evidence's mixture over per-class streams is too."""
+    return tuple(sorted(set(probes.labels.tolist())))
+
+
 def sharded_predict(model: nn.Module, settings: EvalSettings, placement: Placement) -> Callable[[torch.Tensor], torch.Tensor]:
     """Classify a CPU batch with ``model`` in chunks, each rank an equal-length shard (every rank
     runs the same forwards, so a sharded model's collectives pair up); returns CPU classes."""
@@ -265,15 +270,15 @@ def evaluate(model: nn.Module, probes: ProbeSet, settings: EvalSettings, placeme
     found, accumulated = None, None
     found_settings = settings.discovery
     if found_settings.enabled:
-        found = discover(maps, probes, targets, preds, sharded_predict(model, settings, placement), found_settings,
-                         step=global_step)
-        per_probe.update(found.per_probe(len(probes)))
         prior = evidence or EvidenceState(cap=2 * math.log(1 / found_settings.alpha))
-        accumulated = prior.update(found.diffs(), found_settings.bet, found_settings.min_effect)
+        found = discover(maps, probes, targets, preds, sharded_predict(model, settings, placement), found_settings,
+                         step=global_step, evidence=prior)
+        per_probe.update(found.per_probe(len(probes)))
+        accumulated = prior.update(found.diffs(by_class=True), found_settings.bet, found_settings.min_effect)
     aggregates = aggregate(per_probe, maps, probes)
     if found is not None and accumulated is not None:
         aggregates.update(found.aggregates())
-        aggregates["shortcut_evidence"] = accumulated.value(found_settings.arms)
+        aggregates["shortcut_evidence"] = accumulated.value(found_settings.arms, probe_classes(probes))
     return Evaluation(epoch=epoch, global_step=global_step, maps=maps, preds=preds,
                       probs=probs.gather(1, targets[:, None])[:, 0], per_probe=per_probe,
                       aggregates=aggregates, discovery=found, evidence=accumulated)

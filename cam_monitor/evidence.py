@@ -8,13 +8,19 @@ more potent than its control": ``E[x - y] <= min_effect``.
 
 - Per evaluation, :func:`sign_test_p` is the exact one-sided sign (McNemar) test on the discordant
   pairs (valid for ``min_effect = 0``), Holm-adjusted over the arms (:func:`holm`).
-- Across evaluations, each arm bets a fixed fraction ``bet`` on every pair:
+- Across evaluations, each stream of pairs bets a fixed fraction ``bet`` on every pair:
   ``e = prod(1 + bet * (x - y - min_effect))``, an e-value under the null (a product of factors of
-  mean at most 1). :class:`EvidenceState` keeps, per arm, the CUSUM form of these products
-  (``M_t = e_t * max(1, M_{t-1})``, an e-detector: Shin, Ramdas and Rinaldo 2023) and the
-  statistic is the mean over arms. Crossing ``1 / alpha`` under the null takes at least
-  ``1 / alpha`` evaluations on average (average run length), so ``alpha`` is the false-alarm
-  rate per evaluation; the mean over arms keeps that under any dependence between them.
+  mean at most 1). :class:`EvidenceState` keeps, per stream, the CUSUM form of these products
+  (``M_t = e_t * max(1, M_{t-1})``, an e-detector: Shin, Ramdas and Rinaldo 2023). The streams
+  are each arm's pairs pooled over classes (``local``, ``global``) and the local arm's pairs of
+  one candidate class (``local/3``): a cue in one class of ten is diluted tenfold in the pooled
+  stream, not in its own. The statistic is a fixed mixture: half the mean of the pooled streams,
+  half the mean of the per-class streams over the probe set's classes. A mixture of e-detectors with fixed
+  weights is an e-detector, so crossing ``1 / alpha`` under the null takes at least ``1 / alpha``
+  evaluations on average (average run length) under any dependence between the streams, and
+  ``alpha`` is the false-alarm rate per evaluation. Which class gets how many pairs may depend on
+  the evidence so far (:meth:`EvidenceState.class_weights`): a choice made before the pairs are
+  drawn keeps every factor's mean at most 1.
 
 An alert built on the statistic fires when it crosses ``1 / alpha`` and clears when it is back at
 1 or below: the pairs since the cue was confirmed went against it. Between the two it holds, so a
@@ -62,16 +68,21 @@ def check_bet(bet: float, min_effect: float) -> None:
         raise ValueError(f"bet must be in (0, 1 / (1 + min_effect)) = (0, {1 / (1 + min_effect):.4g}), got {bet!r}")
 
 
+def stream(arm: str, cls: int | None = None) -> str:
+    """The name of an evidence stream: an arm's pooled pairs (``local``) or one class's (``local/3``)."""
+    return arm if cls is None else f"{arm}/{cls}"
+
+
 @dataclass
 class EvidenceState:
-    """Per arm, the log of its e-detector; ``cap`` bounds each (log) so that evidence piled up while
-    a cue was used does not take forever to undo once it stops being used."""
+    """Per stream (:func:`stream`), the log of its e-detector; ``cap`` bounds each (log) so that
+    evidence piled up while a cue was used does not take forever to undo once it stops being used."""
 
     log_detector: dict[str, float] = field(default_factory=dict)
     cap: float = math.inf
 
     def update(self, diffs: dict[str, torch.Tensor], bet: float, min_effect: float) -> "EvidenceState":
-        """The state after one evaluation's paired differences per arm (an arm without pairs holds)."""
+        """The state after one evaluation's paired differences per stream (a stream without pairs holds)."""
         out = dict(self.log_detector)
         for arm, d in diffs.items():
             if d.numel() == 0:
@@ -79,9 +90,24 @@ class EvidenceState:
             out[arm] = min(self.cap, max(0.0, out.get(arm, 0.0)) + log_evalue(d, bet, min_effect))
         return EvidenceState(out, self.cap)
 
-    def value(self, arms: tuple[str, ...]) -> float:
-        """The statistic: the mean over ``arms`` of the e-detectors (1.0 for an arm never tested)."""
-        return sum(math.exp(self.log_detector.get(a, 0.0)) for a in arms) / len(arms)
+    def detector(self, name: str) -> float:
+        """One stream's e-detector (1.0 for a stream never tested)."""
+        return math.exp(self.log_detector.get(name, 0.0))
+
+    def value(self, arms: tuple[str, ...], classes: tuple[int, ...] = (), per_class_arm: str = "local") -> float:
+        """The statistic: the mean over ``arms`` of their pooled e-detectors; with ``classes`` (fixed
+        for the run: the probe set's), half that and half the mean of ``per_class_arm``'s per-class
+        detectors over ``classes``."""
+        pooled = sum(self.detector(stream(a)) for a in arms) / len(arms)
+        if not classes:
+            return pooled
+        per_class = sum(self.detector(stream(per_class_arm, k)) for k in classes) / len(classes)
+        return 0.5 * pooled + 0.5 * per_class
+
+    def class_weights(self, arm: str, classes: tuple[int, ...]) -> dict[int, float]:
+        """Each class's per-class e-detector of ``arm``: where the evidence so far points, the weight
+        of that class in the next evaluation's share of pairs that follows the evidence."""
+        return {k: self.detector(stream(arm, k)) for k in classes}
 
     def state_dict(self) -> dict[str, object]:
         return {"log_detector": dict(self.log_detector), "cap": self.cap}

@@ -99,6 +99,21 @@ def test_a_model_using_the_tag_flips_wherever_it_is_pasted_and_the_control_windo
         assert found.p_value() < 0.05
 
 
+def test_one_discovery_builds_the_maps_windows_once(monkeypatch) -> None:
+    """Candidates and the paste plan read the same windows: built once per evaluation."""
+    from cam_monitor import discovery as D
+
+    built = []
+    real = D.Windows.of.__func__
+    monkeypatch.setattr(D.Windows, "of", classmethod(lambda cls, *a: built.append(1) or real(cls, *a)))
+    probes = tag_probes()
+    model = TagModel(True)
+    preds = model(probes.images).argmax(1)
+    found = discover(one_cell_maps(len(probes), (0, 0)), probes, probes.labels, preds, lambda x: model(x).argmax(1),
+                     ONE_CELL)
+    assert found.tests and len(built) == 1
+
+
 def replace_settings(settings: DiscoverySettings, **changes) -> DiscoverySettings:
     from dataclasses import replace
     return replace(settings, **changes)
@@ -278,3 +293,19 @@ def test_the_monitor_takes_discovery_settings_and_refuses_other_types() -> None:
     assert cm.CAMMonitor(probe_settings=cm.ProbeSettings(seed=3)).settings.discovery.seed == 3
     with pytest.raises(TypeError, match="discovery must be True, False or a DiscoverySettings"):
         cm.CAMMonitor(discovery="yes")
+
+
+def test_half_the_local_pairs_follow_the_evidence_of_each_class() -> None:
+    """With each class's evidence so far, half the pairs go round-robin and half to the classes in
+    proportion to it; no suspect meets a recipient twice, and without evidence nothing changes."""
+    from cam_monitor.discovery import Suspect, recipients_of
+
+    labels = torch.arange(40) % 10
+    suspects = [Suspect(i, int(labels[i]), (0, 0, 4, 4), 0.5) for i in range(40)]
+    plain = recipients_of(suspects, labels, labels, 32, torch.Generator().manual_seed(0))
+    assert recipients_of(suspects, labels, labels, 32, torch.Generator().manual_seed(0), None) == plain
+    led = recipients_of(suspects, labels, labels, 32, torch.Generator().manual_seed(0),
+                        {0: 1e3, **{k: 1.0 for k in range(1, 10)}})
+    per_class = torch.bincount(torch.tensor([suspects[s].cls for s, _ in led]), minlength=10)
+    assert len(led) == 32 == len(set(led)) and int(per_class[0]) >= 16 + 1 and int(per_class[1:].max()) <= 2
+    assert all(int(labels[r]) != suspects[s].cls for s, r in led)

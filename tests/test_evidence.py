@@ -82,3 +82,51 @@ def test_a_cue_a_third_more_potent_than_its_control_is_confirmed_within_three_ev
         state = state.update({"local": _null_pairs(32, 0.33, gen, discordant=0.4)}, 0.7, 0.05)
         values.append(state.value(("local", "global")))
     assert values[-1] >= 1e3, values
+
+
+def _run_streams(effects: dict[int, float], evaluations: int, seed: int, alpha: float, follow: bool = True,
+                 per_class: int = 4) -> list[tuple[float, float]]:
+    """Evaluations of 10 classes' candidates, planned by discovery's own allocation (half round-robin,
+    half following each class's evidence), each pair drawn with its class's effect; per evaluation
+    (the statistic with per-class streams, the pooled streams' mean alone)."""
+    from cam_monitor.discovery import Suspect, recipients_of
+    from cam_monitor.evidence import stream
+
+    classes = tuple(range(10))
+    labels = torch.arange(10 * per_class) % 10
+    suspects = [Suspect(i, int(labels[i]), (0, 0, 4, 4), 0.5) for i in range(len(labels))]
+    gen = torch.Generator().manual_seed(seed)
+    state, out = EvidenceState(cap=2 * math.log(1 / alpha)), []
+    for e in range(evaluations):
+        weights = state.class_weights("local", classes) if follow and state.log_detector else None
+        pairs = recipients_of(suspects, labels, labels, 32, torch.Generator().manual_seed(seed * 1000 + e), weights)
+        cls = torch.tensor([suspects[s].cls for s, _ in pairs])
+        d = torch.stack([_null_pairs(1, effects.get(int(k), 0.0), gen, discordant=0.6)[0] for k in cls])
+        diffs = {"local": d, **{stream("local", int(k)): d[cls == k] for k in cls.unique()}}
+        state = state.update(diffs, 0.7, 0.05)
+        out.append((state.value(("local",), classes), state.value(("local",))))
+    return out
+
+
+def test_a_cue_in_one_class_of_ten_is_confirmed_by_its_own_stream_and_missed_by_the_pooled_one() -> None:
+    """The ruler beside one class only: pooled over ten classes its pairs are a tenth of the stream
+    and the pooled detector never grows; the class's own stream, fed more pairs as its evidence
+    grows, crosses 1 / alpha within a few evaluations."""
+    values = _run_streams({0: 0.55}, 8, seed=0, alpha=1e-3)
+    first = next(i for i, (v, _) in enumerate(values) if v >= 1e3)
+    assert first <= 5 and values[-1][0] >= 1e3, values
+    before = _run_streams({0: 0.55}, 8, seed=0, alpha=1e-3, follow=False)  # round-robin pairs, pooled streams
+    assert max(p for _, p in before) < 1e3, before
+
+
+def test_per_class_streams_with_evidence_led_allocation_keep_the_false_alarm_rate() -> None:
+    """Null evaluations at the worst case (every class's candidates ``min_effect`` more potent than
+    their controls), planned by the evidence-led allocation: at most alpha of the evaluations alarm."""
+    alpha, alarms, evaluations = 0.02, 0, 0
+    for seed in range(30):
+        for value, _ in _run_streams({k: 0.05 for k in range(10)}, 30, seed=seed, alpha=alpha, per_class=3):
+            evaluations += 1
+            alarms += value >= 1 / alpha
+            if value >= 1 / alpha:
+                break  # count the alarm, start over (next run)
+    assert alarms / evaluations <= alpha, (alarms, evaluations)
