@@ -1,5 +1,6 @@
 """Reading a probe folder: images, their masks beside them, labels from ``labels.csv`` or class
-sub-folders, and the optional transform applied to image and masks together."""
+sub-folders, and the optional transform applied to image and masks together. Returns the fields of
+a probe set; :class:`ProbeSet` builds itself from them."""
 from __future__ import annotations
 
 import csv
@@ -13,14 +14,14 @@ from torchvision.io import ImageReadMode, decode_image
 
 from ..errors import InputError
 from ..maps import resize_masks
-from .probe_set import ProbeSet, check_mask_shape
+from .shapes import check_mask_shape
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 MASK_KINDS = ("spurious", "object")
 
 
-def read_folder(root: str | os.PathLike, transform: Callable[..., Any] | None = None,
-                labels_csv: str | None = None, **meta: Any) -> ProbeSet:
+def folder_fields(root: str | os.PathLike, transform: Callable[..., Any] | None = None,
+                  labels_csv: str | None = None) -> dict[str, Any]:
     """Load probes from a folder (layout in docs/reference.md, "Probe folders").
 
     Images are files with an image suffix; ``<stem>.spurious.png`` / ``<stem>.object.png``
@@ -59,12 +60,12 @@ def read_folder(root: str | os.PathLike, transform: Callable[..., Any] | None = 
     shapes = {tuple(t.shape) for t in images}
     if len(shapes) > 1:
         raise InputError(f"probe images differ in shape {sorted(shapes)}; pass a transform that resizes them to one "
-                         "size (CAMMonitor(probe_transform=...) or ProbeSet.from_folder(transform=...))")
+                         "size (ProbeSettings(transform=...) or ProbeSet.from_folder(transform=...))")
     stack = lambda ms: None if all(m is None for m in ms) else torch.stack(  # noqa: E731
         [m if m is not None else torch.zeros(images[0].shape[-2:], dtype=torch.bool) for m in ms])
-    meta.setdefault("ids", [str(f.relative_to(root).with_suffix("")) for f in files])
-    meta.setdefault("class_names", class_names)
-    return ProbeSet(torch.stack(images), torch.tensor(labels), stack(spurious), stack(objects), **meta)
+    return {"images": torch.stack(images), "labels": torch.tensor(labels), "spurious_masks": stack(spurious),
+            "object_masks": stack(objects), "ids": [str(f.relative_to(root).with_suffix("")) for f in files],
+            "class_names": class_names}
 
 
 def _transformed(transform: Callable[..., Any] | None, image: torch.Tensor, spurious: torch.Tensor | None,

@@ -1,5 +1,5 @@
 """Picking probes from a dataset: class-balanced, deterministic, and without touching the
-training's random state."""
+training's random state. Returns the fields of a probe set; :class:`ProbeSet` builds itself from them."""
 from __future__ import annotations
 
 import contextlib
@@ -9,12 +9,10 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from ..errors import InputError
-from .probe_set import ProbeSet
 
 
-def from_dataset(dataset: Any, per_class: int = 4, seed: int = 0, *, num_probes: int | None = None,
-                 num_classes: int | None = None, labels: Sequence[int] | torch.Tensor | None = None,
-                 **meta: Any) -> ProbeSet:
+def dataset_fields(dataset: Any, per_class: int = 4, seed: int = 0, *, num_probes: int | None = None,
+                   labels: Sequence[int] | torch.Tensor | None = None) -> dict[str, Any]:
     """Pick probes from a map-style dataset, class-balanced and deterministic.
 
     ``per_class`` probes of every class, or, with ``num_probes``, that many in total taken
@@ -32,11 +30,11 @@ def from_dataset(dataset: Any, per_class: int = 4, seed: int = 0, *, num_probes:
     chosen = balanced_indices(all_labels, num_probes, seed)
     if not chosen:
         raise InputError("the dataset is empty: no probes to pick")
-    return _from_items(dataset, chosen, num_classes=num_classes, **meta)
+    return _from_items(dataset, chosen)
 
 
 
-def _from_items(dataset: Any, indices: Sequence[int], **meta: Any) -> ProbeSet:
+def _from_items(dataset: Any, indices: Sequence[int]) -> dict[str, Any]:
     images, labels, spur, obj = [], [], [], []
     for i in indices:
         item = dataset[i]
@@ -49,8 +47,8 @@ def _from_items(dataset: Any, indices: Sequence[int], **meta: Any) -> ProbeSet:
             images.append(torch.as_tensor(item[0]))
             labels.append(int(item[1]))
     stack = lambda ms: None if not ms or any(m is None for m in ms) else torch.stack([torch.as_tensor(m) for m in ms])  # noqa: E731
-    meta.setdefault("ids", [f"idx{i:06d}" for i in indices])
-    return ProbeSet(torch.stack(images), torch.tensor(labels), stack(spur), stack(obj), **meta)
+    return {"images": torch.stack(images), "labels": torch.tensor(labels), "spurious_masks": stack(spur),
+            "object_masks": stack(obj), "ids": [f"idx{i:06d}" for i in indices]}
 
 
 
@@ -125,15 +123,3 @@ def isolated_rng() -> Iterator[None]:
             random.setstate(py_state)
             if np is not None:
                 np.random.set_state(np_state)
-
-
-def from_loader(loader: Any, which: str, num_probes: int, seed: int, mean: Sequence[float] | None,
-                std: Sequence[float] | None) -> ProbeSet:
-    """``num_probes`` class-balanced probes from a loader's map-style dataset, without touching the RNG;
-    ``which`` names the loader in errors."""
-    dataset = getattr(loader, "dataset", None)
-    if dataset is None or isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__getitem__"):
-        raise InputError(f"CAMMonitor(probes=None) picks probes from the {which}'s dataset, but it is not a map-style "
-                         f"dataset ({type(dataset).__name__}); pass probes=ProbeSet(...), a probe file or a folder")
-    with isolated_rng():
-        return from_dataset(dataset, num_probes=num_probes, seed=seed, mean=mean, std=std)

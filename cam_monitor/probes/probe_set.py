@@ -18,6 +18,7 @@ from ..atomic import atomic_path
 from ..engine import check_images
 from ..errors import InputError, TargetError
 from ..maps import resize_masks
+from .shapes import check_mask_shape
 
 Box = Sequence[float]
 MaskSpec = Union[None, torch.Tensor, Sequence[Union[Sequence[Box], None]]]
@@ -179,20 +180,20 @@ class ProbeSet:
                      num_classes: int | None = None, labels: Sequence[int] | torch.Tensor | None = None,
                      **meta: Any) -> "ProbeSet":
         """Pick probes from a map-style dataset, class-balanced and deterministic
-        (:func:`cam_monitor.probes.pick.from_dataset`)."""
-        from .pick import from_dataset
+        (:func:`cam_monitor.probes.pick.dataset_fields`)."""
+        from .pick import dataset_fields
 
-        return from_dataset(dataset, per_class, seed, num_probes=num_probes, num_classes=num_classes, labels=labels,
-                            **meta)
+        fields = dataset_fields(dataset, per_class, seed, num_probes=num_probes, labels=labels)
+        return cls(**{**fields, "num_classes": num_classes, **meta})
 
     @classmethod
     def from_folder(cls, root: str | os.PathLike, transform: Callable[..., Any] | None = None,
                     labels_csv: str | None = None, **meta: Any) -> "ProbeSet":
-        """Load probes from a folder (:func:`cam_monitor.probes.folder.read_folder`; layout in the
+        """Load probes from a folder (:func:`cam_monitor.probes.folder.folder_fields`; layout in the
         docs/reference.md, "Probe folders")."""
-        from .folder import read_folder
+        from .folder import folder_fields
 
-        return read_folder(root, transform, labels_csv, **meta)
+        return cls(**{**folder_fields(root, transform, labels_csv), **meta})
 
 
 # ---- validation helpers ------------------------------------------------------------------------
@@ -232,16 +233,6 @@ def _check_labels(labels: Any, ids: list[str], num_classes: int | None) -> torch
         bound = f"[0, {num_classes})" if num_classes is not None else ">= 0"
         raise InputError(f"probe {ids[i]!r} (index {i}) has label {int(t[i])}, outside {bound}")
     return t
-
-
-def check_mask_shape(mask: tuple[int, int], image: tuple[int, int], what: str) -> None:
-    """Refuse a mask whose shape is not its image's, unless only a resize of the same aspect ratio
-    tells them apart (a mask drawn at another resolution, resized with nearest); a stretched mask
-    would mark another region than the one drawn."""
-    if tuple(mask) != tuple(image) and mask[0] * image[1] != mask[1] * image[0]:
-        raise InputError(f"{what}: mask shape {tuple(mask)} (H, W) does not match image shape {tuple(image)} and "
-                         "differs in aspect ratio, so resizing would stretch it onto another region; give masks of the "
-                         "image's shape (or a resize of it)")
 
 
 def _check_masks(masks: MaskSpec, kind: str, ids: list[str], h: int, w: int) -> torch.Tensor | None:

@@ -6,8 +6,10 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Sequence, Union
 
+import torch
+
 from ..errors import InputError
-from .pick import from_loader
+from .pick import isolated_rng
 from .probe_set import ProbeSet
 
 #: What ``probes=`` accepts: a probe set, a saved probe file or a probe folder, or None (pick from data).
@@ -27,6 +29,18 @@ def load_probe_source(src: ProbeSet | str | os.PathLike, transform: Callable[...
         raise InputError(f"ProbeSettings(transform=...) applies to probe folders, but {str(path)!r} is a saved probe "
                          "file (its images are stored as the model consumes them): drop the transform")
     return ProbeSet.load(path)
+
+
+def from_loader(loader: Any, which: str, num_probes: int, seed: int, mean: Sequence[float] | None,
+                std: Sequence[float] | None) -> ProbeSet:
+    """``num_probes`` class-balanced probes from a loader's map-style dataset, without touching the RNG;
+    ``which`` names the loader in errors."""
+    dataset = getattr(loader, "dataset", None)
+    if dataset is None or isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__getitem__"):
+        raise InputError(f"CAMMonitor(probes=None) picks probes from the {which}'s dataset, but it is not a map-style "
+                         f"dataset ({type(dataset).__name__}); pass probes=ProbeSet(...), a probe file or a folder")
+    with isolated_rng():
+        return ProbeSet.from_dataset(dataset, num_probes=num_probes, seed=seed, mean=mean, std=std)
 
 
 class ProbeSource:
