@@ -63,6 +63,10 @@ class DiscoverySettings:
             to recover from pairs against).
         global_test: run the amplitude-swap arm for global cues.
         seed: seeds the recipients' order and the control windows (mixed with the evaluation's step).
+        per_class: also keep the local arm's evidence per candidate class, and send half its pairs
+            where each class's evidence grows (:mod:`evidence`): a cue in one class of ten (a ruler
+            beside one lesion type) is confirmed instead of diluted, at a cost for cues in every
+            class (the pooled evidence counts half): off by default, see the reference.
     """
 
     enabled: bool = True
@@ -73,6 +77,7 @@ class DiscoverySettings:
     bet: float = 0.7
     global_test: bool = True
     seed: int = 0
+    per_class: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.box_cells, int) or isinstance(self.box_cells, bool) or self.box_cells < 1:

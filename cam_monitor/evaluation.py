@@ -271,14 +271,16 @@ def evaluate(model: nn.Module, probes: ProbeSet, settings: EvalSettings, placeme
     found_settings = settings.discovery
     if found_settings.enabled:
         prior = evidence or EvidenceState(cap=2 * math.log(1 / found_settings.alpha))
+        per_class = found_settings.per_class
         found = discover(maps, probes, targets, preds, sharded_predict(model, settings, placement), found_settings,
-                         step=global_step, evidence=prior)
+                         step=global_step, evidence=prior if per_class else None)
         per_probe.update(found.per_probe(len(probes)))
-        accumulated = prior.update(found.diffs(by_class=True), found_settings.bet, found_settings.min_effect)
+        accumulated = prior.update(found.diffs(by_class=per_class), found_settings.bet, found_settings.min_effect)
     aggregates = aggregate(per_probe, maps, probes)
     if found is not None and accumulated is not None:
         aggregates.update(found.aggregates())
-        aggregates["shortcut_evidence"] = accumulated.value(found_settings.arms, probe_classes(probes))
+        aggregates["shortcut_evidence"] = accumulated.value(
+            found_settings.arms, probe_classes(probes) if found_settings.per_class else ())
     return Evaluation(epoch=epoch, global_step=global_step, maps=maps, preds=preds,
                       probs=probs.gather(1, targets[:, None])[:, 0], per_probe=per_probe,
                       aggregates=aggregates, discovery=found, evidence=accumulated)

@@ -97,6 +97,9 @@ def test_a_model_using_the_tag_flips_wherever_it_is_pasted_and_the_control_windo
         masks = found.masks(len(probes), probes.image_size)
         assert masks[probes.labels == 1][:, :4, :4].all() and not masks[probes.labels == 0].any()
         assert found.p_value() < 0.05
+        by_class = found.diffs(by_class=True)
+        assert torch.equal(by_class["local/1"], found.diffs()["local"][[found.suspects[t.suspect].cls == 1
+                                                                        for t in found.tests]])
 
 
 def test_one_discovery_builds_the_maps_windows_once(monkeypatch) -> None:
@@ -269,6 +272,18 @@ def test_evaluate_runs_both_arms_within_two_probe_sets_of_extra_images_and_accum
     assert set(again.evidence.log_detector) == tested
     off = evaluate(model, probes, EvalSettings(layer="body", discovery=DiscoverySettings(enabled=False)))
     assert off.discovery is None and off.evidence is None and "shortcut_flip_rate" not in off.aggregates
+    assert not any("/" in name for name in again.evidence.log_detector)  # pooled streams only, by default
+    per_class = DiscoverySettings(per_class=True)
+    first = evaluate(model, probes, EvalSettings(layer="body", faithfulness=False, discovery=per_class))
+    later = evaluate(model, probes, EvalSettings(layer="body", faithfulness=False, discovery=per_class),
+                     evidence=first.evidence, global_step=1)
+    classes = {f"local/{found.suspects[t.suspect].cls}" for found in (first.discovery, later.discovery)
+               for t in found.tests}
+    assert classes <= set(later.evidence.log_detector) and not any(
+        k.startswith("global/") for k in later.evidence.log_detector)  # the global arm stays pooled
+    pooled = sum(later.evidence.detector(a) for a in ("local", "global")) / 2
+    mean_class = sum(later.evidence.detector(f"local/{k}") for k in (0, 1)) / 2
+    assert later.aggregates["shortcut_evidence"] == pytest.approx(0.5 * pooled + 0.5 * mean_class)
 
 
 def test_discovery_under_inference_mode_matches_grad_mode() -> None:
