@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .alerts import AlertBook, check_rules, default_rules, describe_alert, resolve_action
+from .alerts import AlertBook, check_rules, default_rules, describe_alert, resolve_action, rule_threshold
 from .checks import dry_run, dry_run_findings, first_pass, inert_setting_findings
 from .console import Voice
 from .discovery import DiscoverySettings
@@ -220,8 +220,8 @@ class Monitor:
         when = "before training" if stage == "fit" else f"before {stage}"
         settings = self._settings(model)
         result = dry_run(runner or model, self.probes, settings, placement, when, type(model).__name__)
-        spurious = next(r.threshold for r in self.rules if r.name == "spurious_enrichment")
-        found = dry_run_findings(result, self.probes, settings, spurious, self.prefix)
+        found = dry_run_findings(result, self.probes, settings, rule_threshold(self.rules, "spurious_enrichment"),
+                                 self.prefix)
         discovery = self.settings.discovery
         found.warnings.extend(inert_setting_findings(given(self.alerting), given(discovery).get("min_effect"),
                                                      self.probes, discovery.enabled))
@@ -269,8 +269,9 @@ class Monitor:
         ev = self.guard.run("evaluate", lambda: self._measure(model, placement, epoch, step, runner))
         if ev is None:
             return None
-        outcome = Outcome(ev, self._record(ev, stage, placement is None or placement.rank == 0))
-        self._act(outcome, placement is None or placement.rank == 0)
+        rank_zero = placement is None or placement.rank == 0
+        outcome = Outcome(ev, self._record(ev, stage, rank_zero))
+        self._act(outcome, rank_zero)
         return outcome
 
     def _settings(self, model: nn.Module) -> EvalSettings:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import typing
 import warnings
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import Any, Callable, Literal, Sequence, Union
 
 import torch
@@ -19,6 +19,7 @@ from jsonargparse.typing import restricted_string_type
 
 from .alerts import ACTIONS, RULES
 from .discovery import DiscoverySettings
+from .probes import ProbeSet
 
 #: A CAM method's name (``cam_monitor.methods.METHODS``), spelled out so a CLI or YAML typo fails at parsing.
 Method = Literal["gradcam", "gradcam++", "xgradcam", "hirescam", "layercam"]
@@ -235,9 +236,9 @@ def plain(value: Any) -> Any:
         return value
     if isinstance(value, (list, tuple)) and all(isinstance(v, (bool, int, float, str)) for v in value):
         return list(value)
-    if hasattr(value, "__dataclass_fields__"):
+    if is_dataclass(value) and not isinstance(value, ProbeSet):
         return {f.name: plain(getattr(value, f.name)) for f in fields(value)}
-    if hasattr(value, "images") and hasattr(value, "labels"):
+    if isinstance(value, ProbeSet):
         return f"ProbeSet({len(value)} probes)"
     return getattr(value, "__qualname__", None) or repr(value)[:200]
 

@@ -179,6 +179,8 @@ def test_hyperparameters_are_flat_with_groups_spelled_out() -> None:
     assert hp["cam_monitor.l3.alerting.spurious_enrichment"] == 3.0
     assert hp["cam_monitor.l3.discovery.alpha"] == 1e-3 and hp["cam_monitor.l3.probe_settings.num_probes"] == 64
     assert all(isinstance(v, (bool, int, float, str, list, type(None))) for v in hp.values())
+    given = cm.CAMMonitor(probes=cm.ProbeSet(torch.rand(3, 1, 8, 8), torch.arange(3))).hyperparameters()
+    assert given["cam_monitor.probes"] == "ProbeSet(3 probes)"  # a probe set is named, not flattened
 
 
 def test_inferred_regions_stay_drawn_while_their_alert_is_active() -> None:
