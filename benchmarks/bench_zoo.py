@@ -11,12 +11,14 @@ costs per evaluation (pasted images, seconds, ratio to one inference forward of 
 medians of interleaved repeats on the last model).
 
     python benchmarks/bench_zoo.py [--seeds 5] [--epochs 6]
+    python benchmarks/bench_zoo.py --merge a.json b.json --out all.json   # runs split over processes
 
 Prints a Markdown table and writes ``benchmarks/results/zoo_cpu.json``.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import statistics
 import sys
@@ -30,7 +32,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine import default_result_path, machine, time_interleaved, write_json  # noqa: E402
 
-from cam_monitor.demo.data import CUES  # noqa: E402
+from cam_monitor.demo.run import GAP_LINE  # noqa: E402
+
+from cam_monitor.demo.data import BASES, CUES  # noqa: E402
 from cam_monitor.demo.zoo import ZooRun, run_task  # noqa: E402
 from cam_monitor.discovery import DiscoverySettings, discover  # noqa: E402
 from cam_monitor.engine import predict_classes  # noqa: E402
@@ -56,8 +60,26 @@ def discovery_cost(run: ZooRun, repeats: int) -> dict:
     times = time_interleaved({"forward": forward, "discovery": confirm}, repeats, torch.device("cpu"))
     found = discover(ev.maps, probes, probes.labels, ev.preds, predict, settings, step=1)
     fwd, disc = statistics.median(times["forward"]), statistics.median(times["discovery"])
-    return {"pasted_images": 2 * (len(found.tests) + len(found.swaps)), "probes": len(probes), "forward_s": fwd,
+    return {"pasted_images": found.pasted, "probes": len(probes), "forward_s": fwd,
             "discovery_s": disc, "ratio": disc / fwd}
+
+
+class SavedRun:
+    """A run read back from a result file: what :func:`summarise` reads of a :class:`ZooRun`."""
+
+    def __init__(self, record: dict) -> None:
+        self.cue, self.variant, self.seed = record["task"], record["variant"], record["seed"]
+        self.rows, self.alerts, self.active_at_end = record["epochs"], record["alerts"], record["active_at_end"]
+        self.first_alert_epoch = min((a["epoch"] for a in self.alerts), default=None)
+        self.gap_epoch = next((r["epoch"] for r in self.rows if r["accuracy_gap"] > GAP_LINE), None)
+
+
+def merge(paths: list[str]) -> tuple[list[SavedRun], dict, dict]:
+    """The runs of several result files (seeds or tasks split over processes), the first file's
+    cost measurement and its settings."""
+    results = [json.loads(Path(p).read_text()) for p in paths]
+    runs = [SavedRun(r) for result in results for r in result["runs"]]
+    return runs, results[0]["cost"], results[0]
 
 
 def summarise(runs: list[ZooRun]) -> list[dict]:
@@ -110,10 +132,24 @@ def main() -> None:
     p.add_argument("--first-seed", type=int, default=0, help="seeds run are first-seed .. first-seed + seeds - 1")
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--arch", default="cnn", choices=("cnn", "resnet18"), help="the model trained on each task")
+    p.add_argument("--base", default="digits", choices=BASES, help="the images the cues go over (digits: 32 px grey; "
+                   "shapes: drawn shapes on varied backgrounds, 64 px colour)")
     p.add_argument("--cues", default=",".join(CUES), help="comma-separated zoo tasks (default: all)")
     p.add_argument("--repeats", type=int, default=20, help="interleaved repeats of the cost measurement")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/zoo_cpu.json)")
+    p.add_argument("--merge", nargs="+", default=None, help="result files to combine into one table (no runs)")
     args = p.parse_args()
+    if args.merge:
+        saved, cost, first = merge(args.merge)
+        rows = summarise(saved)
+        print_table(rows, cost)
+        seeds = sorted({r.seed for r in saved})
+        write_json({"machine": first["machine"], "arch": first["arch"], "base": first.get("base", "digits"),
+                    "epochs": first["epochs"], "seeds": seeds,
+                    "tasks": rows, "cost": cost, "merged_from": [Path(p).name for p in args.merge],
+                    "runs": [r for path in args.merge for r in json.loads(Path(path).read_text())["runs"]]},
+                   args.out or default_result_path("zoo", torch.device("cpu")))
+        return
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -123,7 +159,8 @@ def main() -> None:
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             for cue in args.cues.split(","):
                 for variant in ("shortcut", "control"):
-                    run = run_task(cue, variant, seed, args.epochs, f"{root}/{cue}_{variant}_{seed}", arch=args.arch)
+                    run = run_task(cue, variant, seed, args.epochs, f"{root}/{cue}_{variant}_{seed}", arch=args.arch,
+                                   base=args.base)
                     runs.append(run)
                     print(f"{cue:>18} {variant:>8} seed {seed}: gap > 0.2 at epoch {run.gap_epoch}, alerts "
                           f"{[(a['epoch'], a['rule']) for a in run.alerts]}", flush=True)
@@ -131,10 +168,10 @@ def main() -> None:
                               args.repeats)
     rows = summarise(runs)
     print_table(rows, cost)
-    result = {"machine": machine(), "arch": args.arch, "epochs": args.epochs,
+    result = {"machine": machine(), "arch": args.arch, "base": args.base, "epochs": args.epochs,
               "seeds": list(range(args.first_seed, args.first_seed + args.seeds)), "tasks": rows, "cost": cost,
-              "runs": [{"task": r.cue, "variant": r.variant, "seed": r.seed, "alerts": r.alerts, "epochs": r.rows}
-                       for r in runs],
+              "runs": [{"task": r.cue, "variant": r.variant, "seed": r.seed, "alerts": r.alerts, "epochs": r.rows,
+                        "active_at_end": r.active_at_end} for r in runs],
               "wall_s": time.perf_counter() - start}
     write_json(result, args.out or default_result_path("zoo", torch.device("cpu")))
 

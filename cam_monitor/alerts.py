@@ -16,6 +16,7 @@ from typing import Any, Callable, Literal
 
 import torch
 
+from .discovery import TEST_NAMES
 from .imports import import_callable
 from .records import Alert, AlertEvent, ShortcutRegion
 
@@ -170,16 +171,19 @@ class Check:
     level: str
     probe_ids: list[str]
     regions: list[ShortcutRegion] | None = None
+    evidence_by_test: dict[str, float] | None = None
 
 
 def check_rules(rules: tuple[Rule, ...], agg: dict[str, float], per_probe: dict[str, torch.Tensor], ids: list[str],
                 reference: dict[str, float] | None, hysteresis: float = 0.1,
-                regions: dict[str, list[ShortcutRegion]] | None = None) -> list[Check]:
+                regions: dict[str, list[ShortcutRegion]] | None = None,
+                evidence_by_test: dict[str, dict[str, float]] | None = None) -> list[Check]:
     """Every rule whose metric this evaluation has (and whose reference exists), judged.
 
     ``agg`` and ``per_probe`` are keyed by bare metric names; ``reference`` is the reference
     evaluation's aggregates, or None before there is one; ``regions`` maps a metric to the regions
-    an alert on it describes (the discovered shortcut regions).
+    an alert on it describes (the discovered shortcut regions), ``evidence_by_test`` to the evidence
+    of each test behind it (the discovery arms').
     """
     if not 0 <= hysteresis < 1:
         raise ValueError(f"hysteresis must be in [0, 1), got {hysteresis!r}")
@@ -194,7 +198,7 @@ def check_rules(rules: tuple[Rule, ...], agg: dict[str, float], per_probe: dict[
         series, past = rule.offenders_from or (rule.metric, None)
         offenders = rule.offenders(per_probe.get(series), ids, threshold=past)
         checks.append(Check(rule.name, rule.metric, value, rule.threshold, level, offenders,
-                            (regions or {}).get(rule.metric)))
+                            (regions or {}).get(rule.metric), (evidence_by_test or {}).get(rule.metric)))
     return checks
 
 
@@ -229,6 +233,8 @@ class AlertBook:
                                "threshold": float(c.threshold), "probe_ids": list(c.probe_ids)})
                 if c.regions is not None and event == "fired":
                     events[-1]["regions"] = [dict(r) for r in c.regions]
+                if c.evidence_by_test is not None and event == "fired":
+                    events[-1]["evidence_by_test"] = dict(c.evidence_by_test)
         return events
 
     @property
@@ -249,6 +255,9 @@ def describe_alert(alert: Alert) -> str:
     probes = ", ".join(alert["probe_ids"][:5]) or "-"
     text = (f"{alert['rule']} ({alert['metric']} = {alert['value']:.4g}, threshold {alert['threshold']:.4g}) "
             f"at epoch {alert['epoch']}, step {alert['global_step']}; probes: {probes}")
+    strongest = strongest_test(alert)
+    if strongest:
+        text += f"; strongest test: {strongest}"
     regions = [r for r in alert.get("regions", []) if r["flip_rate"] > r["control_rate"]][:3]
     if regions:
         text += "; regions: " + "; ".join(
@@ -257,12 +266,26 @@ def describe_alert(alert: Alert) -> str:
     return text
 
 
+def strongest_test(alert: Alert) -> str | None:
+    """The confirmation test with the most evidence behind a shortcut alert, in words with its
+    evidence (``the border band (band swap), evidence 4.5e+04``); None for other alerts."""
+    tests = alert.get("evidence_by_test")
+    if not tests:
+        return None
+    arm = max(tests, key=lambda a: tests[a])
+    return f"{TEST_NAMES.get(arm, arm)}, evidence {tests[arm]:.3g}"
+
+
 def describe_alert_markdown(event: AlertEvent) -> str:
     """An alert event (fired or cleared) as Markdown for a dashboard's text panel: what happened in a
     sentence, then the regions (class, box, flips against the control) and the probes."""
     what = "cleared" if event.get("event") == "cleared" else "fired"
     lines = [f"**{event['rule']} {what}** at epoch {event['epoch']}, step {event['global_step']}: "
              f"`{event['metric']}` = {event['value']:.4g} (threshold {event['threshold']:.4g})"]
+    strongest = strongest_test(event)
+    if strongest:
+        lines += ["", f"Strongest test: {strongest} (every test: "
+                  + ", ".join(f"{arm} {e:.3g}" for arm, e in event["evidence_by_test"].items()) + ")"]
     regions = [r for r in event.get("regions", []) if r["flip_rate"] > r["control_rate"]][:5]
     if regions:
         lines += ["", "| class | box (y0, x0, y1, x1) | flips | control flips | tests |", "|---|---|---|---|---|"]

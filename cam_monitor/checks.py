@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .discovery import window_side
+from .discovery import border_bands, window_side
 from .engine import CAMResult
 from .errors import CAMError, InputError
 from .evaluation import EvalSettings, Placement, spurious_regions
@@ -143,14 +143,19 @@ def discovery_findings(grid: tuple[int, int], layer: str, probes: ProbeSet, sett
     if probes.spurious_masks is None and not found.enabled:
         return [f"no spurious masks and discovery=False: nothing watches for shortcuts ({prefix}/spurious_enrichment "
                 "of the default border band is logged but does not alert); turn discovery on or give spurious masks"]
+    out = []
     side = window_side(grid, found.box_cells)
     share = side[0] * side[1] / (grid[0] * grid[1])
     if found.enabled and share > MAX_REGION_SHARE:
-        return [f"discovery's candidate region ({side[0]}x{side[1]} cells of the {grid[0]}x{grid[1]} grid of layer "
-                f"{layer!r}) covers {share:.0%} of the image: the local paste test cannot tell a small cue from "
-                "the object here (the global test still runs); target an earlier layer (a finer grid) or lower "
-                "DiscoverySettings(box_cells=...)"]
-    return []
+        out.append(f"discovery's candidate region ({side[0]}x{side[1]} cells of the {grid[0]}x{grid[1]} grid of layer "
+                   f"{layer!r}) covers {share:.0%} of the image: the local paste test cannot tell a small cue from "
+                   "the object here (the global and border tests still run); target an earlier layer (a finer grid) "
+                   "or lower DiscoverySettings(box_cells=...)")
+    if found.enabled and found.border_test and border_bands(probes.image_size, found.border_band) is None:
+        out.append(f"discovery's border test needs an inner band as large as its border band, and "
+                   f"{probes.image_size[0]}x{probes.image_size[1]} images have none: it does not run; "
+                   "use DiscoverySettings(border_test=False)")
+    return out
 
 
 #: Probes the check before training runs through the model.

@@ -19,10 +19,18 @@ texture, gratings) and, as the control, its own amplitude with the source's phas
 structure: shapes, edges). A model that follows the amplitude more than the structure uses a
 global cue.
 
-Budget: ``budget`` x the number of probes pasted images per evaluation (tests and controls, half
-to each arm), inference forwards only. Everything is deterministic given its inputs (a private
-generator seeded by the caller), so every rank of a multi-process run plans the same tests.
-Lightning-free.
+**Border cues** (a frame, a scanner's margin, letterboxing, a tag or ruler along the edge: spread
+along the border, neither one window nor an image statistic). The recipient gets the source's
+border band (``border_band`` of each side, :func:`~cam_monitor.metrics.border_mask`) and, as the
+control, the source's pixels of the next band inward, at least as many (:func:`border_bands`).
+Objects sit inside the frame more often than on it, so under the null the inner band carries at
+least as much of the source's class; a model that follows the outer band more reads the border.
+
+Budget: ``budget`` x the number of probes pasted images per evaluation (tests and controls),
+inference forwards only; the arms share it equally at the first evaluation, then half equally and
+half in proportion to each arm's evidence so far (an arm that found a cue keeps testing it
+harder). Everything is deterministic given its inputs (a private generator seeded by the
+caller), so every rank of a multi-process run plans the same tests. Lightning-free.
 """
 from __future__ import annotations
 
@@ -34,14 +42,21 @@ import torch
 import torch.nn.functional as F
 
 from .evidence import EvidenceState, check_bet, holm, sign_test_p, stream
+from .metrics import border_mask
 from .probes import ProbeSet
 from .records import ShortcutRegion
 
 Box = tuple[int, int, int, int]  # y0, x0, y1, x1 in image pixels, half-open
 Predict = Callable[[torch.Tensor], torch.Tensor]  # (B, C, H, W) CPU images -> (B,) predicted classes
-#: The confirmation arms: local paste, global (amplitude) swap.
-ARMS = ("local", "global")
+#: The confirmation arms: local paste, global (amplitude) swap, border band swap.
+ARMS = ("local", "global", "border")
 LOCAL = ARMS[0]
+#: What each arm tests, in the words an alert uses.
+TEST_NAMES = {"local": "a local region (paste test)", "global": "image statistics (amplitude swap)",
+              "border": "the border band (band swap)"}
+#: The widest ``border_band`` whose band leaves an inner band as large inside a square image:
+#: (1 - 2f)^2 >= 1/2.
+MAX_BORDER_BAND = (1 - 0.5 ** 0.5) / 2
 
 
 @dataclass(frozen=True)
@@ -51,8 +66,9 @@ class DiscoverySettings:
     Args:
         enabled: run discovery and confirmation at every evaluation.
         box_cells: side of a candidate region, in cells of the layer's grid (2: 2x2 cells).
-        budget: pasted images per evaluation (tests plus controls, both arms) as a multiple of the
-            probe count: 2.0 costs two inference forwards of the probe set.
+        budget: pasted images per evaluation (tests plus controls, every arm) as a multiple of the
+            probe count: 2.0 costs two inference forwards of the probe set. From the second
+            evaluation on, half of it goes to the arms in proportion to their evidence so far.
         alpha: false-alarm rate per evaluation of ``shortcut_confirmed``: under the null (no
             candidate more than ``min_effect`` more potent than its control) the evidence needs
             at least ``1 / alpha`` evaluations on average to cross its threshold ``1 / alpha``.
@@ -62,6 +78,9 @@ class DiscoverySettings:
         bet: the fraction of evidence staked on each pair (larger: faster on strong cues, slower
             to recover from pairs against).
         global_test: run the amplitude-swap arm for global cues.
+        border_test: run the border-band arm for cues along the image's edge (frames, margins).
+        border_band: width of the border band that arm swaps, as a share of each side (at least
+            one pixel; the default matches the metrics' border band, ``CAMSettings.border_fraction``).
         seed: seeds the recipients' order and the control windows (mixed with the evaluation's step).
         per_class: also keep the local arm's evidence per candidate class, and send half its pairs
             where each class's evidence grows (:mod:`evidence`): a cue in one class of ten (a ruler
@@ -76,6 +95,8 @@ class DiscoverySettings:
     min_effect: float = 0.05
     bet: float = 0.7
     global_test: bool = True
+    border_test: bool = True
+    border_band: float = 0.1
     seed: int = 0
     per_class: bool = False
 
@@ -86,11 +107,15 @@ class DiscoverySettings:
             raise ValueError(f"discovery budget must be > 0 (pasted images per probe), got {self.budget!r}")
         if not 0 < self.alpha < 1:
             raise ValueError(f"discovery alpha must be in (0, 1) (false alarms per evaluation), got {self.alpha!r}")
+        if not 0 < self.border_band <= MAX_BORDER_BAND:
+            raise ValueError(f"discovery border_band must be in (0, {MAX_BORDER_BAND:.3f}] (share of each side; "
+                             f"wider leaves no inner band as large for the control), got {self.border_band!r}")
         check_bet(self.bet, self.min_effect)
 
     @property
     def arms(self) -> tuple[str, ...]:
-        return ARMS if self.global_test else ARMS[:1]
+        """The arms this evaluation runs, in :data:`ARMS` order."""
+        return tuple(a for a, on in zip(ARMS, (True, self.global_test, self.border_test)) if on)
 
 
 @dataclass
@@ -121,12 +146,22 @@ class PasteTest:
 
 
 @dataclass
-class SwapTest:
-    """One global confirmation: the amplitude of ``suspect``'s image with the phase of ``recipient``
-    (and, as the control, the recipient's amplitude with the suspect's phase)."""
+class Pair:
+    """One whole-image confirmation: something of ``suspect``'s image given to probe ``recipient``
+    (its amplitude, or its border band), and the control given to the same recipient."""
 
     suspect: int
     recipient: int
+
+
+@dataclass
+class PairedArm:
+    """A whole-image arm's tests (global, border): its pairs, and whether each test image and each
+    control turned the recipient's prediction into the suspect's class."""
+
+    pairs: list[Pair]
+    flips: torch.Tensor
+    control_flips: torch.Tensor
 
 
 @dataclass
@@ -134,17 +169,20 @@ class Discovery:
     """What one evaluation's discovery found and its confirmation measured.
 
     ``flips[i]`` / ``control_flips[i]`` say whether local test ``i`` (and its control) turned the
-    recipient's prediction into the suspect's class; ``swap_flips`` / ``swap_control_flips`` the
-    same for the global tests.
+    recipient's prediction into the suspect's class; ``paired`` holds the same for the whole-image
+    arms that ran (``global``, ``border``).
     """
 
     suspects: list[Suspect]
     tests: list[PasteTest]
     flips: torch.Tensor
     control_flips: torch.Tensor
-    swaps: list[SwapTest]
-    swap_flips: torch.Tensor
-    swap_control_flips: torch.Tensor
+    paired: dict[str, PairedArm]
+
+    @property
+    def pasted(self) -> int:
+        """How many images this discovery classified (tests and controls, every arm)."""
+        return 2 * (len(self.tests) + sum(len(a.pairs) for a in self.paired.values()))
 
     def diffs(self, by_class: bool = False) -> dict[str, torch.Tensor]:
         """Per arm, the paired differences flip - control flip (in {-1, 0, 1}) of its tests; with
@@ -152,9 +190,8 @@ class Discovery:
         :func:`stream`). The global arm stays pooled: a class can be told by its amplitude alone
         (a "1" is a vertical bar: its spectrum is its orientation), which is no shortcut, and a
         per-class stream would find it (measured: a control model's ``global/1`` reached 4e3)."""
-        out = {"local": self.flips.long() - self.control_flips.long()}
-        if self.swaps:
-            out["global"] = self.swap_flips.long() - self.swap_control_flips.long()
+        out = {LOCAL: self.flips.long() - self.control_flips.long()}
+        out.update({arm: a.flips.long() - a.control_flips.long() for arm, a in self.paired.items() if a.pairs})
         if by_class:
             cls = torch.tensor([self.suspects[t.suspect].cls for t in self.tests], dtype=torch.long)
             for k in cls.unique().tolist():
@@ -168,11 +205,13 @@ class Discovery:
         return min(holm(ps).values(), default=1.0)
 
     def aggregates(self) -> dict[str, float]:
-        """Flip rates of both arms, their controls and excesses (NaN for an arm without tests), the
-        evaluation's ``shortcut_p`` and the count of ``shortcut_suspects`` (candidates)."""
+        """Flip rates of every arm that ran, their controls and excesses (NaN for an arm without
+        tests: ``shortcut_*`` for the local arm, ``global_*``, ``border_*``), the evaluation's
+        ``shortcut_p`` and the count of ``shortcut_suspects`` (candidates)."""
         out = {"shortcut_suspects": float(len(self.suspects)), "shortcut_p": self.p_value()}
-        for name, flips, control in (("shortcut", self.flips, self.control_flips),
-                                     ("global", self.swap_flips, self.swap_control_flips)):
+        arms = [("shortcut", self.flips, self.control_flips)]
+        arms += [(arm, a.flips, a.control_flips) for arm, a in self.paired.items()]
+        for name, flips, control in arms:
             rate = float(flips.float().mean()) if flips.numel() else math.nan
             base = float(control.float().mean()) if control.numel() else math.nan
             out.update({f"{name}_flip_rate": rate, f"{name}_flip_control": base, f"{name}_flip_excess": rate - base})
@@ -343,6 +382,28 @@ def _recipients(cls: int, targets: torch.Tensor, preds: torch.Tensor, gen: torch
     return ok[torch.randperm(len(ok), generator=gen)].tolist()
 
 
+def share_out(num: int, weights: list[float]) -> list[int]:
+    """``num`` split in proportion to ``weights`` (largest remainder, ties to the first; equally
+    when no weight is positive)."""
+    w = torch.tensor([max(float(x), 0.0) for x in weights], dtype=torch.float64)
+    share = (w / w.sum() if w.sum() > 0 else torch.full_like(w, 1 / len(w))) * num
+    counts = share.floor().long()
+    counts[(share - counts).argsort(descending=True, stable=True)[:num - int(counts.sum())]] += 1
+    return counts.tolist()
+
+
+def arm_shares(num: int, arms: tuple[str, ...], weights: dict[str, float] | None = None) -> dict[str, int]:
+    """``num`` pairs over ``arms``: equally, or with ``weights`` (each arm's evidence from earlier
+    evaluations) half equally and half in proportion to them, so an arm that has found a cue tests
+    it more while every arm keeps testing. Decided before any pair is drawn, so every pair's factor
+    keeps its mean under the null (the e-values stay valid)."""
+    if not weights:
+        return dict(zip(arms, share_out(num, [1.0] * len(arms))))
+    equal = share_out(num - num // 2, [1.0] * len(arms))
+    led = share_out(num // 2, [weights.get(a, 1.0) for a in arms])
+    return {a: e + f for a, e, f in zip(arms, equal, led)}
+
+
 def follow_evidence(suspects: list[Suspect], targets: torch.Tensor, preds: torch.Tensor, num: int,
                     gen: torch.Generator, weights: dict[int, float], taken: set[tuple[int, int]]
                     ) -> list[tuple[int, int]]:
@@ -352,13 +413,9 @@ def follow_evidence(suspects: list[Suspect], targets: torch.Tensor, preds: torch
     classes = sorted({s.cls for s in suspects})
     if num <= 0 or not classes:
         return []
-    w = torch.tensor([max(float(weights.get(k, 1.0)), 0.0) for k in classes], dtype=torch.float64)
-    share = (w / w.sum() if w.sum() > 0 else torch.full_like(w, 1 / len(w))) * num
-    counts = share.floor().long()
-    rest = (share - counts).argsort(descending=True, stable=True)[:num - int(counts.sum())]
-    counts[rest] += 1
+    counts = share_out(num, [weights.get(k, 1.0) for k in classes])
     pairs: list[tuple[int, int]] = []
-    for k, count in zip(classes, counts.tolist()):
+    for k, count in zip(classes, counts):
         members = [i for i, s in enumerate(suspects) if s.cls == k]
         fresh = [(m, r) for r in _recipients(k, targets, preds, gen) for m in members if (m, r) not in taken]
         pairs += fresh[:count]  # each recipient meets the class's suspects in turn
@@ -395,7 +452,7 @@ def pasted_images(images: torch.Tensor, suspects: list[Suspect], tests: list[Pas
     return torch.stack(out) if out else images[:0]
 
 
-def swapped_images(images: torch.Tensor, suspects: list[Suspect], swaps: list[SwapTest]) -> torch.Tensor:
+def swapped_images(images: torch.Tensor, suspects: list[Suspect], swaps: list[Pair]) -> torch.Tensor:
     """(2S, C, H, W): each swap's source amplitude with the recipient's phase, then each control
     (the recipient's amplitude with the source's phase), per channel, in the images' own units."""
     if not swaps:
@@ -407,31 +464,69 @@ def swapped_images(images: torch.Tensor, suspects: list[Suspect], swaps: list[Sw
     return torch.cat([test, control]).to(images.dtype)
 
 
+def border_bands(image_size: tuple[int, int], fraction: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(outer, inner) (H, W) bool masks: the border band of ``fraction`` of each side (the metrics'
+    :func:`~cam_monitor.metrics.border_mask`) and the next band inward with at least as many pixels
+    (whole rings, by depth relative to the band's width on each axis); None when the image has no
+    such inner band (an image of a few pixels)."""
+    h, w = image_size
+    outer = border_mask(h, w, fraction)
+    by, bx = max(1, round(fraction * h)), max(1, round(fraction * w))
+    ys, xs = torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64)
+    depth = torch.minimum(torch.minimum(ys, h - 1 - ys)[:, None] / by, torch.minimum(xs, w - 1 - xs)[None, :] / bx)
+    inside = depth[~outer].sort().values
+    area = int(outer.sum())
+    if len(inside) < area:
+        return None
+    return outer, ~outer & (depth <= inside[area - 1])
+
+
+def banded_images(images: torch.Tensor, suspects: list[Suspect], pairs: list[Pair],
+                  bands: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """(2P, C, H, W): each pair's recipient with the source's outer band, then each control (the
+    recipient with the source's inner band)."""
+    if not pairs:
+        return images[:0]
+    src = images[[suspects[p.suspect].probe for p in pairs]]
+    dst = images[[p.recipient for p in pairs]]
+    return torch.cat([torch.where(band, src, dst) for band in bands])
+
+
 def discover(maps: torch.Tensor, probes: ProbeSet, targets: torch.Tensor, preds: torch.Tensor, predict: Predict,
              settings: DiscoverySettings, step: int = 0, evidence: EvidenceState | None = None) -> Discovery:
     """Find candidates in ``maps`` (N, h, w), plan ``budget`` x N pasted images over the arms, run them.
 
     ``predict`` classifies a CPU batch of pasted images (it does the device placement, batching and
     any cross-rank sharding); it is called once, and not at all when nothing can be tested. With
-    the ``evidence`` accumulated so far, half of the local arm's pairs follow it
-    (:func:`follow_evidence`): a class whose own stream has grown gets more of them, so a cue in
-    one class is confirmed without waiting for the round-robin share of that class.
+    the ``evidence`` accumulated so far, half the pairs go to the arms in proportion to their
+    evidence (:func:`arm_shares`), and with ``per_class`` half of the local arm's pairs follow the
+    classes' (:func:`follow_evidence`): a class whose own stream has grown gets more of them, so a
+    cue in one class is confirmed without waiting for the round-robin share of that class.
     """
     image_size = probes.image_size
     windows = Windows.of(maps, window_side(tuple(maps.shape[-2:]), settings.box_cells), image_size)
     suspects = find_suspects(maps, targets, preds, image_size, settings, windows)
     gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
-    per_arm = int(settings.budget * len(probes)) // (2 * len(settings.arms))
-    classes = tuple(sorted({s.cls for s in suspects}))
+    bands = border_bands(image_size, settings.border_band) if settings.border_test else None
+    makers = {"global": lambda pairs: swapped_images(probes.images, suspects, pairs)} if settings.global_test else {}
+    if bands is not None:
+        makers["border"] = lambda pairs: banded_images(probes.images, suspects, pairs, bands)
     follow = evidence is not None and bool(evidence.log_detector)  # from the second evaluation on
-    tests = plan_tests(suspects, maps, targets, preds, image_size, per_arm, settings.box_cells, gen, windows,
-                       evidence.class_weights(LOCAL, classes) if follow else None)
-    swaps = ([SwapTest(s, r) for s, r in recipients_of(suspects, targets, preds, per_arm, gen)]
-             if settings.global_test else [])
-    batch = torch.cat([pasted_images(probes.images, suspects, tests), swapped_images(probes.images, suspects, swaps)])
+    arms = (LOCAL, *makers)
+    shares = arm_shares(int(settings.budget * len(probes)) // 2, arms,
+                        {a: evidence.detector(a) for a in arms} if follow else None)
+    classes = tuple(sorted({s.cls for s in suspects}))
+    tests = plan_tests(suspects, maps, targets, preds, image_size, shares[LOCAL], settings.box_cells, gen, windows,
+                       evidence.class_weights(LOCAL, classes) if follow and settings.per_class else None)
+    planned = {arm: [Pair(s, r) for s, r in recipients_of(suspects, targets, preds, shares[arm], gen)]
+               for arm in makers}
+    batch = torch.cat([pasted_images(probes.images, suspects, tests)] + [makers[a](p) for a, p in planned.items()])
     out = predict(batch).cpu() if len(batch) else torch.zeros(0, dtype=torch.long)
-    n = len(tests)
-    src = torch.tensor([suspects[t.suspect].cls for t in tests], dtype=torch.long)
-    swap_src = torch.tensor([suspects[t.suspect].cls for t in swaps], dtype=torch.long)
-    return Discovery(suspects, tests, out[:n] == src, out[n:2 * n] == src, swaps,
-                     out[2 * n:2 * n + len(swaps)] == swap_src, out[2 * n + len(swaps):] == swap_src)
+    source = lambda items: torch.tensor([suspects[i.suspect].cls for i in items], dtype=torch.long)  # noqa: E731
+    flips = [out[:len(tests)] == source(tests), out[len(tests):2 * len(tests)] == source(tests)]
+    start, paired = 2 * len(tests), {}
+    for arm, pairs in planned.items():
+        n, src = len(pairs), source(pairs)
+        paired[arm] = PairedArm(pairs, out[start:start + n] == src, out[start + n:start + 2 * n] == src)
+        start += 2 * n
+    return Discovery(suspects, tests, flips[0], flips[1], paired)

@@ -273,7 +273,7 @@ def evaluate(model: nn.Module, probes: ProbeSet, settings: EvalSettings, placeme
         prior = evidence or EvidenceState(cap=2 * math.log(1 / found_settings.alpha))
         per_class = found_settings.per_class
         found = discover(maps, probes, targets, preds, sharded_predict(model, settings, placement), found_settings,
-                         step=global_step, evidence=prior if per_class else None)
+                         step=global_step, evidence=prior)
         per_probe.update(found.per_probe(len(probes)))
         accumulated = prior.update(found.diffs(by_class=per_class), found_settings.bet, found_settings.min_effect)
     aggregates = aggregate(per_probe, maps, probes)

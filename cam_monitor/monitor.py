@@ -308,8 +308,10 @@ class Monitor:
         ref = self.series.reference
         regions = None if ev.discovery is None else {
             "shortcut_evidence": ev.discovery.regions(self.probes.ids, self.probes.class_names)}
+        by_test = None if ev.evidence is None else {
+            "shortcut_evidence": {arm: ev.evidence.detector(arm) for arm in self.settings.discovery.arms}}
         checks = check_rules(self.rules, ev.aggregates, ev.per_probe, self.probes.ids,
-                             None if ref is None else ref.aggregates, self.alerting.hysteresis, regions)
+                             None if ref is None else ref.aggregates, self.alerting.hysteresis, regions, by_test)
         events = self.book.update(checks, ev.epoch, ev.global_step, self.prefix)
         self.evidence = ev.evidence or self.evidence
         self.shown_regions = self._regions_to_show(ev)

@@ -35,7 +35,8 @@ ShortcutRegion = TypedDict("ShortcutRegion", {
 class Alert(TypedDict):
     """A fired alert as the monitor keeps it (``monitor.alerts``) and hands it to an alert action:
     the rule, the logged metric (``<prefix>/<metric>``) with its value and threshold, when, and the
-    worst probes; ``regions`` for an alert on the discovered shortcut."""
+    worst probes; for an alert on the discovered shortcut, ``regions`` and ``evidence_by_test``
+    (each confirmation arm's own evidence, ``local``, ``global``, ``border``: which kind of cue it is)."""
 
     epoch: int
     global_step: int
@@ -45,6 +46,7 @@ class Alert(TypedDict):
     threshold: float
     probe_ids: list[str]
     regions: NotRequired[list[ShortcutRegion]]
+    evidence_by_test: NotRequired[dict[str, float]]
 
 
 class AlertEvent(Alert):

@@ -7,7 +7,8 @@ import re
 import pytest
 import torch
 
-from cam_monitor.alerts import AlertBook, Rule, check_rules, default_rules, describe_alert, resolve_action
+from cam_monitor.alerts import (AlertBook, Rule, check_rules, default_rules, describe_alert, describe_alert_markdown,
+                                resolve_action)
 
 IDS = ["a", "b", "c"]
 RULES = default_rules()
@@ -99,13 +100,20 @@ def test_the_shortcut_rule_names_the_suspect_probes_and_carries_the_regions() ->
                 "probe_ids": ["c"], "boxes": [[0, 0, 4, 4]]}]
     values = {**agg(), "shortcut_evidence": 2000.0}
     series = {**per(), "shortcut_flip": torch.tensor([math.nan, 0.2, 0.75])}
-    (c,) = [c for c in check_rules(RULES, values, series, IDS, None, regions={"shortcut_evidence": regions})
+    by_test = {"local": 1.5, "global": 0.8, "border": 4.5e4}
+    (c,) = [c for c in check_rules(RULES, values, series, IDS, None, regions={"shortcut_evidence": regions},
+                                   evidence_by_test={"shortcut_evidence": by_test})
             if c.rule == "shortcut_confirmed"]
     assert c.level == "fire" and c.probe_ids == ["c", "b"]
     (event,) = AlertBook().update([c], epoch=2, global_step=40)
     assert event["regions"] == regions and event["regions"] is not regions
+    assert event["evidence_by_test"] == by_test and event["evidence_by_test"] is not by_test
     text = describe_alert(event)
     assert "class 3 at box (y0, x0, y1, x1) (0, 0, 4, 4) flips 6/8 vs control 0/8" in text
+    assert "strongest test: the border band (band swap), evidence 4.5e+04" in text
+    markdown = describe_alert_markdown(event)
+    assert "Strongest test: the border band (band swap), evidence 4.5e+04 (every test: local 1.5, global 0.8, " \
+           "border 4.5e+04)" in markdown
 
 
 def test_the_shortcut_rule_fires_at_one_over_alpha_holds_between_and_clears_only_at_no_evidence() -> None:

@@ -59,3 +59,10 @@ def test_no_masks_and_no_discovery_says_nothing_watches_for_shortcuts() -> None:
     found = dry_run_findings(result(torch.rand(2, 8, 8)), probes(), off, 4.0, "cam")
     assert any("nothing watches for shortcuts" in w for w in found.warnings)
     assert dry_run_findings(result(torch.rand(2, 8, 8)), probes(), EvalSettings(), 4.0, "cam").warnings == []
+
+
+def test_images_too_small_for_the_border_test_are_warned_with_the_fix() -> None:
+    found = dry_run_findings(result(torch.rand(2, 2, 2)), probes(size=6), EvalSettings(), 4.0, "cam")
+    assert any("border test" in w and "6x6 images" in w and "border_test=False" in w for w in found.warnings)
+    assert not any("border test needs" in w for w in dry_run_findings(result(torch.rand(2, 2, 2)), probes(size=7),
+                                                                 EvalSettings(), 4.0, "cam").warnings)

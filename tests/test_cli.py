@@ -15,19 +15,19 @@ def test_demo_catches_the_shortcut_and_spares_the_control(tmp_path, capsys) -> N
     """The README's main job at reduced size: the mask-free monitor alerts in the shortcut run and
     names the decoy's corner, nobody having marked it; the masked monitor (the ground truth) agrees;
     nothing fires in the control."""
-    assert main(["demo", "--epochs", "2", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert main(["demo", "--epochs", "3", "--out", str(tmp_path), "--no-progress"]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     shortcut, control = summary["shortcut"], summary["control"]
     assert {a["rule"] for a in shortcut["alerts"]} == {"shortcut_confirmed"}
     assert {a["rule"] for a in shortcut["masked_alerts"]} == {"spurious_enrichment"}
     assert shortcut["gap_passes_0.2_epoch"] is not None
-    assert shortcut["first_alert_epoch"] <= shortcut["gap_passes_0.2_epoch"] + 1  # by the epoch after
+    assert shortcut["first_alert_epoch"] <= shortcut["gap_passes_0.2_epoch"] + 2  # within two epochs of it
     corners = [(y0 < 8 or y1 > 24) and (x0 < 8 or x1 > 24)  # every named box touches a corner of the 32 px canvas
                for a in shortcut["alerts"] for r in a["regions"] if r["flips"] > r["control_flips"]
                for y0, x0, y1, x1 in r["boxes"]]
     assert corners and all(corners)
     assert control["alerts"] == [] and control["masked_alerts"] == [] and abs(control["accuracy_gap"]) < 0.1
-    assert len(shortcut["epochs"]) == 2
+    assert len(shortcut["epochs"]) == 3
     assert {"acc_matched", "acc_random", "cam/shortcut_evidence", "cam/masked/spurious_enrichment"} <= set(
         shortcut["epochs"][0])
     assert (tmp_path / "summary.png").stat().st_size > 20_000

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import cam_monitor as cm
-from cam_monitor.discovery import (DiscoverySettings, cells_to_pixels, discover, find_suspects, pasted_images,
-                                   plan_tests, swapped_images, SwapTest)
+from cam_monitor.discovery import (MAX_BORDER_BAND, DiscoverySettings, Pair, banded_images, border_bands,
+                                   cells_to_pixels, discover, find_suspects, pasted_images, plan_tests, swapped_images)
+from cam_monitor.metrics import border_mask
 from cam_monitor.evaluation import EvalSettings, evaluate
 
 SIZE = 16
@@ -82,7 +83,8 @@ def test_a_model_using_the_tag_flips_wherever_it_is_pasted_and_the_control_windo
         model = TagModel(use_tag)
         preds = model(probes.images).argmax(1)
         predict = lambda x, m=model: m(x).argmax(1)  # noqa: E731
-        found = discover(maps, probes, probes.labels, preds, predict, replace_settings(ONE_CELL, global_test=False))
+        found = discover(maps, probes, probes.labels, preds, predict,
+                         replace_settings(ONE_CELL, global_test=False, border_test=False))
         agg = found.aggregates()
         if not use_tag:  # the control model predicts class 0 for all: no recipient can flip, no evidence
             assert not found.flips.any() and found.p_value() == 1.0
@@ -151,17 +153,93 @@ def test_a_global_brightness_cue_flips_with_the_amplitude_and_not_with_the_struc
     probes = cm.ProbeSet(images, labels)
     model = BrightnessModel()
     maps = torch.ones(16, 4, 4)  # evenly spread: nothing local to find
-    found = discover(maps, probes, labels, model(images).argmax(1), lambda x: model(x).argmax(1), DiscoverySettings())
+    found = discover(maps, probes, labels, model(images).argmax(1), lambda x: model(x).argmax(1),
+                     DiscoverySettings(border_test=False))
     agg = found.aggregates()
-    assert len(found.swaps) == len(found.tests) == 8  # budget 2.0: two probe sets, half to each arm
+    assert len(found.paired["global"].pairs) == len(found.tests) == 8  # budget 2.0: two probe sets, half to each arm
     assert agg["global_flip_rate"] == 1.0 and agg["global_flip_control"] == 0.0
     assert found.p_value() < 0.01
+
+
+class FrameModel(nn.Module):
+    """Class 1 when the image's one-pixel frame is bright: a shortcut along the border."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ring = torch.ones(x.shape[-2:], dtype=torch.bool)
+        ring[1:-1, 1:-1] = False
+        frame = x[:, 0, ring].mean(1)
+        return torch.stack([torch.full_like(frame, 0.5), frame], 1)
+
+
+class CentreModel(nn.Module):
+    """Class 1 when the middle half of the image is bright: the object, well inside the frame."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        centre = x[:, 0, 4:12, 4:12].mean((1, 2))
+        return torch.stack([torch.full_like(centre, 0.3), centre], 1)
+
+
+def framed_probes(n: int = 16) -> cm.ProbeSet:
+    """Class 1 has a bright frame and a bright centre, class 0 neither: both models read them right."""
+    g = torch.Generator().manual_seed(3)
+    labels = torch.tensor([1, 0] * (n // 2))
+    images = 0.1 * torch.rand(n, 1, SIZE, SIZE, generator=g)
+    images[labels == 1, :, 4:12, 4:12] = 0.6
+    framed = images[labels == 1]
+    framed[:, :, [0, -1], :] = 1.0
+    framed[:, :, :, [0, -1]] = 1.0
+    images[labels == 1] = framed
+    return cm.ProbeSet(images, labels)
+
+
+@pytest.mark.parametrize("size", [(16, 16), (32, 48), (224, 224), (7, 7)])
+def test_the_border_band_is_the_metrics_band_and_its_control_the_next_rings_inward_as_large(size) -> None:
+    outer, inner = border_bands(size, 0.1)
+    assert torch.equal(outer, border_mask(*size, 0.1)) and not (outer & inner).any()
+    assert outer.sum() <= inner.sum() <= outer.sum() + 2 * sum(size)  # at least as large, at most one ring more
+    rest = ~(outer | inner)  # what is left is a centred rectangle: the inner band is whole rings
+    rows, cols = rest.any(1).nonzero()[:, 0], rest.any(0).nonzero()[:, 0]
+    box = torch.zeros_like(rest)
+    box[rows.min():rows.max() + 1, cols.min():cols.max() + 1] = True
+    assert torch.equal(rest, box)
+    assert rows.min() + rows.max() == size[0] - 1 and cols.min() + cols.max() == size[1] - 1
+    assert border_bands((6, 6), 0.1) is None  # no inner band as large: the check before training says so
+
+
+def test_banded_images_give_the_recipient_the_sources_band_and_nothing_else() -> None:
+    images = torch.stack([torch.full((2, SIZE, SIZE), float(v)) for v in (1, 2, 3)])
+    suspects = find_suspects(one_cell_maps(3, (0, 0)), torch.tensor([0, 1, 2]), torch.tensor([0, 1, 2]),
+                             (SIZE, SIZE), ONE_CELL)
+    source = next(i for i, s in enumerate(suspects) if s.probe == 2)
+    bands = border_bands((SIZE, SIZE), 0.1)
+    out = banded_images(images, suspects, [Pair(source, 0)], bands)
+    assert out.shape == (2, 2, SIZE, SIZE)
+    for image, band in zip(out, bands):
+        assert (image[:, band] == 3).all() and (image[:, ~band] == 1).all()
+
+
+def test_a_model_reading_the_frame_follows_the_border_band_and_not_the_band_inside() -> None:
+    probes = framed_probes()
+    maps = torch.ones(len(probes), 4, 4)
+    frame, centre = FrameModel(), CentreModel()
+    for model in (frame, centre):
+        assert torch.equal(model(probes.images).argmax(1), probes.labels)
+    found = discover(maps, probes, probes.labels, probes.labels, lambda x: frame(x).argmax(1), DiscoverySettings())
+    border = found.paired["border"]
+    assert len(border.pairs) == 5 and bool(border.flips.all()) and not bool(border.control_flips.any())
+    assert found.aggregates()["border_flip_excess"] == 1.0 and found.p_value() < 0.1
+    # the object sits inside the frame: the inner band carries it, the border band does not
+    honest = discover(maps, probes, probes.labels, probes.labels, lambda x: centre(x).argmax(1), DiscoverySettings())
+    assert honest.aggregates()["border_flip_excess"] <= 0 and not bool(honest.paired["border"].flips.any())
+    off = discover(maps, probes, probes.labels, probes.labels, lambda x: frame(x).argmax(1),
+                   DiscoverySettings(border_test=False))
+    assert "border" not in off.paired and "border" not in off.diffs()
 
 
 def test_swapped_images_carry_the_sources_amplitude_and_the_recipients_phase() -> None:
     probes = tag_probes(4)
     suspects = find_suspects(one_cell_maps(4, (0, 0)), probes.labels, probes.labels, (SIZE, SIZE), ONE_CELL)
-    swaps = [SwapTest(0, 1)]
+    swaps = [Pair(0, 1)]
     out = swapped_images(probes.images, suspects, swaps)
     src, dst = torch.fft.fft2(probes.images[suspects[0].probe].double()), torch.fft.fft2(probes.images[1].double())
     test, control = torch.fft.fft2(out[0].double()), torch.fft.fft2(out[1].double())
@@ -234,20 +312,22 @@ def test_nothing_to_test_gives_nan_rates_and_costs_no_forward() -> None:
     wrong = 1 - probes.labels  # every probe misclassified: no candidate
     found = discover(one_cell_maps(4, (0, 0)), probes, probes.labels, wrong, predict, DiscoverySettings())
     agg = found.aggregates()
-    assert found.tests == [] and found.swaps == [] and calls == []
-    assert math.isnan(agg["shortcut_flip_rate"]) and math.isnan(agg["global_flip_rate"]) and agg["shortcut_p"] == 1.0
+    assert found.tests == [] and found.pasted == 0 and calls == []
+    assert all(math.isnan(agg[f"{arm}_flip_rate"]) for arm in ("shortcut", "global", "border"))
+    assert agg["shortcut_p"] == 1.0
 
 
 @pytest.mark.parametrize("kwargs, text", [(dict(box_cells=0), "box_cells"), (dict(budget=0), "budget"),
                                           (dict(alpha=0), "alpha"), (dict(alpha=1), "alpha"),
                                           (dict(min_effect=1.0), "min_effect"), (dict(bet=0.99), "bet"),
-                                          (dict(bet=0), "bet")])
+                                          (dict(bet=0), "bet"), (dict(border_band=0), "border_band"),
+                                          (dict(border_band=MAX_BORDER_BAND + 0.01), "border_band")])
 def test_bad_settings_are_refused(kwargs, text) -> None:
     with pytest.raises(ValueError, match=text):
         DiscoverySettings(**kwargs)
 
 
-def test_evaluate_runs_both_arms_within_two_probe_sets_of_extra_images_and_accumulates_evidence() -> None:
+def test_evaluate_runs_every_arm_within_two_probe_sets_of_extra_images_and_accumulates_evidence() -> None:
     class Conv(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -267,6 +347,7 @@ def test_evaluate_runs_both_arms_within_two_probe_sets_of_extra_images_and_accum
             "global_flip_rate", "global_flip_control", "global_flip_excess", "shortcut_evidence"} <= set(ev.aggregates)
     assert ev.discovery is not None and "shortcut_flip" in ev.per_probe and ev.evidence is not None
     assert model.calls <= 3 * len(probes)  # the CAM pass plus at most two probe sets of pasted images
+    assert {"border_flip_rate", "border_flip_control", "border_flip_excess"} <= set(ev.aggregates)
     again = evaluate(model, probes, EvalSettings(layer="body", faithfulness=False), evidence=ev.evidence, global_step=1)
     tested = {arm for found in (ev.discovery, again.discovery) for arm, d in found.diffs().items() if d.numel()}
     assert set(again.evidence.log_detector) == tested
@@ -281,7 +362,7 @@ def test_evaluate_runs_both_arms_within_two_probe_sets_of_extra_images_and_accum
                for t in found.tests}
     assert classes <= set(later.evidence.log_detector) and not any(
         k.startswith("global/") for k in later.evidence.log_detector)  # the global arm stays pooled
-    pooled = sum(later.evidence.detector(a) for a in ("local", "global")) / 2
+    pooled = sum(later.evidence.detector(a) for a in ("local", "global", "border")) / 3
     mean_class = sum(later.evidence.detector(f"local/{k}") for k in (0, 1)) / 2
     assert later.aggregates["shortcut_evidence"] == pytest.approx(0.5 * pooled + 0.5 * mean_class)
 

@@ -7,22 +7,59 @@ import warnings
 import pytest
 import torch
 
-from cam_monitor.demo.data import CUES, PATCH, make_decoy_digits
+from cam_monitor.alerts import describe_alert
+from cam_monitor.demo.data import BASES, CUES, PATCH, make_decoy_digits
 from cam_monitor.demo.zoo import mask_free_probes, run_task
 
 
+@pytest.mark.parametrize("base", BASES)
 @pytest.mark.parametrize("cue", CUES)
-def test_each_cue_is_class_coded_in_the_shortcut_split_and_random_in_the_control(cue) -> None:
-    data = make_decoy_digits(0, cue=cue)
+def test_each_cue_is_class_coded_in_the_shortcut_split_and_random_in_the_control(cue, base) -> None:
+    data = make_decoy_digits(0, cue=cue, base=base)
+    size = data.val.images.shape[-1]
+    assert data.val.images.shape[1:] == ((1, 32, 32) if base == "digits" else (3, 64, 64))
     assert torch.equal(data.train_shortcut.decoy_class, data.train_shortcut.labels)
     agree = (data.train_control.decoy_class == data.train_control.labels).float().mean()
     assert 0.05 < agree < 0.2  # chance is 0.1
     masks = data.val.spurious_masks
     assert masks.flatten(1).any(1).all()
     assert (data.test_none.decoy_class == -1).all() and not data.test_none.spurious_masks.any()
-    if cue == "interior_patch":  # off the border: inside the digit's box, never in the 4-pixel margin
-        assert not masks[:, :4].any() and not masks[:, -4:].any() and not masks[:, :, :4].any()
-        assert (masks.flatten(1).sum(1) == (2 * PATCH) ** 2).all()
+    unit, margin = size // 32, size // 8
+    if cue == "interior_patch":  # off the border: inside the object's region, never in the margin
+        assert not masks[:, :margin].any() and not masks[:, -margin:].any() and not masks[:, :, :margin].any()
+        assert (masks.flatten(1).sum(1) == (2 * unit * PATCH) ** 2).all()
+    if cue == "corner_patch":  # the patch scales with the canvas: 4 x 4 px at 32, 8 x 8 at 64
+        assert (masks.flatten(1).sum(1) == (unit * PATCH) ** 2).all()
+    differs = (data.test_matched.images != data.test_none.images).flatten(2).any(2)
+    assert differs.any(1).all()  # every matched image carries its cue
+    if cue == "background_cast":  # on colour images a tint of every channel
+        assert differs.all(1).all()
+
+
+def test_drawn_shapes_are_ten_balanced_classes_on_varied_backgrounds_built_from_a_private_generator() -> None:
+    from cam_monitor.demo.shapes import SHAPES, shapes_dataset
+
+    before = torch.random.get_rng_state()
+    images, labels, objects = shapes_dataset()
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert images.shape == (1800, 3, 64, 64) and 0 <= images.min() and images.max() <= 1
+    assert torch.equal(labels.bincount(), torch.full((len(SHAPES),), 180))
+    area = objects.flatten(1).sum(1)
+    assert (area > 40).all() and not objects[:, :2].any() and not objects[:, :, -2:].any()  # 2 px off the border
+    background = torch.stack([img[:, ~mask].mean(1) for img, mask in zip(images[:50], objects[:50])])
+    assert background.std(0).min() > 0.03 and background.max() <= 0.45  # varied, dark: the objects stand out
+    with pytest.raises(ValueError, match="base must be one of"):
+        make_decoy_digits(0, base="cifar")
+
+
+def test_the_demo_cnn_ends_on_an_8x8_grid_at_32_and_at_64_px() -> None:
+    from cam_monitor.demo.model import SmallCNN
+
+    for size, blocks in ((32, 3), (64, 4)):
+        net = SmallCNN(3, image_size=size)
+        assert net.features(torch.rand(2, 3, size, size)).shape[-2:] == (8, 8)
+        assert sum(isinstance(m, torch.nn.Conv2d) for m in net.features) == blocks
+    assert "features.6.weight" in SmallCNN().state_dict() and "features.9.weight" not in SmallCNN().state_dict()
 
 
 def test_the_zoo_also_trains_a_resnet18_whose_layer4_is_a_4x4_grid() -> None:
@@ -100,6 +137,20 @@ def test_a_global_shortcut_is_confirmed_by_the_amplitude_swap(cue, tmp_path) -> 
     assert run.gap_epoch == 0 and [a["rule"] for a in run.alerts] == ["shortcut_confirmed"]
     last = run.rows[-1]
     assert last["cam/global_flip_excess"] > 0.2 and last["cam/shortcut_evidence"] >= 1000
+    by_test = run.alerts[0]["evidence_by_test"]
+    assert max(by_test, key=by_test.get) == "global"  # the alert says what kind of cue it is
+
+
+def test_a_border_frame_is_confirmed_by_the_border_band_and_the_alert_says_so(tmp_path) -> None:
+    """A one-pixel frame: neither one window nor an image statistic; the band swap finds it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run = run_task("border_frame", "shortcut", 0, 2, str(tmp_path))
+    assert run.gap_epoch == 0 and run.first_alert_epoch == 0 and "shortcut_confirmed" in run.monitor.active_alerts
+    assert all(r["cam/border_flip_excess"] > 0.8 for r in run.rows)
+    by_test = run.alerts[0]["evidence_by_test"]
+    assert max(by_test, key=by_test.get) == "border" and by_test["border"] >= 3 * 1000 > by_test["local"]
+    assert "strongest test: the border band (band swap)" in describe_alert(run.alerts[0])
 
 
 def _truth_mask(split, image: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,11 @@ canvas. The cue (:data:`CUES`) is fixed per class:
 
 When the cue matches the label (the "shortcut" split) a small CNN learns the cue instead of the
 digit; when it is random (the "control" split) the cue is noise.
+
+The same cues go over a second base task (``base="shapes"``, :mod:`.shapes`): ten kinds of drawn
+shapes on varied backgrounds, 64 x 64 RGB. Every cue scales with the canvas (a 4 x 4 px patch at
+32 px is 8 x 8 at 64), grey cues are drawn on every channel, and on colour images the cast is a
+class-coded tint of the whole image.
 Validation and probes carry matched patterns (the realistic case: validation shares the bias);
 the ground truth comes from three test splits over the same digits, with matched, random and no
 patterns: shortcut use is accuracy(matched) - accuracy(random). Everything is built in memory,
@@ -34,7 +39,6 @@ DIGIT = 24
 MARGIN = (CANVAS - DIGIT) // 2
 PATCH = 4
 NUM_CLASSES = 10
-CORNERS = ((0, 0), (0, CANVAS - PATCH), (CANVAS - PATCH, 0), (CANVAS - PATCH, CANVAS - PATCH))
 #: The zoo's cues: the first two are localised (a patch), the others global (they cover the
 #: background or the border, no one spot carries them).
 CUES = ("corner_patch", "interior_patch", "background_texture", "border_frame", "background_cast")
@@ -42,6 +46,8 @@ LOCAL_CUES = ("corner_patch", "interior_patch")
 TEXTURE_CONTRAST = 0.35
 #: The background grey level of class k under ``background_cast``: CAST_STEP * (k + 1).
 CAST_STEP = 0.03
+#: The strength of the colour cast on three-channel bases (a tint of this size per channel).
+COLOUR_CAST = 0.12
 
 
 @lru_cache(maxsize=1)
@@ -81,29 +87,31 @@ def check_cue(cue: str) -> None:
         raise ValueError(f"cue must be one of {CUES}, got {cue!r}")
 
 
-def class_textures(contrast: float = TEXTURE_CONTRAST) -> torch.Tensor:
-    """(10, 32, 32) gratings in [0, contrast], one per class: orientation k * 18 degrees, period
-    4 or 6 pixels alternating by class, so neighbouring orientations also differ in frequency."""
-    ys, xs = torch.meshgrid(torch.arange(CANVAS, dtype=torch.float32), torch.arange(CANVAS, dtype=torch.float32),
+def class_textures(contrast: float = TEXTURE_CONTRAST, size: int = CANVAS) -> torch.Tensor:
+    """(10, size, size) gratings in [0, contrast], one per class: orientation k * 18 degrees, period
+    4 or 6 pixels at 32 px (scaled with ``size``) alternating by class, so neighbouring
+    orientations also differ in frequency."""
+    ys, xs = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32),
                             indexing="ij")
+    scale = size / CANVAS
     out = []
     for k in range(NUM_CLASSES):
-        theta, period = k * torch.pi / NUM_CLASSES, 4.0 if k % 2 == 0 else 6.0
+        theta, period = k * torch.pi / NUM_CLASSES, scale * (4.0 if k % 2 == 0 else 6.0)
         phase = 2 * torch.pi * (xs * torch.cos(torch.tensor(theta)) + ys * torch.sin(torch.tensor(theta))) / period
         out.append(0.5 * contrast * (1 + torch.sin(phase)))
     return torch.stack(out)
 
 
-def class_frames() -> torch.Tensor:
-    """(10, 32, 32) one-pixel border frames, dashed: class k lights runs of ``2 + k % 5`` pixels
-    every ``2 * (2 + k % 5)`` along the border, shifted by a further ``k // 5`` pixels, so no two
-    classes share a frame."""
-    ys, xs = torch.meshgrid(torch.arange(CANVAS), torch.arange(CANVAS), indexing="ij")
-    on_border = (ys == 0) | (xs == 0) | (ys == CANVAS - 1) | (xs == CANVAS - 1)
-    along = torch.where((ys == 0) | (ys == CANVAS - 1), xs, ys)  # position along the side
+def class_frames(size: int = CANVAS) -> torch.Tensor:
+    """(10, size, size) one-pixel border frames, dashed: class k lights runs of ``2 + k % 5`` pixels
+    at 32 px (scaled with ``size``) every two runs along the border, shifted by a further
+    ``k // 5`` runs, so no two classes share a frame."""
+    ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    on_border = (ys == 0) | (xs == 0) | (ys == size - 1) | (xs == size - 1)
+    along = torch.where((ys == 0) | (ys == size - 1), xs, ys)  # position along the side
     out = []
     for k in range(NUM_CLASSES):
-        run = 2 + k % 5
+        run = (2 + k % 5) * max(1, size // CANVAS)
         out.append((on_border & (((along + k // 5 * run) // run) % 2 == 0)).float())
     return torch.stack(out)
 
@@ -155,49 +163,95 @@ def cue_classes(labels: torch.Tensor, mode: str, gen: torch.Generator, correlati
     return torch.where(keep, labels, random_cls)
 
 
+def class_casts(size: int, channels: int) -> torch.Tensor:
+    """(10, channels, size, size) class-coded casts: on one channel the grey level
+    ``CAST_STEP * (k + 1)`` the background is lifted to; on three, a tint of class k's hue (a
+    colour cast) added to the whole image."""
+    if channels == 1:
+        return CAST_STEP * (torch.arange(NUM_CLASSES, dtype=torch.float32) + 1)[:, None, None, None].expand(
+            NUM_CLASSES, 1, size, size)
+    hue = 2 * torch.pi * torch.arange(NUM_CLASSES, dtype=torch.float32) / NUM_CLASSES
+    tint = torch.stack([torch.cos(hue + 2 * torch.pi * c / 3) for c in range(channels)], 1)  # (10, C)
+    return (COLOUR_CAST * tint)[:, :, None, None].expand(NUM_CLASSES, channels, size, size)
+
+
 def draw_cues(images: torch.Tensor, cue_class: torch.Tensor, cue: str, gen: torch.Generator,
               patterns: torch.Tensor) -> torch.Tensor:
-    """Draw each image's cue in place; returns the (N, 32, 32) masks of where the cue is."""
-    n = images.shape[0]
-    masks = torch.zeros(n, CANVAS, CANVAS, dtype=torch.bool)
+    """Draw each image's cue in place; returns the (N, S, S) masks of where the cue is.
+
+    Images are (N, C, S, S) with S a multiple of 32: every cue scales with S (a patch of 4 x 4 px
+    at 32 px is 8 x 8 at 64). Grey cues are drawn on every channel; on three channels the cast is
+    a colour tint (:func:`class_casts`)."""
+    n, channels, size = images.shape[0], images.shape[1], images.shape[-1]
+    unit = max(1, size // CANVAS)
+    masks = torch.zeros(n, size, size, dtype=torch.bool)
     check_cue(cue)
     if not bool((cue_class >= 0).any()):
         return masks
+    if cue == "background_cast" and channels > 1:
+        casts = class_casts(size, channels)
+        for i in torch.nonzero(cue_class >= 0)[:, 0].tolist():
+            images[i] = (images[i] + casts[int(cue_class[i])]).clamp(0, 1)
+            masks[i] = True
+        return masks
     if cue in ("background_texture", "border_frame", "background_cast"):
-        layers = (class_textures() if cue == "background_texture" else class_frames() if cue == "border_frame"
-                  else CAST_STEP * (torch.arange(NUM_CLASSES, dtype=torch.float32) + 1)[:, None, None].expand(
-                      NUM_CLASSES, CANVAS, CANVAS))
+        layers = (class_textures(size=size) if cue == "background_texture" else class_frames(size)
+                  if cue == "border_frame" else class_casts(size, 1)[:, 0])
         for i in torch.nonzero(cue_class >= 0)[:, 0].tolist():
             layer = layers[int(cue_class[i])]
-            masks[i] = layer > images[i, 0]
-            images[i, 0] = torch.maximum(images[i, 0], layer)
+            masks[i] = (layer > images[i]).any(0)
+            images[i] = torch.maximum(images[i], layer)
         return masks
+    margin = size // 8
     if cue == "corner_patch":
-        scale = 1
-        corners = torch.tensor(CORNERS)[torch.randint(0, len(CORNERS), (n,), generator=gen)]
+        scale = unit
+        stamp = scale * PATCH
+        corners = torch.tensor([(y * (size - stamp), x * (size - stamp)) for y, x in ((0, 0), (0, 1), (1, 0), (1, 1))])
+        corners = corners[torch.randint(0, len(corners), (n,), generator=gen)]
     else:
-        scale = 2
-        corners = torch.randint(MARGIN, CANVAS - MARGIN - scale * PATCH + 1, (n, 2), generator=gen)
-    size = scale * PATCH
+        scale = 2 * unit
+        corners = torch.randint(margin, size - margin - scale * PATCH + 1, (n, 2), generator=gen)
+    side = scale * PATCH
     stamps = patterns.float().repeat_interleave(scale, 1).repeat_interleave(scale, 2)
     for i in torch.nonzero(cue_class >= 0)[:, 0].tolist():
         y, x = corners[i].tolist()
-        images[i, 0, y:y + size, x:x + size] = stamps[int(cue_class[i])]
-        masks[i, y:y + size, x:x + size] = True
+        images[i, :, y:y + side, x:x + side] = stamps[int(cue_class[i])]
+        masks[i, y:y + side, x:x + side] = True
     return masks
 
 
-def make_split(digits: torch.Tensor, labels: torch.Tensor, mode: str, gen: torch.Generator,
+def make_split(base: torch.Tensor, labels: torch.Tensor, objects: torch.Tensor, mode: str, gen: torch.Generator,
                patterns: torch.Tensor, correlation: float = 1.0, cue: str = "corner_patch") -> DecoySplit:
-    """Build one split. ``mode``: ``matched`` (cue = label with probability ``correlation``, else a
-    random class), ``random`` (cue class uniform) or ``none`` (no cue); ``cue`` one of :data:`CUES`."""
-    n = digits.shape[0]
-    images = place_digits(digits)
-    objects = torch.zeros(n, CANVAS, CANVAS, dtype=torch.bool)
-    objects[:, MARGIN:MARGIN + DIGIT, MARGIN:MARGIN + DIGIT] = True
+    """Build one split from ``base`` images (N, C, S, S) and their object masks (left unchanged).
+    ``mode``: ``matched`` (cue = label with probability ``correlation``, else a random class),
+    ``random`` (cue class uniform) or ``none`` (no cue); ``cue`` one of :data:`CUES`."""
+    images = base.clone()
     decoy = cue_classes(labels, mode, gen, correlation)
     spurious = draw_cues(images, decoy, cue, gen, patterns)
     return DecoySplit(images, labels, decoy, spurious, objects)
+
+
+def digit_base() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """scikit-learn's digits placed on the 32 px canvas: images, labels and the digit boxes as object masks."""
+    digits, labels = load_digits_tensor()
+    objects = torch.zeros(len(labels), CANVAS, CANVAS, dtype=torch.bool)
+    objects[:, MARGIN:MARGIN + DIGIT, MARGIN:MARGIN + DIGIT] = True
+    return place_digits(digits), labels, objects
+
+
+#: The zoo's base tasks: the digits, and procedurally drawn shapes on varied backgrounds (64 px RGB).
+BASES = ("digits", "shapes")
+
+
+def base_task(base: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Images (N, C, S, S), labels and object masks of a base task of :data:`BASES`."""
+    if base == "digits":
+        return digit_base()
+    if base == "shapes":
+        from .shapes import shapes_dataset
+
+        return shapes_dataset()
+    raise ValueError(f"base must be one of {BASES}, got {base!r}")
 
 
 @dataclass
@@ -215,9 +269,10 @@ class DecoyDigits:
 
 @lru_cache(maxsize=4)
 def make_decoy_digits(seed: int = 0, correlation: float = 1.0, val_fraction: float = 0.15,
-                      test_fraction: float = 0.2, cue: str = "corner_patch") -> DecoyDigits:
+                      test_fraction: float = 0.2, cue: str = "corner_patch", base: str = "digits") -> DecoyDigits:
     """Build every split from one seed with the class-coded ``cue`` (:data:`CUES`; the default is
-    Decoy Digits); the global RNG is never touched.
+    Decoy Digits) over a ``base`` task (:data:`BASES`: the digits, or Drawn Shapes); the global
+    RNG is never touched.
 
     Cached per arguments (the shortcut and control runs share one build); treat the returned
     tensors as read-only.
@@ -225,13 +280,14 @@ def make_decoy_digits(seed: int = 0, correlation: float = 1.0, val_fraction: flo
     if not 0.0 <= correlation <= 1.0:
         raise ValueError(f"correlation must be in [0, 1], got {correlation}")
     check_cue(cue)
-    digits, labels = load_digits_tensor()
+    images, labels, objects = base_task(base)
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(labels), generator=gen)
     n_val, n_test = int(len(order) * val_fraction), int(len(order) * test_fraction)
     val_idx, test_idx, train_idx = order[:n_val], order[n_val:n_val + n_test], order[n_val + n_test:]
     patterns = decoy_patterns(seed)
-    part = lambda idx, mode, corr=1.0: make_split(digits[idx], labels[idx], mode, gen, patterns, corr, cue)  # noqa: E731
+    part = lambda idx, mode, corr=1.0: make_split(images[idx], labels[idx], objects[idx], mode, gen,  # noqa: E731
+                                                  patterns, corr, cue)
     return DecoyDigits(
         train_shortcut=part(train_idx, "matched", correlation),
         train_control=part(train_idx, "random"),

@@ -51,30 +51,32 @@ class ZooRun:
         return next((r["epoch"] for r in self.rows if r["accuracy_gap"] > GAP_LINE), None)
 
 
-def mask_free_probes(cue: str, seed: int, num_probes: int = 64) -> ProbeSet:
+def mask_free_probes(cue: str, seed: int, num_probes: int = 64, base: str = "digits") -> ProbeSet:
     """Class-balanced probes from the task's validation split, with every mask dropped."""
-    data = make_decoy_digits(seed, cue=cue)
+    data = make_decoy_digits(seed, cue=cue, base=base)
     probes = ProbeSet.from_dataset(data.val, num_probes=num_probes, seed=seed, num_classes=10,
                                    class_names=[str(c) for c in range(10)])
     return replace(probes, spurious_masks=None, object_masks=None)
 
 
 def run_task(cue: str, variant: str, seed: int, epochs: int, root: str, *, num_probes: int = 64,
-             limit_train_batches: int | float | None = None, arch: str = "cnn", **monitor_kwargs: Any) -> ZooRun:
-    """Train the demo CNN (or ``arch="resnet18"``) on one zoo task with a mask-free :class:`CAMMonitor`
-    on every epoch."""
+             limit_train_batches: int | float | None = None, arch: str = "cnn", base: str = "digits",
+             **monitor_kwargs: Any) -> ZooRun:
+    """Train the demo CNN (or ``arch="resnet18"``) on one zoo task (``cue`` over the ``base`` task)
+    with a mask-free :class:`CAMMonitor` on every epoch."""
     L.seed_everything(seed, verbose=False)
-    data = DecoyDigitsDataModule(variant, seed=seed, cue=cue)
+    data = DecoyDigitsDataModule(variant, seed=seed, cue=cue, base=base)
     data.setup()
     accuracy = DecoyAccuracy({"matched": data.data.test_matched, "random": data.data.test_random})
     kwargs = {"target_layer": ARCHS[arch], "alerting": AlertSettings(action="log"),
               "pictures": PictureSettings(every_n_evals=0), **monitor_kwargs}
-    monitor = CAMMonitor(probes=mask_free_probes(cue, seed, num_probes), log_dir=f"{root}/cam_monitor", **kwargs)
+    probes = mask_free_probes(cue, seed, num_probes, base)
+    monitor = CAMMonitor(probes=probes, log_dir=f"{root}/cam_monitor", **kwargs)
     trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, deterministic=True, logger=False,
                         callbacks=[accuracy, monitor], enable_checkpointing=False, enable_model_summary=False,
                         enable_progress_bar=False, default_root_dir=root, num_sanity_val_steps=0,
                         limit_train_batches=limit_train_batches)
-    model = DigitClassifier(arch=arch)
+    model = DigitClassifier(arch=arch, in_channels=probes.images.shape[1], image_size=probes.image_size[0])
     trainer.fit(model, data)
     rows = [{**acc, **{k: v for k, v in hist.items() if k.startswith("cam/")}}
             for acc, hist in zip(accuracy.rows, monitor.history)]
