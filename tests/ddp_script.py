@@ -23,6 +23,18 @@ from cam_monitor.demo.model import DecoyDigitsDataModule, DigitClassifier  # noq
 from cam_monitor.discovery import DiscoverySettings  # noqa: E402
 
 
+class EvidenceBefore(L.Callback):
+    """Keeps the monitor's evidence as it stood before each evaluation: the arms' shares of the
+    paste tests follow it, so a single-process replay of the last evaluation needs it."""
+
+    def __init__(self, monitor: cm.CAMMonitor) -> None:
+        self.monitor, self.state = monitor, None
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        evidence = self.monitor.monitor.evidence
+        self.state = None if evidence is None else evidence.state_dict()
+
+
 def main() -> None:
     out, action = Path(sys.argv[1]), sys.argv[2]
     warnings.filterwarnings("ignore")
@@ -31,7 +43,8 @@ def main() -> None:
     monitor = quick_monitor(discovery=DiscoverySettings(box_cells=1), probe_settings=cm.ProbeSettings(num_probes=15),
                             cams=cm.CAMSettings(batch_size=4), alerting=cm.AlertSettings(action=action),
                             pictures=cm.PictureSettings(tile_size=32))
-    trainer = L.Trainer(callbacks=[monitor], accelerator="cpu", devices=2, strategy="ddp", max_epochs=3, limit_train_batches=4,
+    before = EvidenceBefore(monitor)
+    trainer = L.Trainer(callbacks=[before, monitor], accelerator="cpu", devices=2, strategy="ddp", max_epochs=3, limit_train_batches=4,
                         limit_val_batches=2, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(out))
     model = DigitClassifier()
@@ -42,7 +55,8 @@ def main() -> None:
               "pid": os.getpid(), "faults": monitor.faults}
     (out / f"rank{rank}.json").write_text(json.dumps(record))
     if rank == 0:
-        torch.save({"model": model.state_dict(), "monitor": monitor.state_dict()}, out / "final.pt")
+        torch.save({"model": model.state_dict(), "monitor": monitor.state_dict(), "evidence_before_last": before.state},
+                   out / "final.pt")
 
 
 if __name__ == "__main__":

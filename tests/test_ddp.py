@@ -14,6 +14,7 @@ import torch
 from cam_monitor.demo.model import DigitClassifier
 from cam_monitor.discovery import DiscoverySettings
 from cam_monitor.evaluation import EvalSettings, Reference, evaluate
+from cam_monitor.evidence import EvidenceState
 from cam_monitor.probes import ProbeSet
 from lightning_helpers import LAYER
 
@@ -47,15 +48,17 @@ def test_ddp_metrics_equal_single_process_and_every_rank_agrees(tmp_path) -> Non
     ref = Reference(r["epoch"], r["global_step"], r["maps"], r["per_probe"], r["aggregates"])
     prev_hist = hist["rows"][-2]
     settings = EvalSettings(LAYER, batch_size=4, discovery=DiscoverySettings(box_cells=1))
+    before = saved["evidence_before_last"]  # the arms' shares of the tests follow the evidence so far
     single = evaluate(model, probes, settings, epoch=2, global_step=ranks[0]["global_step"], previous=None,
-                      reference=ref)
+                      reference=ref, evidence=None if before is None else EvidenceState.from_state(before))
     last = hist["rows"][-1]
     for key in ("spurious_energy", "spurious_enrichment", "object_energy", "pointing_spurious", "drift_ref",
                 "spurious_energy_rise", "average_drop", "quality"):
         assert single.aggregates[key] == pytest.approx(last[f"cam/{key}"], rel=1e-5, abs=1e-6), key
     # the paste tests ran sharded over the 2 ranks (7 or 8 images each) and agree with one process
     assert single.aggregates["shortcut_suspects"] == last["cam/shortcut_suspects"]
-    for key in ("shortcut_flip_rate", "shortcut_flip_control", "global_flip_rate", "global_flip_control"):
+    for key in ("shortcut_flip_rate", "shortcut_flip_control", "global_flip_rate", "global_flip_control",
+                "border_flip_rate", "border_flip_control"):
         assert single.aggregates[key] == pytest.approx(last[f"cam/{key}"], nan_ok=True), key
     assert len(single.discovery.tests) > 0 and not math.isnan(last["cam/shortcut_flip_rate"])
     assert torch.allclose(single.maps, hist["previous_maps"], atol=1e-6)
