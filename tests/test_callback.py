@@ -210,7 +210,7 @@ def test_tensorboard_event_files_hold_images_and_scalars(tmp_path) -> None:
     # per-probe curves only for the filmstrip's probes: the monitor's own scalars stay few
     mine = [t for t in tags["scalars"] if t.startswith(("cam/", "cam_probes/"))]
     curves = {t.split("/")[-1] for t in mine if t.startswith("cam_probes/")}
-    assert curves == set(mon.probes.ids[:mon.monitor.pictures.filmstrip_probes]) and len(mine) <= 35, sorted(mine)
+    assert curves == set(mon.probes.ids[:mon.monitor.pictures.filmstrip_probes]) and len(mine) <= 38, sorted(mine)  # 25 cam/ + the curves
     assert logger.hparams["cam_monitor.target_layer"] == "net.features"  # the settings in TensorBoard's HParams
 
 
