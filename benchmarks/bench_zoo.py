@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,10 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine import default_result_path, machine, time_interleaved, write_json  # noqa: E402
 
-from cam_monitor.demo.run import GAP_LINE  # noqa: E402
-
 from cam_monitor.demo.data import BASES, CUES  # noqa: E402
-from cam_monitor.demo.zoo import ZooRun, run_task  # noqa: E402
+from cam_monitor.demo.zoo import ZooRecord, ZooRun, run_task  # noqa: E402
 from cam_monitor.discovery import DiscoverySettings, discover  # noqa: E402
 from cam_monitor.engine import predict_classes  # noqa: E402
 
@@ -64,25 +63,22 @@ def discovery_cost(run: ZooRun, repeats: int) -> dict:
             "discovery_s": disc, "ratio": disc / fwd}
 
 
-class SavedRun:
-    """A run read back from a result file: what :func:`summarise` reads of a :class:`ZooRun`."""
+@dataclass
+class SavedRun(ZooRecord):
+    """A run read back from a result file: its record and whether its alert was active at the end."""
 
-    def __init__(self, record: dict) -> None:
-        self.cue, self.variant, self.seed = record["task"], record["variant"], record["seed"]
-        self.rows, self.alerts, self.active_at_end = record["epochs"], record["alerts"], record["active_at_end"]
-        self.first_alert_epoch = min((a["epoch"] for a in self.alerts), default=None)
-        self.gap_epoch = next((r["epoch"] for r in self.rows if r["accuracy_gap"] > GAP_LINE), None)
+    active_at_end: bool = False
 
 
-def merge(paths: list[str]) -> tuple[list[SavedRun], dict, dict]:
-    """The runs of several result files (seeds or tasks split over processes), the first file's
-    cost measurement and its settings."""
+def merge(paths: list[str]) -> tuple[list[SavedRun], list[dict]]:
+    """The runs of several result files (seeds or tasks split over processes), and the files."""
     results = [json.loads(Path(p).read_text()) for p in paths]
-    runs = [SavedRun(r) for result in results for r in result["runs"]]
-    return runs, results[0]["cost"], results[0]
+    runs = [SavedRun(r["task"], r["variant"], r["seed"], r["epochs"], r["alerts"], r["active_at_end"])
+            for result in results for r in result["runs"]]
+    return runs, results
 
 
-def summarise(runs: list[ZooRun]) -> list[dict]:
+def summarise(runs: list[ZooRun] | list[SavedRun]) -> list[dict]:
     rows = []
     for cue in dict.fromkeys(r.cue for r in runs):
         shortcut = [r for r in runs if r.cue == cue and r.variant == "shortcut"]
@@ -140,14 +136,13 @@ def main() -> None:
     p.add_argument("--merge", nargs="+", default=None, help="result files to combine into one table (no runs)")
     args = p.parse_args()
     if args.merge:
-        saved, cost, first = merge(args.merge)
-        rows = summarise(saved)
-        print_table(rows, cost)
-        seeds = sorted({r.seed for r in saved})
+        saved, results = merge(args.merge)
+        first, rows = results[0], summarise(saved)
+        print_table(rows, first["cost"])
         write_json({"machine": first["machine"], "arch": first["arch"], "base": first.get("base", "digits"),
-                    "epochs": first["epochs"], "seeds": seeds,
-                    "tasks": rows, "cost": cost, "merged_from": [Path(p).name for p in args.merge],
-                    "runs": [r for path in args.merge for r in json.loads(Path(path).read_text())["runs"]]},
+                    "epochs": first["epochs"], "seeds": sorted({r.seed for r in saved}), "tasks": rows,
+                    "cost": first["cost"], "merged_from": [Path(p).name for p in args.merge],
+                    "runs": [r for result in results for r in result["runs"]]},
                    args.out or default_result_path("zoo", torch.device("cpu")))
         return
     warnings.filterwarnings("ignore")

@@ -24,31 +24,37 @@ LAYER = ARCHS["cnn"]
 
 
 @dataclass
-class ZooRun:
-    """One fit: per-epoch ground truth (``acc_matched``, ``acc_random``, ``accuracy_gap``) next to
-    the monitor's history rows, every alert it raised, the monitor and the trained model."""
+class ZooRecord:
+    """What a zoo fit leaves to compare: per-epoch ground truth (``acc_matched``, ``acc_random``,
+    ``accuracy_gap``) next to the monitor's history rows, and every alert it raised."""
 
     cue: str
     variant: str
     seed: int
     rows: list[dict[str, Any]]
     alerts: list[dict[str, Any]]
-    monitor: CAMMonitor
-    model: DigitClassifier
 
     @property
     def first_alert_epoch(self) -> int | None:
         return min((a["epoch"] for a in self.alerts), default=None)
 
     @property
-    def active_at_end(self) -> bool:
-        """Whether ``shortcut_confirmed`` is still active after the last evaluation."""
-        return "shortcut_confirmed" in self.monitor.active_alerts
-
-    @property
     def gap_epoch(self) -> int | None:
         """The first epoch whose accuracy gap passes :data:`GAP_LINE` (None if it never does)."""
         return next((r["epoch"] for r in self.rows if r["accuracy_gap"] > GAP_LINE), None)
+
+
+@dataclass
+class ZooRun(ZooRecord):
+    """One fit: its :class:`ZooRecord`, the monitor and the trained model."""
+
+    monitor: CAMMonitor
+    model: DigitClassifier
+
+    @property
+    def active_at_end(self) -> bool:
+        """Whether ``shortcut_confirmed`` is still active after the last evaluation."""
+        return "shortcut_confirmed" in self.monitor.active_alerts
 
 
 def mask_free_probes(cue: str, seed: int, num_probes: int = 64, base: str = "digits") -> ProbeSet:
