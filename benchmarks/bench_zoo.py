@@ -10,7 +10,7 @@ alpha), the first alert's epoch next to the epoch the gap passes 0.2, and what t
 costs per evaluation (pasted images, seconds, ratio to one inference forward of the probe set;
 medians of interleaved repeats on the last model).
 
-    python benchmarks/bench_zoo.py [--seeds 5] [--epochs 6]
+    python benchmarks/bench_zoo.py [--seeds 5] [--epochs 6] [--base shapes] [--global-test]
     python benchmarks/bench_zoo.py --merge a.json b.json --out all.json   # runs split over processes
 
 Prints a Markdown table and writes ``benchmarks/results/zoo_cpu.json``.
@@ -35,6 +35,7 @@ from bench_engine import default_result_path, machine, time_interleaved, write_j
 
 from cam_monitor.demo.data import BASES, CUES  # noqa: E402
 from cam_monitor.demo.zoo import ZooRecord, ZooRun, run_task  # noqa: E402
+from cam_monitor.discovery import DiscoverySettings  # noqa: E402
 from cam_monitor.discovery import DiscoverySettings, discover  # noqa: E402
 from cam_monitor.engine import predict_classes  # noqa: E402
 
@@ -131,6 +132,8 @@ def main() -> None:
     p.add_argument("--base", default="digits", choices=BASES, help="the images the cues go over (digits: 32 px grey; "
                    "shapes: drawn shapes on varied backgrounds, 64 px colour)")
     p.add_argument("--cues", default=",".join(CUES), help="comma-separated zoo tasks (default: all)")
+    p.add_argument("--global-test", action="store_true",
+                   help="also run the opt-in background-spectrum arm (DiscoverySettings(global_test=True))")
     p.add_argument("--repeats", type=int, default=20, help="interleaved repeats of the cost measurement")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/zoo_cpu.json)")
     p.add_argument("--merge", nargs="+", default=None, help="result files to combine into one table (no runs)")
@@ -140,7 +143,8 @@ def main() -> None:
         first, rows = results[0], summarise(saved)
         print_table(rows, first["cost"])
         write_json({"machine": first["machine"], "arch": first["arch"], "base": first.get("base", "digits"),
-                    "epochs": first["epochs"], "seeds": sorted({r.seed for r in saved}), "tasks": rows,
+                    "epochs": first["epochs"], "global_test": first.get("global_test", False),
+                    "seeds": sorted({r.seed for r in saved}), "tasks": rows,
                     "cost": first["cost"], "merged_from": [Path(p).name for p in args.merge],
                     "runs": [r for result in results for r in result["runs"]]},
                    args.out or default_result_path("zoo", torch.device("cpu")))
@@ -151,11 +155,12 @@ def main() -> None:
     runs: list[ZooRun] = []
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="cam_zoo_") as root:
+        extra = {"discovery": DiscoverySettings(global_test=True)} if args.global_test else {}
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             for cue in args.cues.split(","):
                 for variant in ("shortcut", "control"):
                     run = run_task(cue, variant, seed, args.epochs, f"{root}/{cue}_{variant}_{seed}", arch=args.arch,
-                                   base=args.base)
+                                   base=args.base, **extra)
                     runs.append(run)
                     print(f"{cue:>18} {variant:>8} seed {seed}: gap > 0.2 at epoch {run.gap_epoch}, alerts "
                           f"{[(a['epoch'], a['rule']) for a in run.alerts]}", flush=True)
@@ -164,6 +169,7 @@ def main() -> None:
     rows = summarise(runs)
     print_table(rows, cost)
     result = {"machine": machine(), "arch": args.arch, "base": args.base, "epochs": args.epochs,
+              "global_test": args.global_test,
               "seeds": list(range(args.first_seed, args.first_seed + args.seeds)), "tasks": rows, "cost": cost,
               "runs": [{"task": r.cue, "variant": r.variant, "seed": r.seed, "alerts": r.alerts, "epochs": r.rows,
                         "active_at_end": r.active_at_end} for r in runs],

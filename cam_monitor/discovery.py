@@ -1,7 +1,7 @@
 """Mask-free shortcut discovery and its causal confirmation, from maps already computed.
 
-Two interventions, each a paired test against a control (:mod:`evidence` turns the pairs into a
-decision with a stated false-alarm rate); forward passes only, no backward.
+Four interventions (the global one opt-in), each a paired test against a control (:mod:`evidence`
+turns the pairs into a decision with a stated false-alarm rate); forward passes only, no backward.
 
 **Local cues** (a stamp, a tag, a ruler: something at a place). Every probe the model classifies
 correctly is a candidate; its candidate region is the window of ``box_cells`` x ``box_cells``
@@ -13,11 +13,21 @@ pastes another window of the same source, drawn in proportion to the map's credi
 candidate (another part the map also credits), at the same place. A flip is a prediction that
 becomes the source's class.
 
-**Global cues** (a texture, a colour or brightness cast, a background: no one place). The
-recipient gets the source's Fourier amplitude with its own phase (the image statistics: colour,
-texture, gratings) and, as the control, its own amplitude with the source's phase (the
-structure: shapes, edges). A model that follows the amplitude more than the structure uses a
-global cue.
+**Colour cues** (a colour or brightness cast, a stain, an exposure: the image's per-channel
+level and spread). The recipient is given the source's per-channel mean and standard deviation
+(its own pixels, shifted and scaled) and, as the control, the source is given the recipient's: the
+test carries the source's colour statistics and nothing of its structure, the control the source's
+whole structure and none of its colour statistics.
+
+**Global cues** (a texture, a grating, a background pattern: no one place). The recipient keeps
+its phase (its structure) and is given the Fourier amplitude of the source's background: the
+source with its most-credited :data:`OBJECT_SHARE` of pixels (its object, as its own map sees it)
+filled with the mean of the rest. The control gives it the amplitude of the source's object: the
+source with everything but that share filled. Both are whole-image statistics of part of the same
+source, so both degrade the recipient alike; a stationary cue fills three times the area of the
+background than of the object, and an object's class (its edges, orientation, size: a spectrum
+carries them, measured on Drawn Shapes) is in the object's share. The test needs maps that cover
+the object; where they do not, its control is weaker (see the reference).
 
 **Border cues** (a frame, a scanner's margin, letterboxing, a tag or ruler along the edge: spread
 along the border, neither one window nor an image statistic). The recipient gets the source's
@@ -48,12 +58,15 @@ from .records import ShortcutRegion
 
 Box = tuple[int, int, int, int]  # y0, x0, y1, x1 in image pixels, half-open
 Predict = Callable[[torch.Tensor], torch.Tensor]  # (B, C, H, W) CPU images -> (B,) predicted classes
-#: The confirmation arms: local paste, global (amplitude) swap, border band swap.
-ARMS = ("local", "global", "border")
+#: The confirmation arms: local paste, background spectrum swap, colour statistics swap, border band swap.
+ARMS = ("local", "global", "colour", "border")
 LOCAL = ARMS[0]
 #: What each arm tests, in the words an alert uses.
-TEST_NAMES = {"local": "a local region (paste test)", "global": "image statistics (amplitude swap)",
+TEST_NAMES = {"local": "a local region (paste test)", "global": "the background's texture (spectrum swap)",
+              "colour": "colour statistics (per-channel mean and spread swap)",
               "border": "the border band (band swap)"}
+#: The share of a source's pixels the global arm takes as its object: the most-credited by its map.
+OBJECT_SHARE = 0.25
 #: The widest ``border_band`` whose band leaves an inner band as large inside a square image:
 #: (1 - 2f)^2 >= 1/2.
 MAX_BORDER_BAND = (1 - 0.5 ** 0.5) / 2
@@ -77,7 +90,10 @@ class DiscoverySettings:
             more potent than other parts).
         bet: the fraction of evidence staked on each pair (larger: faster on strong cues, slower
             to recover from pairs against).
-        global_test: run the amplitude-swap arm for global cues.
+        global_test: run the background-spectrum arm for textures and patterns. Off by default:
+            its null needs maps that cover the object, and on the zoo it found textures slowly
+            (see the reference); turn it on where a texture shortcut is the worry.
+        colour_test: run the colour-statistics arm (casts, stains, exposure).
         border_test: run the border-band arm for cues along the image's edge (frames, margins).
         border_band: width of the border band that arm swaps, as a share of each side (at least
             one pixel; the default matches the metrics' border band, ``CAMSettings.border_fraction``).
@@ -94,7 +110,8 @@ class DiscoverySettings:
     alpha: float = 1e-3
     min_effect: float = 0.05
     bet: float = 0.7
-    global_test: bool = True
+    global_test: bool = False
+    colour_test: bool = True
     border_test: bool = True
     border_band: float = 0.1
     seed: int = 0
@@ -115,7 +132,7 @@ class DiscoverySettings:
     @property
     def arms(self) -> tuple[str, ...]:
         """The arms this evaluation runs, in :data:`ARMS` order."""
-        return tuple(a for a, on in zip(ARMS, (True, self.global_test, self.border_test)) if on)
+        return tuple(a for a, on in zip(ARMS, (True, self.global_test, self.colour_test, self.border_test)) if on)
 
 
 @dataclass
@@ -148,7 +165,7 @@ class PasteTest:
 @dataclass
 class Pair:
     """One whole-image confirmation: something of ``suspect``'s image given to probe ``recipient``
-    (its amplitude, or its border band), and the control given to the same recipient."""
+    (its background's amplitude, its colour statistics, or its border band), and the control."""
 
     suspect: int
     recipient: int
@@ -156,7 +173,7 @@ class Pair:
 
 @dataclass
 class PairedArm:
-    """A whole-image arm's tests (global, border): its pairs, and whether each test image and each
+    """A whole-image arm's tests (global, colour, border): its pairs, and whether each test image and each
     control turned the recipient's prediction into the suspect's class."""
 
     pairs: list[Pair]
@@ -170,7 +187,7 @@ class Discovery:
 
     ``flips[i]`` / ``control_flips[i]`` say whether local test ``i`` (and its control) turned the
     recipient's prediction into the suspect's class; ``paired`` holds the same for the whole-image
-    arms that ran (``global``, ``border``).
+    arms that ran (``global``, ``colour``, ``border``).
     """
 
     suspects: list[Suspect]
@@ -187,9 +204,10 @@ class Discovery:
     def diffs(self, by_class: bool = False) -> dict[str, torch.Tensor]:
         """Per arm, the paired differences flip - control flip (in {-1, 0, 1}) of its tests; with
         ``by_class`` also the local arm's per candidate class (streams ``local/<class>``,
-        :func:`stream`). The global arm stays pooled: a class can be told by its amplitude alone
-        (a "1" is a vertical bar: its spectrum is its orientation), which is no shortcut, and a
-        per-class stream would find it (measured: a control model's ``global/1`` reached 4e3)."""
+        :func:`stream`). The whole-image arms stay pooled: a class can be told by its statistics
+        alone (a "1" is a vertical bar: its spectrum is its orientation), which is no shortcut, and
+        a per-class stream would find it (measured with the whole-image amplitude swap: a control
+        model's ``global/1`` reached 4e3)."""
         out = {LOCAL: self.flips.long() - self.control_flips.long()}
         out.update({arm: a.flips.long() - a.control_flips.long() for arm, a in self.paired.items() if a.pairs})
         if by_class:
@@ -206,7 +224,7 @@ class Discovery:
 
     def aggregates(self) -> dict[str, float]:
         """Flip rates of every arm that ran, their controls and excesses (NaN for an arm without
-        tests: ``shortcut_*`` for the local arm, ``global_*``, ``border_*``), the evaluation's
+        tests: ``shortcut_*`` for the local arm, ``global_*``, ``colour_*``, ``border_*``), the evaluation's
         ``shortcut_p`` and the count of ``shortcut_suspects`` (candidates)."""
         out = {"shortcut_suspects": float(len(self.suspects)), "shortcut_p": self.p_value()}
         arms = [("shortcut", self.flips, self.control_flips)]
@@ -452,16 +470,50 @@ def pasted_images(images: torch.Tensor, suspects: list[Suspect], tests: list[Pas
     return torch.stack(out) if out else images[:0]
 
 
-def swapped_images(images: torch.Tensor, suspects: list[Suspect], swaps: list[Pair]) -> torch.Tensor:
-    """(2S, C, H, W): each swap's source amplitude with the recipient's phase, then each control
-    (the recipient's amplitude with the source's phase), per channel, in the images' own units."""
-    if not swaps:
+def object_regions(maps: torch.Tensor, image_size: tuple[int, int], share: float = OBJECT_SHARE) -> torch.Tensor:
+    """(N, H, W) bool: each map's most-credited ``share`` of the image's pixels, exactly that many
+    (the map upsampled bilinearly to the image; ties go to the first pixels in raster order)."""
+    up = F.interpolate(maps[:, None].float(), size=image_size, mode="bilinear", align_corners=False)[:, 0]
+    flat = up.flatten(1)
+    top = torch.sort(flat, dim=1, descending=True, stable=True).indices[:, :max(1, int(share * flat.shape[1]))]
+    return torch.zeros_like(flat, dtype=torch.bool).scatter_(1, top, True).reshape(up.shape)
+
+
+def _filled(images: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """``images`` (B, C, H, W) with ``region`` (B, H, W) set to the per-channel mean of the rest."""
+    keep = (~region)[:, None].to(images.dtype)
+    mean = (images * keep).sum((2, 3), keepdim=True) / keep.sum((2, 3), keepdim=True).clamp(min=1)
+    return torch.where(region[:, None], mean, images)
+
+
+def spectrum_images(images: torch.Tensor, objects: torch.Tensor, suspects: list[Suspect],
+                    pairs: list[Pair]) -> torch.Tensor:
+    """(2P, C, H, W): each recipient's phase with the amplitude of its source's background (the
+    source's ``objects`` region filled), then each control (the amplitude of the source's object:
+    everything else filled); per channel, in the images' own units."""
+    if not pairs:
         return images[:0]
-    src = torch.fft.fft2(images[[suspects[t.suspect].probe for t in swaps]].double())
-    dst = torch.fft.fft2(images[[t.recipient for t in swaps]].double())
-    test = torch.fft.ifft2(torch.polar(src.abs(), dst.angle())).real
-    control = torch.fft.ifft2(torch.polar(dst.abs(), src.angle())).real
-    return torch.cat([test, control]).to(images.dtype)
+    index = [suspects[p.suspect].probe for p in pairs]
+    src, region = images[index].double(), objects[index]
+    phase = torch.fft.fft2(images[[p.recipient for p in pairs]].double()).angle()
+    out = [torch.fft.ifft2(torch.polar(torch.fft.fft2(_filled(src, part)).abs(), phase)).real
+           for part in (region, ~region)]
+    return torch.cat(out).to(images.dtype)
+
+
+def colour_images(images: torch.Tensor, suspects: list[Suspect], pairs: list[Pair]) -> torch.Tensor:
+    """(2P, C, H, W): each recipient shifted and scaled per channel to its source's mean and
+    standard deviation, then each control (the source given the recipient's)."""
+    if not pairs:
+        return images[:0]
+    src, dst = images[[suspects[p.suspect].probe for p in pairs]], images[[p.recipient for p in pairs]]
+
+    def moved(x: torch.Tensor, to: torch.Tensor) -> torch.Tensor:
+        mx, sx = x.mean((2, 3), keepdim=True), x.std((2, 3), keepdim=True)
+        mt, st = to.mean((2, 3), keepdim=True), to.std((2, 3), keepdim=True)
+        return (x - mx) * torch.where(sx > 0, st / sx.clamp(min=1e-12), torch.ones_like(sx)) + mt
+
+    return torch.cat([moved(dst, src), moved(src, dst)])
 
 
 def border_bands(image_size: tuple[int, int], fraction: float) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -508,7 +560,12 @@ def discover(maps: torch.Tensor, probes: ProbeSet, targets: torch.Tensor, preds:
     suspects = find_suspects(maps, targets, preds, image_size, settings, windows)
     gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
     bands = border_bands(image_size, settings.border_band) if settings.border_test else None
-    makers = {"global": lambda pairs: swapped_images(probes.images, suspects, pairs)} if settings.global_test else {}
+    makers: dict[str, Callable[[list[Pair]], torch.Tensor]] = {}
+    if settings.global_test:
+        objects = object_regions(maps, image_size)
+        makers["global"] = lambda pairs: spectrum_images(probes.images, objects, suspects, pairs)
+    if settings.colour_test:
+        makers["colour"] = lambda pairs: colour_images(probes.images, suspects, pairs)
     if bands is not None:
         makers["border"] = lambda pairs: banded_images(probes.images, suspects, pairs, bands)
     follow = evidence is not None and bool(evidence.log_detector)  # from the second evaluation on

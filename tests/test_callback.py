@@ -19,7 +19,7 @@ ALL_METRICS = {"cam/spurious_energy", "cam/spurious_enrichment", "cam/object_ene
                "cam/drift_ref", "cam/pointing_spurious", "cam/average_drop", "cam/quality", "cam/degenerate",
                "cam/alerts", "cam/spurious_energy_rise", "cam/object_enrichment", "cam/spurious_masked",
                "cam/shortcut_suspects", "cam/shortcut_flip_rate", "cam/shortcut_flip_control", "cam/shortcut_flip_excess",
-               "cam/global_flip_rate", "cam/global_flip_control", "cam/global_flip_excess", "cam/border_flip_rate",
+               "cam/colour_flip_rate", "cam/colour_flip_control", "cam/colour_flip_excess", "cam/border_flip_rate",
                "cam/border_flip_control", "cam/border_flip_excess", "cam/shortcut_p", "cam/shortcut_evidence"}
 
 RECORDED: list[dict] = []

@@ -1,4 +1,4 @@
-"""Mask-free discovery (candidates from the maps), its paste and amplitude-swap confirmation, without Lightning."""
+"""Mask-free discovery (candidates from the maps) and its paste, spectrum, colour and band confirmations, without Lightning."""
 from __future__ import annotations
 
 import math
@@ -10,7 +10,8 @@ from torch import nn
 
 import cam_monitor as cm
 from cam_monitor.discovery import (MAX_BORDER_BAND, DiscoverySettings, Pair, banded_images, border_bands,
-                                   cells_to_pixels, discover, find_suspects, pasted_images, plan_tests, swapped_images)
+                                   cells_to_pixels, colour_images, discover, find_suspects, object_regions, pasted_images,
+                                   plan_tests, spectrum_images)
 from cam_monitor.metrics import border_mask
 from cam_monitor.evaluation import EvalSettings, evaluate
 
@@ -84,7 +85,7 @@ def test_a_model_using_the_tag_flips_wherever_it_is_pasted_and_the_control_windo
         preds = model(probes.images).argmax(1)
         predict = lambda x, m=model: m(x).argmax(1)  # noqa: E731
         found = discover(maps, probes, probes.labels, preds, predict,
-                         replace_settings(ONE_CELL, global_test=False, border_test=False))
+                         replace_settings(ONE_CELL, global_test=False, colour_test=False, border_test=False))
         agg = found.aggregates()
         if not use_tag:  # the control model predicts class 0 for all: no recipient can flip, no evidence
             assert not found.flips.any() and found.p_value() == 1.0
@@ -146,7 +147,7 @@ def test_a_model_reading_the_whole_image_flips_for_the_candidate_and_the_control
     assert agg["shortcut_flip_excess"] == 0.0
 
 
-def test_a_global_brightness_cue_flips_with_the_amplitude_and_not_with_the_structure() -> None:
+def test_a_brightness_cast_flips_with_the_colour_statistics_and_not_with_the_structure() -> None:
     g = torch.Generator().manual_seed(2)
     labels = torch.tensor([1, 0] * 8)
     images = 0.2 * torch.rand(16, 1, SIZE, SIZE, generator=g) + 0.3 * labels[:, None, None, None]  # bright = class 1
@@ -154,11 +155,83 @@ def test_a_global_brightness_cue_flips_with_the_amplitude_and_not_with_the_struc
     model = BrightnessModel()
     maps = torch.ones(16, 4, 4)  # evenly spread: nothing local to find
     found = discover(maps, probes, labels, model(images).argmax(1), lambda x: model(x).argmax(1),
-                     DiscoverySettings(border_test=False))
+                     DiscoverySettings(border_test=False, global_test=False))
     agg = found.aggregates()
-    assert len(found.paired["global"].pairs) == len(found.tests) == 8  # budget 2.0: two probe sets, half to each arm
-    assert agg["global_flip_rate"] == 1.0 and agg["global_flip_control"] == 0.0
+    assert len(found.paired["colour"].pairs) == len(found.tests) == 8  # budget 2.0: two probe sets, half to each arm
+    assert agg["colour_flip_rate"] == 1.0 and agg["colour_flip_control"] == 0.0
     assert found.p_value() < 0.01
+
+
+def _grating_probes(n: int = 48) -> tuple[cm.ProbeSet, torch.Tensor]:
+    """Class 1 carries a faint vertical grating over the whole image, class 0 none; every probe has
+    a bright 4x4 object at a random cell, where its map (returned) lies."""
+    g = torch.Generator().manual_seed(3)
+    labels = torch.tensor([1, 0] * (n // 2))
+    xs = torch.arange(SIZE, dtype=torch.float32)
+    grating = 0.15 * (1 + torch.cos(2 * math.pi * xs / 4))[None, :].expand(SIZE, SIZE)
+    images = 0.05 * torch.rand(n, 1, SIZE, SIZE, generator=g) + labels[:, None, None, None] * grating
+    maps = torch.full((n, 4, 4), 0.01)
+    for i, cell in enumerate(torch.randint(0, 4, (n, 2), generator=g).tolist()):
+        images[i, 0, 4 * cell[0]:4 * cell[0] + 4, 4 * cell[1]:4 * cell[1] + 4] = 1.0
+        maps[i, cell[0], cell[1]] = 1.0
+    return cm.ProbeSet(images, labels), maps
+
+
+class GratingModel(nn.Module):
+    """A texture shortcut: class 1 when the image's spectrum holds the grating (period 4 pixels)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        power = torch.fft.fft2(x[:, 0]).abs()[:, 0, SIZE // 4] / (SIZE * SIZE)
+        return torch.stack([torch.full_like(power, 0.035), power], 1)  # half the grating's own
+
+
+class BarModel(nn.Module):
+    """An honest model whose class is in the object's spectrum: class 1 for a horizontal bar,
+    class 0 for a vertical one (the energy along each frequency axis tells them apart)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = torch.fft.fft2(x[:, 0] - x[:, 0].mean((1, 2), keepdim=True)).abs()
+        horizontal, vertical = f[:, 1:, 0].sum(1), f[:, 0, 1:].sum(1)
+        return torch.stack([vertical, horizontal], 1)
+
+
+def test_a_texture_flips_with_the_background_spectrum_and_not_with_the_objects() -> None:
+    probes, maps = _grating_probes()
+    model = GratingModel()
+    preds = model(probes.images).argmax(1)
+    assert torch.equal(preds, probes.labels)
+    found = discover(maps, probes, probes.labels, preds, lambda x: model(x).argmax(1),
+                     DiscoverySettings(global_test=True, colour_test=False, border_test=False))
+    arm = found.paired["global"]
+    textured = torch.tensor([found.suspects[p.suspect].cls == 1 for p in arm.pairs])
+    # a grating source's background carries its class, its object's share does not
+    assert textured.any() and bool(arm.flips[textured].all()) and not arm.control_flips[textured].any()
+    assert found.aggregates()["global_flip_excess"] > 0.3 and found.p_value() < 0.01
+
+
+def test_an_object_told_by_its_spectrum_is_no_global_cue() -> None:
+    """A bar's orientation is in the whole image's amplitude; the object's share, not the
+    background's, carries it, so the spectrum arm finds nothing (its old whole-image swap did)."""
+    g = torch.Generator().manual_seed(4)
+    n = 24
+    labels = torch.tensor([1, 0] * (n // 2))
+    images = 0.2 * torch.rand(n, 1, SIZE, SIZE, generator=g)
+    maps = torch.full((n, 4, 4), 0.01)
+    for i, cell in enumerate(torch.randint(0, 3, (n, 2), generator=g).tolist()):
+        y, x = 4 * cell[0], 4 * cell[1]
+        if labels[i]:
+            images[i, 0, y + 1:y + 3, x:x + 8] = 1.0
+            maps[i, cell[0], cell[1]:cell[1] + 2] = 1.0
+        else:
+            images[i, 0, y:y + 8, x + 1:x + 3] = 1.0
+            maps[i, cell[0]:cell[0] + 2, cell[1]] = 1.0
+    probes, model = cm.ProbeSet(images, labels), BarModel()
+    preds = model(images).argmax(1)
+    assert torch.equal(preds, labels)
+    found = discover(maps, probes, labels, preds, lambda x: model(x).argmax(1),
+                     DiscoverySettings(global_test=True, colour_test=False, border_test=False))
+    agg = found.aggregates()
+    assert agg["global_flip_control"] == 1.0 and agg["global_flip_excess"] < -0.3
 
 
 class FrameModel(nn.Module):
@@ -236,18 +309,47 @@ def test_a_model_reading_the_frame_follows_the_border_band_and_not_the_band_insi
     assert "border" not in off.paired and "border" not in off.diffs()
 
 
-def test_swapped_images_carry_the_sources_amplitude_and_the_recipients_phase() -> None:
+def test_object_regions_are_each_maps_most_credited_quarter() -> None:
+    maps = one_cell_maps(2, (0, 0))
+    regions = object_regions(maps, (SIZE, SIZE))
+    assert regions.shape == (2, SIZE, SIZE) and int(regions[0].sum()) == SIZE * SIZE // 4
+    assert bool(regions[:, :4, :4].all())  # the credited cell is inside
+    assert int(object_regions(maps, (SIZE, SIZE), share=0.5)[0].sum()) == SIZE * SIZE // 2
+
+
+def test_spectrum_images_carry_the_source_backgrounds_amplitude_and_the_recipients_phase() -> None:
     probes = tag_probes(4)
-    suspects = find_suspects(one_cell_maps(4, (0, 0)), probes.labels, probes.labels, (SIZE, SIZE), ONE_CELL)
-    swaps = [Pair(0, 1)]
-    out = swapped_images(probes.images, suspects, swaps)
-    src, dst = torch.fft.fft2(probes.images[suspects[0].probe].double()), torch.fft.fft2(probes.images[1].double())
-    test, control = torch.fft.fft2(out[0].double()), torch.fft.fft2(out[1].double())
+    maps = one_cell_maps(4, (0, 0))
+    suspects = find_suspects(maps, probes.labels, probes.labels, (SIZE, SIZE), ONE_CELL)
+    objects = object_regions(maps, (SIZE, SIZE))
+    out = spectrum_images(probes.images, objects, suspects, [Pair(0, 1)])
+    source, region = probes.images[suspects[0].probe].double(), objects[suspects[0].probe]
     assert out.shape == (2, 1, SIZE, SIZE) and out.dtype == probes.images.dtype
-    assert torch.allclose(test.abs(), src.abs(), atol=1e-4) and torch.allclose(control.abs(), dst.abs(), atol=1e-4)
-    big = (src.abs() > 1e-3) & (dst.abs() > 1e-3)
-    assert torch.allclose(torch.polar(torch.ones_like(test.abs()), test.angle())[big],
-                          torch.polar(torch.ones_like(dst.abs()), dst.angle())[big], atol=1e-3)
+    for image, part in zip(out, (region, ~region)):
+        filled = source.clone()
+        filled[:, part] = source[:, ~part].mean()
+        want, got = torch.fft.fft2(filled), torch.fft.fft2(image.double())
+        assert torch.allclose(got.abs(), want.abs(), atol=1e-4)
+        dst = torch.fft.fft2(probes.images[1].double())
+        big = (want.abs() > 1e-3) & (dst.abs() > 1e-3)
+        assert torch.allclose(torch.polar(torch.ones_like(got.abs()), got.angle())[big],
+                              torch.polar(torch.ones_like(dst.abs()), dst.angle())[big], atol=1e-3)
+
+
+def test_colour_images_swap_each_channels_mean_and_spread() -> None:
+    g = torch.Generator().manual_seed(5)
+    images = torch.rand(2, 3, SIZE, SIZE, generator=g) * torch.tensor([1.0, 0.5, 0.2])[:, None, None]
+    images[1] += torch.tensor([0.3, -0.2, 0.1])[:, None, None]
+    probes = cm.ProbeSet(images, torch.tensor([0, 1]))
+    suspects = find_suspects(one_cell_maps(2, (0, 0)), probes.labels, probes.labels, (SIZE, SIZE), ONE_CELL)
+    test, control = colour_images(images, suspects, [Pair(1, 0)])
+    source, recipient = images[suspects[1].probe], images[0]
+    stats = lambda x: (x.mean((1, 2)), x.std((1, 2)))  # noqa: E731
+    for got, want in ((test, source), (control, recipient)):
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(stats(got), stats(want)))
+    # the structure stays: each image is its own pixels, shifted and scaled per channel
+    for got, own in ((test, recipient), (control, source)):
+        assert all(torch.corrcoef(torch.stack([got[c].flatten(), own[c].flatten()]))[0, 1] > 0.9999 for c in range(3))
 
 
 def test_tests_go_round_robin_into_other_class_recipients_at_their_quietest_window() -> None:
@@ -313,7 +415,8 @@ def test_nothing_to_test_gives_nan_rates_and_costs_no_forward() -> None:
     found = discover(one_cell_maps(4, (0, 0)), probes, probes.labels, wrong, predict, DiscoverySettings())
     agg = found.aggregates()
     assert found.tests == [] and found.pasted == 0 and calls == []
-    assert all(math.isnan(agg[f"{arm}_flip_rate"]) for arm in ("shortcut", "global", "border"))
+    assert all(math.isnan(agg[f"{arm}_flip_rate"]) for arm in ("shortcut", "colour", "border"))
+    assert "global_flip_rate" not in agg  # the spectrum arm is opt-in
     assert agg["shortcut_p"] == 1.0
 
 
@@ -344,7 +447,8 @@ def test_evaluate_runs_every_arm_within_two_probe_sets_of_extra_images_and_accum
     model = Conv()
     ev = evaluate(model, probes, EvalSettings(layer="body", faithfulness=False))
     assert {"shortcut_flip_rate", "shortcut_flip_control", "shortcut_flip_excess", "shortcut_suspects", "shortcut_p",
-            "global_flip_rate", "global_flip_control", "global_flip_excess", "shortcut_evidence"} <= set(ev.aggregates)
+            "colour_flip_rate", "colour_flip_control", "colour_flip_excess", "shortcut_evidence"} <= set(ev.aggregates)
+    assert "global_flip_rate" not in ev.aggregates  # opt-in: DiscoverySettings(global_test=True)
     assert ev.discovery is not None and "shortcut_flip" in ev.per_probe and ev.evidence is not None
     assert model.calls <= 3 * len(probes)  # the CAM pass plus at most two probe sets of pasted images
     assert {"border_flip_rate", "border_flip_control", "border_flip_excess"} <= set(ev.aggregates)
@@ -361,8 +465,8 @@ def test_evaluate_runs_every_arm_within_two_probe_sets_of_extra_images_and_accum
     classes = {f"local/{found.suspects[t.suspect].cls}" for found in (first.discovery, later.discovery)
                for t in found.tests}
     assert classes <= set(later.evidence.log_detector) and not any(
-        k.startswith("global/") for k in later.evidence.log_detector)  # the global arm stays pooled
-    pooled = sum(later.evidence.detector(a) for a in ("local", "global", "border")) / 3
+        k.startswith(("colour/", "border/")) for k in later.evidence.log_detector)  # the whole-image arms stay pooled
+    pooled = sum(later.evidence.detector(a) for a in ("local", "colour", "border")) / 3
     mean_class = sum(later.evidence.detector(f"local/{k}") for k in (0, 1)) / 2
     assert later.aggregates["shortcut_evidence"] == pytest.approx(0.5 * pooled + 0.5 * mean_class)
 

@@ -128,17 +128,17 @@ def test_the_corner_shortcut_is_found_without_masks_held_and_its_region_named_an
     assert exported.images is probes.images or torch.equal(exported.images, probes.images)
 
 
-@pytest.mark.parametrize("cue", ["background_cast", "background_texture"])
-def test_a_global_shortcut_is_confirmed_by_the_amplitude_swap(cue, tmp_path) -> None:
-    """Nothing local to paste: the maps spread over the cue, the global arm finds it."""
+def test_a_brightness_cast_is_confirmed_by_the_colour_statistics_swap(tmp_path) -> None:
+    """Nothing local to paste: the maps spread over the cast, the colour arm finds it."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        run = run_task(cue, "shortcut", 0, 2, str(tmp_path))
+        run = run_task("background_cast", "shortcut", 0, 2, str(tmp_path))
     assert run.gap_epoch == 0 and [a["rule"] for a in run.alerts] == ["shortcut_confirmed"]
     last = run.rows[-1]
-    assert last["cam/global_flip_excess"] > 0.2 and last["cam/shortcut_evidence"] >= 1000
+    assert last["cam/colour_flip_excess"] > 0.2 and last["cam/shortcut_evidence"] >= 1000
     by_test = run.alerts[0]["evidence_by_test"]
-    assert max(by_test, key=by_test.get) == "global"  # the alert says what kind of cue it is
+    assert max(by_test, key=by_test.get) == "colour"  # the alert says what kind of cue it is
+    assert "strongest test: colour statistics" in describe_alert(run.alerts[0])
 
 
 def test_a_border_frame_is_confirmed_by_the_border_band_and_the_alert_says_so(tmp_path) -> None:
