@@ -507,13 +507,12 @@ def colour_images(images: torch.Tensor, suspects: list[Suspect], pairs: list[Pai
     if not pairs:
         return images[:0]
     src, dst = images[[suspects[p.suspect].probe for p in pairs]], images[[p.recipient for p in pairs]]
+    (ms, ss), (md, sd) = [(x.mean((2, 3), keepdim=True), x.std((2, 3), keepdim=True)) for x in (src, dst)]
 
-    def moved(x: torch.Tensor, to: torch.Tensor) -> torch.Tensor:
-        mx, sx = x.mean((2, 3), keepdim=True), x.std((2, 3), keepdim=True)
-        mt, st = to.mean((2, 3), keepdim=True), to.std((2, 3), keepdim=True)
+    def moved(x: torch.Tensor, mx: torch.Tensor, sx: torch.Tensor, mt: torch.Tensor, st: torch.Tensor) -> torch.Tensor:
         return (x - mx) * torch.where(sx > 0, st / sx.clamp(min=1e-12), torch.ones_like(sx)) + mt
 
-    return torch.cat([moved(dst, src), moved(src, dst)])
+    return torch.cat([moved(dst, md, sd, ms, ss), moved(src, ms, ss, md, sd)])
 
 
 def border_bands(image_size: tuple[int, int], fraction: float) -> tuple[torch.Tensor, torch.Tensor] | None:
