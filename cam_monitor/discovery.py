@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from .evidence import EvidenceState, check_bet, holm, sign_test_p, stream
+from .maps import upsample
 from .metrics import border_mask
 from .probes import ProbeSet
 from .records import ShortcutRegion
@@ -473,7 +474,7 @@ def pasted_images(images: torch.Tensor, suspects: list[Suspect], tests: list[Pas
 def object_regions(maps: torch.Tensor, image_size: tuple[int, int], share: float = OBJECT_SHARE) -> torch.Tensor:
     """(N, H, W) bool: each map's most-credited ``share`` of the image's pixels, exactly that many
     (the map upsampled bilinearly to the image; ties go to the first pixels in raster order)."""
-    up = F.interpolate(maps[:, None].float(), size=image_size, mode="bilinear", align_corners=False)[:, 0]
+    up = upsample(maps, image_size)
     flat = up.flatten(1)
     top = torch.sort(flat, dim=1, descending=True, stable=True).indices[:, :max(1, int(share * flat.shape[1]))]
     return torch.zeros_like(flat, dtype=torch.bool).scatter_(1, top, True).reshape(up.shape)
