@@ -35,7 +35,6 @@ from bench_engine import default_result_path, machine, time_interleaved, write_j
 
 from cam_monitor.demo.data import BASES, CUES  # noqa: E402
 from cam_monitor.demo.zoo import ZooRecord, ZooRun, run_task  # noqa: E402
-from cam_monitor.discovery import DiscoverySettings  # noqa: E402
 from cam_monitor.discovery import DiscoverySettings, discover  # noqa: E402
 from cam_monitor.engine import predict_classes  # noqa: E402
 

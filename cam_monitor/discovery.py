@@ -6,12 +6,16 @@ turns the pairs into a decision with a stated false-alarm rate); forward passes 
 **Local cues** (a stamp, a tag, a ruler: something at a place). Every probe the model classifies
 correctly is a candidate; its candidate region is the window of ``box_cells`` x ``box_cells``
 cells of the layer's grid that holds the most map energy (sized in cells: a region means
-something only at the resolution of the grid). The region is pasted into a probe of another class
-*at that probe's own least-credited window* (its background, as its map sees it): a cue works
-wherever it is, a piece of an object pasted beside another object mostly does not. The control
-pastes another window of the same source, drawn in proportion to the map's credit outside the
-candidate (another part the map also credits), at the same place. A flip is a prediction that
-becomes the source's class.
+something only at the resolution of the grid; one cell by default, the finest the grid resolves).
+The region is pasted into a probe of another class *over that probe's most-credited window* (what
+its own map reads as its evidence), and the control pastes the source's *next* most-credited
+window (the best one not overlapping the region) at the same place. Both take the same evidence
+away from the recipient and differ only in what they put there: a cue carries its class into any
+image, while an object spans several regions its map credits, so its best region carries little
+more of the class than its next one. The test holds where objects span more than one window; a
+window that holds a whole object cannot be told from a cue (measured on Drawn Shapes, whose
+objects fit a 2 x 2 window: see the reference). A flip is a prediction that becomes the source's
+class.
 
 **Colour cues** (a colour or brightness cast, a stain, an exposure: the image's per-channel
 level and spread). The recipient is given the source's per-channel mean and standard deviation
@@ -79,7 +83,9 @@ class DiscoverySettings:
 
     Args:
         enabled: run discovery and confirmation at every evaluation.
-        box_cells: side of a candidate region, in cells of the layer's grid (2: 2x2 cells).
+        box_cells: side of a candidate region, in cells of the layer's grid (1: one cell, the finest
+            region the grid resolves). Larger windows catch cues that span several cells but hold
+            whole small objects, and the local test's control then no longer matches them.
         budget: pasted images per evaluation (tests plus controls, every arm) as a multiple of the
             probe count: 2.0 costs two inference forwards of the probe set. From the second
             evaluation on, half of it goes to the arms in proportion to their evidence so far.
@@ -98,7 +104,7 @@ class DiscoverySettings:
         border_test: run the border-band arm for cues along the image's edge (frames, margins).
         border_band: width of the border band that arm swaps, as a share of each side (at least
             one pixel; the default matches the metrics' border band, ``CAMSettings.border_fraction``).
-        seed: seeds the recipients' order and the control windows (mixed with the evaluation's step).
+        seed: seeds the recipients' order (mixed with the evaluation's step).
         per_class: also keep the local arm's evidence per candidate class, and send half its pairs
             where each class's evidence grows (:mod:`evidence`): a cue in one class of ten (a ruler
             beside one lesion type) is confirmed instead of diluted, at a cost for cues in every
@@ -106,7 +112,7 @@ class DiscoverySettings:
     """
 
     enabled: bool = True
-    box_cells: int = 2
+    box_cells: int = 1
     budget: float = 2.0
     alpha: float = 1e-3
     min_effect: float = 0.05
@@ -154,8 +160,8 @@ class Suspect:
 @dataclass
 class PasteTest:
     """One local confirmation: ``suspect``'s box pasted into probe ``recipient`` at ``place``
-    (the recipient's least-credited window), and the control: the source's ``control_box`` pasted
-    at the same place."""
+    (the recipient's most-credited window), and the control: the source's ``control_box`` (its
+    next most-credited window) pasted at the same place."""
 
     suspect: int
     recipient: int
@@ -350,22 +356,20 @@ class Windows:
         return cls(energy.flatten(1), boxes, torch.tensor(boxes, dtype=torch.long).reshape(-1, 4))
 
 
-def control_box(windows: Windows, source: int, avoid: Box, size: tuple[int, int], image_size: tuple[int, int],
-                gen: torch.Generator) -> Box:
-    """A window of map ``source`` that its map also credits: drawn in proportion to its energy among
-    the windows not overlapping ``avoid`` (uniformly among them if none has any), ``size`` pixels."""
+def control_box(windows: Windows, source: int, avoid: Box, size: tuple[int, int], image_size: tuple[int, int]) -> Box:
+    """Map ``source``'s next most-credited window: the one of most energy among those not
+    overlapping ``avoid`` (the first such on ties; any window when none is free), ``size`` pixels."""
     c = windows.corners
     free = (c[:, 2] <= avoid[0]) | (c[:, 0] >= avoid[2]) | (c[:, 3] <= avoid[1]) | (c[:, 1] >= avoid[3])
     if not free.any():
         free = torch.ones_like(free)
-    weights = windows.energy[source].double() * free
-    weights = weights if weights.sum() > 0 else free.double()
-    return _fit(windows.boxes[int(torch.multinomial(weights, 1, generator=gen))], size, image_size)
+    energy = torch.where(free, windows.energy[source].double(), -math.inf)
+    return _fit(windows.boxes[int(energy.argmax())], size, image_size)
 
 
-def quiet_place(windows: Windows, recipient: int, size: tuple[int, int], image_size: tuple[int, int]) -> Box:
-    """The recipient's least-credited window (its background as its map sees it), ``size`` pixels."""
-    return _fit(windows.boxes[int(windows.energy[recipient].argmin())], size, image_size)
+def credited_place(windows: Windows, recipient: int, size: tuple[int, int], image_size: tuple[int, int]) -> Box:
+    """The recipient's most-credited window (what its map reads as its evidence), ``size`` pixels."""
+    return _fit(windows.boxes[int(windows.energy[recipient].argmax())], size, image_size)
 
 
 def recipients_of(suspects: list[Suspect], targets: torch.Tensor, preds: torch.Tensor, num: int,
@@ -453,8 +457,8 @@ def plan_tests(suspects: list[Suspect], maps: torch.Tensor, targets: torch.Tenso
     for s, r in pairs:
         box = suspects[s].box
         size = (box[2] - box[0], box[3] - box[1])
-        tests.append(PasteTest(s, r, control_box(windows, suspects[s].probe, box, size, image_size, gen),
-                               quiet_place(windows, r, size, image_size)))
+        tests.append(PasteTest(s, r, control_box(windows, suspects[s].probe, box, size, image_size),
+                               credited_place(windows, r, size, image_size)))
     return tests
 
 

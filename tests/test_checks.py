@@ -37,13 +37,18 @@ def test_zero_maps_name_the_cause() -> None:
 
 
 def test_a_coarse_grid_the_band_and_a_shared_layer_are_warned_and_channels_last_noted() -> None:
-    found = dry_run_findings(result(torch.rand(2, 2, 2), layer_calls=2, layout="nhwc"), probes(), EvalSettings(), 4.0,
+    from cam_monitor.discovery import DiscoverySettings
+
+    two_cells = EvalSettings(discovery=DiscoverySettings(box_cells=2))
+    found = dry_run_findings(result(torch.rand(2, 2, 2), layer_calls=2, layout="nhwc"), probes(), two_cells, 4.0,
                              "cam")
     text = " | ".join(found.warnings)
     assert "pointing_spurious is 1.0" in text and "runs 2 times in one forward" in text
     # mask-free, the band's enrichment does not alert (nothing to warn about), but discovery cannot work
     assert "no map can put more than" not in text
     assert "covers 100% of the image: the local paste test cannot tell" in text
+    one_cell = dry_run_findings(result(torch.rand(2, 2, 2), layout="nhwc"), probes(), EvalSettings(), 4.0, "cam")
+    assert not any("local paste test" in w for w in one_cell.warnings)  # one cell of 2x2 is a quarter: allowed
     assert found.notes == ["layer 'body' outputs channels-last (B, h, w, C); reading it so (pass layout='nchw' to override)"]
 
 

@@ -86,15 +86,16 @@ def test_a_model_using_the_tag_flips_wherever_it_is_pasted_and_the_control_windo
         predict = lambda x, m=model: m(x).argmax(1)  # noqa: E731
         found = discover(maps, probes, probes.labels, preds, predict,
                          replace_settings(ONE_CELL, global_test=False, colour_test=False, border_test=False))
-        agg = found.aggregates()
         if not use_tag:  # the control model predicts class 0 for all: no recipient can flip, no evidence
             assert not found.flips.any() and found.p_value() == 1.0
             continue
         assert 2 * len(found.tests) == 2.0 * len(probes)  # the budget: tests + controls = budget x the probe count
         tagged = [t for t in found.tests if found.suspects[t.suspect].cls == 1]
-        assert tagged and all(t.place == (12, 12, 16, 16) for t in tagged)  # the recipient's quietest window
-        flips = found.flips[[i for i, t in enumerate(found.tests) if found.suspects[t.suspect].cls == 1]]
-        assert flips.all() and not found.control_flips.any()
+        assert tagged and all(t.place == (0, 0, 4, 4) for t in tagged)  # the recipient's most-credited window
+        mine = [found.suspects[t.suspect].cls == 1 for t in found.tests]
+        assert found.flips[mine].all() and not found.control_flips[mine].any()
+        others = [not m for m in mine]  # class 0's windows pasted over a tag: both take it away, no evidence either way
+        assert torch.equal(found.flips[others], found.control_flips[others])
         region = next(r for r in found.regions(probes.ids) if r["class"] == 1)
         assert region["boxes"][0] == [0, 0, 4, 4] and region["flip_rate"] == 1.0
         masks = found.masks(len(probes), probes.image_size)
@@ -352,7 +353,7 @@ def test_colour_images_swap_each_channels_mean_and_spread() -> None:
         assert all(torch.corrcoef(torch.stack([got[c].flatten(), own[c].flatten()]))[0, 1] > 0.9999 for c in range(3))
 
 
-def test_tests_go_round_robin_into_other_class_recipients_at_their_quietest_window() -> None:
+def test_tests_go_round_robin_into_other_class_recipients_over_their_most_credited_window() -> None:
     n = 30
     labels = torch.arange(n) % 3
     maps = torch.stack([one_cell_maps(1, (int(c), int(c)))[0] for c in labels])
@@ -369,19 +370,28 @@ def test_tests_go_round_robin_into_other_class_recipients_at_their_quietest_wind
         assert (cy1 - cy0, cx1 - cx0) == (y1 - y0, x1 - x0) == (t.place[2] - t.place[0], t.place[3] - t.place[1])
         assert cy1 <= y0 or cy0 >= y1 or cx1 <= x0 or cx0 >= x1  # the control never overlaps the candidate
         hot = int(labels[t.recipient])
-        assert t.place != cells_to_pixels(torch.tensor([hot, hot, hot + 1, hot + 1]), (4, 4), (SIZE, SIZE))
+        assert t.place == cells_to_pixels(torch.tensor([hot, hot, hot + 1, hot + 1]), (4, 4), (SIZE, SIZE))
     again = plan_tests(suspects, maps, labels, labels, (SIZE, SIZE), 12, 1, torch.Generator().manual_seed(0))
     assert [(t.suspect, t.recipient, t.control_box, t.place) for t in again] == [
         (t.suspect, t.recipient, t.control_box, t.place) for t in tests]
 
 
-def test_the_control_window_is_drawn_where_the_source_map_also_gives_credit() -> None:
+def test_the_control_window_is_the_sources_next_most_credited_window() -> None:
     labels = torch.tensor([1, 0] * 8)
-    maps = torch.zeros(16, 4, 4)
-    maps[:, 0, 0], maps[:, 3, 3] = 1.0, 0.5  # the candidate, and the one other credited cell
+    maps = torch.full((16, 4, 4), 0.01)
+    maps[:, 0, 0], maps[:, 3, 3], maps[:, 1, 2] = 1.0, 0.5, 0.3  # the candidate, the next credited cell, a third
     suspects = find_suspects(maps, labels, labels, (SIZE, SIZE), ONE_CELL)
     tests = plan_tests(suspects, maps, labels, labels, (SIZE, SIZE), 8, 1, torch.Generator().manual_seed(0))
     assert {t.control_box for t in tests} == {(12, 12, 16, 16)}
+    maps[:, 0, 1] = 0.9  # a neighbour of the candidate is next: adjacent windows may be the control, overlapping ones not
+    suspects = find_suspects(maps, labels, labels, (SIZE, SIZE), ONE_CELL)
+    tests = plan_tests(suspects, maps, labels, labels, (SIZE, SIZE), 8, 1, torch.Generator().manual_seed(0))
+    assert {t.control_box for t in tests} == {(0, 4, 4, 8)}
+    two = DiscoverySettings(box_cells=2)
+    suspects = find_suspects(maps, labels, labels, (SIZE, SIZE), two)
+    tests = plan_tests(suspects, maps, labels, labels, (SIZE, SIZE), 8, 2, torch.Generator().manual_seed(0))
+    assert {suspects[t.suspect].box for t in tests} == {(0, 0, 8, 8)}
+    assert {t.control_box for t in tests} == {(8, 8, 16, 16)}  # the best 2x2 window clear of the candidate
 
 
 def test_pasted_images_copy_the_box_to_the_recipients_place_and_nothing_else() -> None:

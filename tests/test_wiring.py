@@ -416,7 +416,8 @@ def test_a_2x2_grid_warns_that_pointing_and_enrichment_cannot_move(tmp_path) -> 
     _, _, data = loaders()
     probes = cm.ProbeSet.from_dataset(data.data.val, num_probes=10)
     probes = cm.ProbeSet(probes.images, probes.labels, ids=probes.ids)
-    mon = quick_monitor(probes=probes, probe_settings=cm.ProbeSettings(num_probes=10))
+    mon = quick_monitor(probes=probes, probe_settings=cm.ProbeSettings(num_probes=10),
+                        discovery=cm.DiscoverySettings(box_cells=2))  # a 2x2-cell window: the whole grid
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fit(tmp_path, mon, epochs=1, model=Coarse(), limit_train_batches=1)

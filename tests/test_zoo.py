@@ -93,6 +93,18 @@ def test_no_alert_on_any_control_of_the_zoo(cue, tmp_path) -> None:
     assert max(abs(r["accuracy_gap"]) for r in run.rows) < 0.1  # the ground truth agrees: no shortcut
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("cue", ["background_cast", "interior_patch"])
+def test_no_alert_on_the_drawn_shapes_controls_whose_objects_fit_a_window(cue, tmp_path) -> None:
+    """Drawn Shapes' objects (20-32 px) fit a 2x2-cell window; with that window these two controls
+    alerted from the local test (seed 0). One-cell windows and the next-best control keep them quiet."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run = run_task(cue, "control", 0, 6, str(tmp_path), base="shapes")
+    assert run.alerts == [], run.alerts
+    assert max(r["cam/shortcut_evidence"] for r in run.rows) < 100
+
+
 def test_the_corner_shortcut_is_found_without_masks_held_and_its_region_named_and_exported(tmp_path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -119,7 +131,7 @@ def test_the_corner_shortcut_is_found_without_masks_held_and_its_region_named_an
             decoy = _truth_mask(truth, probes.images[ids[pid]])
             covered += bool(decoy[y0:y1, x0:x1].any())
             named += 1
-            assert (y1 - y0) * (x1 - x0) <= 4 * PATCH * PATCH  # 2x2 cells of the 8x8 grid
+            assert (y1 - y0) * (x1 - x0) == PATCH * PATCH  # one cell of the 8x8 grid (box_cells=1)
     assert named and covered >= 0.75 * named, (covered, named)
     logged = [json.loads(line) for line in (tmp_path / "cam_monitor" / "alerts.jsonl").read_text().splitlines()]
     assert logged[0]["regions"] == alert["regions"]
