@@ -3,10 +3,12 @@
 For every task of ``cam_monitor.demo.data.CUES`` and every seed: one fit where the cue codes the
 label (shortcut) and one where it is random (control), the default ``CAMMonitor`` on every epoch
 with mask-free probes (``cam_monitor.demo.zoo``). Ground truth: accuracy with matched cues minus
-accuracy with random cues. Reports per task: detection rate on shortcut runs, detections by the
-epoch after the gap passes 0.2, alerts still active at the last epoch while the gap is still
->= 0.2, false alarms on controls (runs, and fired alerts per control evaluation beside the stated
-alpha), the first alert's epoch next to the epoch the gap passes 0.2, and what the discovery
+accuracy with random cues. Reports per task: detection rate on shortcut runs (a
+``shortcut_confirmed`` alert: the drift rules fire on maps that move, which is no detection),
+detections by the epoch after the gap passes 0.2, alerts still active at the last epoch while the
+gap is still >= 0.2, false alarms on controls (runs with any alert, and fired alerts per control
+evaluation beside the stated alpha), the first ``shortcut_confirmed`` epoch next to the epoch the
+gap passes 0.2 (every rule that fired is in the JSON), and what the discovery
 costs per evaluation (pasted images, seconds, ratio to one inference forward of the probe set;
 medians of interleaved repeats on the last model).
 
@@ -83,9 +85,8 @@ def summarise(runs: list[ZooRun] | list[SavedRun]) -> list[dict]:
     for cue in dict.fromkeys(r.cue for r in runs):
         shortcut = [r for r in runs if r.cue == cue and r.variant == "shortcut"]
         control = [r for r in runs if r.cue == cue and r.variant == "control"]
-        detected = [r for r in shortcut if r.alerts]
-        in_time = [r for r in shortcut if r.first_alert_epoch is not None
-                   and (r.gap_epoch is None or r.first_alert_epoch <= r.gap_epoch + 1)]
+        detected = [r for r in shortcut if r.confirmed_epoch is not None]  # other rules fire on moving maps too
+        in_time = [r for r in detected if r.gap_epoch is None or r.confirmed_epoch <= r.gap_epoch + 1]
         still_cheating = [r for r in shortcut if r.rows[-1]["accuracy_gap"] >= 0.2]
         control_evals = sum(len(r.rows) for r in control)
         rows.append({
@@ -95,7 +96,7 @@ def summarise(runs: list[ZooRun] | list[SavedRun]) -> list[dict]:
             "active_at_end": sum(1 for r in still_cheating if r.active_at_end),
             "false_alarms": sum(1 for r in control if r.alerts),
             "false_alarm_rate_per_evaluation": sum(len(r.alerts) for r in control) / max(1, control_evals),
-            "first_alert_epochs": [r.first_alert_epoch for r in shortcut],
+            "first_alert_epochs": [r.confirmed_epoch for r in shortcut],
             "gap_passes_0.2_epochs": [r.gap_epoch for r in shortcut],
             "final_gap": [round(r.rows[-1]["accuracy_gap"], 3) for r in shortcut],
             "rules_fired": sorted({a["rule"] for r in shortcut + control for a in r.alerts}),
@@ -106,7 +107,7 @@ def summarise(runs: list[ZooRun] | list[SavedRun]) -> list[dict]:
 
 def print_table(rows: list[dict], cost: dict) -> None:
     print("\n| task | detected (shortcut runs) | by the epoch after gap > 0.2 | active at the end (gap still >= 0.2) | "
-          "false alarms (controls) | first alert epoch | gap > 0.2 epoch |")
+          "false alarms (controls) | first shortcut_confirmed epoch | gap > 0.2 epoch |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         fmt = lambda xs: ", ".join("-" if x is None else str(x) for x in xs)  # noqa: E731

@@ -9,7 +9,7 @@ import torch
 
 from cam_monitor.alerts import describe_alert
 from cam_monitor.demo.data import BASES, CUES, PATCH, make_decoy_digits
-from cam_monitor.demo.zoo import mask_free_probes, run_task
+from cam_monitor.demo.zoo import ZooRecord, mask_free_probes, run_task
 
 
 @pytest.mark.parametrize("base", BASES)
@@ -77,6 +77,14 @@ def test_the_zoo_also_trains_a_resnet18_whose_layer4_is_a_4x4_grid() -> None:
     assert seen == [(2, 512, 4, 4)]
     with pytest.raises(ValueError, match="arch must be one of"):
         DigitClassifier(arch="vit")
+
+
+def test_only_shortcut_confirmed_counts_as_a_detection() -> None:
+    """A drift rule fires on maps that move (a model learning anything); the detector is shortcut_confirmed."""
+    alerts = [{"epoch": 1, "rule": "drift_off_object"}, {"epoch": 3, "rule": "shortcut_confirmed"}]
+    record = ZooRecord("interior_patch", "shortcut", 0, [{"epoch": e, "accuracy_gap": 0.3} for e in range(4)], alerts)
+    assert record.first_alert_epoch == 1 and record.confirmed_epoch == 3 and record.gap_epoch == 0
+    assert ZooRecord("corner_patch", "shortcut", 0, [], alerts[:1]).confirmed_epoch is None
 
 
 def test_an_unknown_cue_is_refused() -> None:

@@ -39,6 +39,11 @@ class ZooRecord:
         return min((a["epoch"] for a in self.alerts), default=None)
 
     @property
+    def confirmed_epoch(self) -> int | None:
+        """The first epoch ``shortcut_confirmed`` (the mask-free detector) fired; None if it never did."""
+        return min((a["epoch"] for a in self.alerts if a["rule"] == "shortcut_confirmed"), default=None)
+
+    @property
     def gap_epoch(self) -> int | None:
         """The first epoch whose accuracy gap passes :data:`GAP_LINE` (None if it never does)."""
         return next((r["epoch"] for r in self.rows if r["accuracy_gap"] > GAP_LINE), None)

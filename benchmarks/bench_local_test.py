@@ -1,0 +1,226 @@
+"""The local paste test's design choices, scored on zoo models: window size, control, placement.
+
+The monitor's local arm pastes a candidate's best-credited window into a probe of another class
+and compares it with a control pasted at the same place. Its null hypothesis ("the candidate is
+no more potent than its control") must hold on models that read the object, or its stated
+false-alarm rate means nothing. This script measures that, design by design, on the same models:
+
+- for every spec ``base:cue:variant:seed`` it trains the demo CNN on that zoo task for
+  ``--epochs`` and keeps each epoch's weights (cached under ``--cache``, so designs can be
+  re-scored without training again);
+- at every epoch it draws up to ``--pairs`` (candidate, recipient) pairs as the monitor does and,
+  per design, counts the pairs where the test flipped the recipient to the candidate's class and
+  the control did not (wins) and the reverse (losses).
+
+On a control model (cue independent of the label) a design whose wins clearly exceed its losses
+breaks its null; on a shortcut model the wins measure its power. Designs: ``box`` (the window's
+side in grid cells), ``control`` (``next``: the source's next most-credited window, the monitor's;
+``random``: a window drawn in proportion to the map's credit outside the candidate; ``guard``: the
+best window at least one window away) and ``place`` (``credited``: over the recipient's
+most-credited window, the monitor's; ``quiet``: its least-credited window; ``own``: where the
+candidate sits in its source).
+
+    python benchmarks/bench_local_test.py --specs shapes:background_cast:control:0,shapes:corner_patch:shortcut:3
+
+Prints one row per model, epoch and design, then per design the worst control evaluation and the
+shortcut models' median wins; writes ``benchmarks/results/local_test_cpu.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import statistics
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_engine import default_result_path, machine, write_json  # noqa: E402
+
+from cam_monitor import discovery as D  # noqa: E402
+from cam_monitor.demo.model import ARCHS, DecoyDigitsDataModule, DigitClassifier  # noqa: E402
+from cam_monitor.demo.zoo import mask_free_probes  # noqa: E402
+from cam_monitor.engine import compute_cams, predict_classes  # noqa: E402
+from cam_monitor.evidence import sign_test_p  # noqa: E402
+
+ControlFn = Callable[[D.Windows, int, D.Box, tuple[int, int], tuple[int, int], torch.Generator], D.Box]
+PlaceFn = Callable[[D.Windows, int, D.Box, tuple[int, int], tuple[int, int]], D.Box]
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One zoo model: the base task, the cue, ``shortcut`` or ``control``, the seed."""
+
+    base: str
+    cue: str
+    variant: str
+    seed: int
+
+    @classmethod
+    def parse(cls, text: str) -> "Spec":
+        base, cue, variant, seed = text.split(":")
+        return cls(base, cue, variant, int(seed))
+
+    @property
+    def name(self) -> str:
+        return f"{self.base}_{self.cue}_{self.variant}_{self.seed}"
+
+
+def _free(windows: D.Windows, avoid: D.Box) -> torch.Tensor:
+    """Which windows do not overlap ``avoid``."""
+    c = windows.corners
+    return (c[:, 2] <= avoid[0]) | (c[:, 0] >= avoid[2]) | (c[:, 3] <= avoid[1]) | (c[:, 1] >= avoid[3])
+
+
+def control_next(windows: D.Windows, source: int, avoid: D.Box, size: tuple[int, int], image_size: tuple[int, int],
+                 gen: torch.Generator) -> D.Box:
+    """The monitor's control: the source's next most-credited window."""
+    return D.control_box(windows, source, avoid, size, image_size)
+
+
+def control_random(windows: D.Windows, source: int, avoid: D.Box, size: tuple[int, int], image_size: tuple[int, int],
+                   gen: torch.Generator) -> D.Box:
+    """The earlier design: a free window drawn in proportion to the source map's energy."""
+    free = _free(windows, avoid)
+    weights = windows.energy[source].double() * free
+    weights = weights if weights.sum() > 0 else free.double()
+    return D._fit(windows.boxes[int(torch.multinomial(weights, 1, generator=gen))], size, image_size)
+
+
+def control_guard(windows: D.Windows, source: int, avoid: D.Box, size: tuple[int, int], image_size: tuple[int, int],
+                  gen: torch.Generator) -> D.Box:
+    """The source's best window at least one window's width away from the candidate."""
+    h, w = avoid[2] - avoid[0], avoid[3] - avoid[1]
+    free = _free(windows, (avoid[0] - h, avoid[1] - w, avoid[2] + h, avoid[3] + w))
+    free = free if free.any() else torch.ones_like(free)
+    energy = torch.where(free, windows.energy[source].double(), -float("inf"))
+    return D._fit(windows.boxes[int(energy.argmax())], size, image_size)
+
+
+CONTROLS: dict[str, ControlFn] = {"next": control_next, "random": control_random, "guard": control_guard}
+PLACES: dict[str, PlaceFn] = {
+    "credited": lambda windows, r, box, size, image_size: D.credited_place(windows, r, size, image_size),
+    "quiet": lambda windows, r, box, size, image_size: D._fit(windows.boxes[int(windows.energy[r].argmin())], size,
+                                                              image_size),
+    "own": lambda windows, r, box, size, image_size: box,
+}
+
+
+def trained_states(spec: Spec, epochs: int, cache: str) -> list[dict[str, torch.Tensor]]:
+    """The demo CNN's weights after each epoch of ``spec``'s zoo task (trained once, then cached)."""
+    path = os.path.join(cache, f"{spec.name}_{epochs}.pt")
+    if os.path.exists(path):
+        return torch.load(path, weights_only=True)
+    import lightning as L
+
+    class Keep(L.Callback):
+        def __init__(self) -> None:
+            self.states: list[dict[str, torch.Tensor]] = []
+
+        def on_validation_epoch_end(self, trainer, module) -> None:
+            self.states.append({k: v.detach().clone() for k, v in module.state_dict().items()})
+
+    L.seed_everything(spec.seed, verbose=False)
+    data = DecoyDigitsDataModule(spec.variant, seed=spec.seed, cue=spec.cue, base=spec.base)
+    probes = mask_free_probes(spec.cue, spec.seed, 64, spec.base)
+    keep = Keep()
+    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, deterministic=True, logger=False,
+                        callbacks=[keep], enable_checkpointing=False, enable_model_summary=False,
+                        enable_progress_bar=False, num_sanity_val_steps=0, default_root_dir=cache)
+    trainer.fit(DigitClassifier(in_channels=probes.images.shape[1], image_size=probes.image_size[0]), data)
+    torch.save(keep.states, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return keep.states
+
+
+def score(model: torch.nn.Module, spec: Spec, pairs: int, designs: list[tuple[int, str, str]], seed: int) -> list[dict]:
+    """Per design, the wins and losses of up to ``pairs`` paste tests against their controls."""
+    probes = mask_free_probes(spec.cue, spec.seed, 64, spec.base)
+    images, labels = probes.images, probes.labels
+    preds = predict_classes(model, images)
+    maps = compute_cams(model, images, ARCHS["cnn"], labels)
+    rows = []
+    for box, control, place in designs:
+        windows = D.Windows.of(maps, D.window_side(tuple(maps.shape[-2:]), box), probes.image_size)
+        suspects = D.find_suspects(maps, labels, preds, probes.image_size, D.DiscoverySettings(box_cells=box), windows)
+        gen = torch.Generator().manual_seed(seed)
+        tests = []
+        for s, r in D.recipients_of(suspects, labels, preds, pairs, gen):
+            at = suspects[s].box
+            size = (at[2] - at[0], at[3] - at[1])
+            tests.append(D.PasteTest(s, r, CONTROLS[control](windows, suspects[s].probe, at, size, probes.image_size, gen),
+                                     PLACES[place](windows, r, at, size, probes.image_size)))
+        wins = losses = 0
+        if tests:
+            out = predict_classes(model, D.pasted_images(images, suspects, tests))
+            cls = torch.tensor([suspects[t.suspect].cls for t in tests])
+            flips, controls = out[:len(tests)] == cls, out[len(tests):] == cls
+            wins, losses = int((flips & ~controls).sum()), int((~flips & controls).sum())
+        rows.append({"box": box, "control": control, "place": place, "pairs": len(tests), "wins": wins,
+                     "losses": losses, "p": sign_test_p(wins, losses), "accuracy": float((preds == labels).float().mean())})
+    return rows
+
+
+def summarise(records: list[dict]) -> list[dict]:
+    """Per design: over control evaluations the worst p-value and wins:losses, and how many had
+    p < 0.01 (a null this design breaks); over shortcut evaluations the median wins."""
+    out = []
+    for key, group in itertools.groupby(sorted(records, key=lambda r: (r["box"], r["control"], r["place"])),
+                                        key=lambda r: (r["box"], r["control"], r["place"])):
+        group = list(group)
+        controls = [r for r in group if r["variant"] == "control"]
+        shortcuts = [r for r in group if r["variant"] == "shortcut"]
+        worst = min(controls, key=lambda r: r["p"], default=None)
+        out.append({"box": key[0], "control": key[1], "place": key[2], "control_evaluations": len(controls),
+                    "control_p_below_0.01": sum(r["p"] < 0.01 for r in controls),
+                    "worst_control": f"{worst['wins']}:{worst['losses']}" if worst else "-",
+                    "shortcut_median_wins": statistics.median([r["wins"] for r in shortcuts]) if shortcuts else None})
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--specs", required=True, help="comma-separated base:cue:variant:seed, e.g. shapes:corner_patch:control:0")
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--pairs", type=int, default=200, help="paste tests per model, epoch and design")
+    p.add_argument("--boxes", default="1,2", help="window sides in grid cells")
+    p.add_argument("--controls", default=",".join(CONTROLS), help=f"from {tuple(CONTROLS)}")
+    p.add_argument("--places", default=",".join(PLACES), help=f"from {tuple(PLACES)}")
+    p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "cam_monitor_zoo_states"),
+                   help="where each model's per-epoch weights are kept")
+    p.add_argument("--out", default=default_result_path("local_test", torch.device("cpu")))
+    args = p.parse_args()
+    specs = [Spec.parse(s) for s in args.specs.split(",")]
+    designs = list(itertools.product([int(b) for b in args.boxes.split(",")], args.controls.split(","),
+                                     args.places.split(",")))
+    for name in {d[1] for d in designs} - set(CONTROLS) | {d[2] for d in designs} - set(PLACES):
+        p.error(f"unknown control or place {name!r}")
+    os.makedirs(args.cache, exist_ok=True)
+    records = []
+    print("| model | epoch | accuracy | box | control | place | wins:losses | p |\n|---|---|---|---|---|---|---|---|")
+    for spec in specs:
+        probes = mask_free_probes(spec.cue, spec.seed, 64, spec.base)
+        model = DigitClassifier(in_channels=probes.images.shape[1], image_size=probes.image_size[0]).eval()
+        for epoch, state in enumerate(trained_states(spec, args.epochs, args.cache)):
+            model.load_state_dict(state)
+            for row in score(model, spec, args.pairs, designs, seed=epoch):
+                records.append({"model": spec.name, "variant": spec.variant, "epoch": epoch, **row})
+                print(f"| {spec.name} | {epoch} | {row['accuracy']:.2f} | {row['box']} | {row['control']} | "
+                      f"{row['place']} | {row['wins']}:{row['losses']} | {row['p']:.2g} |", flush=True)
+    summary = summarise(records)
+    print("\n| box | control | place | control evaluations | with p < 0.01 | worst control wins:losses | "
+          "shortcut median wins |\n|---|---|---|---|---|---|---|")
+    for r in summary:
+        print(f"| {r['box']} | {r['control']} | {r['place']} | {r['control_evaluations']} | "
+              f"{r['control_p_below_0.01']} | {r['worst_control']} | {r['shortcut_median_wins']} |")
+    write_json({"machine": machine(), "epochs": args.epochs, "pairs": args.pairs, "specs": args.specs.split(","),
+                "summary": summary, "records": records}, args.out)
+
+
+if __name__ == "__main__":
+    main()
