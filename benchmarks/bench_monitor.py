@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
     print_table("One monitor evaluation, ResNet-18 layer4, 64 probes at 224 px", result["evaluation"], "x forward")
     if args.throughput_probes > 0:
         result["throughput"] = throughput(args.throughput_probes, device)
-        print(f"\n### Throughput, ResNet-18 layer4 at 224 px, chunks of 64\n")
+        print("\n### Throughput, ResNet-18 layer4 at 224 px, chunks of 64\n")
         print("| what | seconds | probes/s |\n|---|---:|---:|")
         for name, r in result["throughput"].items():
             print(f"| {name} | {r['seconds']:.2f} | {r['probes_per_s']:.1f} |")
