@@ -47,6 +47,7 @@ from cam_monitor.demo.model import ARCHS, DecoyDigitsDataModule, DigitClassifier
 from cam_monitor.demo.zoo import mask_free_probes  # noqa: E402
 from cam_monitor.engine import compute_cams, predict_classes  # noqa: E402
 from cam_monitor.evidence import sign_test_p  # noqa: E402
+from cam_monitor.probes import ProbeSet  # noqa: E402
 
 ControlFn = Callable[[D.Windows, int, D.Box, tuple[int, int], tuple[int, int], torch.Generator], D.Box]
 PlaceFn = Callable[[D.Windows, int, D.Box, tuple[int, int], tuple[int, int]], D.Box]
@@ -71,12 +72,6 @@ class Spec:
         return f"{self.base}_{self.cue}_{self.variant}_{self.seed}"
 
 
-def _free(windows: D.Windows, avoid: D.Box) -> torch.Tensor:
-    """Which windows do not overlap ``avoid``."""
-    c = windows.corners
-    return (c[:, 2] <= avoid[0]) | (c[:, 0] >= avoid[2]) | (c[:, 3] <= avoid[1]) | (c[:, 1] >= avoid[3])
-
-
 def control_next(windows: D.Windows, source: int, avoid: D.Box, size: tuple[int, int], image_size: tuple[int, int],
                  gen: torch.Generator) -> D.Box:
     """The monitor's control: the source's next most-credited window."""
@@ -86,7 +81,7 @@ def control_next(windows: D.Windows, source: int, avoid: D.Box, size: tuple[int,
 def control_random(windows: D.Windows, source: int, avoid: D.Box, size: tuple[int, int], image_size: tuple[int, int],
                    gen: torch.Generator) -> D.Box:
     """The earlier design: a free window drawn in proportion to the source map's energy."""
-    free = _free(windows, avoid)
+    free = windows.clear_of(avoid)
     weights = windows.energy[source].double() * free
     weights = weights if weights.sum() > 0 else free.double()
     return D._fit(windows.boxes[int(torch.multinomial(weights, 1, generator=gen))], size, image_size)
@@ -96,7 +91,7 @@ def control_guard(windows: D.Windows, source: int, avoid: D.Box, size: tuple[int
                   gen: torch.Generator) -> D.Box:
     """The source's best window at least one window's width away from the candidate."""
     h, w = avoid[2] - avoid[0], avoid[3] - avoid[1]
-    free = _free(windows, (avoid[0] - h, avoid[1] - w, avoid[2] + h, avoid[3] + w))
+    free = windows.clear_of((avoid[0] - h, avoid[1] - w, avoid[2] + h, avoid[3] + w))
     free = free if free.any() else torch.ones_like(free)
     energy = torch.where(free, windows.energy[source].double(), -float("inf"))
     return D._fit(windows.boxes[int(energy.argmax())], size, image_size)
@@ -138,9 +133,9 @@ def trained_states(spec: Spec, epochs: int, cache: str) -> list[dict[str, torch.
     return keep.states
 
 
-def score(model: torch.nn.Module, spec: Spec, pairs: int, designs: list[tuple[int, str, str]], seed: int) -> list[dict]:
-    """Per design, the wins and losses of up to ``pairs`` paste tests against their controls."""
-    probes = mask_free_probes(spec.cue, spec.seed, 64, spec.base)
+def score(model: torch.nn.Module, probes: ProbeSet, pairs: int, designs: list[tuple[int, str, str]],
+          seed: int) -> list[dict]:
+    """Per design, the wins and losses of up to ``pairs`` paste tests on ``probes`` against their controls."""
     images, labels = probes.images, probes.labels
     preds = predict_classes(model, images)
     maps = compute_cams(model, images, ARCHS["cnn"], labels)
@@ -208,7 +203,7 @@ def main() -> None:
         model = DigitClassifier(in_channels=probes.images.shape[1], image_size=probes.image_size[0]).eval()
         for epoch, state in enumerate(trained_states(spec, args.epochs, args.cache)):
             model.load_state_dict(state)
-            for row in score(model, spec, args.pairs, designs, seed=epoch):
+            for row in score(model, probes, args.pairs, designs, seed=epoch):
                 records.append({"model": spec.name, "variant": spec.variant, "epoch": epoch, **row})
                 print(f"| {spec.name} | {epoch} | {row['accuracy']:.2f} | {row['box']} | {row['control']} | "
                       f"{row['place']} | {row['wins']}:{row['losses']} | {row['p']:.2g} |", flush=True)

@@ -355,12 +355,16 @@ class Windows:
         boxes = [cells_to_pixels(window_at(i, width, side), grid, image_size) for i in range(width * energy.shape[-2])]
         return cls(energy.flatten(1), boxes, torch.tensor(boxes, dtype=torch.long).reshape(-1, 4))
 
+    def clear_of(self, box: Box) -> torch.Tensor:
+        """(K,) bool: which windows do not overlap ``box`` (image pixels)."""
+        c = self.corners
+        return (c[:, 2] <= box[0]) | (c[:, 0] >= box[2]) | (c[:, 3] <= box[1]) | (c[:, 1] >= box[3])
+
 
 def control_box(windows: Windows, source: int, avoid: Box, size: tuple[int, int], image_size: tuple[int, int]) -> Box:
     """Map ``source``'s next most-credited window: the one of most energy among those not
     overlapping ``avoid`` (the first such on ties; any window when none is free), ``size`` pixels."""
-    c = windows.corners
-    free = (c[:, 2] <= avoid[0]) | (c[:, 0] >= avoid[2]) | (c[:, 3] <= avoid[1]) | (c[:, 1] >= avoid[3])
+    free = windows.clear_of(avoid)
     if not free.any():
         free = torch.ones_like(free)
     energy = torch.where(free, windows.energy[source].double(), -math.inf)
