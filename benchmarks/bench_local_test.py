@@ -139,10 +139,15 @@ def score(model: torch.nn.Module, probes: ProbeSet, pairs: int, designs: list[tu
     images, labels = probes.images, probes.labels
     preds = predict_classes(model, images)
     maps = compute_cams(model, images, ARCHS["cnn"], labels)
+    accuracy = float((preds == labels).float().mean())
+    candidates: dict[int, tuple[D.Windows, list[D.Suspect]]] = {}  # per window side: the same for every design
     rows = []
     for box, control, place in designs:
-        windows = D.Windows.of(maps, D.window_side(tuple(maps.shape[-2:]), box), probes.image_size)
-        suspects = D.find_suspects(maps, labels, preds, probes.image_size, D.DiscoverySettings(box_cells=box), windows)
+        if box not in candidates:
+            windows = D.Windows.of(maps, D.window_side(tuple(maps.shape[-2:]), box), probes.image_size)
+            candidates[box] = windows, D.find_suspects(maps, labels, preds, probes.image_size,
+                                                       D.DiscoverySettings(box_cells=box), windows)
+        windows, suspects = candidates[box]
         gen = torch.Generator().manual_seed(seed)
         tests = []
         for s, r in D.recipients_of(suspects, labels, preds, pairs, gen):
@@ -157,7 +162,7 @@ def score(model: torch.nn.Module, probes: ProbeSet, pairs: int, designs: list[tu
             flips, controls = out[:len(tests)] == cls, out[len(tests):] == cls
             wins, losses = int((flips & ~controls).sum()), int((~flips & controls).sum())
         rows.append({"box": box, "control": control, "place": place, "pairs": len(tests), "wins": wins,
-                     "losses": losses, "p": sign_test_p(wins, losses), "accuracy": float((preds == labels).float().mean())})
+                     "losses": losses, "p": sign_test_p(wins, losses), "accuracy": accuracy})
     return rows
 
 
