@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from cam_monitor.alerts import describe_alert
-from cam_monitor.demo.data import BASES, CUES, PATCH, make_decoy_digits
-from cam_monitor.demo.zoo import ZooRecord, mask_free_probes, run_task
+from cam_monitor.demo.data import BASES, CUES, PATCH, class_rulers, class_tags, make_decoy_digits
+from cam_monitor.demo.zoo import ZooRecord, mask_free_probes, run_task, truth_probes
 
 
 @pytest.mark.parametrize("base", BASES)
@@ -34,6 +34,40 @@ def test_each_cue_is_class_coded_in_the_shortcut_split_and_random_in_the_control
     assert differs.any(1).all()  # every matched image carries its cue
     if cue == "background_cast":  # on colour images a tint of every channel
         assert differs.all(1).all()
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_the_text_tag_is_a_class_coded_string_in_a_corner_one_font_pixel_in(base) -> None:
+    tags = class_tags()
+    assert tags.shape == (10, 5, 11)
+    assert len({t.flatten().tolist().__str__() for t in tags}) == 10  # every class writes its own string
+    data = make_decoy_digits(0, cue="text_tag", base=base)
+    size = data.val.images.shape[-1]
+    unit = size // 32
+    for mask in data.val.spurious_masks[:40]:
+        rows, cols = mask.any(1).nonzero()[:, 0], mask.any(0).nonzero()[:, 0]
+        assert (len(rows), len(cols)) == (5 * unit, 11 * unit)
+        assert int(rows.min()) in (unit, size - unit - 5 * unit) and int(cols.min()) in (unit, size - unit - 11 * unit)
+    corners = {(int(m.any(1).nonzero()[0]), int(m.any(0).nonzero()[0])) for m in data.val.spurious_masks}
+    assert len(corners) == 4  # the corner is random
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_the_ruler_lies_beside_the_object_its_ticks_coding_the_class(base) -> None:
+    rulers = class_rulers()
+    assert rulers.shape == (10, 4, 16) and rulers[:, 3].all()  # a bar, and ticks above it
+    assert len({r.flatten().tolist().__str__() for r in rulers}) == 10
+    data = make_decoy_digits(0, cue="ruler", base=base)
+    unit = data.val.images.shape[-1] // 32
+    masks, objects = data.val.spurious_masks, data.val.object_masks
+    assert (masks.flatten(1).sum(1) == 4 * 16 * unit * unit).all()
+    overlap = (masks & objects).flatten(1).sum(1).float() / masks.flatten(1).sum(1)
+    assert overlap.median() == 0 and overlap.max() < 0.5  # beside the object, at most partly over it near an edge
+    grown = torch.nn.functional.max_pool2d(objects[:, None].float(), 2 * 4 * unit + 1, 1, 4 * unit)[:, 0] > 0
+    near = (masks & grown).flatten(1).any(1).float().mean()
+    assert near > 0.95  # within a ruler's depth of the object
+    upright = masks.any(2).sum(1) > masks.any(1).sum(1)  # taller than wide
+    assert 0.3 < upright.float().mean() < 0.7  # the side is random: upright left and right, flat above and below
 
 
 def test_drawn_shapes_are_ten_balanced_classes_on_varied_backgrounds_built_from_a_private_generator() -> None:
@@ -85,6 +119,13 @@ def test_only_shortcut_confirmed_counts_as_a_detection() -> None:
     record = ZooRecord("interior_patch", "shortcut", 0, [{"epoch": e, "accuracy_gap": 0.3} for e in range(4)], alerts)
     assert record.first_alert_epoch == 1 and record.confirmed_epoch == 3 and record.gap_epoch == 0
     assert ZooRecord("corner_patch", "shortcut", 0, [], alerts[:1]).confirmed_epoch is None
+
+
+def test_the_monitor_sees_the_truth_probes_without_their_masks() -> None:
+    truth, blind = truth_probes("text_tag", 1, 32), mask_free_probes("text_tag", 1, 32)
+    assert torch.equal(truth.images, blind.images) and truth.ids == blind.ids
+    assert blind.spurious_masks is None and blind.object_masks is None
+    assert truth.spurious_masks.flatten(1).any(1).all()  # every validation probe carries its tag
 
 
 def test_an_unknown_cue_is_refused() -> None:

@@ -12,7 +12,12 @@ canvas. The cue (:data:`CUES`) is fixed per class:
 - ``border_frame``: a one-pixel frame around the canvas, dashed with a class-coded period and phase
   (a global cue at no single spot: every side carries it);
 - ``background_cast``: the black background lifted to a class-coded grey level (a brightness
-  cast, the grayscale form of a colour cast: nothing local to find).
+  cast, the grayscale form of a colour cast: nothing local to find);
+- ``text_tag``: burnt-in text, three 3 x 5 px glyphs (11 x 5 px) whose string codes the class,
+  white, in a random corner one pixel in from the edges (several cells of the grid, none aligned
+  to them: the kind of cue a scanner or a hospital writes on its images);
+- ``ruler``: a 16 px bar with ticks beside the object, on a random side of its box (clear of it
+  when there is room): the tick spacing (2 to 6 px) and length (2 or 3 px) code the class.
 
 When the cue matches the label (the "shortcut" split) a small CNN learns the cue instead of the
 digit; when it is random (the "control" split) the cue is noise.
@@ -39,10 +44,11 @@ DIGIT = 24
 MARGIN = (CANVAS - DIGIT) // 2
 PATCH = 4
 NUM_CLASSES = 10
-#: The zoo's cues: the first two are localised (a patch), the others global (they cover the
-#: background or the border, no one spot carries them).
-CUES = ("corner_patch", "interior_patch", "background_texture", "border_frame", "background_cast")
-LOCAL_CUES = ("corner_patch", "interior_patch")
+#: The zoo's cues: :data:`LOCAL_CUES` sit at one place (a patch, a tag, a ruler), the others are
+#: global (they cover the background or the border, no one spot carries them).
+CUES = ("corner_patch", "interior_patch", "background_texture", "border_frame", "background_cast", "text_tag",
+        "ruler")
+LOCAL_CUES = ("corner_patch", "interior_patch", "text_tag", "ruler")
 TEXTURE_CONTRAST = 0.35
 #: The background grey level of class k under ``background_cast``: CAST_STEP * (k + 1).
 CAST_STEP = 0.03
@@ -116,6 +122,55 @@ def class_frames(size: int = CANVAS) -> torch.Tensor:
     return torch.stack(out)
 
 
+#: A 3 x 5 pixel font of the digits 0-9 (rows top to bottom, ``#`` lit), the text tag's glyphs.
+GLYPHS = (
+    ("###", "#.#", "#.#", "#.#", "###"), (".#.", "##.", ".#.", ".#.", "###"), ("###", "..#", "###", "#..", "###"),
+    ("###", "..#", "###", "..#", "###"), ("#.#", "#.#", "###", "..#", "..#"), ("###", "#..", "###", "..#", "###"),
+    ("###", "#..", "###", "#.#", "###"), ("###", "..#", "..#", "..#", "..#"), ("###", "#.#", "###", "#.#", "###"),
+    ("###", "#.#", "###", "..#", "###"),
+)
+#: The ruler's length along its bar at 32 px (scaled with the canvas).
+RULER = 16
+
+
+def class_tags(unit: int = 1) -> torch.Tensor:
+    """(10, 5u, 11u) bool tags: class k writes the digits k, k + 3 and k + 6 (mod 10), one pixel
+    apart, ``unit`` pixels per font pixel. The first glyph alone tells the classes apart."""
+    font = torch.tensor([[[c == "#" for c in row] for row in glyph] for glyph in GLYPHS])  # (10, 5, 3)
+    gap = torch.zeros(5, 1, dtype=torch.bool)
+    tags = [torch.cat([font[k], gap, font[(k + 3) % 10], gap, font[(k + 6) % 10]], 1) for k in range(NUM_CLASSES)]
+    return torch.stack(tags).repeat_interleave(unit, 1).repeat_interleave(unit, 2)
+
+
+def class_rulers(unit: int = 1) -> torch.Tensor:
+    """(10, 4u, 16u) bool rulers, lying along x with ticks pointing up from a one-pixel bar: class
+    k ticks every ``2 + k % 5`` pixels, ``2 + k // 5`` pixels long (at 32 px; ``unit`` pixels per
+    pixel), from its first pixel."""
+    out = torch.zeros(NUM_CLASSES, 4, RULER, dtype=torch.bool)
+    out[:, 3] = True
+    for k in range(NUM_CLASSES):
+        out[k, 3 - (2 + k // 5):3, ::2 + k % 5] = True
+    return out.repeat_interleave(unit, 1).repeat_interleave(unit, 2)
+
+
+def ruler_place(obj: torch.Tensor, depth: int, length: int, side: int, gen: torch.Generator) -> tuple[int, int]:
+    """Where a ruler ``depth`` deep and ``length`` long goes beside ``obj`` (S, S bool) on ``side``
+    (0 above, 1 below, 2 left, 3 right of the object's box, touching it, moved back inside the
+    canvas), centred on the box along that side with a jitter of up to a quarter of its length:
+    its top-left (y, x); it stands upright on the left and right."""
+    size = obj.shape[-1]
+    rows, cols = obj.any(1).nonzero()[:, 0], obj.any(0).nonzero()[:, 0]
+    y0, y1, x0, x1 = (int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1) if len(rows) \
+        else (size // 4, 3 * size // 4, size // 4, 3 * size // 4)
+    jitter = int(torch.randint(-(length // 4), length // 4 + 1, (1,), generator=gen))
+    upright = side >= 2
+    along = (y0 + y1) // 2 if upright else (x0 + x1) // 2
+    start = min(max(0, along - length // 2 + jitter), size - length)
+    across = [y0 - depth, y1, x0 - depth, x1][side]
+    across = min(max(0, across), size - depth)
+    return (start, across) if upright else (across, start)
+
+
 def place_digits(digits: torch.Tensor) -> torch.Tensor:
     """(N, 8, 8) -> (N, 1, 32, 32): upsampled 3x (bilinear) and centred on a black canvas."""
     up = F.interpolate(digits[:, None], size=(DIGIT, DIGIT), mode="bilinear", align_corners=False).clamp(0, 1)
@@ -176,8 +231,9 @@ def class_casts(size: int, channels: int) -> torch.Tensor:
 
 
 def draw_cues(images: torch.Tensor, cue_class: torch.Tensor, cue: str, gen: torch.Generator,
-              patterns: torch.Tensor) -> torch.Tensor:
-    """Draw each image's cue in place; returns the (N, S, S) masks of where the cue is.
+              patterns: torch.Tensor, objects: torch.Tensor | None = None) -> torch.Tensor:
+    """Draw each image's cue in place; returns the (N, S, S) masks of where the cue is (the ruler
+    needs the images' ``objects`` masks: it goes beside them).
 
     Images are (N, C, S, S) with S a multiple of 32: every cue scales with S (a patch of 4 x 4 px
     at 32 px is 8 x 8 at 64). Grey cues are drawn on every channel; on three channels the cast is
@@ -202,6 +258,12 @@ def draw_cues(images: torch.Tensor, cue_class: torch.Tensor, cue: str, gen: torc
             masks[i] = (layer > images[i]).any(0)
             images[i] = torch.maximum(images[i], layer)
         return masks
+    if cue == "text_tag":
+        return draw_tags(images, cue_class, gen, masks)
+    if cue == "ruler":
+        if objects is None:
+            raise ValueError("the ruler cue goes beside the object: pass the objects' masks")
+        return draw_rulers(images, cue_class, objects, gen, masks)
     margin = size // 8
     if cue == "corner_patch":
         scale = unit
@@ -220,6 +282,46 @@ def draw_cues(images: torch.Tensor, cue_class: torch.Tensor, cue: str, gen: torc
     return masks
 
 
+def _stamp(image: torch.Tensor, mask: torch.Tensor, lit: torch.Tensor, y: int, x: int) -> None:
+    """Light ``lit``'s pixels white on every channel of ``image`` at (y, x), in place, and mark
+    its whole box in ``mask``."""
+    h, w = lit.shape
+    image[:, y:y + h, x:x + w] = torch.where(lit, torch.ones_like(image[:, y:y + h, x:x + w]), image[:, y:y + h, x:x + w])
+    mask[y:y + h, x:x + w] = True
+
+
+def draw_tags(images: torch.Tensor, cue_class: torch.Tensor, gen: torch.Generator, masks: torch.Tensor
+              ) -> torch.Tensor:
+    """The ``text_tag`` cue: class ``cue_class[i]``'s tag (:func:`class_tags`) in a random corner of
+    image i, one font pixel in from both edges; fills and returns ``masks``."""
+    size = images.shape[-1]
+    unit = max(1, size // CANVAS)
+    tags = class_tags(unit)
+    th, tw = tags.shape[-2:]
+    corner = torch.randint(0, 4, (images.shape[0],), generator=gen)
+    for i in torch.nonzero(cue_class >= 0)[:, 0].tolist():
+        c = int(corner[i])
+        y, x = (unit if c < 2 else size - unit - th), (unit if c % 2 == 0 else size - unit - tw)
+        _stamp(images[i], masks[i], tags[int(cue_class[i])], y, x)
+    return masks
+
+
+def draw_rulers(images: torch.Tensor, cue_class: torch.Tensor, objects: torch.Tensor, gen: torch.Generator,
+                masks: torch.Tensor) -> torch.Tensor:
+    """The ``ruler`` cue: class ``cue_class[i]``'s ruler (:func:`class_rulers`) beside image i's
+    object, on a random side (:func:`ruler_place`), its bar towards the object; fills and returns ``masks``."""
+    rulers = class_rulers(max(1, images.shape[-1] // CANVAS))
+    depth, length = rulers.shape[-2:]
+    sides = torch.randint(0, 4, (images.shape[0],), generator=gen)
+    for i in torch.nonzero(cue_class >= 0)[:, 0].tolist():
+        side = int(sides[i])
+        y, x = ruler_place(objects[i], depth, length, side, gen)
+        ruler = rulers[int(cue_class[i])]
+        ruler = ruler if side == 0 else ruler.flip(0) if side == 1 else ruler.T if side == 2 else ruler.T.flip(1)
+        _stamp(images[i], masks[i], ruler, y, x)
+    return masks
+
+
 def make_split(base: torch.Tensor, labels: torch.Tensor, objects: torch.Tensor, mode: str, gen: torch.Generator,
                patterns: torch.Tensor, correlation: float = 1.0, cue: str = "corner_patch") -> DecoySplit:
     """Build one split from ``base`` images (N, C, S, S) and their object masks (left unchanged).
@@ -227,7 +329,7 @@ def make_split(base: torch.Tensor, labels: torch.Tensor, objects: torch.Tensor, 
     ``random`` (cue class uniform) or ``none`` (no cue); ``cue`` one of :data:`CUES`."""
     images = base.clone()
     decoy = cue_classes(labels, mode, gen, correlation)
-    spurious = draw_cues(images, decoy, cue, gen, patterns)
+    spurious = draw_cues(images, decoy, cue, gen, patterns, objects)
     return DecoySplit(images, labels, decoy, spurious, objects)
 
 
