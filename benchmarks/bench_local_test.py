@@ -13,7 +13,9 @@ false-alarm rate means nothing. This script measures that, design by design, on 
   the control did not (wins) and the reverse (losses).
 
 On a control model (cue independent of the label) a design whose wins clearly exceed its losses
-breaks its null; on a shortcut model the wins measure its power. Designs: ``box`` (the window's
+breaks its null; on a shortcut model the wins measure its power. The zoo's true cue masks (never
+shown to the tests) say how many candidates and controls touch the cue: a control that is itself
+part of the cue (a cue wider than the window) ties with the candidate, whatever the model reads. Designs: ``box`` (the window's
 side in grid cells), ``control`` (``next``: the source's next most-credited window, the monitor's;
 ``random``: a window drawn in proportion to the map's credit outside the candidate; ``guard``: the
 best window at least one window away) and ``place`` (``credited``: over the recipient's
@@ -22,8 +24,9 @@ candidate sits in its source).
 
     python benchmarks/bench_local_test.py --specs shapes:background_cast:control:0,shapes:corner_patch:shortcut:3
 
-Prints one row per model, epoch and design, then per design the worst control evaluation and the
-shortcut models' median wins; writes ``benchmarks/results/local_test_cpu.json``.
+Prints one row per model, epoch and design, then per design the worst control evaluation, the
+shortcut models' median wins and how often their control lay on the cue; writes
+``benchmarks/results/local_test_cpu.json`` (``--out`` for another file).
 """
 from __future__ import annotations
 
@@ -44,7 +47,7 @@ from bench_engine import default_result_path, machine, write_json  # noqa: E402
 
 from cam_monitor import discovery as D  # noqa: E402
 from cam_monitor.demo.model import ARCHS, DecoyDigitsDataModule, DigitClassifier  # noqa: E402
-from cam_monitor.demo.zoo import mask_free_probes  # noqa: E402
+from cam_monitor.demo.zoo import mask_free_probes, truth_probes  # noqa: E402
 from cam_monitor.engine import compute_cams, predict_classes  # noqa: E402
 from cam_monitor.evidence import sign_test_p  # noqa: E402
 from cam_monitor.probes import ProbeSet  # noqa: E402
@@ -133,9 +136,16 @@ def trained_states(spec: Spec, epochs: int, cache: str) -> list[dict[str, torch.
     return keep.states
 
 
+def on_cue(masks: torch.Tensor, probe: int, box: D.Box) -> bool:
+    """Whether ``box`` (image pixels) touches probe ``probe``'s true cue."""
+    return bool(masks[probe, box[0]:box[2], box[1]:box[3]].any())
+
+
 def score(model: torch.nn.Module, probes: ProbeSet, pairs: int, designs: list[tuple[int, str, str]],
-          seed: int) -> list[dict]:
-    """Per design, the wins and losses of up to ``pairs`` paste tests on ``probes`` against their controls."""
+          seed: int, cue_masks: torch.Tensor) -> list[dict]:
+    """Per design, the wins and losses of up to ``pairs`` paste tests on ``probes`` against their
+    controls, and (from the true ``cue_masks``, which the tests never see) how many candidates and
+    how many controls touch the cue."""
     images, labels = probes.images, probes.labels
     preds = predict_classes(model, images)
     maps = compute_cams(model, images, ARCHS["cnn"], labels)
@@ -156,19 +166,23 @@ def score(model: torch.nn.Module, probes: ProbeSet, pairs: int, designs: list[tu
             tests.append(D.PasteTest(s, r, CONTROLS[control](windows, suspects[s].probe, at, size, probes.image_size, gen),
                                      PLACES[place](windows, r, at, size, probes.image_size)))
         wins = losses = 0
+        on = sum(on_cue(cue_masks, suspects[t.suspect].probe, suspects[t.suspect].box) for t in tests)
+        control_on = sum(on_cue(cue_masks, suspects[t.suspect].probe, t.control_box) for t in tests)
         if tests:
             out = predict_classes(model, D.pasted_images(images, suspects, tests))
             cls = torch.tensor([suspects[t.suspect].cls for t in tests])
             flips, controls = out[:len(tests)] == cls, out[len(tests):] == cls
             wins, losses = int((flips & ~controls).sum()), int((~flips & controls).sum())
         rows.append({"box": box, "control": control, "place": place, "pairs": len(tests), "wins": wins,
-                     "losses": losses, "p": sign_test_p(wins, losses), "accuracy": accuracy})
+                     "losses": losses, "p": sign_test_p(wins, losses), "accuracy": accuracy,
+                     "candidate_on_cue": on, "control_on_cue": control_on})
     return rows
 
 
 def summarise(records: list[dict]) -> list[dict]:
     """Per design: over control evaluations the worst p-value and wins:losses, and how many had
-    p < 0.01 (a null this design breaks); over shortcut evaluations the median wins."""
+    p < 0.01 (a null this design breaks); over shortcut evaluations the median wins and the share
+    of tests whose control touched the cue (a control that is part of the cue ties with it)."""
     out = []
     for key, group in itertools.groupby(sorted(records, key=lambda r: (r["box"], r["control"], r["place"])),
                                         key=lambda r: (r["box"], r["control"], r["place"])):
@@ -176,10 +190,12 @@ def summarise(records: list[dict]) -> list[dict]:
         controls = [r for r in group if r["variant"] == "control"]
         shortcuts = [r for r in group if r["variant"] == "shortcut"]
         worst = min(controls, key=lambda r: r["p"], default=None)
+        tested = sum(r["pairs"] for r in shortcuts)
         out.append({"box": key[0], "control": key[1], "place": key[2], "control_evaluations": len(controls),
                     "control_p_below_0.01": sum(r["p"] < 0.01 for r in controls),
                     "worst_control": f"{worst['wins']}:{worst['losses']}" if worst else "-",
-                    "shortcut_median_wins": statistics.median([r["wins"] for r in shortcuts]) if shortcuts else None})
+                    "shortcut_median_wins": statistics.median([r["wins"] for r in shortcuts]) if shortcuts else None,
+                    "shortcut_control_on_cue": sum(r["control_on_cue"] for r in shortcuts) / tested if tested else None})
     return out
 
 
@@ -202,22 +218,26 @@ def main() -> None:
         p.error(f"unknown control or place {name!r}")
     os.makedirs(args.cache, exist_ok=True)
     records = []
-    print("| model | epoch | accuracy | box | control | place | wins:losses | p |\n|---|---|---|---|---|---|---|---|")
+    print("| model | epoch | accuracy | box | control | place | wins:losses | p | tests | candidate on cue | "
+          "control on cue |\n|---|---|---|---|---|---|---|---|---|---|---|")
     for spec in specs:
         probes = mask_free_probes(spec.cue, spec.seed, 64, spec.base)
+        cue_masks = truth_probes(spec.cue, spec.seed, 64, spec.base).spurious_masks
         model = DigitClassifier(in_channels=probes.images.shape[1], image_size=probes.image_size[0]).eval()
         for epoch, state in enumerate(trained_states(spec, args.epochs, args.cache)):
             model.load_state_dict(state)
-            for row in score(model, probes, args.pairs, designs, seed=epoch):
+            for row in score(model, probes, args.pairs, designs, epoch, cue_masks):
                 records.append({"model": spec.name, "variant": spec.variant, "epoch": epoch, **row})
                 print(f"| {spec.name} | {epoch} | {row['accuracy']:.2f} | {row['box']} | {row['control']} | "
-                      f"{row['place']} | {row['wins']}:{row['losses']} | {row['p']:.2g} |", flush=True)
+                      f"{row['place']} | {row['wins']}:{row['losses']} | {row['p']:.2g} | {row['pairs']} | "
+                      f"{row['candidate_on_cue']} | {row['control_on_cue']} |", flush=True)
     summary = summarise(records)
     print("\n| box | control | place | control evaluations | with p < 0.01 | worst control wins:losses | "
-          "shortcut median wins |\n|---|---|---|---|---|---|---|")
+          "shortcut median wins | shortcut controls on the cue |\n|---|---|---|---|---|---|---|---|")
     for r in summary:
         print(f"| {r['box']} | {r['control']} | {r['place']} | {r['control_evaluations']} | "
-              f"{r['control_p_below_0.01']} | {r['worst_control']} | {r['shortcut_median_wins']} |")
+              f"{r['control_p_below_0.01']} | {r['worst_control']} | {r['shortcut_median_wins']} | "
+              + ("-" if r["shortcut_control_on_cue"] is None else f"{r['shortcut_control_on_cue']:.0%}") + " |")
     write_json({"machine": machine(), "epochs": args.epochs, "pairs": args.pairs, "specs": args.specs.split(","),
                 "summary": summary, "records": records}, args.out)
 

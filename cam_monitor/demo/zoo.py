@@ -62,12 +62,17 @@ class ZooRun(ZooRecord):
         return "shortcut_confirmed" in self.monitor.active_alerts
 
 
-def mask_free_probes(cue: str, seed: int, num_probes: int = 64, base: str = "digits") -> ProbeSet:
-    """Class-balanced probes from the task's validation split, with every mask dropped."""
+def truth_probes(cue: str, seed: int, num_probes: int = 64, base: str = "digits") -> ProbeSet:
+    """Class-balanced probes from the task's validation split with their true cue and object
+    masks: for benchmarks that score where a mask-free test looked, never for the monitor."""
     data = make_decoy_digits(seed, cue=cue, base=base)
-    probes = ProbeSet.from_dataset(data.val, num_probes=num_probes, seed=seed, num_classes=10,
-                                   class_names=[str(c) for c in range(10)])
-    return replace(probes, spurious_masks=None, object_masks=None)
+    return ProbeSet.from_dataset(data.val, num_probes=num_probes, seed=seed, num_classes=10,
+                                 class_names=[str(c) for c in range(10)])
+
+
+def mask_free_probes(cue: str, seed: int, num_probes: int = 64, base: str = "digits") -> ProbeSet:
+    """The same probes as :func:`truth_probes`, with every mask dropped (what the zoo's monitor sees)."""
+    return replace(truth_probes(cue, seed, num_probes, base), spurious_masks=None, object_masks=None)
 
 
 def run_task(cue: str, variant: str, seed: int, epochs: int, root: str, *, num_probes: int = 64,
