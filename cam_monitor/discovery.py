@@ -40,6 +40,17 @@ control, the source's pixels of the next band inward, at least as many (:func:`b
 Objects sit inside the frame more often than on it, so under the null the inner band carries at
 least as much of the source's class; a model that follows the outer band more reads the border.
 
+**Detail cues** (a texture, a grating, a noise pattern, a stamp: anything a model can read
+inside one cell of the grid, wherever the cell sits). The candidate's own image with its cells
+shuffled (:func:`shuffled_cells`: what lies inside each cell kept, their arrangement lost) against,
+as the control, the candidate blurred at the scale of a cell (:func:`blurred_cells`: the
+arrangement kept, detail finer than half a cell lost). A *flip* here is the image keeping the
+candidate's class. A model that reads shapes larger than a cell keeps its class on the blur more
+often than on the shuffle; one that reads detail within cells, the reverse. Its null is that the
+classes are told by shapes spanning several cells (measured on both zoo bases: see the
+reference); where the classes themselves are textures, it reports the texture, which is then no
+shortcut (turn it off).
+
 Budget: ``budget`` x the number of probes pasted images per evaluation (tests and controls),
 inference forwards only; the arms share it equally at the first evaluation, then half equally and
 half in proportion to each arm's evidence so far (an arm that found a cue keeps testing it
@@ -63,13 +74,18 @@ from .records import ShortcutRegion
 
 Box = tuple[int, int, int, int]  # y0, x0, y1, x1 in image pixels, half-open
 Predict = Callable[[torch.Tensor], torch.Tensor]  # (B, C, H, W) CPU images -> (B,) predicted classes
-#: The confirmation arms: local paste, background spectrum swap, colour statistics swap, border band swap.
-ARMS = ("local", "global", "colour", "border")
+#: The confirmation arms: local paste, background spectrum swap, colour statistics swap, border band
+#: swap, cell shuffle against blur.
+ARMS = ("local", "global", "colour", "border", "detail")
 LOCAL = ARMS[0]
 #: What each arm tests, in the words an alert uses.
 TEST_NAMES = {"local": "a local region (paste test)", "global": "the background's texture (spectrum swap)",
               "colour": "colour statistics (per-channel mean and spread swap)",
-              "border": "the border band (band swap)"}
+              "border": "the border band (band swap)",
+              "detail": "fine detail within cells (cell shuffle against a blur)"}
+#: The detail arm's blur: a Gaussian of this many cells' standard deviation (half a cell: a
+#: grating finer than a cell is gone, a shape of several cells stays).
+BLUR_CELLS = 0.5
 #: The share of a source's pixels the global arm takes as its object: the most-credited by its map.
 OBJECT_SHARE = 0.25
 #: The widest ``border_band`` whose band leaves an inner band as large inside a square image:
@@ -104,6 +120,8 @@ class DiscoverySettings:
         border_test: run the border-band arm for cues along the image's edge (frames, margins).
         border_band: width of the border band that arm swaps, as a share of each side (at least
             one pixel; the default matches the metrics' border band, ``CAMSettings.border_fraction``).
+        detail_test: run the cell-shuffle arm for cues read inside one cell of the grid (textures,
+            gratings, noise, small stamps). Turn it off where the classes are textures.
         seed: seeds the recipients' order (mixed with the evaluation's step).
         per_class: also keep the local arm's evidence per candidate class, and send half its pairs
             where each class's evidence grows (:mod:`evidence`): a cue in one class of ten (a ruler
@@ -121,6 +139,7 @@ class DiscoverySettings:
     colour_test: bool = True
     border_test: bool = True
     border_band: float = 0.1
+    detail_test: bool = True
     seed: int = 0
     per_class: bool = False
 
@@ -139,7 +158,8 @@ class DiscoverySettings:
     @property
     def arms(self) -> tuple[str, ...]:
         """The arms this evaluation runs, in :data:`ARMS` order."""
-        return tuple(a for a, on in zip(ARMS, (True, self.global_test, self.colour_test, self.border_test)) if on)
+        on = (True, self.global_test, self.colour_test, self.border_test, self.detail_test)
+        return tuple(a for a, use in zip(ARMS, on) if use)
 
 
 @dataclass
@@ -172,7 +192,8 @@ class PasteTest:
 @dataclass
 class Pair:
     """One whole-image confirmation: something of ``suspect``'s image given to probe ``recipient``
-    (its background's amplitude, its colour statistics, or its border band), and the control."""
+    (its background's amplitude, its colour statistics, or its border band), and the control; for
+    the detail arm the recipient is the suspect's own probe (its cells shuffled, or blurred)."""
 
     suspect: int
     recipient: int
@@ -388,12 +409,7 @@ def recipients_of(suspects: list[Suspect], targets: torch.Tensor, preds: torch.T
     if weights:
         pairs = recipients_of(suspects, targets, preds, num - num // 2, gen)
         return pairs + follow_evidence(suspects, targets, preds, num - len(pairs), gen, weights, set(pairs))
-    seen: dict[int, int] = {}
-    rank = []
-    for suspect in suspects:
-        rank.append(seen.get(suspect.cls, 0))
-        seen[suspect.cls] = rank[-1] + 1
-    order = sorted(range(len(suspects)), key=lambda s: (rank[s], s))[:num]
+    order = round_robin(suspects)[:num]
     queues = {s: _recipients(suspects[s].cls, targets, preds, gen) for s in order}
     pairs: list[tuple[int, int]] = []
     while len(pairs) < num and any(queues[s] for s in order):
@@ -401,6 +417,21 @@ def recipients_of(suspects: list[Suspect], targets: torch.Tensor, preds: torch.T
             if len(pairs) < num and queues[s]:
                 pairs.append((s, queues[s].pop(0)))
     return pairs
+
+
+def round_robin(suspects: list[Suspect]) -> list[int]:
+    """The suspects' indices, one of each class before a second of any (in their order within a class)."""
+    seen: dict[int, int] = {}
+    rank = []
+    for suspect in suspects:
+        rank.append(seen.get(suspect.cls, 0))
+        seen[suspect.cls] = rank[-1] + 1
+    return sorted(range(len(suspects)), key=lambda s: (rank[s], s))
+
+
+def sources_of(suspects: list[Suspect], num: int) -> list[Pair]:
+    """Up to ``num`` single-image tests, each suspect at most once, classes in turn (:func:`round_robin`)."""
+    return [Pair(s, suspects[s].probe) for s in round_robin(suspects)[:num]]
 
 
 def _recipients(cls: int, targets: torch.Tensor, preds: torch.Tensor, gen: torch.Generator) -> list[int]:
@@ -552,6 +583,47 @@ def banded_images(images: torch.Tensor, suspects: list[Suspect], pairs: list[Pai
     return torch.cat([torch.where(band, src, dst) for band in bands])
 
 
+def cell_size(image_size: tuple[int, int], grid: tuple[int, int]) -> tuple[int, int]:
+    """The pixels of one grid cell (the layer's stride), at least one."""
+    return max(1, image_size[0] // grid[0]), max(1, image_size[1] // grid[1])
+
+
+def shuffled_cells(images: torch.Tensor, grid: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
+    """``images`` (B, C, H, W) with their grid cells in a random order each (seeded by ``gen``): what
+    lies inside a cell is kept, where it sits is not. Pixels past the last whole cell stay."""
+    b, c, h, w = images.shape
+    (ch, cw) = cell_size((h, w), grid)
+    gy, gx = h // ch, w // cw
+    out = images.clone()
+    tiles = images[:, :, :gy * ch, :gx * cw].reshape(b, c, gy, ch, gx, cw).permute(0, 2, 4, 1, 3, 5)
+    tiles = tiles.reshape(b, gy * gx, c, ch, cw)
+    order = torch.rand(b, gy * gx, generator=gen).argsort(1)
+    tiles = tiles[torch.arange(b)[:, None], order]
+    out[:, :, :gy * ch, :gx * cw] = tiles.reshape(b, gy, gx, c, ch, cw).permute(0, 3, 1, 4, 2, 5).reshape(
+        b, c, gy * ch, gx * cw)
+    return out
+
+
+def blurred_cells(images: torch.Tensor, grid: tuple[int, int], cells: float = BLUR_CELLS) -> torch.Tensor:
+    """``images`` blurred by a Gaussian of ``cells`` cells' standard deviation per axis (reflected at
+    the edges): detail finer than that is gone, the arrangement of cells stays."""
+    from torchvision.transforms.v2.functional import gaussian_blur
+
+    h, w = images.shape[-2:]
+    sigma = [cells * size for size in reversed(cell_size((h, w), grid))]  # (x, y), torchvision's order
+    kernel = [min(2 * math.ceil(3 * s) + 1, 2 * n - 1) for s, n in zip(sigma, (w, h))]
+    return gaussian_blur(images, kernel, sigma)
+
+
+def detail_images(images: torch.Tensor, suspects: list[Suspect], pairs: list[Pair], grid: tuple[int, int],
+                  gen: torch.Generator) -> torch.Tensor:
+    """(2P, C, H, W): each pair's source with its cells shuffled, then each control (the source blurred)."""
+    if not pairs:
+        return images[:0]
+    src = images[[suspects[p.suspect].probe for p in pairs]]
+    return torch.cat([shuffled_cells(src, grid, gen), blurred_cells(src, grid)])
+
+
 def discover(maps: torch.Tensor, probes: ProbeSet, targets: torch.Tensor, preds: torch.Tensor, predict: Predict,
              settings: DiscoverySettings, step: int = 0, evidence: EvidenceState | None = None) -> Discovery:
     """Find candidates in ``maps`` (N, h, w), plan ``budget`` x N pasted images over the arms, run them.
@@ -576,6 +648,8 @@ def discover(maps: torch.Tensor, probes: ProbeSet, targets: torch.Tensor, preds:
         makers["colour"] = lambda pairs: colour_images(probes.images, suspects, pairs)
     if bands is not None:
         makers["border"] = lambda pairs: banded_images(probes.images, suspects, pairs, bands)
+    if settings.detail_test:
+        makers["detail"] = lambda pairs: detail_images(probes.images, suspects, pairs, tuple(maps.shape[-2:]), gen)
     follow = evidence is not None and bool(evidence.log_detector)  # from the second evaluation on
     arms = (LOCAL, *makers)
     shares = arm_shares(int(settings.budget * len(probes)) // 2, arms,
@@ -583,8 +657,8 @@ def discover(maps: torch.Tensor, probes: ProbeSet, targets: torch.Tensor, preds:
     classes = tuple(sorted({s.cls for s in suspects}))
     tests = plan_tests(suspects, maps, targets, preds, image_size, shares[LOCAL], settings.box_cells, gen, windows,
                        evidence.class_weights(LOCAL, classes) if follow and settings.per_class else None)
-    planned = {arm: [Pair(s, r) for s, r in recipients_of(suspects, targets, preds, shares[arm], gen)]
-               for arm in makers}
+    planned = {arm: sources_of(suspects, shares[arm]) if arm == "detail" else
+               [Pair(s, r) for s, r in recipients_of(suspects, targets, preds, shares[arm], gen)] for arm in makers}
     batch = torch.cat([pasted_images(probes.images, suspects, tests)] + [makers[a](p) for a, p in planned.items()])
     out = predict(batch).cpu() if len(batch) else torch.zeros(0, dtype=torch.long)
     source = lambda items: torch.tensor([suspects[i.suspect].cls for i in items], dtype=torch.long)  # noqa: E731

@@ -58,7 +58,7 @@ def test_ddp_metrics_equal_single_process_and_every_rank_agrees(tmp_path) -> Non
     # the paste tests ran sharded over the 2 ranks (7 or 8 images each) and agree with one process
     assert single.aggregates["shortcut_suspects"] == last["cam/shortcut_suspects"]
     for key in ("shortcut_flip_rate", "shortcut_flip_control", "colour_flip_rate", "colour_flip_control",
-                "border_flip_rate", "border_flip_control"):
+                "border_flip_rate", "border_flip_control", "detail_flip_rate", "detail_flip_control"):
         assert single.aggregates[key] == pytest.approx(last[f"cam/{key}"], nan_ok=True), key
     assert len(single.discovery.tests) > 0 and not math.isnan(last["cam/shortcut_flip_rate"])
     assert torch.allclose(single.maps, hist["previous_maps"], atol=1e-6)

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import cam_monitor as cm
-from cam_monitor.discovery import (MAX_BORDER_BAND, DiscoverySettings, Pair, banded_images, border_bands,
-                                   cells_to_pixels, colour_images, discover, find_suspects, object_regions, pasted_images,
-                                   plan_tests, spectrum_images)
+from cam_monitor.discovery import (MAX_BORDER_BAND, DiscoverySettings, Pair, banded_images, blurred_cells,
+                                   border_bands, cells_to_pixels, colour_images, discover, find_suspects, object_regions,
+                                   pasted_images, plan_tests, shuffled_cells, spectrum_images)
 from cam_monitor.metrics import border_mask
 from cam_monitor.evaluation import EvalSettings, evaluate
 
@@ -85,7 +85,7 @@ def test_a_model_using_the_tag_flips_wherever_it_is_pasted_and_the_control_windo
         preds = model(probes.images).argmax(1)
         predict = lambda x, m=model: m(x).argmax(1)  # noqa: E731
         found = discover(maps, probes, probes.labels, preds, predict,
-                         replace_settings(ONE_CELL, global_test=False, colour_test=False, border_test=False))
+                         replace_settings(ONE_CELL, global_test=False, colour_test=False, border_test=False, detail_test=False))
         if not use_tag:  # the control model predicts class 0 for all: no recipient can flip, no evidence
             assert not found.flips.any() and found.p_value() == 1.0
             continue
@@ -156,7 +156,7 @@ def test_a_brightness_cast_flips_with_the_colour_statistics_and_not_with_the_str
     model = BrightnessModel()
     maps = torch.ones(16, 4, 4)  # evenly spread: nothing local to find
     found = discover(maps, probes, labels, model(images).argmax(1), lambda x: model(x).argmax(1),
-                     DiscoverySettings(border_test=False, global_test=False))
+                     DiscoverySettings(border_test=False, global_test=False, detail_test=False))
     agg = found.aggregates()
     assert len(found.paired["colour"].pairs) == len(found.tests) == 8  # budget 2.0: two probe sets, half to each arm
     assert agg["colour_flip_rate"] == 1.0 and agg["colour_flip_control"] == 0.0
@@ -202,7 +202,7 @@ def test_a_texture_flips_with_the_background_spectrum_and_not_with_the_objects()
     preds = model(probes.images).argmax(1)
     assert torch.equal(preds, probes.labels)
     found = discover(maps, probes, probes.labels, preds, lambda x: model(x).argmax(1),
-                     DiscoverySettings(global_test=True, colour_test=False, border_test=False))
+                     DiscoverySettings(global_test=True, colour_test=False, border_test=False, detail_test=False))
     arm = found.paired["global"]
     textured = torch.tensor([found.suspects[p.suspect].cls == 1 for p in arm.pairs])
     # a grating source's background carries its class, its object's share does not
@@ -230,7 +230,7 @@ def test_an_object_told_by_its_spectrum_is_no_global_cue() -> None:
     preds = model(images).argmax(1)
     assert torch.equal(preds, labels)
     found = discover(maps, probes, labels, preds, lambda x: model(x).argmax(1),
-                     DiscoverySettings(global_test=True, colour_test=False, border_test=False))
+                     DiscoverySettings(global_test=True, colour_test=False, border_test=False, detail_test=False))
     agg = found.aggregates()
     assert agg["global_flip_control"] == 1.0 and agg["global_flip_excess"] < -0.3
 
@@ -298,12 +298,13 @@ def test_a_model_reading_the_frame_follows_the_border_band_and_not_the_band_insi
     frame, centre = FrameModel(), CentreModel()
     for model in (frame, centre):
         assert torch.equal(model(probes.images).argmax(1), probes.labels)
-    found = discover(maps, probes, probes.labels, probes.labels, lambda x: frame(x).argmax(1), DiscoverySettings())
+    three_arms = DiscoverySettings(detail_test=False)  # 16 pairs over three arms
+    found = discover(maps, probes, probes.labels, probes.labels, lambda x: frame(x).argmax(1), three_arms)
     border = found.paired["border"]
     assert len(border.pairs) == 5 and bool(border.flips.all()) and not bool(border.control_flips.any())
     assert found.aggregates()["border_flip_excess"] == 1.0 and found.p_value() < 0.1
     # the object sits inside the frame: the inner band carries it, the border band does not
-    honest = discover(maps, probes, probes.labels, probes.labels, lambda x: centre(x).argmax(1), DiscoverySettings())
+    honest = discover(maps, probes, probes.labels, probes.labels, lambda x: centre(x).argmax(1), three_arms)
     assert honest.aggregates()["border_flip_excess"] <= 0 and not bool(honest.paired["border"].flips.any())
     off = discover(maps, probes, probes.labels, probes.labels, lambda x: frame(x).argmax(1),
                    DiscoverySettings(border_test=False))
@@ -462,6 +463,7 @@ def test_evaluate_runs_every_arm_within_two_probe_sets_of_extra_images_and_accum
     assert ev.discovery is not None and "shortcut_flip" in ev.per_probe and ev.evidence is not None
     assert model.calls <= 3 * len(probes)  # the CAM pass plus at most two probe sets of pasted images
     assert {"border_flip_rate", "border_flip_control", "border_flip_excess"} <= set(ev.aggregates)
+    assert {"detail_flip_rate", "detail_flip_control", "detail_flip_excess"} <= set(ev.aggregates)
     again = evaluate(model, probes, EvalSettings(layer="body", faithfulness=False), evidence=ev.evidence, global_step=1)
     tested = {arm for found in (ev.discovery, again.discovery) for arm, d in found.diffs().items() if d.numel()}
     assert set(again.evidence.log_detector) == tested
@@ -475,8 +477,8 @@ def test_evaluate_runs_every_arm_within_two_probe_sets_of_extra_images_and_accum
     classes = {f"local/{found.suspects[t.suspect].cls}" for found in (first.discovery, later.discovery)
                for t in found.tests}
     assert classes <= set(later.evidence.log_detector) and not any(
-        k.startswith(("colour/", "border/")) for k in later.evidence.log_detector)  # the whole-image arms stay pooled
-    pooled = sum(later.evidence.detector(a) for a in ("local", "colour", "border")) / 3
+        k.startswith(("colour/", "border/", "detail/")) for k in later.evidence.log_detector)  # whole-image arms: pooled
+    pooled = sum(later.evidence.detector(a) for a in ("local", "colour", "border", "detail")) / 4
     mean_class = sum(later.evidence.detector(f"local/{k}") for k in (0, 1)) / 2
     assert later.aggregates["shortcut_evidence"] == pytest.approx(0.5 * pooled + 0.5 * mean_class)
 
@@ -519,3 +521,67 @@ def test_half_the_local_pairs_follow_the_evidence_of_each_class() -> None:
     per_class = torch.bincount(torch.tensor([suspects[s].cls for s, _ in led]), minlength=10)
     assert len(led) == 32 == len(set(led)) and int(per_class[0]) >= 16 + 1 and int(per_class[1:].max()) <= 2
     assert all(int(labels[r]) != suspects[s].cls for s, r in led)
+
+
+DETAIL_ONLY = DiscoverySettings(colour_test=False, border_test=False)
+
+
+def test_shuffled_cells_move_whole_cells_and_keep_what_is_inside_them() -> None:
+    images = torch.arange(2 * 16 * 16, dtype=torch.float32).reshape(2, 1, 16, 16)
+    out = shuffled_cells(images, (4, 4), torch.Generator().manual_seed(0))
+    tiles = lambda x: sorted(x[0, y:y + 4, c:c + 4].flatten().tolist() for y in range(0, 16, 4)  # noqa: E731
+                             for c in range(0, 16, 4))
+    for before, after in zip(images, out):
+        assert tiles(before) == tiles(after)  # the same cells, whole
+    assert not torch.equal(out, images) and not torch.equal(out[0] - out[0].min(), out[1] - out[1].min())
+    assert torch.equal(out, shuffled_cells(images, (4, 4), torch.Generator().manual_seed(0)))  # seeded
+    uneven = shuffled_cells(images, (3, 3), torch.Generator().manual_seed(0))  # cells of 5 px: the last row stays
+    assert torch.equal(uneven[..., 15, :], images[..., 15, :]) and torch.equal(uneven[..., :, 15], images[..., :, 15])
+
+
+def test_blurred_cells_remove_detail_finer_than_a_cell_and_keep_shapes_of_several_cells() -> None:
+    stripes = (torch.arange(16) % 2).float().expand(1, 1, 16, 16).clone()
+    block = torch.zeros(1, 1, 16, 16)
+    block[..., 4:12, 4:12] = 1.0  # 2 x 2 cells of the 4 x 4 grid
+    blurred = blurred_cells(torch.cat([stripes, block]), (4, 4))
+    assert blurred[0].std() < 0.05 * stripes.std()  # a one-pixel grating is gone
+    assert blurred[1, 0, 6:10, 6:10].min() > 0.6 and blurred[1, 0, :2, :2].max() < 0.1  # the block is still there
+
+
+class StripeModel(nn.Module):
+    """Class 1 when neighbouring columns differ: a texture finer than a cell."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        detail = (x[..., 1:] - x[..., :-1]).abs().mean((1, 2, 3))
+        return torch.stack([torch.full_like(detail, 0.15), detail], 1)
+
+
+def test_a_model_reading_texture_keeps_its_class_on_the_cell_shuffle_and_not_on_the_blur() -> None:
+    g = torch.Generator().manual_seed(4)
+    labels = torch.tensor([1, 0] * 8)
+    images = 0.1 * torch.rand(16, 1, SIZE, SIZE, generator=g)
+    images[labels == 1] += 0.4 * (torch.arange(SIZE) % 2).float()
+    probes, maps, model = cm.ProbeSet(images, labels), torch.ones(16, 4, 4), StripeModel()
+    assert torch.equal(model(images).argmax(1), labels)
+    found = discover(maps, probes, labels, labels, lambda x: model(x).argmax(1), DETAIL_ONLY)
+    detail = found.paired["detail"]
+    assert len(detail.pairs) == 8 and {p.recipient for p in detail.pairs} == {found.suspects[p.suspect].probe
+                                                                               for p in detail.pairs}
+    assert bool(detail.flips.all()) and not bool(detail.control_flips[labels[[p.recipient for p in detail.pairs]] == 1]
+                                                  .any())
+    assert found.aggregates()["detail_flip_excess"] > 0.4 and found.diffs()["detail"].sum() >= 4
+
+
+def test_a_model_reading_a_shape_of_several_cells_keeps_its_class_on_the_blur_and_not_on_the_shuffle() -> None:
+    g = torch.Generator().manual_seed(5)
+    labels = torch.tensor([1, 0] * 8)
+    images = 0.1 * torch.rand(16, 1, SIZE, SIZE, generator=g)
+    images[labels == 1, :, 4:12, 4:12] = 0.6  # a bright square of 2 x 2 cells
+    probes, model = cm.ProbeSet(images, labels), CentreModel()
+    found = discover(torch.ones(len(probes), 4, 4), probes, probes.labels, probes.labels,
+                     lambda x: model(x).argmax(1), DETAIL_ONLY)
+    ones = torch.tensor([found.suspects[p.suspect].cls == 1 for p in found.paired["detail"].pairs])
+    assert ones.any() and bool(found.paired["detail"].control_flips[ones].all())  # the blurred centre is still bright
+    assert found.diffs()["detail"].sum() < 0 and found.aggregates()["detail_flip_excess"] < 0
+    assert "detail" not in discover(torch.ones(len(probes), 4, 4), probes, probes.labels, probes.labels,
+                                    lambda x: model(x).argmax(1), DiscoverySettings(detail_test=False)).paired

@@ -158,12 +158,13 @@ def test_the_corner_shortcut_is_found_without_masks_held_and_its_region_named_an
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         run = run_task("corner_patch", "shortcut", 0, 3, str(tmp_path))
-    assert run.gap_epoch == 0 and run.first_alert_epoch is not None and run.first_alert_epoch <= 1
+    # four arms share the first evaluation's pairs: seed 0 is confirmed at the third evaluation
+    assert run.gap_epoch == 0 and run.first_alert_epoch is not None and run.first_alert_epoch <= 2
     (alert,) = run.alerts
     assert alert["rule"] == "shortcut_confirmed" and alert["metric"] == "cam/shortcut_evidence"
     assert alert["value"] >= alert["threshold"] == 1000.0  # 1 / alpha
     assert "shortcut_confirmed" in run.monitor.active_alerts  # still active at the last epoch: the model still cheats
-    assert all(r["cam/shortcut_p"] < 0.05 for r in run.rows)
+    assert run.rows[-1]["cam/shortcut_p"] < 0.01  # the last evaluation alone, its pairs led by the evidence
     truth = make_decoy_digits(0, cue="corner_patch").val
     probes = run.monitor.probes
     ids = {pid: i for i, pid in enumerate(probes.ids)}
@@ -207,10 +208,11 @@ def test_a_border_frame_is_confirmed_by_the_border_band_and_the_alert_says_so(tm
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         run = run_task("border_frame", "shortcut", 0, 2, str(tmp_path))
-    assert run.gap_epoch == 0 and run.first_alert_epoch == 0 and "shortcut_confirmed" in run.monitor.active_alerts
+    assert run.gap_epoch == 0 and run.first_alert_epoch == 1 and "shortcut_confirmed" in run.monitor.active_alerts
+    assert run.rows[0]["cam/shortcut_evidence"] > 100  # at the first evaluation: 16 border pairs, a quarter of them
     assert all(r["cam/border_flip_excess"] > 0.8 for r in run.rows)
     by_test = run.alerts[0]["evidence_by_test"]
-    assert max(by_test, key=by_test.get) == "border" and by_test["border"] >= 3 * 1000 > by_test["local"]
+    assert max(by_test, key=by_test.get) == "border" and by_test["border"] >= 1000 > by_test["local"]
     assert "strongest test: the border band (band swap)" in describe_alert(run.alerts[0])
 
 
