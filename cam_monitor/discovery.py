@@ -1,6 +1,6 @@
 """Mask-free shortcut discovery and its causal confirmation, from maps already computed.
 
-Four interventions (the global one opt-in), each a paired test against a control (:mod:`evidence`
+Five interventions (the global one opt-in), each a paired test against a control (:mod:`evidence`
 turns the pairs into a decision with a stated false-alarm rate); forward passes only, no backward.
 
 **Local cues** (a stamp, a tag, a ruler: something at a place). Every probe the model classifies
@@ -65,6 +65,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from torchvision.transforms.v2.functional import gaussian_blur
 
 from .evidence import EvidenceState, check_bet, holm, sign_test_p, stream
 from .maps import upsample
@@ -592,7 +593,7 @@ def shuffled_cells(images: torch.Tensor, grid: tuple[int, int], gen: torch.Gener
     """``images`` (B, C, H, W) with their grid cells in a random order each (seeded by ``gen``): what
     lies inside a cell is kept, where it sits is not. Pixels past the last whole cell stay."""
     b, c, h, w = images.shape
-    (ch, cw) = cell_size((h, w), grid)
+    ch, cw = cell_size((h, w), grid)
     gy, gx = h // ch, w // cw
     out = images.clone()
     tiles = images[:, :, :gy * ch, :gx * cw].reshape(b, c, gy, ch, gx, cw).permute(0, 2, 4, 1, 3, 5)
@@ -607,8 +608,6 @@ def shuffled_cells(images: torch.Tensor, grid: tuple[int, int], gen: torch.Gener
 def blurred_cells(images: torch.Tensor, grid: tuple[int, int], cells: float = BLUR_CELLS) -> torch.Tensor:
     """``images`` blurred by a Gaussian of ``cells`` cells' standard deviation per axis (reflected at
     the edges): detail finer than that is gone, the arrangement of cells stays."""
-    from torchvision.transforms.v2.functional import gaussian_blur
-
     h, w = images.shape[-2:]
     sigma = [cells * size for size in reversed(cell_size((h, w), grid))]  # (x, y), torchvision's order
     kernel = [min(2 * math.ceil(3 * s) + 1, 2 * n - 1) for s, n in zip(sigma, (w, h))]
