@@ -31,26 +31,29 @@ from bench_engine import default_result_path, machine, write_json  # noqa: E402
 from bench_local_test import Spec, trained_states  # noqa: E402
 
 from cam_monitor.discovery import blurred_cells, shuffled_cells  # noqa: E402
-from cam_monitor.demo.model import DigitClassifier  # noqa: E402
+from cam_monitor.demo.model import ARCHS  # noqa: E402
 from cam_monitor.demo.zoo import mask_free_probes  # noqa: E402
-from cam_monitor.engine import predict_classes  # noqa: E402
+from cam_monitor.engine import compute_cams, predict_classes  # noqa: E402
 from cam_monitor.evidence import sign_test_p  # noqa: E402
 
-GRID = (8, 8)  # the demo CNN's grid at 32 and at 64 px
+def layer_grid(model: torch.nn.Module, layer: str, images: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+    """The grid of ``layer`` (its maps' height and width) on these images."""
+    return tuple(compute_cams(model, images[:1], layer, labels[:1]).shape[-2:])
 
 
 def score(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, designs: list[tuple[int, float]],
-          seed: int) -> list[dict]:
-    """Per design (cells per shuffled tile, blur in cells), the wins and losses over the probes classified right."""
+          seed: int, grid: tuple[int, int]) -> list[dict]:
+    """Per design (cells per shuffled tile, blur in cells), the wins and losses over the probes
+    classified right, on the layer's ``grid``."""
     right = predict_classes(model, images) == labels
     x, y = images[right], labels[right]
     rows = []
     for tile, blur in designs:
-        grid = (GRID[0] // tile, GRID[1] // tile)
-        kept = predict_classes(model, shuffled_cells(x, grid, torch.Generator().manual_seed(seed))) == y
-        control = predict_classes(model, blurred_cells(x, GRID, blur)) == y
+        tiles = (grid[0] // tile, grid[1] // tile)
+        kept = predict_classes(model, shuffled_cells(x, tiles, torch.Generator().manual_seed(seed))) == y
+        control = predict_classes(model, blurred_cells(x, grid, blur)) == y
         wins, losses = int((kept & ~control).sum()), int((~kept & control).sum())
-        rows.append({"tile_cells": tile, "blur_cells": blur, "pairs": len(y), "wins": wins, "losses": losses,
+        rows.append({"tile_cells": tile, "blur_cells": blur, "grid": list(grid), "pairs": len(y), "wins": wins, "losses": losses,
                      "p": sign_test_p(wins, losses), "accuracy": float(right.float().mean())})
     return rows
 
@@ -73,7 +76,7 @@ def summarise(records: list[dict]) -> list[dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--specs", required=True, help="comma-separated base:cue:variant:seed")
+    p.add_argument("--specs", required=True, help="comma-separated base:cue:variant:seed[:arch]")
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--tiles", default="1,2", help="shuffled tiles' side in grid cells (the monitor: 1)")
     p.add_argument("--blurs", default="0.25,0.5,1.0", help="the blur's standard deviation in cells (the monitor: 0.5)")
@@ -89,10 +92,11 @@ def main() -> None:
     print("|---|---|---|" + "---|" * len(designs))
     for spec in specs:
         probes = mask_free_probes(spec.cue, spec.seed, 64, spec.base)
-        model = DigitClassifier(in_channels=probes.images.shape[1], image_size=probes.image_size[0]).eval()
+        model = spec.model(probes).eval()
         for epoch, state in enumerate(trained_states(spec, args.epochs, args.cache)):
             model.load_state_dict(state)
-            rows = score(model, probes.images, probes.labels, designs, seed=epoch)
+            grid = layer_grid(model, ARCHS[spec.arch], probes.images, probes.labels)
+            rows = score(model, probes.images, probes.labels, designs, epoch, grid)
             records += [{"model": spec.name, "variant": spec.variant, "epoch": epoch, **r} for r in rows]
             print(f"| {spec.name} | {epoch} | {rows[0]['accuracy']:.2f} | "
                   + " | ".join(f"{r['wins']}:{r['losses']}" for r in rows) + " |", flush=True)

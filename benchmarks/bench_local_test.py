@@ -58,21 +58,28 @@ PlaceFn = Callable[[D.Windows, int, D.Box, tuple[int, int], tuple[int, int]], D.
 
 @dataclass(frozen=True)
 class Spec:
-    """One zoo model: the base task, the cue, ``shortcut`` or ``control``, the seed."""
+    """One zoo model: the base task, the cue, ``shortcut`` or ``control``, the seed, the
+    architecture (:data:`~cam_monitor.demo.model.ARCHS`; the demo CNN unless a fifth field names one)."""
 
     base: str
     cue: str
     variant: str
     seed: int
+    arch: str = "cnn"
 
     @classmethod
     def parse(cls, text: str) -> "Spec":
-        base, cue, variant, seed = text.split(":")
-        return cls(base, cue, variant, int(seed))
+        base, cue, variant, seed, *arch = text.split(":")
+        return cls(base, cue, variant, int(seed), *arch)
 
     @property
     def name(self) -> str:
-        return f"{self.base}_{self.cue}_{self.variant}_{self.seed}"
+        suffix = "" if self.arch == "cnn" else f"_{self.arch}"
+        return f"{self.base}_{self.cue}_{self.variant}_{self.seed}{suffix}"
+
+    def model(self, probes: ProbeSet) -> DigitClassifier:
+        """A fresh model of this spec's architecture for ``probes``' channels and size."""
+        return DigitClassifier(arch=self.arch, in_channels=probes.images.shape[1], image_size=probes.image_size[0])
 
 
 def control_next(windows: D.Windows, source: int, avoid: D.Box, size: tuple[int, int], image_size: tuple[int, int],
@@ -110,7 +117,7 @@ PLACES: dict[str, PlaceFn] = {
 
 
 def trained_states(spec: Spec, epochs: int, cache: str) -> list[dict[str, torch.Tensor]]:
-    """The demo CNN's weights after each epoch of ``spec``'s zoo task (trained once, then cached)."""
+    """The model's weights after each epoch of ``spec``'s zoo task (trained once, then cached)."""
     path = os.path.join(cache, f"{spec.name}_{epochs}.pt")
     if os.path.exists(path):
         return torch.load(path, weights_only=True)
@@ -130,7 +137,7 @@ def trained_states(spec: Spec, epochs: int, cache: str) -> list[dict[str, torch.
     trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, deterministic=True, logger=False,
                         callbacks=[keep], enable_checkpointing=False, enable_model_summary=False,
                         enable_progress_bar=False, num_sanity_val_steps=0, default_root_dir=cache)
-    trainer.fit(DigitClassifier(in_channels=probes.images.shape[1], image_size=probes.image_size[0]), data)
+    trainer.fit(spec.model(probes), data)
     torch.save(keep.states, path + ".tmp")
     os.replace(path + ".tmp", path)
     return keep.states
@@ -142,13 +149,13 @@ def on_cue(masks: torch.Tensor, probe: int, box: D.Box) -> bool:
 
 
 def score(model: torch.nn.Module, probes: ProbeSet, pairs: int, designs: list[tuple[int, str, str]],
-          seed: int, cue_masks: torch.Tensor) -> list[dict]:
+          seed: int, cue_masks: torch.Tensor, layer: str = ARCHS["cnn"]) -> list[dict]:
     """Per design, the wins and losses of up to ``pairs`` paste tests on ``probes`` against their
     controls, and (from the true ``cue_masks``, which the tests never see) how many candidates and
     how many controls touch the cue."""
     images, labels = probes.images, probes.labels
     preds = predict_classes(model, images)
-    maps = compute_cams(model, images, ARCHS["cnn"], labels)
+    maps = compute_cams(model, images, layer, labels)
     accuracy = float((preds == labels).float().mean())
     candidates: dict[int, tuple[D.Windows, list[D.Suspect]]] = {}  # per window side: the same for every design
     rows = []
@@ -201,7 +208,8 @@ def summarise(records: list[dict]) -> list[dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--specs", required=True, help="comma-separated base:cue:variant:seed, e.g. shapes:corner_patch:control:0")
+    p.add_argument("--specs", required=True, help="comma-separated base:cue:variant:seed[:arch], e.g. "
+                   "shapes:corner_patch:control:0 or digits:background_texture:control:0:resnet18")
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--pairs", type=int, default=200, help="paste tests per model, epoch and design")
     p.add_argument("--boxes", default="1,2", help="window sides in grid cells")
@@ -223,10 +231,10 @@ def main() -> None:
     for spec in specs:
         probes = mask_free_probes(spec.cue, spec.seed, 64, spec.base)
         cue_masks = truth_probes(spec.cue, spec.seed, 64, spec.base).spurious_masks
-        model = DigitClassifier(in_channels=probes.images.shape[1], image_size=probes.image_size[0]).eval()
+        model = spec.model(probes).eval()
         for epoch, state in enumerate(trained_states(spec, args.epochs, args.cache)):
             model.load_state_dict(state)
-            for row in score(model, probes, args.pairs, designs, epoch, cue_masks):
+            for row in score(model, probes, args.pairs, designs, epoch, cue_masks, ARCHS[spec.arch]):
                 records.append({"model": spec.name, "variant": spec.variant, "epoch": epoch, **row})
                 print(f"| {spec.name} | {epoch} | {row['accuracy']:.2f} | {row['box']} | {row['control']} | "
                       f"{row['place']} | {row['wins']}:{row['losses']} | {row['p']:.2g} | {row['pairs']} | "

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import cam_monitor as cm
+from cam_monitor.discovery import DiscoverySettings
 from cam_monitor.evaluation import EvalSettings, Placement, compute_shard, evaluate, shard_indices, unshard
 from cam_monitor.probes import ProbeSet
 
@@ -21,7 +22,8 @@ def test_every_rank_gets_the_same_number_of_probes_and_unshard_restores_order(n,
 
 def test_sharded_evaluation_equals_the_single_process_one(small_cnn, images) -> None:
     probes = cm.ProbeSet(images[:5], torch.arange(5))
-    settings = EvalSettings("features", batch_size=2)
+    # the CAM pass's shards only: discovery's sharded forwards gather too, across real processes in test_ddp.py
+    settings = EvalSettings("features", batch_size=2, discovery=DiscoverySettings(enabled=False))
     single = evaluate(small_cnn, probes, settings)
     world = 2
     parts = [compute_shard(small_cnn, probes, shard_indices(5, r, world), settings, Placement()) for r in range(world)]
@@ -60,7 +62,8 @@ def test_placement_prepares_inputs_and_wraps_only_model_calls(small_cnn, images)
 
     place = Placement(prepare=lambda x: x.float(), forward_context=Ctx)
     ev = evaluate(small_cnn, probes, EvalSettings("features", batch_size=4), place)
-    assert len(entered) == 2 and ev.maps.dtype == torch.float32
+    tested = ev.discovery is not None and ev.discovery.pasted > 0  # discovery's forward is a model call too
+    assert len(entered) == 2 + tested and ev.maps.dtype == torch.float32
 
 
 @pytest.mark.parametrize("kwargs, text", [(dict(targets="x"), "targets"), (dict(batch_size=0), "batch_size"),
