@@ -286,7 +286,7 @@ def _stamp(image: torch.Tensor, mask: torch.Tensor, lit: torch.Tensor, y: int, x
     """Light ``lit``'s pixels white on every channel of ``image`` at (y, x), in place, and mark
     its whole box in ``mask``."""
     h, w = lit.shape
-    image[:, y:y + h, x:x + w] = torch.where(lit, torch.ones_like(image[:, y:y + h, x:x + w]), image[:, y:y + h, x:x + w])
+    image[:, y:y + h, x:x + w].masked_fill_(lit, 1.0)
     mask[y:y + h, x:x + w] = True
 
 
