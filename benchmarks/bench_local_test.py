@@ -16,9 +16,9 @@ On a control model (cue independent of the label) a design whose wins clearly ex
 breaks its null; on a shortcut model the wins measure its power. The zoo's true cue masks (never
 shown to the tests) say how many candidates and controls touch the cue: a control that is itself
 part of the cue (a cue wider than the window) ties with the candidate, whatever the model reads.
-Designs: ``box`` (the window's side in grid cells), ``control`` (``next``: the source's next most-credited window, the monitor's;
-``random``: a window drawn in proportion to the map's credit outside the candidate; ``guard``: the
-best window at least one window away) and ``place`` (``credited``: over the recipient's
+Designs: ``box`` (the window's side in grid cells), ``control`` (``next``: the source's next
+most-credited window, the monitor's; ``random``: a window drawn in proportion to the map's credit
+outside the candidate; ``guard``: the best window at least one window away) and ``place`` (``credited``: over the recipient's
 most-credited window, the monitor's; ``quiet``: its least-credited window; ``own``: where the
 candidate sits in its source).
 
