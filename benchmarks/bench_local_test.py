@@ -18,9 +18,9 @@ shown to the tests) say how many candidates and controls touch the cue: a contro
 part of the cue (a cue wider than the window) ties with the candidate, whatever the model reads.
 Designs: ``box`` (the window's side in grid cells), ``control`` (``next``: the source's next
 most-credited window, the monitor's; ``random``: a window drawn in proportion to the map's credit
-outside the candidate; ``guard``: the best window at least one window away) and ``place`` (``credited``: over the recipient's
-most-credited window, the monitor's; ``quiet``: its least-credited window; ``own``: where the
-candidate sits in its source).
+outside the candidate; ``guard``: the best window at least one window away) and ``place``
+(``credited``: over the recipient's most-credited window, the monitor's; ``quiet``: its
+least-credited window; ``own``: where the candidate sits in its source).
 
     python benchmarks/bench_local_test.py --specs shapes:background_cast:control:0,shapes:corner_patch:shortcut:3
 
