@@ -87,6 +87,10 @@ TEST_NAMES = {"local": "a local region (paste test)", "global": "the background'
 #: The detail arm's blur: a Gaussian of this many cells' standard deviation (half a cell: a
 #: grating finer than a cell is gone, a shape of several cells stays).
 BLUR_CELLS = 0.5
+#: The coarsest grid the detail arm runs on, cells a side: on fewer, a cell holds a whole object
+#: (on a 1 x 1 grid the shuffle leaves the image as it is and every model would keep its class),
+#: and the finest measured grid is 4 x 4 (a ResNet-18's ``layer4`` at 32 px: see the reference).
+MIN_DETAIL_GRID = 4
 #: The share of a source's pixels the global arm takes as its object: the most-credited by its map.
 OBJECT_SHARE = 0.25
 #: The widest ``border_band`` whose band leaves an inner band as large inside a square image:
@@ -122,7 +126,8 @@ class DiscoverySettings:
         border_band: width of the border band that arm swaps, as a share of each side (at least
             one pixel; the default matches the metrics' border band, ``CAMSettings.border_fraction``).
         detail_test: run the cell-shuffle arm for cues read inside one cell of the grid (textures,
-            gratings, noise, small stamps). Turn it off where the classes are textures.
+            gratings, noise, small stamps), on grids of at least :data:`MIN_DETAIL_GRID` cells a
+            side. Turn it off where the classes are textures.
         seed: seeds the recipients' order (mixed with the evaluation's step).
         per_class: also keep the local arm's evidence per candidate class, and send half its pairs
             where each class's evidence grows (:mod:`evidence`): a cue in one class of ten (a ruler
@@ -647,7 +652,7 @@ def discover(maps: torch.Tensor, probes: ProbeSet, targets: torch.Tensor, preds:
         makers["colour"] = lambda pairs: colour_images(probes.images, suspects, pairs)
     if bands is not None:
         makers["border"] = lambda pairs: banded_images(probes.images, suspects, pairs, bands)
-    if settings.detail_test:
+    if settings.detail_test and min(maps.shape[-2:]) >= MIN_DETAIL_GRID:
         makers["detail"] = lambda pairs: detail_images(probes.images, suspects, pairs, tuple(maps.shape[-2:]), gen)
     follow = evidence is not None and bool(evidence.log_detector)  # from the second evaluation on
     arms = (LOCAL, *makers)

@@ -52,6 +52,14 @@ def test_a_coarse_grid_the_band_and_a_shared_layer_are_warned_and_channels_last_
     assert found.notes == ["layer 'body' outputs channels-last (B, h, w, C); reading it so (pass layout='nchw' to override)"]
 
 
+def test_a_grid_too_coarse_for_the_detail_test_is_warned_with_the_fix() -> None:
+    coarse = dry_run_findings(result(torch.rand(2, 3, 3)), probes(), EvalSettings(), 4.0, "cam")
+    assert any("detail test needs a grid of at least 4x4" in w and "3x3" in w and "detail_test=False" in w
+               for w in coarse.warnings)
+    assert not any("detail test" in w for w in dry_run_findings(result(torch.rand(2, 4, 4)), probes(), EvalSettings(),
+                                                                4.0, "cam").warnings)
+
+
 def test_a_grid_too_coarse_for_the_users_masks_is_warned() -> None:
     found = dry_run_findings(result(torch.rand(2, 2, 2)), probes(masks=True), EvalSettings(), 4.0, "cam")
     assert any("no map can put more than" in w and "spurious masks" in w for w in found.warnings)

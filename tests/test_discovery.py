@@ -585,3 +585,17 @@ def test_a_model_reading_a_shape_of_several_cells_keeps_its_class_on_the_blur_an
     assert found.diffs()["detail"].sum() < 0 and found.aggregates()["detail_flip_excess"] < 0
     assert "detail" not in discover(torch.ones(len(probes), 4, 4), probes, probes.labels, probes.labels,
                                     lambda x: model(x).argmax(1), DiscoverySettings(detail_test=False)).paired
+
+
+def test_the_detail_test_does_not_run_on_a_grid_whose_cells_hold_whole_objects() -> None:
+    """On a 1 x 1 grid the shuffle is the image itself: every model would keep its class and win."""
+    g = torch.Generator().manual_seed(6)
+    labels = torch.tensor([1, 0] * 8)
+    images = 0.1 * torch.rand(16, 1, SIZE, SIZE, generator=g)
+    images[labels == 1, :, 4:12, 4:12] = 0.6
+    probes, model = cm.ProbeSet(images, labels), CentreModel()
+    for side in (1, 3):
+        found = discover(torch.ones(16, side, side), probes, labels, labels, lambda x: model(x).argmax(1), DETAIL_ONLY)
+        assert "detail" not in found.paired
+    assert "detail" in discover(torch.ones(16, 4, 4), probes, labels, labels, lambda x: model(x).argmax(1),
+                                DETAIL_ONLY).paired
