@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .discovery import MIN_DETAIL_GRID, border_bands, window_side
+from .discovery import MIN_DETAIL_GRID, border_bands, detail_runs, window_side
 from .engine import CAMResult
 from .errors import CAMError, InputError
 from .evaluation import EvalSettings, Placement, spurious_regions
@@ -155,7 +155,7 @@ def discovery_findings(grid: tuple[int, int], layer: str, probes: ProbeSet, sett
         out.append(f"discovery's border test needs an inner band as large as its border band, and "
                    f"{probes.image_size[0]}x{probes.image_size[1]} images have none: it does not run; "
                    "use DiscoverySettings(border_test=False)")
-    if found.enabled and found.detail_test and min(grid) < MIN_DETAIL_GRID:
+    if found.enabled and found.detail_test and not detail_runs(grid):
         out.append(f"discovery's detail test needs a grid of at least {MIN_DETAIL_GRID}x{MIN_DETAIL_GRID} cells "
                    f"(on fewer a cell holds a whole object), and layer {layer!r} gives {grid[0]}x{grid[1]}: it does "
                    "not run; target an earlier layer (a finer grid) or use DiscoverySettings(detail_test=False)")

@@ -589,6 +589,11 @@ def banded_images(images: torch.Tensor, suspects: list[Suspect], pairs: list[Pai
     return torch.cat([torch.where(band, src, dst) for band in bands])
 
 
+def detail_runs(grid: tuple[int, int]) -> bool:
+    """Whether the detail arm runs on a layer of this grid (at least :data:`MIN_DETAIL_GRID` cells a side)."""
+    return min(grid) >= MIN_DETAIL_GRID
+
+
 def cell_size(image_size: tuple[int, int], grid: tuple[int, int]) -> tuple[int, int]:
     """The pixels of one grid cell (the layer's stride), at least one."""
     return max(1, image_size[0] // grid[0]), max(1, image_size[1] // grid[1])
@@ -652,7 +657,7 @@ def discover(maps: torch.Tensor, probes: ProbeSet, targets: torch.Tensor, preds:
         makers["colour"] = lambda pairs: colour_images(probes.images, suspects, pairs)
     if bands is not None:
         makers["border"] = lambda pairs: banded_images(probes.images, suspects, pairs, bands)
-    if settings.detail_test and min(maps.shape[-2:]) >= MIN_DETAIL_GRID:
+    if settings.detail_test and detail_runs(tuple(maps.shape[-2:])):
         makers["detail"] = lambda pairs: detail_images(probes.images, suspects, pairs, tuple(maps.shape[-2:]), gen)
     follow = evidence is not None and bool(evidence.log_detector)  # from the second evaluation on
     arms = (LOCAL, *makers)
