@@ -53,8 +53,8 @@ def score(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, de
         kept = predict_classes(model, shuffled_cells(x, tiles, torch.Generator().manual_seed(seed))) == y
         control = predict_classes(model, blurred_cells(x, grid, blur)) == y
         wins, losses = int((kept & ~control).sum()), int((~kept & control).sum())
-        rows.append({"tile_cells": tile, "blur_cells": blur, "grid": list(grid), "pairs": len(y), "wins": wins, "losses": losses,
-                     "p": sign_test_p(wins, losses), "accuracy": float(right.float().mean())})
+        rows.append({"tile_cells": tile, "blur_cells": blur, "grid": list(grid), "pairs": len(y), "wins": wins,
+                     "losses": losses, "p": sign_test_p(wins, losses), "accuracy": float(right.float().mean())})
     return rows
 
 
