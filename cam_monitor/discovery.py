@@ -167,6 +167,15 @@ class DiscoverySettings:
         on = (True, self.global_test, self.colour_test, self.border_test, self.detail_test)
         return tuple(a for a, use in zip(ARMS, on) if use)
 
+    def arms_on(self, grid: tuple[int, int], image_size: tuple[int, int]) -> tuple[str, ...]:
+        """The arms that run on a layer of ``grid`` cells and images of ``image_size``: :attr:`arms`
+        less the border arm where the images have no inner band as large as the border band
+        (:func:`border_bands`) and the detail arm on a grid too coarse (:func:`detail_runs`). Fixed
+        for a run, so the evidence is the mean of the arms that can gather any: an arm that cannot
+        run would hold its detector at 1 and dilute the others'."""
+        can = {"border": border_bands(image_size, self.border_band) is not None, "detail": detail_runs(grid)}
+        return tuple(a for a in self.arms if can.get(a, True))
+
 
 @dataclass
 class Suspect:
@@ -644,21 +653,22 @@ def discover(maps: torch.Tensor, probes: ProbeSet, targets: torch.Tensor, preds:
     classes' (:func:`follow_evidence`): a class whose own stream has grown gets more of them, so a
     cue in one class is confirmed without waiting for the round-robin share of that class.
     """
-    image_size = probes.image_size
-    windows = Windows.of(maps, window_side(tuple(maps.shape[-2:]), settings.box_cells), image_size)
+    image_size, grid = probes.image_size, tuple(maps.shape[-2:])
+    windows = Windows.of(maps, window_side(grid, settings.box_cells), image_size)
     suspects = find_suspects(maps, targets, preds, image_size, settings, windows)
     gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
-    bands = border_bands(image_size, settings.border_band) if settings.border_test else None
+    runs = settings.arms_on(grid, image_size)
     makers: dict[str, Callable[[list[Pair]], torch.Tensor]] = {}
-    if settings.global_test:
+    if "global" in runs:
         objects = object_regions(maps, image_size)
         makers["global"] = lambda pairs: spectrum_images(probes.images, objects, suspects, pairs)
-    if settings.colour_test:
+    if "colour" in runs:
         makers["colour"] = lambda pairs: colour_images(probes.images, suspects, pairs)
-    if bands is not None:
+    bands = border_bands(image_size, settings.border_band)
+    if "border" in runs and bands is not None:
         makers["border"] = lambda pairs: banded_images(probes.images, suspects, pairs, bands)
-    if settings.detail_test and detail_runs(tuple(maps.shape[-2:])):
-        makers["detail"] = lambda pairs: detail_images(probes.images, suspects, pairs, tuple(maps.shape[-2:]), gen)
+    if "detail" in runs:
+        makers["detail"] = lambda pairs: detail_images(probes.images, suspects, pairs, grid, gen)
     follow = evidence is not None and bool(evidence.log_detector)  # from the second evaluation on
     arms = (LOCAL, *makers)
     shares = arm_shares(int(settings.budget * len(probes)) // 2, arms,

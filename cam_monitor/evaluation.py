@@ -280,7 +280,8 @@ def evaluate(model: nn.Module, probes: ProbeSet, settings: EvalSettings, placeme
     if found is not None and accumulated is not None:
         aggregates.update(found.aggregates())
         aggregates["shortcut_evidence"] = accumulated.value(
-            found_settings.arms, probe_classes(probes) if found_settings.per_class else ())
+            found_settings.arms_on(tuple(maps.shape[-2:]), probes.image_size),
+            probe_classes(probes) if found_settings.per_class else ())
     return Evaluation(epoch=epoch, global_step=global_step, maps=maps, preds=preds,
                       probs=probs.gather(1, targets[:, None])[:, 0], per_probe=per_probe,
                       aggregates=aggregates, discovery=found, evidence=accumulated)

@@ -309,7 +309,8 @@ class Monitor:
         regions = None if ev.discovery is None else {
             "shortcut_evidence": ev.discovery.regions(self.probes.ids, self.probes.class_names)}
         by_test = None if ev.evidence is None else {
-            "shortcut_evidence": {arm: ev.evidence.detector(arm) for arm in self.settings.discovery.arms}}
+            "shortcut_evidence": {arm: ev.evidence.detector(arm) for arm in self.settings.discovery.arms_on(
+                tuple(ev.maps.shape[-2:]), self.probes.image_size)}}
         checks = check_rules(self.rules, ev.aggregates, ev.per_probe, self.probes.ids,
                              None if ref is None else ref.aggregates, self.alerting.hysteresis, regions, by_test)
         events = self.book.update(checks, ev.epoch, ev.global_step, self.prefix)

@@ -12,6 +12,7 @@ import cam_monitor as cm
 from cam_monitor.discovery import (MAX_BORDER_BAND, DiscoverySettings, Pair, banded_images, blurred_cells,
                                    border_bands, cells_to_pixels, colour_images, discover, find_suspects, object_regions,
                                    pasted_images, plan_tests, shuffled_cells, spectrum_images)
+from cam_monitor.evidence import EvidenceState
 from cam_monitor.metrics import border_mask
 from cam_monitor.evaluation import EvalSettings, evaluate
 
@@ -599,3 +600,27 @@ def test_the_detail_test_does_not_run_on_a_grid_whose_cells_hold_whole_objects()
         assert "detail" not in found.paired
     assert "detail" in discover(torch.ones(16, 4, 4), probes, labels, labels, lambda x: model(x).argmax(1),
                                 DETAIL_ONLY).paired
+
+
+def test_the_arms_that_run_are_those_the_grid_and_the_image_size_allow() -> None:
+    settings = DiscoverySettings()
+    assert settings.arms_on((8, 8), (32, 32)) == ("local", "colour", "border", "detail")
+    assert settings.arms_on((3, 8), (32, 32)) == ("local", "colour", "border")  # a cell holds a whole object
+    assert settings.arms_on((4, 4), (6, 6)) == ("local", "colour", "detail")  # no inner band as large as the border
+    assert DiscoverySettings(detail_test=False, global_test=True).arms_on((8, 8), (32, 32)) == (
+        "local", "global", "colour", "border")
+
+
+def test_the_evidence_is_the_mean_of_the_arms_that_run_not_diluted_by_those_that_cannot() -> None:
+    """On a 3 x 3 grid of 6 px images neither the detail nor the border arm runs: the statistic is
+    the mean of the local and colour arms' detectors, not a mean that counts the other two at 1."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 2, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 2))
+    images = torch.rand(8, 1, 6, 6, generator=torch.Generator().manual_seed(3))
+    probes = cm.ProbeSet(images, torch.tensor([0, 1] * 4))
+    ev = evaluate(model, probes, EvalSettings(layer="0", faithfulness=False),
+                  evidence=EvidenceState({"local": 5.0, "detail": 3.0}))
+    assert ev.maps.shape[-2:] == (3, 3) and set(ev.discovery.paired) <= {"colour"}
+    expected = (ev.evidence.detector("local") + ev.evidence.detector("colour")) / 2
+    assert ev.evidence.detector("local") > 1 and ev.aggregates["shortcut_evidence"] == pytest.approx(expected)
