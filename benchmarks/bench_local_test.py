@@ -50,6 +50,7 @@ from cam_monitor.demo.model import ARCHS, DecoyDigitsDataModule, DigitClassifier
 from cam_monitor.demo.zoo import mask_free_probes, truth_probes  # noqa: E402
 from cam_monitor.engine import compute_cams, predict_classes  # noqa: E402
 from cam_monitor.evidence import sign_test_p  # noqa: E402
+from cam_monitor.interventions import pasted_images  # noqa: E402
 from cam_monitor.probes import ProbeSet  # noqa: E402
 
 ControlFn = Callable[[D.Windows, int, D.Box, tuple[int, int], tuple[int, int], torch.Generator], D.Box]
@@ -176,7 +177,7 @@ def score(model: torch.nn.Module, probes: ProbeSet, pairs: int, designs: list[tu
         on = sum(on_cue(cue_masks, suspects[t.suspect].probe, suspects[t.suspect].box) for t in tests)
         control_on = sum(on_cue(cue_masks, suspects[t.suspect].probe, t.control_box) for t in tests)
         if tests:
-            out = predict_classes(model, D.pasted_images(images, suspects, tests))
+            out = predict_classes(model, pasted_images(images, D.pastes(suspects, tests)))
             cls = torch.tensor([suspects[t.suspect].cls for t in tests])
             flips, controls = out[:len(tests)] == cls, out[len(tests):] == cls
             wins, losses = int((flips & ~controls).sum()), int((~flips & controls).sum())
@@ -186,23 +187,33 @@ def score(model: torch.nn.Module, probes: ProbeSet, pairs: int, designs: list[tu
     return rows
 
 
-def summarise(records: list[dict]) -> list[dict]:
-    """Per design: over control evaluations the worst p-value and wins:losses, and how many had
-    p < 0.01 (a null this design breaks); over shortcut evaluations the median wins and the share
-    of tests whose control touched the cue (a control that is part of the cue ties with it)."""
+def design_summary(records: list[dict], fields: tuple[str, ...]) -> list[tuple[dict, list[dict]]]:
+    """Per design (the values of ``fields``): over its control evaluations the worst p-value's
+    wins:losses and how many had p < 0.01 (a null the design breaks), over its shortcut
+    evaluations the median wins; with each design's shortcut records for further columns."""
     out = []
-    for key, group in itertools.groupby(sorted(records, key=lambda r: (r["box"], r["control"], r["place"])),
-                                        key=lambda r: (r["box"], r["control"], r["place"])):
+    key = lambda r: tuple(r[f] for f in fields)  # noqa: E731
+    for values, group in itertools.groupby(sorted(records, key=key), key=key):
         group = list(group)
         controls = [r for r in group if r["variant"] == "control"]
         shortcuts = [r for r in group if r["variant"] == "shortcut"]
         worst = min(controls, key=lambda r: r["p"], default=None)
+        out.append(({**dict(zip(fields, values)), "control_evaluations": len(controls),
+                     "control_p_below_0.01": sum(r["p"] < 0.01 for r in controls),
+                     "worst_control": f"{worst['wins']}:{worst['losses']}" if worst else "-",
+                     "shortcut_median_wins": statistics.median([r["wins"] for r in shortcuts]) if shortcuts else None},
+                    shortcuts))
+    return out
+
+
+def summarise(records: list[dict]) -> list[dict]:
+    """:func:`design_summary` per (box, control, place), with the share of the shortcut models'
+    tests whose control touched the cue (a control that is part of the cue ties with it)."""
+    out = []
+    for row, shortcuts in design_summary(records, ("box", "control", "place")):
         tested = sum(r["pairs"] for r in shortcuts)
-        out.append({"box": key[0], "control": key[1], "place": key[2], "control_evaluations": len(controls),
-                    "control_p_below_0.01": sum(r["p"] < 0.01 for r in controls),
-                    "worst_control": f"{worst['wins']}:{worst['losses']}" if worst else "-",
-                    "shortcut_median_wins": statistics.median([r["wins"] for r in shortcuts]) if shortcuts else None,
-                    "shortcut_control_on_cue": sum(r["control_on_cue"] for r in shortcuts) / tested if tested else None})
+        out.append({**row, "shortcut_control_on_cue":
+                    sum(r["control_on_cue"] for r in shortcuts) / tested if tested else None})
     return out
 
 

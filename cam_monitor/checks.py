@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .discovery import MIN_DETAIL_GRID, border_bands, detail_runs, window_side
+from .discovery import MIN_DETAIL_GRID, detail_runs, window_side
 from .engine import CAMResult
 from .errors import CAMError, InputError
 from .evaluation import EvalSettings, Placement, spurious_regions
+from .interventions import border_bands
 from .metrics import energy_fraction_bounds, enrichment_ceiling, pointing_always_hits
 from .probes import ProbeSet
 

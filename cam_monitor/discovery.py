@@ -25,7 +25,7 @@ whole structure and none of its colour statistics.
 
 **Global cues** (a texture, a grating, a background pattern: no one place). The recipient keeps
 its phase (its structure) and is given the Fourier amplitude of the source's background: the
-source with its most-credited :data:`OBJECT_SHARE` of pixels (its object, as its own map sees it)
+source with its most-credited :data:`~cam_monitor.interventions.OBJECT_SHARE` of pixels (its object, as its own map sees it)
 filled with the mean of the rest. The control gives it the amplitude of the source's object: the
 source with everything but that share filled. Both are whole-image statistics of part of the same
 source, so both degrade the recipient alike; a stationary cue fills three times the area of the
@@ -36,14 +36,14 @@ the object; where they do not, its control is weaker (see the reference).
 **Border cues** (a frame, a scanner's margin, letterboxing, a tag or ruler along the edge: spread
 along the border, neither one window nor an image statistic). The recipient gets the source's
 border band (``border_band`` of each side, :func:`~cam_monitor.metrics.border_mask`) and, as the
-control, the source's pixels of the next band inward, at least as many (:func:`border_bands`).
+control, the source's pixels of the next band inward, at least as many (:func:`~cam_monitor.interventions.border_bands`).
 Objects sit inside the frame more often than on it, so under the null the inner band carries at
 least as much of the source's class; a model that follows the outer band more reads the border.
 
 **Detail cues** (a texture, a grating, a noise pattern, a stamp: anything a model can read
 inside one cell of the grid, wherever the cell sits). The candidate's own image with its cells
-shuffled (:func:`shuffled_cells`: what lies inside each cell kept, their arrangement lost) against,
-as the control, the candidate blurred at the scale of a cell (:func:`blurred_cells`: the
+shuffled (:func:`~cam_monitor.interventions.shuffled_cells`: what lies inside each cell kept, their arrangement lost) against,
+as the control, the candidate blurred at the scale of a cell (:func:`~cam_monitor.interventions.blurred_cells`: the
 arrangement kept, detail finer than half a cell lost). A *flip* here is the image keeping the
 candidate's class. A model that reads shapes larger than a cell keeps its class on the blur more
 often than on the shuffle; one that reads detail within cells, the reverse. Its null is that the
@@ -54,8 +54,9 @@ shortcut (turn it off).
 Budget: ``budget`` x the number of probes pasted images per evaluation (tests and controls),
 inference forwards only; the arms share it equally at the first evaluation, then half equally and
 half in proportion to each arm's evidence so far (an arm that found a cue keeps testing it
-harder). Everything is deterministic given its inputs (a private generator seeded by the
-caller), so every rank of a multi-process run plans the same tests. Lightning-free.
+harder). The images themselves are built by :mod:`interventions`. Everything is deterministic
+given its inputs (a private generator seeded by the caller), so every rank of a multi-process run
+plans the same tests. Lightning-free.
 """
 from __future__ import annotations
 
@@ -65,15 +66,13 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms.v2.functional import gaussian_blur
 
 from .evidence import EvidenceState, check_bet, holm, sign_test_p, stream
-from .maps import upsample
-from .metrics import border_mask
+from .interventions import (MAX_BORDER_BAND, Box, Paste, banded_images, border_bands, colour_images, detail_images,
+                            object_regions, pasted_images, spectrum_images)
 from .probes import ProbeSet
 from .records import ShortcutRegion
 
-Box = tuple[int, int, int, int]  # y0, x0, y1, x1 in image pixels, half-open
 Predict = Callable[[torch.Tensor], torch.Tensor]  # (B, C, H, W) CPU images -> (B,) predicted classes
 #: The confirmation arms: local paste, background spectrum swap, colour statistics swap, border band
 #: swap, cell shuffle against blur.
@@ -84,18 +83,10 @@ TEST_NAMES = {"local": "a local region (paste test)", "global": "the background'
               "colour": "colour statistics (per-channel mean and spread swap)",
               "border": "the border band (band swap)",
               "detail": "fine detail within cells (cell shuffle against a blur)"}
-#: The detail arm's blur: a Gaussian of this many cells' standard deviation (half a cell: a
-#: grating finer than a cell is gone, a shape of several cells stays).
-BLUR_CELLS = 0.5
 #: The coarsest grid the detail arm runs on, cells a side: on fewer, a cell holds a whole object
 #: (on a 1 x 1 grid the shuffle leaves the image as it is and every model would keep its class),
 #: and the finest measured grid is 4 x 4 (a ResNet-18's ``layer4`` at 32 px: see the reference).
 MIN_DETAIL_GRID = 4
-#: The share of a source's pixels the global arm takes as its object: the most-credited by its map.
-OBJECT_SHARE = 0.25
-#: The widest ``border_band`` whose band leaves an inner band as large inside a square image:
-#: (1 - 2f)^2 >= 1/2.
-MAX_BORDER_BAND = (1 - 0.5 ** 0.5) / 2
 
 
 @dataclass(frozen=True)
@@ -170,7 +161,7 @@ class DiscoverySettings:
     def arms_on(self, grid: tuple[int, int], image_size: tuple[int, int]) -> tuple[str, ...]:
         """The arms that run on a layer of ``grid`` cells and images of ``image_size``: :attr:`arms`
         less the border arm where the images have no inner band as large as the border band
-        (:func:`border_bands`) and the detail arm on a grid too coarse (:func:`detail_runs`). Fixed
+        (:func:`~cam_monitor.interventions.border_bands`) and the detail arm on a grid too coarse (:func:`detail_runs`). Fixed
         for a run, so the evidence is the mean of the arms that can gather any: an arm that cannot
         run would hold its detector at 1 and dilute the others'."""
         can = {"border": border_bands(image_size, self.border_band) is not None, "detail": detail_runs(grid)}
@@ -512,134 +503,16 @@ def plan_tests(suspects: list[Suspect], maps: torch.Tensor, targets: torch.Tenso
     return tests
 
 
-def pasted_images(images: torch.Tensor, suspects: list[Suspect], tests: list[PasteTest]) -> torch.Tensor:
-    """(2T, C, H, W): each test's recipient with the suspect's box pasted at its place, then each control."""
-    out = []
-    for use_control in (False, True):
-        for t in tests:
-            y0, x0, y1, x1 = t.control_box if use_control else suspects[t.suspect].box
-            p0, q0, p1, q1 = t.place
-            img = images[t.recipient].clone()
-            img[:, p0:p1, q0:q1] = images[suspects[t.suspect].probe][:, y0:y1, x0:x1]
-            out.append(img)
-    return torch.stack(out) if out else images[:0]
-
-
-def object_regions(maps: torch.Tensor, image_size: tuple[int, int], share: float = OBJECT_SHARE) -> torch.Tensor:
-    """(N, H, W) bool: each map's most-credited ``share`` of the image's pixels, exactly that many
-    (the map upsampled bilinearly to the image; ties go to the first pixels in raster order)."""
-    up = upsample(maps, image_size)
-    flat = up.flatten(1)
-    top = torch.sort(flat, dim=1, descending=True, stable=True).indices[:, :max(1, int(share * flat.shape[1]))]
-    return torch.zeros_like(flat, dtype=torch.bool).scatter_(1, top, True).reshape(up.shape)
-
-
-def _filled(images: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
-    """``images`` (B, C, H, W) with ``region`` (B, H, W) set to the per-channel mean of the rest."""
-    keep = (~region)[:, None].to(images.dtype)
-    mean = (images * keep).sum((2, 3), keepdim=True) / keep.sum((2, 3), keepdim=True).clamp(min=1)
-    return torch.where(region[:, None], mean, images)
-
-
-def spectrum_images(images: torch.Tensor, objects: torch.Tensor, suspects: list[Suspect],
-                    pairs: list[Pair]) -> torch.Tensor:
-    """(2P, C, H, W): each recipient's phase with the amplitude of its source's background (the
-    source's ``objects`` region filled), then each control (the amplitude of the source's object:
-    everything else filled); per channel, in the images' own units."""
-    if not pairs:
-        return images[:0]
-    index = [suspects[p.suspect].probe for p in pairs]
-    src, region = images[index].double(), objects[index]
-    phase = torch.fft.fft2(images[[p.recipient for p in pairs]].double()).angle()
-    out = [torch.fft.ifft2(torch.polar(torch.fft.fft2(_filled(src, part)).abs(), phase)).real
-           for part in (region, ~region)]
-    return torch.cat(out).to(images.dtype)
-
-
-def colour_images(images: torch.Tensor, suspects: list[Suspect], pairs: list[Pair]) -> torch.Tensor:
-    """(2P, C, H, W): each recipient shifted and scaled per channel to its source's mean and
-    standard deviation, then each control (the source given the recipient's)."""
-    if not pairs:
-        return images[:0]
-    src, dst = images[[suspects[p.suspect].probe for p in pairs]], images[[p.recipient for p in pairs]]
-    (ms, ss), (md, sd) = [(x.mean((2, 3), keepdim=True), x.std((2, 3), keepdim=True)) for x in (src, dst)]
-
-    def moved(x: torch.Tensor, mx: torch.Tensor, sx: torch.Tensor, mt: torch.Tensor, st: torch.Tensor) -> torch.Tensor:
-        return (x - mx) * torch.where(sx > 0, st / sx.clamp(min=1e-12), torch.ones_like(sx)) + mt
-
-    return torch.cat([moved(dst, md, sd, ms, ss), moved(src, ms, ss, md, sd)])
-
-
-def border_bands(image_size: tuple[int, int], fraction: float) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(outer, inner) (H, W) bool masks: the border band of ``fraction`` of each side (the metrics'
-    :func:`~cam_monitor.metrics.border_mask`) and the next band inward with at least as many pixels
-    (whole rings, by depth relative to the band's width on each axis); None when the image has no
-    such inner band (an image of a few pixels)."""
-    h, w = image_size
-    outer = border_mask(h, w, fraction)
-    by, bx = max(1, round(fraction * h)), max(1, round(fraction * w))
-    ys, xs = torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64)
-    depth = torch.minimum(torch.minimum(ys, h - 1 - ys)[:, None] / by, torch.minimum(xs, w - 1 - xs)[None, :] / bx)
-    inside = depth[~outer].sort().values
-    area = int(outer.sum())
-    if len(inside) < area:
-        return None
-    return outer, ~outer & (depth <= inside[area - 1])
-
-
-def banded_images(images: torch.Tensor, suspects: list[Suspect], pairs: list[Pair],
-                  bands: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """(2P, C, H, W): each pair's recipient with the source's outer band, then each control (the
-    recipient with the source's inner band)."""
-    if not pairs:
-        return images[:0]
-    src = images[[suspects[p.suspect].probe for p in pairs]]
-    dst = images[[p.recipient for p in pairs]]
-    return torch.cat([torch.where(band, src, dst) for band in bands])
-
-
 def detail_runs(grid: tuple[int, int]) -> bool:
     """Whether the detail arm runs on a layer of this grid (at least :data:`MIN_DETAIL_GRID` cells a side)."""
     return min(grid) >= MIN_DETAIL_GRID
 
 
-def cell_size(image_size: tuple[int, int], grid: tuple[int, int]) -> tuple[int, int]:
-    """The pixels of one grid cell (the layer's stride), at least one."""
-    return max(1, image_size[0] // grid[0]), max(1, image_size[1] // grid[1])
-
-
-def shuffled_cells(images: torch.Tensor, grid: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
-    """``images`` (B, C, H, W) with their grid cells in a random order each (seeded by ``gen``): what
-    lies inside a cell is kept, where it sits is not. Pixels past the last whole cell stay."""
-    b, c, h, w = images.shape
-    ch, cw = cell_size((h, w), grid)
-    gy, gx = h // ch, w // cw
-    out = images.clone()
-    tiles = images[:, :, :gy * ch, :gx * cw].reshape(b, c, gy, ch, gx, cw).permute(0, 2, 4, 1, 3, 5)
-    tiles = tiles.reshape(b, gy * gx, c, ch, cw)
-    order = torch.rand(b, gy * gx, generator=gen).argsort(1)
-    tiles = tiles[torch.arange(b)[:, None], order]
-    out[:, :, :gy * ch, :gx * cw] = tiles.reshape(b, gy, gx, c, ch, cw).permute(0, 3, 1, 4, 2, 5).reshape(
-        b, c, gy * ch, gx * cw)
-    return out
-
-
-def blurred_cells(images: torch.Tensor, grid: tuple[int, int], cells: float = BLUR_CELLS) -> torch.Tensor:
-    """``images`` blurred by a Gaussian of ``cells`` cells' standard deviation per axis (reflected at
-    the edges): detail finer than that is gone, the arrangement of cells stays."""
-    h, w = images.shape[-2:]
-    sigma = [cells * size for size in reversed(cell_size((h, w), grid))]  # (x, y), torchvision's order
-    kernel = [min(2 * math.ceil(3 * s) + 1, 2 * n - 1) for s, n in zip(sigma, (w, h))]
-    return gaussian_blur(images, kernel, sigma)
-
-
-def detail_images(images: torch.Tensor, suspects: list[Suspect], pairs: list[Pair], grid: tuple[int, int],
-                  gen: torch.Generator) -> torch.Tensor:
-    """(2P, C, H, W): each pair's source with its cells shuffled, then each control (the source blurred)."""
-    if not pairs:
-        return images[:0]
-    src = images[[suspects[p.suspect].probe for p in pairs]]
-    return torch.cat([shuffled_cells(src, grid, gen), blurred_cells(src, grid)])
+def pastes(suspects: list[Suspect], tests: list[PasteTest]) -> list[Paste]:
+    """The local tests as pastes (:func:`~cam_monitor.interventions.pasted_images`): every test's
+    candidate box, then every test's control box, each at the test's place in its recipient."""
+    return ([Paste(suspects[t.suspect].probe, suspects[t.suspect].box, t.recipient, t.place) for t in tests]
+            + [Paste(suspects[t.suspect].probe, t.control_box, t.recipient, t.place) for t in tests])
 
 
 def discover(maps: torch.Tensor, probes: ProbeSet, targets: torch.Tensor, preds: torch.Tensor, predict: Predict,
@@ -658,17 +531,20 @@ def discover(maps: torch.Tensor, probes: ProbeSet, targets: torch.Tensor, preds:
     suspects = find_suspects(maps, targets, preds, image_size, settings, windows)
     gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
     runs = settings.arms_on(grid, image_size)
+    images = probes.images
+    src = lambda pairs: [suspects[p.suspect].probe for p in pairs]  # noqa: E731
+    dst = lambda pairs: [p.recipient for p in pairs]  # noqa: E731
     makers: dict[str, Callable[[list[Pair]], torch.Tensor]] = {}
     if "global" in runs:
         objects = object_regions(maps, image_size)
-        makers["global"] = lambda pairs: spectrum_images(probes.images, objects, suspects, pairs)
+        makers["global"] = lambda pairs: spectrum_images(images, objects, src(pairs), dst(pairs))
     if "colour" in runs:
-        makers["colour"] = lambda pairs: colour_images(probes.images, suspects, pairs)
+        makers["colour"] = lambda pairs: colour_images(images, src(pairs), dst(pairs))
     bands = border_bands(image_size, settings.border_band)
     if "border" in runs and bands is not None:
-        makers["border"] = lambda pairs: banded_images(probes.images, suspects, pairs, bands)
+        makers["border"] = lambda pairs: banded_images(images, src(pairs), dst(pairs), bands)
     if "detail" in runs:
-        makers["detail"] = lambda pairs: detail_images(probes.images, suspects, pairs, grid, gen)
+        makers["detail"] = lambda pairs: detail_images(images, src(pairs), grid, gen)
     follow = evidence is not None and bool(evidence.log_detector)  # from the second evaluation on
     arms = (LOCAL, *makers)
     shares = arm_shares(int(settings.budget * len(probes)) // 2, arms,
@@ -678,7 +554,7 @@ def discover(maps: torch.Tensor, probes: ProbeSet, targets: torch.Tensor, preds:
                        evidence.class_weights(LOCAL, classes) if follow and settings.per_class else None)
     planned = {arm: sources_of(suspects, shares[arm]) if arm == "detail" else
                [Pair(s, r) for s, r in recipients_of(suspects, targets, preds, shares[arm], gen)] for arm in makers}
-    batch = torch.cat([pasted_images(probes.images, suspects, tests)] + [makers[a](p) for a, p in planned.items()])
+    batch = torch.cat([pasted_images(images, pastes(suspects, tests))] + [makers[a](p) for a, p in planned.items()])
     out = predict(batch).cpu() if len(batch) else torch.zeros(0, dtype=torch.long)
     source = lambda items: torch.tensor([suspects[i.suspect].cls for i in items], dtype=torch.long)  # noqa: E731
     flips = [out[:len(tests)] == source(tests), out[len(tests):2 * len(tests)] == source(tests)]

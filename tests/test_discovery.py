@@ -9,12 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import cam_monitor as cm
-from cam_monitor.discovery import (MAX_BORDER_BAND, DiscoverySettings, Pair, banded_images, blurred_cells,
-                                   border_bands, cells_to_pixels, colour_images, discover, find_suspects, object_regions,
-                                   pasted_images, plan_tests, shuffled_cells, spectrum_images)
-from cam_monitor.evidence import EvidenceState
-from cam_monitor.metrics import border_mask
+from cam_monitor.discovery import DiscoverySettings, cells_to_pixels, discover, find_suspects, pastes, plan_tests
 from cam_monitor.evaluation import EvalSettings, evaluate
+from cam_monitor.evidence import EvidenceState
+from cam_monitor.interventions import MAX_BORDER_BAND, pasted_images
 
 SIZE = 16
 ONE_CELL = DiscoverySettings(box_cells=1)
@@ -267,32 +265,6 @@ def framed_probes(n: int = 16) -> cm.ProbeSet:
     return cm.ProbeSet(images, labels)
 
 
-@pytest.mark.parametrize("size", [(16, 16), (32, 48), (224, 224), (7, 7)])
-def test_the_border_band_is_the_metrics_band_and_its_control_the_next_rings_inward_as_large(size) -> None:
-    outer, inner = border_bands(size, 0.1)
-    assert torch.equal(outer, border_mask(*size, 0.1)) and not (outer & inner).any()
-    assert outer.sum() <= inner.sum() <= outer.sum() + 2 * sum(size)  # at least as large, at most one ring more
-    rest = ~(outer | inner)  # what is left is a centred rectangle: the inner band is whole rings
-    rows, cols = rest.any(1).nonzero()[:, 0], rest.any(0).nonzero()[:, 0]
-    box = torch.zeros_like(rest)
-    box[rows.min():rows.max() + 1, cols.min():cols.max() + 1] = True
-    assert torch.equal(rest, box)
-    assert rows.min() + rows.max() == size[0] - 1 and cols.min() + cols.max() == size[1] - 1
-    assert border_bands((6, 6), 0.1) is None  # no inner band as large: the check before training says so
-
-
-def test_banded_images_give_the_recipient_the_sources_band_and_nothing_else() -> None:
-    images = torch.stack([torch.full((2, SIZE, SIZE), float(v)) for v in (1, 2, 3)])
-    suspects = find_suspects(one_cell_maps(3, (0, 0)), torch.tensor([0, 1, 2]), torch.tensor([0, 1, 2]),
-                             (SIZE, SIZE), ONE_CELL)
-    source = next(i for i, s in enumerate(suspects) if s.probe == 2)
-    bands = border_bands((SIZE, SIZE), 0.1)
-    out = banded_images(images, suspects, [Pair(source, 0)], bands)
-    assert out.shape == (2, 2, SIZE, SIZE)
-    for image, band in zip(out, bands):
-        assert (image[:, band] == 3).all() and (image[:, ~band] == 1).all()
-
-
 def test_a_model_reading_the_frame_follows_the_border_band_and_not_the_band_inside() -> None:
     probes = framed_probes()
     maps = torch.ones(len(probes), 4, 4)
@@ -310,49 +282,6 @@ def test_a_model_reading_the_frame_follows_the_border_band_and_not_the_band_insi
     off = discover(maps, probes, probes.labels, probes.labels, lambda x: frame(x).argmax(1),
                    DiscoverySettings(border_test=False))
     assert "border" not in off.paired and "border" not in off.diffs()
-
-
-def test_object_regions_are_each_maps_most_credited_quarter() -> None:
-    maps = one_cell_maps(2, (0, 0))
-    regions = object_regions(maps, (SIZE, SIZE))
-    assert regions.shape == (2, SIZE, SIZE) and int(regions[0].sum()) == SIZE * SIZE // 4
-    assert bool(regions[:, :4, :4].all())  # the credited cell is inside
-    assert int(object_regions(maps, (SIZE, SIZE), share=0.5)[0].sum()) == SIZE * SIZE // 2
-
-
-def test_spectrum_images_carry_the_source_backgrounds_amplitude_and_the_recipients_phase() -> None:
-    probes = tag_probes(4)
-    maps = one_cell_maps(4, (0, 0))
-    suspects = find_suspects(maps, probes.labels, probes.labels, (SIZE, SIZE), ONE_CELL)
-    objects = object_regions(maps, (SIZE, SIZE))
-    out = spectrum_images(probes.images, objects, suspects, [Pair(0, 1)])
-    source, region = probes.images[suspects[0].probe].double(), objects[suspects[0].probe]
-    assert out.shape == (2, 1, SIZE, SIZE) and out.dtype == probes.images.dtype
-    for image, part in zip(out, (region, ~region)):
-        filled = source.clone()
-        filled[:, part] = source[:, ~part].mean()
-        want, got = torch.fft.fft2(filled), torch.fft.fft2(image.double())
-        assert torch.allclose(got.abs(), want.abs(), atol=1e-4)
-        dst = torch.fft.fft2(probes.images[1].double())
-        big = (want.abs() > 1e-3) & (dst.abs() > 1e-3)
-        assert torch.allclose(torch.polar(torch.ones_like(got.abs()), got.angle())[big],
-                              torch.polar(torch.ones_like(dst.abs()), dst.angle())[big], atol=1e-3)
-
-
-def test_colour_images_swap_each_channels_mean_and_spread() -> None:
-    g = torch.Generator().manual_seed(5)
-    images = torch.rand(2, 3, SIZE, SIZE, generator=g) * torch.tensor([1.0, 0.5, 0.2])[:, None, None]
-    images[1] += torch.tensor([0.3, -0.2, 0.1])[:, None, None]
-    probes = cm.ProbeSet(images, torch.tensor([0, 1]))
-    suspects = find_suspects(one_cell_maps(2, (0, 0)), probes.labels, probes.labels, (SIZE, SIZE), ONE_CELL)
-    test, control = colour_images(images, suspects, [Pair(1, 0)])
-    source, recipient = images[suspects[1].probe], images[0]
-    stats = lambda x: (x.mean((1, 2)), x.std((1, 2)))  # noqa: E731
-    for got, want in ((test, source), (control, recipient)):
-        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(stats(got), stats(want)))
-    # the structure stays: each image is its own pixels, shifted and scaled per channel
-    for got, own in ((test, recipient), (control, source)):
-        assert all(torch.corrcoef(torch.stack([got[c].flatten(), own[c].flatten()]))[0, 1] > 0.9999 for c in range(3))
 
 
 def test_tests_go_round_robin_into_other_class_recipients_over_their_most_credited_window() -> None:
@@ -396,13 +325,13 @@ def test_the_control_window_is_the_sources_next_most_credited_window() -> None:
     assert {t.control_box for t in tests} == {(8, 8, 16, 16)}  # the best 2x2 window clear of the candidate
 
 
-def test_pasted_images_copy_the_box_to_the_recipients_place_and_nothing_else() -> None:
+def test_each_local_test_pastes_its_candidate_then_its_control_at_the_recipients_place() -> None:
     probes = tag_probes(4)
     maps = one_cell_maps(4, (0, 0))
     suspects = find_suspects(maps, probes.labels, probes.labels, (SIZE, SIZE), ONE_CELL)
     tests = plan_tests(suspects, maps, probes.labels, probes.labels, (SIZE, SIZE), 1, 1, torch.Generator().manual_seed(0))
     (test,) = tests
-    out = pasted_images(probes.images, suspects, tests)
+    out = pasted_images(probes.images, pastes(suspects, tests))
     src, dst = probes.images[suspects[test.suspect].probe], probes.images[test.recipient]
     p0, q0, p1, q1 = test.place
     assert out.shape == (2, 1, SIZE, SIZE)
@@ -525,28 +454,6 @@ def test_half_the_local_pairs_follow_the_evidence_of_each_class() -> None:
 
 
 DETAIL_ONLY = DiscoverySettings(colour_test=False, border_test=False)
-
-
-def test_shuffled_cells_move_whole_cells_and_keep_what_is_inside_them() -> None:
-    images = torch.arange(2 * 16 * 16, dtype=torch.float32).reshape(2, 1, 16, 16)
-    out = shuffled_cells(images, (4, 4), torch.Generator().manual_seed(0))
-    tiles = lambda x: sorted(x[0, y:y + 4, c:c + 4].flatten().tolist() for y in range(0, 16, 4)  # noqa: E731
-                             for c in range(0, 16, 4))
-    for before, after in zip(images, out):
-        assert tiles(before) == tiles(after)  # the same cells, whole
-    assert not torch.equal(out, images) and not torch.equal(out[0] - out[0].min(), out[1] - out[1].min())
-    assert torch.equal(out, shuffled_cells(images, (4, 4), torch.Generator().manual_seed(0)))  # seeded
-    uneven = shuffled_cells(images, (3, 3), torch.Generator().manual_seed(0))  # cells of 5 px: the last row stays
-    assert torch.equal(uneven[..., 15, :], images[..., 15, :]) and torch.equal(uneven[..., :, 15], images[..., :, 15])
-
-
-def test_blurred_cells_remove_detail_finer_than_a_cell_and_keep_shapes_of_several_cells() -> None:
-    stripes = (torch.arange(16) % 2).float().expand(1, 1, 16, 16).clone()
-    block = torch.zeros(1, 1, 16, 16)
-    block[..., 4:12, 4:12] = 1.0  # 2 x 2 cells of the 4 x 4 grid
-    blurred = blurred_cells(torch.cat([stripes, block]), (4, 4))
-    assert blurred[0].std() < 0.05 * stripes.std()  # a one-pixel grating is gone
-    assert blurred[1, 0, 6:10, 6:10].min() > 0.6 and blurred[1, 0, :2, :2].max() < 0.1  # the block is still there
 
 
 class StripeModel(nn.Module):

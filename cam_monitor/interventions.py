@@ -1,0 +1,160 @@
+"""The images the confirmation tests classify: probes edited so that one thing of a source probe
+(a region, its colour statistics, its background's spectrum, its border band, the arrangement of
+its cells) is given to, or taken from, an image.
+
+Pure tensor functions on CPU images (B, C, H, W) indexed by probe: no model, no maps' meaning,
+no Lightning. :mod:`discovery` decides which probes and regions each test uses and why each
+control is the right one; this module only builds the pictures, each test's images first and
+its controls after, so that one forward pass classifies them all.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence
+
+import torch
+from torchvision.transforms.v2.functional import gaussian_blur
+
+from .maps import upsample
+from .metrics import border_mask
+
+Box = tuple[int, int, int, int]  # y0, x0, y1, x1 in image pixels, half-open
+#: The share of a source's pixels taken as its object by :func:`object_regions`: the most-credited by its map.
+OBJECT_SHARE = 0.25
+#: The widest border band whose band leaves an inner band as large inside a square image:
+#: (1 - 2f)^2 >= 1/2.
+MAX_BORDER_BAND = (1 - 0.5 ** 0.5) / 2
+#: The blur of :func:`blurred_cells`: a Gaussian of this many cells' standard deviation (half a
+#: cell: a grating finer than a cell is gone, a shape of several cells stays).
+BLUR_CELLS = 0.5
+
+
+class Paste(NamedTuple):
+    """Source probe ``source``'s pixels inside ``box`` pasted into probe ``recipient`` at ``place``
+    (a box of the same size)."""
+
+    source: int
+    box: Box
+    recipient: int
+    place: Box
+
+
+def pasted_images(images: torch.Tensor, pastes: Sequence[Paste]) -> torch.Tensor:
+    """(P, C, H, W): each paste's recipient with its source's box copied to its place; the probes
+    themselves are untouched."""
+    out = []
+    for source, (y0, x0, y1, x1), recipient, (p0, q0, p1, q1) in pastes:
+        img = images[recipient].clone()
+        img[:, p0:p1, q0:q1] = images[source][:, y0:y1, x0:x1]
+        out.append(img)
+    return torch.stack(out) if out else images[:0]
+
+
+def object_regions(maps: torch.Tensor, image_size: tuple[int, int], share: float = OBJECT_SHARE) -> torch.Tensor:
+    """(N, H, W) bool: each map's most-credited ``share`` of the image's pixels, exactly that many
+    (the map upsampled bilinearly to the image; ties go to the first pixels in raster order)."""
+    up = upsample(maps, image_size)
+    flat = up.flatten(1)
+    top = torch.sort(flat, dim=1, descending=True, stable=True).indices[:, :max(1, int(share * flat.shape[1]))]
+    return torch.zeros_like(flat, dtype=torch.bool).scatter_(1, top, True).reshape(up.shape)
+
+
+def filled(images: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """``images`` (B, C, H, W) with ``region`` (B, H, W) set to the per-channel mean of the rest."""
+    keep = (~region)[:, None].to(images.dtype)
+    mean = (images * keep).sum((2, 3), keepdim=True) / keep.sum((2, 3), keepdim=True).clamp(min=1)
+    return torch.where(region[:, None], mean, images)
+
+
+def spectrum_images(images: torch.Tensor, objects: torch.Tensor, sources: list[int],
+                    recipients: list[int]) -> torch.Tensor:
+    """(2P, C, H, W): each recipient's phase with the amplitude of its source's background (the
+    source's ``objects`` region filled, :func:`filled`), then each control (the amplitude of the
+    source's object: everything else filled); per channel, in the images' own units."""
+    if not sources:
+        return images[:0]
+    src, region = images[sources].double(), objects[sources]
+    phase = torch.fft.fft2(images[recipients].double()).angle()
+    out = [torch.fft.ifft2(torch.polar(torch.fft.fft2(filled(src, part)).abs(), phase)).real
+           for part in (region, ~region)]
+    return torch.cat(out).to(images.dtype)
+
+
+def colour_images(images: torch.Tensor, sources: list[int], recipients: list[int]) -> torch.Tensor:
+    """(2P, C, H, W): each recipient shifted and scaled per channel to its source's mean and
+    standard deviation, then each control (the source given the recipient's)."""
+    if not sources:
+        return images[:0]
+    src, dst = images[sources], images[recipients]
+    (ms, ss), (md, sd) = [(x.mean((2, 3), keepdim=True), x.std((2, 3), keepdim=True)) for x in (src, dst)]
+
+    def moved(x: torch.Tensor, mx: torch.Tensor, sx: torch.Tensor, mt: torch.Tensor, st: torch.Tensor) -> torch.Tensor:
+        return (x - mx) * torch.where(sx > 0, st / sx.clamp(min=1e-12), torch.ones_like(sx)) + mt
+
+    return torch.cat([moved(dst, md, sd, ms, ss), moved(src, ms, ss, md, sd)])
+
+
+def border_bands(image_size: tuple[int, int], fraction: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(outer, inner) (H, W) bool masks: the border band of ``fraction`` of each side (the metrics'
+    :func:`~cam_monitor.metrics.border_mask`) and the next band inward with at least as many pixels
+    (whole rings, by depth relative to the band's width on each axis); None when the image has no
+    such inner band (an image of a few pixels)."""
+    h, w = image_size
+    outer = border_mask(h, w, fraction)
+    by, bx = max(1, round(fraction * h)), max(1, round(fraction * w))
+    ys, xs = torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64)
+    depth = torch.minimum(torch.minimum(ys, h - 1 - ys)[:, None] / by, torch.minimum(xs, w - 1 - xs)[None, :] / bx)
+    inside = depth[~outer].sort().values
+    area = int(outer.sum())
+    if len(inside) < area:
+        return None
+    return outer, ~outer & (depth <= inside[area - 1])
+
+
+def banded_images(images: torch.Tensor, sources: list[int], recipients: list[int],
+                  bands: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """(2P, C, H, W): each recipient with its source's outer band, then each control (the
+    recipient with the source's inner band); ``bands`` from :func:`border_bands`."""
+    if not sources:
+        return images[:0]
+    src, dst = images[sources], images[recipients]
+    return torch.cat([torch.where(band, src, dst) for band in bands])
+
+
+def cell_size(image_size: tuple[int, int], grid: tuple[int, int]) -> tuple[int, int]:
+    """The pixels of one grid cell (the layer's stride), at least one."""
+    return max(1, image_size[0] // grid[0]), max(1, image_size[1] // grid[1])
+
+
+def shuffled_cells(images: torch.Tensor, grid: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
+    """``images`` (B, C, H, W) with their grid cells in a random order each (seeded by ``gen``): what
+    lies inside a cell is kept, where it sits is not. Pixels past the last whole cell stay."""
+    b, c, h, w = images.shape
+    ch, cw = cell_size((h, w), grid)
+    gy, gx = h // ch, w // cw
+    out = images.clone()
+    tiles = images[:, :, :gy * ch, :gx * cw].reshape(b, c, gy, ch, gx, cw).permute(0, 2, 4, 1, 3, 5)
+    tiles = tiles.reshape(b, gy * gx, c, ch, cw)
+    order = torch.rand(b, gy * gx, generator=gen).argsort(1)
+    tiles = tiles[torch.arange(b)[:, None], order]
+    out[:, :, :gy * ch, :gx * cw] = tiles.reshape(b, gy, gx, c, ch, cw).permute(0, 3, 1, 4, 2, 5).reshape(
+        b, c, gy * ch, gx * cw)
+    return out
+
+
+def blurred_cells(images: torch.Tensor, grid: tuple[int, int], cells: float = BLUR_CELLS) -> torch.Tensor:
+    """``images`` blurred by a Gaussian of ``cells`` cells' standard deviation per axis (reflected at
+    the edges): detail finer than that is gone, the arrangement of cells stays."""
+    h, w = images.shape[-2:]
+    sigma = [cells * size for size in reversed(cell_size((h, w), grid))]  # (x, y), torchvision's order
+    kernel = [min(2 * math.ceil(3 * s) + 1, 2 * n - 1) for s, n in zip(sigma, (w, h))]
+    return gaussian_blur(images, kernel, sigma)
+
+
+def detail_images(images: torch.Tensor, sources: list[int], grid: tuple[int, int],
+                  gen: torch.Generator) -> torch.Tensor:
+    """(2P, C, H, W): each source with its cells shuffled, then each control (the source blurred)."""
+    if not sources:
+        return images[:0]
+    src = images[sources]
+    return torch.cat([shuffled_cells(src, grid, gen), blurred_cells(src, grid)])

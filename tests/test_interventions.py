@@ -1,0 +1,128 @@
+"""The confirmation tests' images: each gives exactly one thing of its source and keeps the rest."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cam_monitor.interventions import (Paste, banded_images, blurred_cells, border_bands, colour_images, detail_images,
+                                       object_regions, pasted_images, shuffled_cells, spectrum_images)
+from cam_monitor.metrics import border_mask
+
+SIZE = 16
+
+
+def one_cell_maps(n: int, cell: tuple[int, int], grid: int = 4, rest: float = 0.01) -> torch.Tensor:
+    maps = torch.full((n, grid, grid), rest)
+    maps[:, cell[0], cell[1]] = 1.0
+    return maps
+
+
+def noise(n: int, channels: int = 1, seed: int = 0) -> torch.Tensor:
+    return torch.rand(n, channels, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def test_a_paste_copies_the_sources_box_to_the_recipients_place_and_nothing_else() -> None:
+    images = noise(3)
+    pastes = [Paste(2, (0, 0, 4, 4), 0, (8, 4, 12, 8)), Paste(1, (12, 12, 16, 16), 0, (8, 4, 12, 8))]
+    out = pasted_images(images, pastes)
+    assert out.shape == (2, 1, SIZE, SIZE)
+    assert torch.equal(out[0, :, 8:12, 4:8], images[2, :, :4, :4])
+    assert torch.equal(out[1, :, 8:12, 4:8], images[1, :, 12:, 12:])
+    outside = torch.ones(SIZE, SIZE, dtype=torch.bool)
+    outside[8:12, 4:8] = False
+    assert all(torch.equal(image[:, outside], images[0][:, outside]) for image in out)
+    assert torch.equal(images, noise(3))  # the probes themselves are untouched
+    assert pasted_images(images, []).shape == (0, 1, SIZE, SIZE)
+
+
+@pytest.mark.parametrize("size", [(16, 16), (32, 48), (224, 224), (7, 7)])
+def test_the_border_band_is_the_metrics_band_and_its_control_the_next_rings_inward_as_large(size) -> None:
+    outer, inner = border_bands(size, 0.1)
+    assert torch.equal(outer, border_mask(*size, 0.1)) and not (outer & inner).any()
+    assert outer.sum() <= inner.sum() <= outer.sum() + 2 * sum(size)  # at least as large, at most one ring more
+    rest = ~(outer | inner)  # what is left is a centred rectangle: the inner band is whole rings
+    rows, cols = rest.any(1).nonzero()[:, 0], rest.any(0).nonzero()[:, 0]
+    box = torch.zeros_like(rest)
+    box[rows.min():rows.max() + 1, cols.min():cols.max() + 1] = True
+    assert torch.equal(rest, box)
+    assert rows.min() + rows.max() == size[0] - 1 and cols.min() + cols.max() == size[1] - 1
+    assert border_bands((6, 6), 0.1) is None  # no inner band as large: the check before training says so
+
+
+def test_banded_images_give_the_recipient_the_sources_band_and_nothing_else() -> None:
+    images = torch.stack([torch.full((2, SIZE, SIZE), float(v)) for v in (1, 2, 3)])
+    bands = border_bands((SIZE, SIZE), 0.1)
+    out = banded_images(images, [2], [0], bands)
+    assert out.shape == (2, 2, SIZE, SIZE)
+    for image, band in zip(out, bands):
+        assert (image[:, band] == 3).all() and (image[:, ~band] == 1).all()
+
+
+def test_object_regions_are_each_maps_most_credited_quarter() -> None:
+    maps = one_cell_maps(2, (0, 0))
+    regions = object_regions(maps, (SIZE, SIZE))
+    assert regions.shape == (2, SIZE, SIZE) and int(regions[0].sum()) == SIZE * SIZE // 4
+    assert bool(regions[:, :4, :4].all())  # the credited cell is inside
+    assert int(object_regions(maps, (SIZE, SIZE), share=0.5)[0].sum()) == SIZE * SIZE // 2
+
+
+def test_spectrum_images_carry_the_source_backgrounds_amplitude_and_the_recipients_phase() -> None:
+    images = noise(4) * 0.1
+    images[::2, 0, :4, :4] = 1.0
+    objects = object_regions(one_cell_maps(4, (0, 0)), (SIZE, SIZE))
+    out = spectrum_images(images, objects, [0], [1])
+    source, region = images[0].double(), objects[0]
+    assert out.shape == (2, 1, SIZE, SIZE) and out.dtype == images.dtype
+    for image, part in zip(out, (region, ~region)):
+        filled = source.clone()
+        filled[:, part] = source[:, ~part].mean()
+        want, got = torch.fft.fft2(filled), torch.fft.fft2(image.double())
+        assert torch.allclose(got.abs(), want.abs(), atol=1e-4)
+        dst = torch.fft.fft2(images[1].double())
+        big = (want.abs() > 1e-3) & (dst.abs() > 1e-3)
+        assert torch.allclose(torch.polar(torch.ones_like(got.abs()), got.angle())[big],
+                              torch.polar(torch.ones_like(dst.abs()), dst.angle())[big], atol=1e-3)
+
+
+def test_colour_images_swap_each_channels_mean_and_spread() -> None:
+    images = noise(2, 3, seed=5) * torch.tensor([1.0, 0.5, 0.2])[:, None, None]
+    images[1] += torch.tensor([0.3, -0.2, 0.1])[:, None, None]
+    test, control = colour_images(images, [1], [0])
+    source, recipient = images[1], images[0]
+    stats = lambda x: (x.mean((1, 2)), x.std((1, 2)))  # noqa: E731
+    for got, want in ((test, source), (control, recipient)):
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(stats(got), stats(want)))
+    # the structure stays: each image is its own pixels, shifted and scaled per channel
+    for got, own in ((test, recipient), (control, source)):
+        assert all(torch.corrcoef(torch.stack([got[c].flatten(), own[c].flatten()]))[0, 1] > 0.9999 for c in range(3))
+
+
+def test_shuffled_cells_move_whole_cells_and_keep_what_is_inside_them() -> None:
+    images = torch.arange(2 * 16 * 16, dtype=torch.float32).reshape(2, 1, 16, 16)
+    out = shuffled_cells(images, (4, 4), torch.Generator().manual_seed(0))
+    tiles = lambda x: sorted(x[0, y:y + 4, c:c + 4].flatten().tolist() for y in range(0, 16, 4)  # noqa: E731
+                             for c in range(0, 16, 4))
+    for before, after in zip(images, out):
+        assert tiles(before) == tiles(after)  # the same cells, whole
+    assert not torch.equal(out, images) and not torch.equal(out[0] - out[0].min(), out[1] - out[1].min())
+    assert torch.equal(out, shuffled_cells(images, (4, 4), torch.Generator().manual_seed(0)))  # seeded
+    uneven = shuffled_cells(images, (3, 3), torch.Generator().manual_seed(0))  # cells of 5 px: the last row stays
+    assert torch.equal(uneven[..., 15, :], images[..., 15, :]) and torch.equal(uneven[..., :, 15], images[..., :, 15])
+
+
+def test_blurred_cells_remove_detail_finer_than_a_cell_and_keep_shapes_of_several_cells() -> None:
+    stripes = (torch.arange(16) % 2).float().expand(1, 1, 16, 16).clone()
+    block = torch.zeros(1, 1, 16, 16)
+    block[..., 4:12, 4:12] = 1.0  # 2 x 2 cells of the 4 x 4 grid
+    blurred = blurred_cells(torch.cat([stripes, block]), (4, 4))
+    assert blurred[0].std() < 0.05 * stripes.std()  # a one-pixel grating is gone
+    assert blurred[1, 0, 6:10, 6:10].min() > 0.6 and blurred[1, 0, :2, :2].max() < 0.1  # the block is still there
+
+
+def test_detail_images_are_the_sources_shuffled_then_blurred() -> None:
+    images = noise(3)
+    out = detail_images(images, [2, 0], (4, 4), torch.Generator().manual_seed(1))
+    assert out.shape == (4, 1, SIZE, SIZE)
+    assert torch.equal(out[:2], shuffled_cells(images[[2, 0]], (4, 4), torch.Generator().manual_seed(1)))
+    assert torch.equal(out[2:], blurred_cells(images[[2, 0]], (4, 4)))
+    assert detail_images(images, [], (4, 4), torch.Generator()).shape == (0, 1, SIZE, SIZE)
