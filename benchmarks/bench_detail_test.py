@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -28,13 +27,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine import default_result_path, machine, write_json  # noqa: E402
-from bench_local_test import Spec, trained_states  # noqa: E402
+from bench_local_test import Spec, design_summary, trained_states  # noqa: E402
 
-from cam_monitor.discovery import blurred_cells, shuffled_cells  # noqa: E402
 from cam_monitor.demo.model import ARCHS  # noqa: E402
 from cam_monitor.demo.zoo import mask_free_probes  # noqa: E402
 from cam_monitor.engine import compute_cams, predict_classes  # noqa: E402
 from cam_monitor.evidence import sign_test_p  # noqa: E402
+from cam_monitor.interventions import blurred_cells, shuffled_cells  # noqa: E402
 
 def layer_grid(model: torch.nn.Module, layer: str, images: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
     """The grid of ``layer`` (its maps' height and width) on these images."""
@@ -59,19 +58,9 @@ def score(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, de
 
 
 def summarise(records: list[dict]) -> list[dict]:
-    """Per design: the control evaluations with p < 0.01 and the worst one; the shortcut models' median wins."""
-    out = []
-    key = lambda r: (r["tile_cells"], r["blur_cells"])  # noqa: E731
-    for (tile, blur), group in itertools.groupby(sorted(records, key=key), key=key):
-        group = list(group)
-        controls = [r for r in group if r["variant"] == "control"]
-        shortcuts = [r for r in group if r["variant"] == "shortcut"]
-        worst = min(controls, key=lambda r: r["p"], default=None)
-        out.append({"tile_cells": tile, "blur_cells": blur, "control_evaluations": len(controls),
-                    "control_p_below_0.01": sum(r["p"] < 0.01 for r in controls),
-                    "worst_control": f"{worst['wins']}:{worst['losses']}" if worst else "-",
-                    "shortcut_median_wins": statistics.median([r["wins"] for r in shortcuts]) if shortcuts else None})
-    return out
+    """Per design (tile, blur): the control evaluations with p < 0.01 and the worst one; the shortcut
+    models' median wins (:func:`bench_local_test.design_summary`)."""
+    return [row for row, _ in design_summary(records, ("tile_cells", "blur_cells"))]
 
 
 def main() -> None:
