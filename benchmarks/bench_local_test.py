@@ -95,7 +95,7 @@ def control_random(windows: D.Windows, source: int, avoid: D.Box, size: tuple[in
     free = windows.clear_of(avoid)
     weights = windows.energy[source].double() * free
     weights = weights if weights.sum() > 0 else free.double()
-    return D._fit(windows.boxes[int(torch.multinomial(weights, 1, generator=gen))], size, image_size)
+    return D.fit_box(windows.boxes[int(torch.multinomial(weights, 1, generator=gen))], size, image_size)
 
 
 def control_guard(windows: D.Windows, source: int, avoid: D.Box, size: tuple[int, int], image_size: tuple[int, int],
@@ -105,14 +105,14 @@ def control_guard(windows: D.Windows, source: int, avoid: D.Box, size: tuple[int
     free = windows.clear_of((avoid[0] - h, avoid[1] - w, avoid[2] + h, avoid[3] + w))
     free = free if free.any() else torch.ones_like(free)
     energy = torch.where(free, windows.energy[source].double(), -float("inf"))
-    return D._fit(windows.boxes[int(energy.argmax())], size, image_size)
+    return D.fit_box(windows.boxes[int(energy.argmax())], size, image_size)
 
 
 CONTROLS: dict[str, ControlFn] = {"next": control_next, "random": control_random, "guard": control_guard}
 PLACES: dict[str, PlaceFn] = {
     "credited": lambda windows, r, box, size, image_size: D.credited_place(windows, r, size, image_size),
-    "quiet": lambda windows, r, box, size, image_size: D._fit(windows.boxes[int(windows.energy[r].argmin())], size,
-                                                              image_size),
+    "quiet": lambda windows, r, box, size, image_size: D.fit_box(windows.boxes[int(windows.energy[r].argmin())],
+                                                                 size, image_size),
     "own": lambda windows, r, box, size, image_size: box,
 }
 

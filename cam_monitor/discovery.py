@@ -359,7 +359,7 @@ def find_suspects(maps: torch.Tensor, targets: torch.Tensor, preds: torch.Tensor
     return sorted(suspects, key=lambda s: (-s.share, s.probe))
 
 
-def _fit(box: Box, size: tuple[int, int], image_size: tuple[int, int]) -> Box:
+def fit_box(box: Box, size: tuple[int, int], image_size: tuple[int, int]) -> Box:
     """``box``'s top-left with ``size``, moved back inside the image."""
     y = min(box[0], image_size[0] - size[0])
     x = min(box[1], image_size[1] - size[1])
@@ -395,12 +395,12 @@ def control_box(windows: Windows, source: int, avoid: Box, size: tuple[int, int]
     if not free.any():
         free = torch.ones_like(free)
     energy = torch.where(free, windows.energy[source].double(), -math.inf)
-    return _fit(windows.boxes[int(energy.argmax())], size, image_size)
+    return fit_box(windows.boxes[int(energy.argmax())], size, image_size)
 
 
 def credited_place(windows: Windows, recipient: int, size: tuple[int, int], image_size: tuple[int, int]) -> Box:
     """The recipient's most-credited window (what its map reads as its evidence), ``size`` pixels."""
-    return _fit(windows.boxes[int(windows.energy[recipient].argmax())], size, image_size)
+    return fit_box(windows.boxes[int(windows.energy[recipient].argmax())], size, image_size)
 
 
 def recipients_of(suspects: list[Suspect], targets: torch.Tensor, preds: torch.Tensor, num: int,

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import cam_monitor as cm
-from cam_monitor.discovery import DiscoverySettings, cells_to_pixels, discover, find_suspects, pastes, plan_tests
+from cam_monitor.discovery import (DiscoverySettings, cells_to_pixels, discover, find_suspects, fit_box, pastes,
+                                   plan_tests)
 from cam_monitor.evaluation import EvalSettings, evaluate
 from cam_monitor.evidence import EvidenceState
 from cam_monitor.interventions import MAX_BORDER_BAND, pasted_images
@@ -59,6 +60,11 @@ def tag_probes(n: int = 16) -> cm.ProbeSet:
 def test_boxes_are_converted_to_image_pixels_by_the_stride() -> None:
     assert cells_to_pixels(torch.tensor([1, 2, 2, 3]), (4, 4), (16, 16)) == (4, 8, 8, 12)
     assert cells_to_pixels(torch.tensor([0, 0, 7, 7]), (7, 7), (224, 224)) == (0, 0, 224, 224)
+
+
+def test_a_box_moved_to_another_size_keeps_its_corner_and_stays_inside_the_image() -> None:
+    assert fit_box((4, 8, 8, 12), (4, 4), (16, 16)) == (4, 8, 8, 12)
+    assert fit_box((12, 12, 16, 16), (6, 8), (16, 16)) == (10, 8, 16, 16)  # pushed back from the far edges
 
 
 def test_candidates_are_every_correct_prediction_with_its_best_window_in_cells() -> None:
