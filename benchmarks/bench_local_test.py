@@ -1,4 +1,5 @@
-"""The local paste test's design choices, scored on zoo models: window size, control, placement.
+"""The local paste test's design choices, scored on zoo models: window size and alignment, control,
+placement and what the recipient is.
 
 The monitor's local arm pastes a candidate's best-credited window into a probe of another class
 and compares it with a control pasted at the same place. Its null hypothesis ("the candidate is
@@ -20,9 +21,16 @@ Designs: ``box`` (the window's side in grid cells), ``control`` (``next``: the s
 most-credited window, the monitor's; ``random``: a window drawn in proportion to the map's credit
 outside the candidate; ``guard``: the best window at least one window away) and ``place``
 (``credited``: over the recipient's most-credited window, the monitor's; ``quiet``: its
-least-credited window; ``own``: where the candidate sits in its source).
+least-credited window; ``own``: where the candidate sits in its source). Two more for cues wider
+than a cell: ``window`` (``cell``: the grid's cells, the monitor's; ``pixel``: windows of ``box``
+cells' size, fractions allowed, at any pixel offset of the upsampled map, so a cue that straddles
+cells can sit inside one) and ``recipient`` (what both are pasted into: ``probe`` as it is, the
+monitor's; ``erased``: its most-credited 3-cell window filled first, taking its own cue away;
+``flat``: its mean colour alone; ``blurred``: blurred at one cell).
 
     python benchmarks/bench_local_test.py --specs shapes:background_cast:control:0,shapes:corner_patch:shortcut:3
+    python benchmarks/bench_local_test.py --specs digits:text_tag:shortcut:0,digits:text_tag:control:0 \
+        --boxes 1,1.5 --controls next --places credited --windows pixel --recipients probe,erased,flat
 
 Prints one row per model, epoch and design, then per design the worst control evaluation, the
 shortcut models' median wins and how often their control lay on the cue; writes
@@ -41,6 +49,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine import default_result_path, machine, write_json  # noqa: E402
@@ -50,7 +59,8 @@ from cam_monitor.demo.model import ARCHS, DecoyDigitsDataModule, DigitClassifier
 from cam_monitor.demo.zoo import mask_free_probes, truth_probes  # noqa: E402
 from cam_monitor.engine import compute_cams, predict_classes  # noqa: E402
 from cam_monitor.evidence import sign_test_p  # noqa: E402
-from cam_monitor.interventions import pasted_images  # noqa: E402
+from cam_monitor.interventions import blurred_cells, cell_size, filled, pasted_images  # noqa: E402
+from cam_monitor.maps import upsample  # noqa: E402
 from cam_monitor.probes import ProbeSet  # noqa: E402
 
 ControlFn = Callable[[D.Windows, int, D.Box, tuple[int, int], tuple[int, int], torch.Generator], D.Box]
@@ -117,6 +127,11 @@ PLACES: dict[str, PlaceFn] = {
 }
 
 
+WINDOWS = ("cell", "pixel")
+RECIPIENTS = ("probe", "erased", "flat", "blurred")
+Design = tuple[float, str, str, str, str]  # box (cells), control, place, window, recipient
+
+
 def trained_states(spec: Spec, epochs: int, cache: str) -> list[dict[str, torch.Tensor]]:
     """The model's weights after each epoch of ``spec``'s zoo task (trained once, then cached)."""
     path = os.path.join(cache, f"{spec.name}_{epochs}.pt")
@@ -149,7 +164,48 @@ def on_cue(masks: torch.Tensor, probe: int, box: D.Box) -> bool:
     return bool(masks[probe, box[0]:box[2], box[1]:box[3]].any())
 
 
-def score(model: torch.nn.Module, probes: ProbeSet, pairs: int, designs: list[tuple[int, str, str]],
+def pixel_windows(maps: torch.Tensor, side_cells: float, image_size: tuple[int, int]) -> D.Windows:
+    """Windows of ``side_cells`` cells' size at every pixel offset, their energy read from the map
+    upsampled bilinearly to the image (not only the grid's cells: a cue that straddles cells can
+    sit inside one window)."""
+    ch, cw = cell_size(image_size, tuple(maps.shape[-2:]))
+    side = max(1, round(side_cells * ch)), max(1, round(side_cells * cw))
+    energy = F.avg_pool2d(upsample(maps.float().clamp_min(0), image_size)[:, None], side, stride=1)[:, 0]
+    boxes = [(y, x, y + side[0], x + side[1]) for y in range(energy.shape[-2]) for x in range(energy.shape[-1])]
+    return D.Windows(energy.flatten(1), boxes, torch.tensor(boxes, dtype=torch.long).reshape(-1, 4))
+
+
+def design_windows(maps: torch.Tensor, box: float, window: str, image_size: tuple[int, int]) -> D.Windows:
+    """The candidate windows of a design: the monitor's grid-aligned windows of ``box`` cells
+    (``cell``) or windows of that size at any pixel offset (``pixel``)."""
+    if window == "cell":
+        if box != int(box):
+            raise ValueError(f"cell windows need a whole number of cells, got {box}")
+        return D.Windows.of(maps, D.window_side(tuple(maps.shape[-2:]), int(box)), image_size)
+    return pixel_windows(maps, box, image_size)
+
+
+def recipient_images(images: torch.Tensor, maps: torch.Tensor, recipient: str) -> torch.Tensor:
+    """What the candidate and its control are pasted into: the probes as they are (``probe``, the
+    monitor's), with their most-credited 3-cell window filled with their mean (``erased``: the
+    recipient's own cue, if it reads one, taken away first), their per-channel mean alone
+    (``flat``) or blurred at one cell (``blurred``: detail gone, layout kept)."""
+    grid = tuple(maps.shape[-2:])
+    if recipient == "probe":
+        return images
+    if recipient == "flat":
+        return images.mean((2, 3), keepdim=True).expand_as(images).clone()
+    if recipient == "blurred":
+        return blurred_cells(images, grid, 1.0)
+    windows = pixel_windows(maps, 3.0, tuple(images.shape[-2:]))
+    region = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool)
+    for i, k in enumerate(windows.energy.argmax(1).tolist()):
+        y0, x0, y1, x1 = windows.boxes[k]
+        region[i, y0:y1, x0:x1] = True
+    return filled(images, region)
+
+
+def score(model: torch.nn.Module, probes: ProbeSet, pairs: int, designs: list[Design],
           seed: int, cue_masks: torch.Tensor, layer: str = ARCHS["cnn"]) -> list[dict]:
     """Per design, the wins and losses of up to ``pairs`` paste tests on ``probes`` against their
     controls, and (from the true ``cue_masks``, which the tests never see) how many candidates and
@@ -158,14 +214,14 @@ def score(model: torch.nn.Module, probes: ProbeSet, pairs: int, designs: list[tu
     preds = predict_classes(model, images)
     maps = compute_cams(model, images, layer, labels)
     accuracy = float((preds == labels).float().mean())
-    candidates: dict[int, tuple[D.Windows, list[D.Suspect]]] = {}  # per window side: the same for every design
+    candidates: dict[tuple[float, str], tuple[D.Windows, list[D.Suspect]]] = {}  # the same for every design
     rows = []
-    for box, control, place in designs:
-        if box not in candidates:
-            windows = D.Windows.of(maps, D.window_side(tuple(maps.shape[-2:]), box), probes.image_size)
-            candidates[box] = windows, D.find_suspects(maps, labels, preds, probes.image_size,
-                                                       D.DiscoverySettings(box_cells=box), windows)
-        windows, suspects = candidates[box]
+    for box, control, place, window, recipient in designs:
+        if (box, window) not in candidates:
+            windows = design_windows(maps, box, window, probes.image_size)
+            candidates[box, window] = windows, D.find_suspects(maps, labels, preds, probes.image_size,
+                                                               D.DiscoverySettings(), windows)
+        windows, suspects = candidates[box, window]
         gen = torch.Generator().manual_seed(seed)
         tests = []
         for s, r in D.recipients_of(suspects, labels, preds, pairs, gen):
@@ -177,13 +233,16 @@ def score(model: torch.nn.Module, probes: ProbeSet, pairs: int, designs: list[tu
         on = sum(on_cue(cue_masks, suspects[t.suspect].probe, suspects[t.suspect].box) for t in tests)
         control_on = sum(on_cue(cue_masks, suspects[t.suspect].probe, t.control_box) for t in tests)
         if tests:
-            out = predict_classes(model, pasted_images(images, D.pastes(suspects, tests)))
+            n = len(images)  # recipients are read from the second half: the probes as this design prepares them
+            both = torch.cat([images, recipient_images(images, maps, recipient)])
+            shifted = [p._replace(recipient=p.recipient + n) for p in D.pastes(suspects, tests)]
+            out = predict_classes(model, pasted_images(both, shifted))
             cls = torch.tensor([suspects[t.suspect].cls for t in tests])
             flips, controls = out[:len(tests)] == cls, out[len(tests):] == cls
             wins, losses = int((flips & ~controls).sum()), int((~flips & controls).sum())
-        rows.append({"box": box, "control": control, "place": place, "pairs": len(tests), "wins": wins,
-                     "losses": losses, "p": sign_test_p(wins, losses), "accuracy": accuracy,
-                     "candidate_on_cue": on, "control_on_cue": control_on})
+        rows.append({"box": box, "control": control, "place": place, "window": window, "recipient": recipient,
+                     "pairs": len(tests), "wins": wins, "losses": losses, "p": sign_test_p(wins, losses),
+                     "accuracy": accuracy, "candidate_on_cue": on, "control_on_cue": control_on})
     return rows
 
 
@@ -206,11 +265,17 @@ def design_summary(records: list[dict], fields: tuple[str, ...]) -> list[tuple[d
     return out
 
 
+#: The design fields of a record; records written before ``window`` and ``recipient`` existed used
+#: the monitor's (grid cells, the probe as it is).
+DESIGN_FIELDS = ("box", "control", "place", "window", "recipient")
+DESIGN_DEFAULTS = {"window": "cell", "recipient": "probe"}
+
+
 def summarise(records: list[dict]) -> list[dict]:
-    """:func:`design_summary` per (box, control, place), with the share of the shortcut models'
-    tests whose control touched the cue (a control that is part of the cue ties with it)."""
+    """:func:`design_summary` per design (:data:`DESIGN_FIELDS`), with the share of the shortcut
+    models' tests whose control touched the cue (a control that is part of the cue ties with it)."""
     out = []
-    for row, shortcuts in design_summary(records, ("box", "control", "place")):
+    for row, shortcuts in design_summary([{**DESIGN_DEFAULTS, **r} for r in records], DESIGN_FIELDS):
         tested = sum(r["pairs"] for r in shortcuts)
         out.append({**row, "shortcut_control_on_cue":
                     sum(r["control_on_cue"] for r in shortcuts) / tested if tested else None})
@@ -223,22 +288,29 @@ def main() -> None:
                    "shapes:corner_patch:control:0 or digits:background_texture:control:0:resnet18")
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--pairs", type=int, default=200, help="paste tests per model, epoch and design")
-    p.add_argument("--boxes", default="1,2", help="window sides in grid cells")
+    p.add_argument("--boxes", default="1,2", help="window sides in grid cells (fractions need --windows pixel)")
     p.add_argument("--controls", default=",".join(CONTROLS), help=f"from {tuple(CONTROLS)}")
     p.add_argument("--places", default=",".join(PLACES), help=f"from {tuple(PLACES)}")
+    p.add_argument("--windows", default="cell", help=f"from {WINDOWS} (the monitor: cell)")
+    p.add_argument("--recipients", default="probe", help=f"from {RECIPIENTS} (the monitor: probe)")
     p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "cam_monitor_zoo_states"),
                    help="where each model's per-epoch weights are kept")
     p.add_argument("--out", default=default_result_path("local_test", torch.device("cpu")))
     args = p.parse_args()
     specs = [Spec.parse(s) for s in args.specs.split(",")]
-    designs = list(itertools.product([int(b) for b in args.boxes.split(",")], args.controls.split(","),
-                                     args.places.split(",")))
-    for name in {d[1] for d in designs} - set(CONTROLS) | {d[2] for d in designs} - set(PLACES):
-        p.error(f"unknown control or place {name!r}")
+    boxes = [float(b) if "." in b else int(b) for b in args.boxes.split(",")]
+    designs = list(itertools.product(boxes, args.controls.split(","), args.places.split(","),
+                                     args.windows.split(","), args.recipients.split(",")))
+    for name in ({d[1] for d in designs} - set(CONTROLS) | {d[2] for d in designs} - set(PLACES)
+                 | {d[3] for d in designs} - set(WINDOWS) | {d[4] for d in designs} - set(RECIPIENTS)):
+        p.error(f"unknown control, place, window or recipient {name!r}")
+    designs = [d for d in designs if d[3] == "pixel" or d[0] == int(d[0])]  # grid cells come whole
+    if not designs:
+        p.error("cell windows need whole numbers of cells in --boxes; use --windows pixel for fractions")
     os.makedirs(args.cache, exist_ok=True)
     records = []
-    print("| model | epoch | accuracy | box | control | place | wins:losses | p | tests | candidate on cue | "
-          "control on cue |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | epoch | accuracy | box | control | place | window | recipient | wins:losses | p | tests | "
+          "candidate on cue | control on cue |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for spec in specs:
         probes = mask_free_probes(spec.cue, spec.seed, 64, spec.base)
         cue_masks = truth_probes(spec.cue, spec.seed, 64, spec.base).spurious_masks
@@ -248,13 +320,15 @@ def main() -> None:
             for row in score(model, probes, args.pairs, designs, epoch, cue_masks, ARCHS[spec.arch]):
                 records.append({"model": spec.name, "variant": spec.variant, "epoch": epoch, **row})
                 print(f"| {spec.name} | {epoch} | {row['accuracy']:.2f} | {row['box']} | {row['control']} | "
-                      f"{row['place']} | {row['wins']}:{row['losses']} | {row['p']:.2g} | {row['pairs']} | "
+                      f"{row['place']} | {row['window']} | {row['recipient']} | {row['wins']}:{row['losses']} | "
+                      f"{row['p']:.2g} | {row['pairs']} | "
                       f"{row['candidate_on_cue']} | {row['control_on_cue']} |", flush=True)
     summary = summarise(records)
-    print("\n| box | control | place | control evaluations | with p < 0.01 | worst control wins:losses | "
-          "shortcut median wins | shortcut controls on the cue |\n|---|---|---|---|---|---|---|---|")
+    print("\n| box | control | place | window | recipient | control evaluations | with p < 0.01 | worst control "
+          "wins:losses | shortcut median wins | shortcut controls on the cue |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in summary:
-        print(f"| {r['box']} | {r['control']} | {r['place']} | {r['control_evaluations']} | "
+        print(f"| {r['box']} | {r['control']} | {r['place']} | {r['window']} | {r['recipient']} | "
+              f"{r['control_evaluations']} | "
               f"{r['control_p_below_0.01']} | {r['worst_control']} | {r['shortcut_median_wins']} | "
               + ("-" if r["shortcut_control_on_cue"] is None else f"{r['shortcut_control_on_cue']:.0%}") + " |")
     write_json({"machine": machine(), "epochs": args.epochs, "pairs": args.pairs, "specs": args.specs.split(","),
