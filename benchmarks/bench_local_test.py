@@ -325,7 +325,8 @@ def main() -> None:
                       f"{row['candidate_on_cue']} | {row['control_on_cue']} |", flush=True)
     summary = summarise(records)
     print("\n| box | control | place | window | recipient | control evaluations | with p < 0.01 | worst control "
-          "wins:losses | shortcut median wins | shortcut controls on the cue |\n|---|---|---|---|---|---|---|---|---|---|")
+          "wins:losses | shortcut median wins | shortcut controls on the cue |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
     for r in summary:
         print(f"| {r['box']} | {r['control']} | {r['place']} | {r['window']} | {r['recipient']} | "
               f"{r['control_evaluations']} | "

@@ -23,33 +23,34 @@ level and spread). The recipient is given the source's per-channel mean and stan
 test carries the source's colour statistics and nothing of its structure, the control the source's
 whole structure and none of its colour statistics.
 
-**Global cues** (a texture, a grating, a background pattern: no one place). The recipient keeps
-its phase (its structure) and is given the Fourier amplitude of the source's background: the
-source with its most-credited :data:`~cam_monitor.interventions.OBJECT_SHARE` of pixels (its object, as its own map sees it)
-filled with the mean of the rest. The control gives it the amplitude of the source's object: the
-source with everything but that share filled. Both are whole-image statistics of part of the same
-source, so both degrade the recipient alike; a stationary cue fills three times the area of the
-background than of the object, and an object's class (its edges, orientation, size: a spectrum
-carries them, measured on Drawn Shapes) is in the object's share. The test needs maps that cover
-the object; where they do not, its control is weaker (see the reference).
+**Global cues** (a texture, a grating, a background pattern: no one place). The recipient keeps its
+phase (its structure) and is given the Fourier amplitude of the source's background: the source
+with its most-credited :data:`~cam_monitor.interventions.OBJECT_SHARE` of pixels (its object, as
+its own map sees it) filled with the mean of the rest. The control gives it the amplitude of the
+source's object: the source with everything but that share filled. Both are whole-image statistics
+of part of the same source, so both degrade the recipient alike; a stationary cue fills three times
+the area of the background than of the object, and an object's class (its edges, orientation, size:
+a spectrum carries them, measured on Drawn Shapes) is in the object's share. The test needs maps
+that cover the object; where they do not, its control is weaker (see the reference).
 
 **Border cues** (a frame, a scanner's margin, letterboxing, a tag or ruler along the edge: spread
 along the border, neither one window nor an image statistic). The recipient gets the source's
 border band (``border_band`` of each side, :func:`~cam_monitor.metrics.border_mask`) and, as the
-control, the source's pixels of the next band inward, at least as many (:func:`~cam_monitor.interventions.border_bands`).
-Objects sit inside the frame more often than on it, so under the null the inner band carries at
-least as much of the source's class; a model that follows the outer band more reads the border.
+control, the source's pixels of the next band inward, at least as many
+(:func:`~cam_monitor.interventions.border_bands`). Objects sit inside the frame more often than on
+it, so under the null the inner band carries at least as much of the source's class; a model that
+follows the outer band more reads the border.
 
-**Detail cues** (a texture, a grating, a noise pattern, a stamp: anything a model can read
-inside one cell of the grid, wherever the cell sits). The candidate's own image with its cells
-shuffled (:func:`~cam_monitor.interventions.shuffled_cells`: what lies inside each cell kept, their arrangement lost) against,
-as the control, the candidate blurred at the scale of a cell (:func:`~cam_monitor.interventions.blurred_cells`: the
-arrangement kept, detail finer than half a cell lost). A *flip* here is the image keeping the
-candidate's class. A model that reads shapes larger than a cell keeps its class on the blur more
-often than on the shuffle; one that reads detail within cells, the reverse. Its null is that the
-classes are told by shapes spanning several cells (measured on both zoo bases: see the
-reference); where the classes themselves are textures, it reports the texture, which is then no
-shortcut (turn it off).
+**Detail cues** (a texture, a grating, a noise pattern, a stamp: anything a model can read inside
+one cell of the grid, wherever the cell sits). The candidate's own image with its cells shuffled
+(:func:`~cam_monitor.interventions.shuffled_cells`: what lies inside each cell kept, their
+arrangement lost) against, as the control, the candidate blurred at the scale of a cell
+(:func:`~cam_monitor.interventions.blurred_cells`: the arrangement kept, detail finer than half a
+cell lost). A *flip* here is the image keeping the candidate's class. A model that reads shapes
+larger than a cell keeps its class on the blur more often than on the shuffle; one that reads
+detail within cells, the reverse. Its null is that the classes are told by shapes spanning several
+cells (measured on both zoo bases: see the reference); where the classes themselves are textures,
+it reports the texture, which is then no shortcut (turn it off).
 
 Budget: ``budget`` x the number of probes pasted images per evaluation (tests and controls),
 inference forwards only; the arms share it equally at the first evaluation, then half equally and
@@ -161,9 +162,9 @@ class DiscoverySettings:
     def arms_on(self, grid: tuple[int, int], image_size: tuple[int, int]) -> tuple[str, ...]:
         """The arms that run on a layer of ``grid`` cells and images of ``image_size``: :attr:`arms`
         less the border arm where the images have no inner band as large as the border band
-        (:func:`~cam_monitor.interventions.border_bands`) and the detail arm on a grid too coarse (:func:`detail_runs`). Fixed
-        for a run, so the evidence is the mean of the arms that can gather any: an arm that cannot
-        run would hold its detector at 1 and dilute the others'."""
+        (:func:`~cam_monitor.interventions.border_bands`) and the detail arm on a grid too coarse
+        (:func:`detail_runs`). Fixed for a run, so the evidence is the mean of the arms that can
+        gather any: an arm that cannot run would hold its detector at 1 and dilute the others'."""
         can = {"border": border_bands(image_size, self.border_band) is not None, "detail": detail_runs(grid)}
         return tuple(a for a in self.arms if can.get(a, True))
 
