@@ -12,11 +12,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .discovery import MIN_DETAIL_GRID, detail_runs, window_side
+from .discovery import MIN_DETAIL_GRID, window_side
 from .engine import CAMResult
 from .errors import CAMError, InputError
 from .evaluation import EvalSettings, Placement, spurious_regions
-from .interventions import border_bands
 from .metrics import energy_fraction_bounds, enrichment_ceiling, pointing_always_hits
 from .probes import ProbeSet
 
@@ -152,11 +151,12 @@ def discovery_findings(grid: tuple[int, int], layer: str, probes: ProbeSet, sett
                    f"{layer!r}) covers {share:.0%} of the image: the local paste test cannot tell a small cue from "
                    "the object here (the global and border tests still run); target an earlier layer (a finer grid) "
                    "or lower DiscoverySettings(box_cells=...)")
-    if found.enabled and found.border_test and border_bands(probes.image_size, found.border_band) is None:
+    idle = set(found.arms) - set(found.arms_on(grid, probes.image_size)) if found.enabled else set()
+    if "border" in idle:
         out.append(f"discovery's border test needs an inner band as large as its border band, and "
                    f"{probes.image_size[0]}x{probes.image_size[1]} images have none: it does not run; "
                    "use DiscoverySettings(border_test=False)")
-    if found.enabled and found.detail_test and not detail_runs(grid):
+    if "detail" in idle:
         out.append(f"discovery's detail test needs a grid of at least {MIN_DETAIL_GRID}x{MIN_DETAIL_GRID} cells "
                    f"(on fewer a cell holds a whole object), and layer {layer!r} gives {grid[0]}x{grid[1]}: it does "
                    "not run; target an earlier layer (a finer grid) or use DiscoverySettings(detail_test=False)")
