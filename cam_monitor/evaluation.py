@@ -275,7 +275,7 @@ def evaluate(model: nn.Module, probes: ProbeSet, settings: EvalSettings, placeme
         found = discover(maps, probes, targets, preds, sharded_predict(model, settings, placement), found_settings,
                          step=global_step, evidence=prior)
         per_probe.update(found.per_probe(len(probes)))
-        accumulated = prior.update(found.diffs(by_class=per_class), found_settings.bet, found_settings.min_effect)
+        accumulated = prior.update(found.streams(by_class=per_class), found_settings.bet, found_settings.min_effect)
     aggregates = aggregate(per_probe, maps, probes)
     if found is not None and accumulated is not None:
         aggregates.update(found.aggregates())

@@ -12,10 +12,13 @@ more potent than its control": ``E[x - y] <= min_effect``.
   ``e = prod(1 + bet * (x - y - min_effect))``, an e-value under the null (a product of factors of
   mean at most 1). :class:`EvidenceState` keeps, per stream, the CUSUM form of these products
   (``M_t = e_t * max(1, M_{t-1})``, an e-detector: Shin, Ramdas and Rinaldo 2023). The streams
-  are each arm's pairs pooled over classes (``local``, ``global``) and the local arm's pairs of
-  one candidate class (``local/3``): a cue in one class of ten is diluted tenfold in the pooled
-  stream, not in its own. The statistic is a fixed mixture: half the mean of the pooled streams,
-  half the mean of the per-class streams over the probe set's classes. A mixture of e-detectors with fixed
+  are each arm's pairs pooled over classes (``local``, ``global``), every arm's pairs together
+  (``all``: a cue that shows a little in several arms, as a corner patch does in the local,
+  border and detail arms, adds up there instead of being averaged with each arm alone) and the
+  local arm's pairs of one candidate class (``local/3``): a cue in one class of ten is diluted
+  tenfold in the pooled stream, not in its own. The statistic is a fixed mixture: half the mean of
+  the arms' streams, half the ``all`` stream; with per-class streams that is half the statistic,
+  the other half the mean of the per-class streams over the probe set's classes. A mixture of e-detectors with fixed
   weights is an e-detector, so crossing ``1 / alpha`` under the null takes at least ``1 / alpha``
   evaluations on average (average run length) under any dependence between the streams, and
   ``alpha`` is the false-alarm rate per evaluation. Which class gets how many pairs may depend on
@@ -68,6 +71,10 @@ def check_bet(bet: float, min_effect: float) -> None:
         raise ValueError(f"bet must be in (0, 1 / (1 + min_effect)) = (0, {1 / (1 + min_effect):.4g}), got {bet!r}")
 
 
+#: The stream of every arm's pairs together.
+ALL = "all"
+
+
 def stream(arm: str, cls: int | None = None) -> str:
     """The name of an evidence stream: an arm's pooled pairs (``local``) or one class's (``local/3``)."""
     return arm if cls is None else f"{arm}/{cls}"
@@ -95,10 +102,10 @@ class EvidenceState:
         return math.exp(self.log_detector.get(name, 0.0))
 
     def value(self, arms: tuple[str, ...], classes: tuple[int, ...] = (), per_class_arm: str = "local") -> float:
-        """The statistic: the mean over ``arms`` of their pooled e-detectors; with ``classes`` (fixed
-        for the run: the probe set's), half that and half the mean of ``per_class_arm``'s per-class
-        detectors over ``classes``."""
-        pooled = sum(self.detector(stream(a)) for a in arms) / len(arms)
+        """The statistic: half the mean over ``arms`` of their e-detectors, half the :data:`ALL`
+        stream's; with ``classes`` (fixed for the run: the probe set's), half that and half the mean
+        of ``per_class_arm``'s per-class detectors over ``classes``."""
+        pooled = 0.5 * sum(self.detector(stream(a)) for a in arms) / len(arms) + 0.5 * self.detector(ALL)
         if not classes:
             return pooled
         per_class = sum(self.detector(stream(per_class_arm, k)) for k in classes) / len(classes)

@@ -37,15 +37,28 @@ def test_the_evalue_bets_on_each_pair_less_the_margin() -> None:
 def test_the_detector_restarts_at_one_holds_without_pairs_and_is_capped() -> None:
     state = EvidenceState(cap=math.log(50))
     against = state.update({"local": torch.tensor([-1, -1])}, 0.5, 0.0)
-    assert against.value(("local",)) == pytest.approx(0.25)
+    assert against.detector("local") == pytest.approx(0.25)
     back = against.update({"local": torch.tensor([1])}, 0.5, 0.0)
-    assert back.value(("local",)) == pytest.approx(1.5)  # restarts from 1, not from 0.25
+    assert back.detector("local") == pytest.approx(1.5)  # restarts from 1, not from 0.25
     held = back.update({"local": torch.zeros(0)}, 0.5, 0.0)
     assert held.log_detector == back.log_detector
     capped = back.update({"local": torch.ones(20)}, 0.5, 0.0)
-    assert capped.value(("local",)) == pytest.approx(50)
-    assert capped.value(("local", "global")) == pytest.approx(25.5)  # the mean over arms; untested counts 1
+    assert capped.detector("local") == pytest.approx(50)
+    assert capped.detector("global") == 1.0  # a stream never tested
     assert EvidenceState.from_state(capped.state_dict()) == capped
+
+
+def test_the_statistic_is_half_the_arms_mean_half_the_all_arms_stream() -> None:
+    state = EvidenceState({"local": math.log(50), "all": math.log(10)})
+    assert state.value(("local", "global")) == pytest.approx(0.5 * (50 + 1) / 2 + 0.5 * 10)  # untested counts 1
+    per_class = EvidenceState({"local": math.log(50), "all": math.log(10), "local/3": math.log(8)})
+    assert per_class.value(("local", "global"), (3, 4)) == pytest.approx(
+        0.5 * (0.5 * 25.5 + 0.5 * 10) + 0.5 * (8 + 1) / 2)
+
+
+def _with_all(diffs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The arms' pairs and every arm's pairs together (the ``all`` stream), as discovery gives them."""
+    return {**diffs, "all": torch.cat(list(diffs.values()))}
 
 
 def _null_pairs(n: int, effect: float, gen: torch.Generator, discordant: float = 0.3) -> torch.Tensor:
@@ -65,8 +78,8 @@ def test_the_false_alarm_rate_per_evaluation_is_at_most_alpha_on_null_evaluation
     for _ in range(100):
         state = EvidenceState(cap=2 * math.log(1 / alpha))
         for _ in range(50):
-            state = state.update({"local": _null_pairs(32, effect, gen), "global": _null_pairs(32, effect, gen)},
-                                 bet, min_effect)
+            state = state.update(_with_all({"local": _null_pairs(32, effect, gen),
+                                            "global": _null_pairs(32, effect, gen)}), bet, min_effect)
             evaluations += 1
             if state.value(("local", "global")) >= 1 / alpha:
                 alarms += 1
@@ -79,7 +92,7 @@ def test_a_cue_a_third_more_potent_than_its_control_is_confirmed_within_three_ev
     state = EvidenceState(cap=2 * math.log(1e3))
     values = []
     for _ in range(3):
-        state = state.update({"local": _null_pairs(32, 0.33, gen, discordant=0.4)}, 0.7, 0.05)
+        state = state.update(_with_all({"local": _null_pairs(32, 0.33, gen, discordant=0.4)}), 0.7, 0.05)
         values.append(state.value(("local", "global")))
     assert values[-1] >= 1e3, values
 
@@ -102,7 +115,7 @@ def _run_streams(effects: dict[int, float], evaluations: int, seed: int, alpha: 
         pairs = recipients_of(suspects, labels, labels, 32, torch.Generator().manual_seed(seed * 1000 + e), weights)
         cls = torch.tensor([suspects[s].cls for s, _ in pairs])
         d = torch.stack([_null_pairs(1, effects.get(int(k), 0.0), gen, discordant=0.6)[0] for k in cls])
-        diffs = {"local": d, **{stream("local", int(k)): d[cls == k] for k in cls.unique()}}
+        diffs = {"local": d, "all": d, **{stream("local", int(k)): d[cls == k] for k in cls.unique()}}
         state = state.update(diffs, 0.7, 0.05)
         out.append((state.value(("local",), classes), state.value(("local",))))
     return out
@@ -158,7 +171,7 @@ def test_evidence_led_arm_allocation_keeps_the_false_alarm_rate_and_finds_the_on
         for _ in range(evaluations):
             weights = {a: state.detector(a) for a in arms} if follow and state.log_detector else None
             shares = arm_shares(48, arms, weights)
-            state = state.update({a: _null_pairs(shares[a], effects[a], gen) for a in arms}, bet, margin)
+            state = state.update(_with_all({a: _null_pairs(shares[a], effects[a], gen) for a in arms}), bet, margin)
             out.append(state.value(arms))
         return out
 
@@ -175,3 +188,48 @@ def test_evidence_led_arm_allocation_keeps_the_false_alarm_rate_and_finds_the_on
     led = [first(run(cue, seed, True, 8)) for seed in range(20)]
     equal = [first(run(cue, seed, False, 8)) for seed in range(20)]
     assert max(led) <= 3 and sum(led) <= sum(equal), (led, equal)
+
+
+def _first_crossings(effects: list[tuple[float, float]], runs: int, alpha: float = 1e-3, evaluations: int = 8,
+                     pairs: int = 16) -> tuple[list[int], list[int]]:
+    """Per run, the first evaluation the statistic crosses ``1 / alpha`` (99: never), with the
+    ``all`` stream and under the arms' mean alone, for arms whose pairs win and lose at the given
+    rates (16 pairs each per evaluation, as four arms share the first evaluation of 64 probes)."""
+    arms = tuple(f"arm{i}" for i in range(len(effects)))
+    gen = torch.Generator().manual_seed(0)
+    mixed, mean = [], []
+    for _ in range(runs):
+        state, first = EvidenceState(cap=2 * math.log(1 / alpha)), [99, 99]
+        for e in range(evaluations):
+            diffs = {}
+            for arm, (win, loss) in zip(arms, effects):
+                u = torch.rand(pairs, generator=gen)
+                diffs[arm] = torch.where(u < win, 1, torch.where(u < win + loss, -1, 0))
+            state = state.update(_with_all(diffs), 0.7, 0.05)
+            arm_mean = sum(state.detector(a) for a in arms) / len(arms)
+            for k, value in enumerate((state.value(arms), arm_mean)):
+                if value > 1 / alpha and first[k] == 99:
+                    first[k] = e
+        mixed.append(first[0])
+        mean.append(first[1])
+    return mixed, mean
+
+
+def test_a_cue_seen_by_several_arms_adds_up_in_the_all_stream() -> None:
+    """A corner patch moves the local, border and detail arms a little each: averaged arm by arm
+    the evidence crosses late; pooled it crosses by the second evaluation in most runs."""
+    mixed, mean = _first_crossings([(0.4, 0.05)] * 3 + [(0.1, 0.1)], runs=200)
+    by_second = lambda firsts: sum(f <= 1 for f in firsts) / len(firsts)  # noqa: E731
+    assert by_second(mixed) > 0.4 and by_second(mean) < 0.2, (by_second(mixed), by_second(mean))
+    strong_one = _first_crossings([(0.6, 0.02)] + [(0.1, 0.1)] * 3, runs=200)
+    assert max(strong_one[0]) <= 3 and max(strong_one[1]) <= 3  # a cue one arm sees: the mean half still finds it
+
+
+def test_the_all_stream_keeps_the_false_alarm_rate_at_the_worst_case_null() -> None:
+    """Every arm's candidates ``min_effect`` more potent than their controls: the statistic with the
+    ``all`` stream crosses in at most alpha of the evaluations."""
+    alpha = 0.02
+    firsts, _ = _first_crossings([(0.175, 0.125)] * 4, runs=100, alpha=alpha, evaluations=30)
+    alarms = sum(f != 99 for f in firsts)
+    evaluations = sum(f + 1 if f != 99 else 30 for f in firsts)  # a run stops at its alarm
+    assert alarms / evaluations <= alpha, (alarms, evaluations)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import warnings
 
 import pytest
@@ -203,11 +204,17 @@ def test_a_brightness_cast_is_confirmed_by_the_colour_statistics_swap(tmp_path) 
     assert "strongest test: colour statistics" in describe_alert(run.alerts[0])
 
 
-def test_a_border_frame_is_confirmed_by_the_border_band_and_the_alert_says_so(tmp_path) -> None:
-    """A one-pixel frame: neither one window nor an image statistic; the band swap finds it."""
+@pytest.fixture(scope="module")
+def border_frame_run(tmp_path_factory):
+    """A two-epoch fit of the border-frame shortcut (shared: it costs a fit)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        run = run_task("border_frame", "shortcut", 0, 2, str(tmp_path))
+        return run_task("border_frame", "shortcut", 0, 2, str(tmp_path_factory.mktemp("border_frame")))
+
+
+def test_a_border_frame_is_confirmed_by_the_border_band_and_the_alert_says_so(border_frame_run) -> None:
+    """A one-pixel frame: neither one window nor an image statistic; the band swap finds it."""
+    run = border_frame_run
     assert run.gap_epoch == 0 and run.first_alert_epoch == 1 and "shortcut_confirmed" in run.monitor.active_alerts
     assert run.rows[0]["cam/shortcut_evidence"] > 100  # at the first evaluation: 16 border pairs, a quarter of them
     assert all(r["cam/border_flip_excess"] > 0.8 for r in run.rows)
@@ -220,3 +227,23 @@ def _truth_mask(split, image: torch.Tensor) -> torch.Tensor:
     """The decoy mask of the validation image equal to ``image``."""
     (i,) = (split.images.flatten(1) == image.flatten()).all(1).nonzero()[:, 0].tolist()[:1]
     return split.spurious_masks[i]
+
+
+def test_the_zoo_records_the_evidence_streams_and_replays_the_alert_from_them(border_frame_run) -> None:
+    """Each row keeps the monitor's evidence streams; the monitor's own statistic of them is the
+    logged evidence, and replaying the alert under it gives the run's alert and its end state."""
+    from cam_monitor.demo.zoo import replayed
+    from cam_monitor.discovery import DiscoverySettings
+    from cam_monitor.evidence import EvidenceState
+
+    run = border_frame_run
+    arms = DiscoverySettings().arms_on((8, 8), (32, 32))
+    own = lambda logs: EvidenceState(dict(logs)).value(arms)  # noqa: E731
+    for row in run.rows:
+        assert set(row["evidence_streams"]) == {*arms, "all"}
+        assert own(row["evidence_streams"]) == pytest.approx(row["cam/shortcut_evidence"])
+    assert replayed(run.rows, own) == (run.confirmed_epoch, run.active_at_end) and run.confirmed_epoch is not None
+    never = lambda logs: 1.0  # noqa: E731
+    assert replayed(run.rows, never) == (None, False)
+    cleared = [{**row, "evidence_streams": {"all": v}} for row, v in zip(run.rows, (math.log(2e3), 0.0))]
+    assert replayed(cleared, lambda logs: math.exp(logs["all"])) == (0, False)  # fired at 2e3, cleared at 1

@@ -9,7 +9,7 @@ found by itself. ``benchmarks/bench_zoo.py`` runs the table; the tests run reduc
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 
@@ -62,6 +62,39 @@ class ZooRun(ZooRecord):
         return "shortcut_confirmed" in self.monitor.active_alerts
 
 
+class EvidenceTrace(L.Callback):
+    """After each validation, the monitor's evidence streams (:class:`~cam_monitor.evidence.EvidenceState`,
+    log of each e-detector): what a benchmark needs to restate the run under another mixture of
+    the same streams. Listed after the monitor, so it reads the evidence the monitor just updated."""
+
+    def __init__(self, monitor: CAMMonitor) -> None:
+        self.monitor = monitor
+        self.rows: list[dict[str, float]] = []
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        evidence = self.monitor.monitor.evidence
+        self.rows.append({} if evidence is None else dict(evidence.log_detector))
+
+
+def replayed(rows: list[dict[str, Any]], statistic: Callable[[dict[str, float]], float],
+             alpha: float = 1e-3) -> tuple[int | None, bool]:
+    """``shortcut_confirmed`` replayed on a zoo run's recorded ``evidence_streams`` under another
+    ``statistic`` of the same streams (log e-detectors -> value): the first epoch it would have
+    fired (above ``1 / alpha``, patience 1) and whether it would be active after the last evaluation (it
+    clears at 1). The pairs a run draws follow each arm's and class's own stream, never the
+    statistic, so the replay is the run the other statistic would have had."""
+    first, active = None, False
+    for row in rows:
+        value = statistic(row["evidence_streams"])
+        if not active and value > 1 / alpha:
+            active, first = True, row["epoch"] if first is None else first
+        elif active and value <= 1.0:
+            active = False
+    return first, active
+
+
 def truth_probes(cue: str, seed: int, num_probes: int = 64, base: str = "digits") -> ProbeSet:
     """Class-balanced probes from the task's validation split with their true cue and object
     masks: for benchmarks that score where a mask-free test looked, never for the monitor."""
@@ -88,12 +121,13 @@ def run_task(cue: str, variant: str, seed: int, epochs: int, root: str, *, num_p
               "pictures": PictureSettings(every_n_evals=0), **monitor_kwargs}
     probes = mask_free_probes(cue, seed, num_probes, base)
     monitor = CAMMonitor(probes=probes, log_dir=f"{root}/cam_monitor", **kwargs)
+    trace = EvidenceTrace(monitor)
     trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, deterministic=True, logger=False,
-                        callbacks=[accuracy, monitor], enable_checkpointing=False, enable_model_summary=False,
+                        callbacks=[accuracy, monitor, trace], enable_checkpointing=False, enable_model_summary=False,
                         enable_progress_bar=False, default_root_dir=root, num_sanity_val_steps=0,
                         limit_train_batches=limit_train_batches)
     model = DigitClassifier(arch=arch, in_channels=probes.images.shape[1], image_size=probes.image_size[0])
     trainer.fit(model, data)
-    rows = [{**acc, **{k: v for k, v in hist.items() if k.startswith("cam/")}}
-            for acc, hist in zip(accuracy.rows, monitor.history)]
+    rows = [{**acc, **{k: v for k, v in hist.items() if k.startswith("cam/")}, "evidence_streams": streams}
+            for acc, hist, streams in zip(accuracy.rows, monitor.history, trace.rows, strict=True)]
     return ZooRun(cue, variant, seed, rows, list(monitor.alerts), monitor, model)
