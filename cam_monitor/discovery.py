@@ -68,7 +68,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from .evidence import ALL, EvidenceState, check_bet, holm, sign_test_p, stream
+from .evidence import EvidenceState, check_bet, holm, sign_test_p, stream
 from .interventions import (MAX_BORDER_BAND, Box, Paste, banded_images, border_bands, colour_images, detail_images,
                             object_regions, pasted_images, spectrum_images)
 from .probes import ProbeSet
@@ -249,13 +249,6 @@ class Discovery:
             cls = torch.tensor([self.suspects[t.suspect].cls for t in self.tests], dtype=torch.long)
             for k in cls.unique().tolist():
                 out[stream(LOCAL, k)] = out[LOCAL][cls == k]
-        return out
-
-    def streams(self, by_class: bool = False) -> dict[str, torch.Tensor]:
-        """What the evidence accumulates (:meth:`EvidenceState.update`): :meth:`diffs` and every
-        arm's pairs together (:data:`~cam_monitor.evidence.ALL`)."""
-        out = self.diffs(by_class)
-        out[ALL] = torch.cat([out[arm] for arm in ARMS if arm in out])
         return out
 
     def p_value(self) -> float:

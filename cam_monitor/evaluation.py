@@ -275,13 +275,13 @@ def evaluate(model: nn.Module, probes: ProbeSet, settings: EvalSettings, placeme
         found = discover(maps, probes, targets, preds, sharded_predict(model, settings, placement), found_settings,
                          step=global_step, evidence=prior)
         per_probe.update(found.per_probe(len(probes)))
-        accumulated = prior.update(found.streams(by_class=per_class), found_settings.bet, found_settings.min_effect)
+        arms = found_settings.arms_on(tuple(maps.shape[-2:]), probes.image_size)
+        accumulated = prior.update(found.diffs(by_class=per_class), found_settings.bet, found_settings.min_effect,
+                                   pool=arms)
     aggregates = aggregate(per_probe, maps, probes)
     if found is not None and accumulated is not None:
         aggregates.update(found.aggregates())
-        aggregates["shortcut_evidence"] = accumulated.value(
-            found_settings.arms_on(tuple(maps.shape[-2:]), probes.image_size),
-            probe_classes(probes) if found_settings.per_class else ())
+        aggregates["shortcut_evidence"] = accumulated.value(arms, probe_classes(probes) if found_settings.per_class else ())
     return Evaluation(epoch=epoch, global_step=global_step, maps=maps, preds=preds,
                       probs=probs.gather(1, targets[:, None])[:, 0], per_probe=per_probe,
                       aggregates=aggregates, discovery=found, evidence=accumulated)

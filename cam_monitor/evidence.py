@@ -14,7 +14,9 @@ more potent than its control": ``E[x - y] <= min_effect``.
   (``M_t = e_t * max(1, M_{t-1})``, an e-detector: Shin, Ramdas and Rinaldo 2023). The streams
   are each arm's pairs pooled over classes (``local``, ``global``), every arm's pairs together
   (``all``: a cue that shows a little in several arms, as a corner patch does in the local,
-  border and detail arms, adds up there instead of being averaged with each arm alone) and the
+  border and detail arms, adds up there instead of being averaged with each arm alone; a pair
+  counts there only while its arm's own evidence is not against a cue, so an arm whose control
+  is the more potent does not drag it down) and the
   local arm's pairs of one candidate class (``local/3``): a cue in one class of ten is diluted
   tenfold in the pooled stream, not in its own. The statistic is a fixed mixture: half the mean of
   the arms' streams, half the ``all`` stream; with per-class streams that is half the statistic,
@@ -63,6 +65,24 @@ def log_evalue(diffs: torch.Tensor, bet: float, min_effect: float) -> float:
     return float(torch.log1p(bet * (diffs.double() - min_effect)).sum())
 
 
+def log_evalue_following(pairs: dict[str, torch.Tensor], start: dict[str, float], bet: float,
+                         min_effect: float) -> float:
+    """log of the :data:`ALL` stream's factor for one evaluation: every arm's pairs bet on
+    together, each pair only while its arm's own evidence is not against a cue (its log detector,
+    from ``start`` and its earlier pairs of this evaluation, at least 0). Whether a pair is bet on
+    depends only on pairs before it, so each factor keeps its mean at most 1 under the null; an arm
+    whose control is the more potent (the null allows that) stops costing the others after its
+    first pair against."""
+    total = 0.0
+    for arm, d in pairs.items():
+        if d.numel() == 0:
+            continue
+        factors = torch.log1p(bet * (d.double() - min_effect))
+        before = start.get(arm, 0.0) + torch.cat([factors.new_zeros(1), factors.cumsum(0)[:-1]])
+        total += float(factors[before >= 0].sum())
+    return total
+
+
 def check_bet(bet: float, min_effect: float) -> None:
     """The bet must keep every factor positive: ``0 < bet < 1 / (1 + min_effect)``."""
     if not 0 <= min_effect < 1:
@@ -88,14 +108,24 @@ class EvidenceState:
     log_detector: dict[str, float] = field(default_factory=dict)
     cap: float = math.inf
 
-    def update(self, diffs: dict[str, torch.Tensor], bet: float, min_effect: float) -> "EvidenceState":
-        """The state after one evaluation's paired differences per stream (a stream without pairs holds)."""
+    def update(self, diffs: dict[str, torch.Tensor], bet: float, min_effect: float,
+               pool: tuple[str, ...] = ()) -> "EvidenceState":
+        """The state after one evaluation's paired differences per stream (a stream without pairs
+        holds); the pairs of the arms in ``pool`` also feed :data:`ALL` (:func:`log_evalue_following`)."""
         out = dict(self.log_detector)
-        for arm, d in diffs.items():
+        for name, d in diffs.items():
             if d.numel() == 0:
                 continue
-            out[arm] = min(self.cap, max(0.0, out.get(arm, 0.0)) + log_evalue(d, bet, min_effect))
+            out[name] = self._next(out.get(name, 0.0), log_evalue(d, bet, min_effect))
+        pooled = {a: diffs[a] for a in pool if a in diffs and diffs[a].numel()}
+        if pooled:
+            step = log_evalue_following(pooled, {a: self.log_detector.get(a, 0.0) for a in pooled}, bet, min_effect)
+            out[ALL] = self._next(out.get(ALL, 0.0), step)
         return EvidenceState(out, self.cap)
+
+    def _next(self, log_detector: float, log_e: float) -> float:
+        """The CUSUM step: restart from 1 if below, multiply by this evaluation's e-value, cap."""
+        return min(self.cap, max(0.0, log_detector) + log_e)
 
     def detector(self, name: str) -> float:
         """One stream's e-detector (1.0 for a stream never tested)."""

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from cam_monitor.evidence import EvidenceState, check_bet, holm, log_evalue, sign_test_p
+from cam_monitor.evidence import EvidenceState, check_bet, holm, log_evalue, log_evalue_following, sign_test_p
 
 
 def test_the_sign_test_is_the_exact_binomial_tail_on_discordant_pairs() -> None:
@@ -56,9 +56,24 @@ def test_the_statistic_is_half_the_arms_mean_half_the_all_arms_stream() -> None:
         0.5 * (0.5 * 25.5 + 0.5 * 10) + 0.5 * (8 + 1) / 2)
 
 
-def _with_all(diffs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The arms' pairs and every arm's pairs together (the ``all`` stream), as discovery gives them."""
-    return {**diffs, "all": torch.cat(list(diffs.values()))}
+def test_the_all_stream_bets_on_a_pair_only_while_its_arm_is_not_against_a_cue() -> None:
+    win, loss = math.log(1 + 0.5 * 0.9), math.log(1 - 0.5 * 1.1)
+    pairs = {"detail": torch.tensor([1, 1, 1, -1]), "colour": torch.tensor([-1, 1, 1, 1])}
+    # detail: every pair counts (its own evidence is at least 1 before each); colour: only its first,
+    # after which its own evidence is below 1 up to its last pair (one loss outweighs two wins at 0.5)
+    assert log_evalue_following(pairs, {}, 0.5, 0.1) == pytest.approx(3 * win + loss + loss)
+    assert loss + 2 * win < 0
+    behind = {"detail": -3 * win + 0.01}  # an arm whose evidence was against a cue after the last evaluation
+    assert log_evalue_following({"detail": torch.tensor([1, 1, 1, 1])}, behind, 0.5, 0.1) == pytest.approx(win)
+    state = EvidenceState().update(pairs, 0.5, 0.1, pool=("detail", "colour"))
+    assert state.log_detector["all"] == pytest.approx(3 * win + 2 * loss)
+    assert state.log_detector["detail"] == pytest.approx(3 * win + loss)  # the arms' own streams bet on every pair
+    assert set(EvidenceState().update(pairs, 0.5, 0.1).log_detector) == {"detail", "colour"}  # nothing pooled
+
+
+def _update(state: EvidenceState, diffs: dict[str, torch.Tensor], bet: float, min_effect: float) -> EvidenceState:
+    """``state`` after one evaluation, every arm (a stream without a class) also feeding ``all``."""
+    return state.update(diffs, bet, min_effect, pool=tuple(k for k in diffs if "/" not in k))
 
 
 def _null_pairs(n: int, effect: float, gen: torch.Generator, discordant: float = 0.3) -> torch.Tensor:
@@ -78,8 +93,8 @@ def test_the_false_alarm_rate_per_evaluation_is_at_most_alpha_on_null_evaluation
     for _ in range(100):
         state = EvidenceState(cap=2 * math.log(1 / alpha))
         for _ in range(50):
-            state = state.update(_with_all({"local": _null_pairs(32, effect, gen),
-                                            "global": _null_pairs(32, effect, gen)}), bet, min_effect)
+            state = _update(state, {"local": _null_pairs(32, effect, gen),
+                                            "global": _null_pairs(32, effect, gen)}, bet, min_effect)
             evaluations += 1
             if state.value(("local", "global")) >= 1 / alpha:
                 alarms += 1
@@ -92,7 +107,7 @@ def test_a_cue_a_third_more_potent_than_its_control_is_confirmed_within_three_ev
     state = EvidenceState(cap=2 * math.log(1e3))
     values = []
     for _ in range(3):
-        state = state.update(_with_all({"local": _null_pairs(32, 0.33, gen, discordant=0.4)}), 0.7, 0.05)
+        state = _update(state, {"local": _null_pairs(32, 0.33, gen, discordant=0.4)}, 0.7, 0.05)
         values.append(state.value(("local", "global")))
     assert values[-1] >= 1e3, values
 
@@ -115,8 +130,8 @@ def _run_streams(effects: dict[int, float], evaluations: int, seed: int, alpha: 
         pairs = recipients_of(suspects, labels, labels, 32, torch.Generator().manual_seed(seed * 1000 + e), weights)
         cls = torch.tensor([suspects[s].cls for s, _ in pairs])
         d = torch.stack([_null_pairs(1, effects.get(int(k), 0.0), gen, discordant=0.6)[0] for k in cls])
-        diffs = {"local": d, "all": d, **{stream("local", int(k)): d[cls == k] for k in cls.unique()}}
-        state = state.update(diffs, 0.7, 0.05)
+        diffs = {"local": d, **{stream("local", int(k)): d[cls == k] for k in cls.unique()}}
+        state = _update(state, diffs, 0.7, 0.05)
         out.append((state.value(("local",), classes), state.value(("local",))))
     return out
 
@@ -171,7 +186,7 @@ def test_evidence_led_arm_allocation_keeps_the_false_alarm_rate_and_finds_the_on
         for _ in range(evaluations):
             weights = {a: state.detector(a) for a in arms} if follow and state.log_detector else None
             shares = arm_shares(48, arms, weights)
-            state = state.update(_with_all({a: _null_pairs(shares[a], effects[a], gen) for a in arms}), bet, margin)
+            state = _update(state, {a: _null_pairs(shares[a], effects[a], gen) for a in arms}, bet, margin)
             out.append(state.value(arms))
         return out
 
@@ -205,7 +220,7 @@ def _first_crossings(effects: list[tuple[float, float]], runs: int, alpha: float
             for arm, (win, loss) in zip(arms, effects):
                 u = torch.rand(pairs, generator=gen)
                 diffs[arm] = torch.where(u < win, 1, torch.where(u < win + loss, -1, 0))
-            state = state.update(_with_all(diffs), 0.7, 0.05)
+            state = _update(state, diffs, 0.7, 0.05)
             arm_mean = sum(state.detector(a) for a in arms) / len(arms)
             for k, value in enumerate((state.value(arms), arm_mean)):
                 if value > 1 / alpha and first[k] == 99:
@@ -221,6 +236,8 @@ def test_a_cue_seen_by_several_arms_adds_up_in_the_all_stream() -> None:
     mixed, mean = _first_crossings([(0.4, 0.05)] * 3 + [(0.1, 0.1)], runs=200)
     by_second = lambda firsts: sum(f <= 1 for f in firsts) / len(firsts)  # noqa: E731
     assert by_second(mixed) > 0.4 and by_second(mean) < 0.2, (by_second(mixed), by_second(mean))
+    against = _first_crossings([(0.4, 0.05)] * 3 + [(0.0, 1.0)], runs=200)  # a control that always flips
+    assert by_second(against[0]) > 0.4, by_second(against[0])
     strong_one = _first_crossings([(0.6, 0.02)] + [(0.1, 0.1)] * 3, runs=200)
     assert max(strong_one[0]) <= 3 and max(strong_one[1]) <= 3  # a cue one arm sees: the mean half still finds it
 

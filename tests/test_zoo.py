@@ -215,8 +215,9 @@ def border_frame_run(tmp_path_factory):
 def test_a_border_frame_is_confirmed_by_the_border_band_and_the_alert_says_so(border_frame_run) -> None:
     """A one-pixel frame: neither one window nor an image statistic; the band swap finds it."""
     run = border_frame_run
-    assert run.gap_epoch == 0 and run.first_alert_epoch == 1 and "shortcut_confirmed" in run.monitor.active_alerts
-    assert run.rows[0]["cam/shortcut_evidence"] > 100  # at the first evaluation: 16 border pairs, a quarter of them
+    # at the first evaluation: the border arm's 16 pairs and the other arms' that go with them (all stream)
+    assert run.gap_epoch == 0 and run.first_alert_epoch == 0 and "shortcut_confirmed" in run.monitor.active_alerts
+    assert run.rows[0]["cam/shortcut_evidence"] > 1000
     assert all(r["cam/border_flip_excess"] > 0.8 for r in run.rows)
     by_test = run.alerts[0]["evidence_by_test"]
     assert max(by_test, key=by_test.get) == "border" and by_test["border"] >= 1000 > by_test["local"]
@@ -239,9 +240,12 @@ def test_the_zoo_records_the_evidence_streams_and_replays_the_alert_from_them(bo
     run = border_frame_run
     arms = DiscoverySettings().arms_on((8, 8), (32, 32))
     own = lambda logs: EvidenceState(dict(logs)).value(arms)  # noqa: E731
+    replay = EvidenceState(cap=2 * math.log(1e3))
     for row in run.rows:
-        assert set(row["evidence_streams"]) == {*arms, "all"}
+        assert set(row["evidence_streams"]) == {*arms, "all"} and set(row["evidence_pairs"]) == set(arms)
         assert own(row["evidence_streams"]) == pytest.approx(row["cam/shortcut_evidence"])
+        replay = replay.update({a: torch.tensor(d) for a, d in row["evidence_pairs"].items()}, 0.7, 0.05, pool=arms)
+        assert replay.log_detector == pytest.approx(row["evidence_streams"])  # the pairs are the evidence's
     assert replayed(run.rows, own) == (run.confirmed_epoch, run.active_at_end) and run.confirmed_epoch is not None
     never = lambda logs: 1.0  # noqa: E731
     assert replayed(run.rows, never) == (None, False)

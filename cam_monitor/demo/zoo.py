@@ -64,18 +64,22 @@ class ZooRun(ZooRecord):
 
 class EvidenceTrace(L.Callback):
     """After each validation, the monitor's evidence streams (:class:`~cam_monitor.evidence.EvidenceState`,
-    log of each e-detector): what a benchmark needs to restate the run under another mixture of
-    the same streams. Listed after the monitor, so it reads the evidence the monitor just updated."""
+    log of each e-detector) and the evaluation's paired differences per arm, in the order they
+    were bet on: what a benchmark needs to replay the run under another statistic (the pairs drawn
+    follow each arm's own stream, not the statistic). Listed after the monitor, so it reads the
+    evaluation the monitor just made."""
 
     def __init__(self, monitor: CAMMonitor) -> None:
         self.monitor = monitor
-        self.rows: list[dict[str, float]] = []
+        self.rows: list[dict[str, Any]] = []
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        evidence = self.monitor.monitor.evidence
-        self.rows.append({} if evidence is None else dict(evidence.log_detector))
+        evidence, ev = self.monitor.monitor.evidence, self.monitor.last_evaluation
+        found = None if ev is None else ev.discovery
+        self.rows.append({"evidence_streams": {} if evidence is None else dict(evidence.log_detector),
+                          "evidence_pairs": {} if found is None else {a: d.tolist() for a, d in found.diffs().items()}})
 
 
 def replayed(rows: list[dict[str, Any]], statistic: Callable[[dict[str, float]], float],
@@ -128,6 +132,6 @@ def run_task(cue: str, variant: str, seed: int, epochs: int, root: str, *, num_p
                         limit_train_batches=limit_train_batches)
     model = DigitClassifier(arch=arch, in_channels=probes.images.shape[1], image_size=probes.image_size[0])
     trainer.fit(model, data)
-    rows = [{**acc, **{k: v for k, v in hist.items() if k.startswith("cam/")}, "evidence_streams": streams}
-            for acc, hist, streams in zip(accuracy.rows, monitor.history, trace.rows, strict=True)]
+    rows = [{**acc, **{k: v for k, v in hist.items() if k.startswith("cam/")}, **traced}
+            for acc, hist, traced in zip(accuracy.rows, monitor.history, trace.rows, strict=True)]
     return ZooRun(cue, variant, seed, rows, list(monitor.alerts), monitor, model)
