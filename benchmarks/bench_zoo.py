@@ -14,6 +14,7 @@ medians of interleaved repeats on the last model).
 
     python benchmarks/bench_zoo.py [--seeds 5] [--epochs 6] [--base shapes] [--global-test]
     python benchmarks/bench_zoo.py --merge a.json b.json --out all.json   # runs split over processes
+    python benchmarks/bench_zoo.py --merge all.json --replay arm_mean --out old.json  # same runs, older statistic
 
 Prints a Markdown table and writes ``benchmarks/results/zoo_cpu.json``.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import statistics
 import sys
 import tempfile
@@ -36,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine import default_result_path, machine, time_interleaved, write_json  # noqa: E402
 
 from cam_monitor.demo.data import BASES, CUES  # noqa: E402
-from cam_monitor.demo.zoo import ZooRecord, ZooRun, run_task  # noqa: E402
+from cam_monitor.demo.zoo import ZooRecord, ZooRun, replayed, run_task  # noqa: E402
 from cam_monitor.discovery import DiscoverySettings, discover  # noqa: E402
 from cam_monitor.engine import predict_classes  # noqa: E402
 
@@ -78,6 +80,25 @@ def merge(paths: list[str]) -> tuple[list[SavedRun], list[dict]]:
     runs = [SavedRun(r["task"], r["variant"], r["seed"], r["epochs"], r["alerts"], r["active_at_end"])
             for result in results for r in result["runs"]]
     return runs, results
+
+
+def arm_mean(row: dict) -> float:
+    """The statistic before the ``all`` stream: the mean of the e-detectors of the arms that ran."""
+    arms = list(row["evidence_pairs"])
+    return sum(math.exp(row["evidence_streams"].get(a, 0.0)) for a in arms) / max(1, len(arms))
+
+
+#: Statistics a recorded run can be replayed under (``--replay``): name -> value of one row.
+REPLAYS = {"arm_mean": arm_mean}
+
+
+def replay(run: SavedRun, statistic: str) -> SavedRun:
+    """``run`` with its ``shortcut_confirmed`` alert replayed under :data:`REPLAYS` ``[statistic]``
+    from its recorded evidence (the other rules' alerts kept as they were)."""
+    first, active = replayed(run.rows, REPLAYS[statistic])
+    kept = [a for a in run.alerts if a["rule"] != "shortcut_confirmed"]
+    fired = [] if first is None else [{"epoch": first, "rule": "shortcut_confirmed", "replayed": statistic}]
+    return SavedRun(run.cue, run.variant, run.seed, run.rows, kept + fired, active)
 
 
 def summarise(runs: list[ZooRun] | list[SavedRun]) -> list[dict]:
@@ -137,16 +158,26 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=20, help="interleaved repeats of the cost measurement")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/zoo_cpu.json)")
     p.add_argument("--merge", nargs="+", default=None, help="result files to combine into one table (no runs)")
+    p.add_argument("--replay", choices=sorted(REPLAYS), default=None,
+                   help="with --merge: replay every run's shortcut_confirmed under another statistic of its "
+                        "recorded evidence (arm_mean: the arms' mean alone, the statistic before the all stream)")
     args = p.parse_args()
+    if args.replay and not args.merge:
+        p.error("--replay needs --merge (it restates recorded runs)")
     if args.merge:
         saved, results = merge(args.merge)
+        if args.replay:
+            saved = [replay(r, args.replay) for r in saved]
         first, rows = results[0], summarise(saved)
         print_table(rows, first["cost"])
         write_json({"machine": first["machine"], "arch": first["arch"], "base": first.get("base", "digits"),
                     "epochs": first["epochs"], "global_test": first.get("global_test", False),
                     "seeds": sorted({r.seed for r in saved}), "tasks": rows,
                     "cost": first["cost"], "merged_from": [Path(p).name for p in args.merge],
-                    "runs": [r for result in results for r in result["runs"]]},
+                    "replayed_under": args.replay,
+                    "runs": [r for result in results for r in result["runs"]] if not args.replay else
+                    [{"task": r.cue, "variant": r.variant, "seed": r.seed, "alerts": r.alerts,
+                      "active_at_end": r.active_at_end} for r in saved]},
                    args.out or default_result_path("zoo", torch.device("cpu")))
         return
     warnings.filterwarnings("ignore")

@@ -239,15 +239,14 @@ def test_the_zoo_records_the_evidence_streams_and_replays_the_alert_from_them(bo
 
     run = border_frame_run
     arms = DiscoverySettings().arms_on((8, 8), (32, 32))
-    own = lambda logs: EvidenceState(dict(logs)).value(arms)  # noqa: E731
+    own = lambda row: EvidenceState(dict(row["evidence_streams"])).value(arms)  # noqa: E731
     replay = EvidenceState(cap=2 * math.log(1e3))
     for row in run.rows:
         assert set(row["evidence_streams"]) == {*arms, "all"} and set(row["evidence_pairs"]) == set(arms)
-        assert own(row["evidence_streams"]) == pytest.approx(row["cam/shortcut_evidence"])
+        assert own(row) == pytest.approx(row["cam/shortcut_evidence"])
         replay = replay.update({a: torch.tensor(d) for a, d in row["evidence_pairs"].items()}, 0.7, 0.05, pool=arms)
         assert replay.log_detector == pytest.approx(row["evidence_streams"])  # the pairs are the evidence's
     assert replayed(run.rows, own) == (run.confirmed_epoch, run.active_at_end) and run.confirmed_epoch is not None
-    never = lambda logs: 1.0  # noqa: E731
-    assert replayed(run.rows, never) == (None, False)
+    assert replayed(run.rows, lambda row: 1.0) == (None, False)
     cleared = [{**row, "evidence_streams": {"all": v}} for row, v in zip(run.rows, (math.log(2e3), 0.0))]
-    assert replayed(cleared, lambda logs: math.exp(logs["all"])) == (0, False)  # fired at 2e3, cleared at 1
+    assert replayed(cleared, lambda row: math.exp(row["evidence_streams"]["all"])) == (0, False)  # fired, cleared at 1
