@@ -17,6 +17,7 @@ from typing import Any, Callable, Literal
 import torch
 
 from .discovery import TEST_NAMES
+from .evidence import ALL
 from .imports import import_callable
 from .records import Alert, AlertEvent, ShortcutRegion
 
@@ -268,12 +269,16 @@ def describe_alert(alert: Alert) -> str:
 
 def strongest_test(alert: Alert) -> str | None:
     """The confirmation test with the most evidence behind a shortcut alert, in words with its
-    evidence (``the border band (band swap), evidence 4.5e+04``); None for other alerts."""
+    evidence (``the border band (band swap), evidence 4.5e+04``), and every test's pairs together
+    where the alert has them (a cue several tests see a little can cross on those alone); None for
+    other alerts."""
     tests = alert.get("evidence_by_test")
-    if not tests:
+    arms = [a for a in tests or {} if a != ALL]
+    if not arms:
         return None
-    arm = max(tests, key=lambda a: tests[a])
-    return f"{TEST_NAMES.get(arm, arm)}, evidence {tests[arm]:.3g}"
+    arm = max(arms, key=lambda a: tests[a])
+    text = f"{TEST_NAMES.get(arm, arm)}, evidence {tests[arm]:.3g}"
+    return text if ALL not in tests else text + f" (every test together {tests[ALL]:.3g})"
 
 
 def describe_alert_markdown(event: AlertEvent) -> str:
@@ -284,8 +289,8 @@ def describe_alert_markdown(event: AlertEvent) -> str:
              f"`{event['metric']}` = {event['value']:.4g} (threshold {event['threshold']:.4g})"]
     strongest = strongest_test(event)
     if strongest:
-        lines += ["", f"Strongest test: {strongest} (every test: "
-                  + ", ".join(f"{arm} {e:.3g}" for arm, e in event["evidence_by_test"].items()) + ")"]
+        lines += ["", f"Strongest test: {strongest}; each test: "
+                  + ", ".join(f"{arm} {e:.3g}" for arm, e in event["evidence_by_test"].items() if arm != ALL)]
     regions = [r for r in event.get("regions", []) if r["flip_rate"] > r["control_rate"]][:5]
     if regions:
         lines += ["", "| class | box (y0, x0, y1, x1) | flips | control flips | tests |", "|---|---|---|---|---|"]

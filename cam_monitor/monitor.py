@@ -25,7 +25,7 @@ from .discovery import DiscoverySettings
 from .engine import CAMResult
 from .errors import CAMAlertError, CAMError
 from .evaluation import EvalSettings, Placement, evaluate
-from .evidence import EvidenceState
+from .evidence import ALL, EvidenceState
 from .faults import FaultGuard, OnError
 from .history import History
 from .imports import as_callable
@@ -309,8 +309,8 @@ class Monitor:
         regions = None if ev.discovery is None else {
             "shortcut_evidence": ev.discovery.regions(self.probes.ids, self.probes.class_names)}
         by_test = None if ev.evidence is None else {
-            "shortcut_evidence": {arm: ev.evidence.detector(arm) for arm in self.settings.discovery.arms_on(
-                tuple(ev.maps.shape[-2:]), self.probes.image_size)}}
+            "shortcut_evidence": {arm: ev.evidence.detector(arm) for arm in (*self.settings.discovery.arms_on(
+                tuple(ev.maps.shape[-2:]), self.probes.image_size), ALL)}}
         checks = check_rules(self.rules, ev.aggregates, ev.per_probe, self.probes.ids,
                              None if ref is None else ref.aggregates, self.alerting.hysteresis, regions, by_test)
         events = self.book.update(checks, ev.epoch, ev.global_step, self.prefix)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cam_monitor.alerts import (AlertBook, Rule, check_rules, default_rules, describe_alert, describe_alert_markdown,
-                                resolve_action)
+                                resolve_action, strongest_test)
 
 IDS = ["a", "b", "c"]
 RULES = default_rules()
@@ -100,7 +100,7 @@ def test_the_shortcut_rule_names_the_suspect_probes_and_carries_the_regions() ->
                 "probe_ids": ["c"], "boxes": [[0, 0, 4, 4]]}]
     values = {**agg(), "shortcut_evidence": 2000.0}
     series = {**per(), "shortcut_flip": torch.tensor([math.nan, 0.2, 0.75])}
-    by_test = {"local": 1.5, "global": 0.8, "border": 4.5e4}
+    by_test = {"local": 1.5, "global": 0.8, "border": 4.5e4, "all": 6e4}
     (c,) = [c for c in check_rules(RULES, values, series, IDS, None, regions={"shortcut_evidence": regions},
                                    evidence_by_test={"shortcut_evidence": by_test})
             if c.rule == "shortcut_confirmed"]
@@ -110,10 +110,13 @@ def test_the_shortcut_rule_names_the_suspect_probes_and_carries_the_regions() ->
     assert event["evidence_by_test"] == by_test and event["evidence_by_test"] is not by_test
     text = describe_alert(event)
     assert "class 3 at box (y0, x0, y1, x1) (0, 0, 4, 4) flips 6/8 vs control 0/8" in text
-    assert "strongest test: the border band (band swap), evidence 4.5e+04" in text
+    assert "strongest test: the border band (band swap), evidence 4.5e+04 (every test together 6e+04)" in text
     markdown = describe_alert_markdown(event)
-    assert "Strongest test: the border band (band swap), evidence 4.5e+04 (every test: local 1.5, global 0.8, " \
-           "border 4.5e+04)" in markdown
+    assert "Strongest test: the border band (band swap), evidence 4.5e+04 (every test together 6e+04); each test: " \
+           "local 1.5, global 0.8, border 4.5e+04\n" in markdown
+    assert strongest_test({**event, "evidence_by_test": {"all": 6e4}}) is None  # no single test to name
+    assert strongest_test({**event, "evidence_by_test": {"colour": 2.0}}) == \
+        "colour statistics (per-channel mean and spread swap), evidence 2"
 
 
 def test_the_shortcut_rule_fires_at_one_over_alpha_holds_between_and_clears_only_at_no_evidence() -> None:
