@@ -281,7 +281,8 @@ def evaluate(model: nn.Module, probes: ProbeSet, settings: EvalSettings, placeme
     aggregates = aggregate(per_probe, maps, probes)
     if found is not None and accumulated is not None:
         aggregates.update(found.aggregates())
-        aggregates["shortcut_evidence"] = accumulated.value(arms, probe_classes(probes) if found_settings.per_class else ())
+        classes = probe_classes(probes) if found_settings.per_class else ()
+        aggregates["shortcut_evidence"] = accumulated.value(arms, classes)
     return Evaluation(epoch=epoch, global_step=global_step, maps=maps, preds=preds,
                       probs=probs.gather(1, targets[:, None])[:, 0], per_probe=per_probe,
                       aggregates=aggregates, discovery=found, evidence=accumulated)

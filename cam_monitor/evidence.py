@@ -16,12 +16,12 @@ more potent than its control": ``E[x - y] <= min_effect``.
   (``all``: a cue that shows a little in several arms, as a corner patch does in the local,
   border and detail arms, adds up there instead of being averaged with each arm alone; a pair
   counts there only while its arm's own evidence is not against a cue, so an arm whose control
-  is the more potent does not drag it down) and the
-  local arm's pairs of one candidate class (``local/3``): a cue in one class of ten is diluted
-  tenfold in the pooled stream, not in its own. The statistic is a fixed mixture: half the mean of
-  the arms' streams, half the ``all`` stream; with per-class streams that is half the statistic,
-  the other half the mean of the per-class streams over the probe set's classes. A mixture of e-detectors with fixed
-  weights is an e-detector, so crossing ``1 / alpha`` under the null takes at least ``1 / alpha``
+  is the more potent does not drag it down) and the local arm's pairs of one candidate class
+  (``local/3``): a cue in one class of ten is diluted tenfold in the pooled stream, not in its
+  own. The statistic is a fixed mixture: half the mean of the arms' streams, half the ``all``
+  stream; with per-class streams that is half the statistic, the other half the mean of the
+  per-class streams over the probe set's classes. A mixture of e-detectors with fixed weights is
+  an e-detector, so crossing ``1 / alpha`` under the null takes at least ``1 / alpha``
   evaluations on average (average run length) under any dependence between the streams, and
   ``alpha`` is the false-alarm rate per evaluation. Which class gets how many pairs may depend on
   the evidence so far (:meth:`EvidenceState.class_weights`): a choice made before the pairs are

@@ -414,8 +414,8 @@ def test_evaluate_runs_every_arm_within_two_probe_sets_of_extra_images_and_accum
                for t in found.tests}
     assert classes <= set(later.evidence.log_detector) and not any(
         k.startswith(("colour/", "border/", "detail/")) for k in later.evidence.log_detector)  # whole-image arms: pooled
-    pooled = 0.5 * sum(later.evidence.detector(a) for a in ("local", "colour", "border", "detail")) / 4 \
-        + 0.5 * later.evidence.detector("all")
+    arms_mean = sum(later.evidence.detector(a) for a in ("local", "colour", "border", "detail")) / 4
+    pooled = 0.5 * arms_mean + 0.5 * later.evidence.detector("all")
     mean_class = sum(later.evidence.detector(f"local/{k}") for k in (0, 1)) / 2
     assert later.aggregates["shortcut_evidence"] == pytest.approx(0.5 * pooled + 0.5 * mean_class)
 
@@ -536,5 +536,6 @@ def test_the_evidence_is_the_mean_of_the_arms_that_run_not_diluted_by_those_that
     ev = evaluate(model, probes, EvalSettings(layer="0", faithfulness=False),
                   evidence=EvidenceState({"local": 5.0, "detail": 3.0}))
     assert ev.maps.shape[-2:] == (3, 3) and set(ev.discovery.paired) <= {"colour"}
-    expected = 0.5 * (ev.evidence.detector("local") + ev.evidence.detector("colour")) / 2 + 0.5 * ev.evidence.detector("all")
+    arms_mean = (ev.evidence.detector("local") + ev.evidence.detector("colour")) / 2
+    expected = 0.5 * arms_mean + 0.5 * ev.evidence.detector("all")
     assert ev.evidence.detector("local") > 1 and ev.aggregates["shortcut_evidence"] == pytest.approx(expected)

@@ -86,10 +86,10 @@ def replayed(rows: list[dict[str, Any]], statistic: Callable[[dict[str, Any]], f
              alpha: float = 1e-3) -> tuple[int | None, bool]:
     """``shortcut_confirmed`` replayed on a zoo run's rows under another ``statistic`` of their
     recorded evidence (a row, with its ``evidence_streams`` and ``evidence_pairs``, -> the value
-    the rule reads): the first epoch it would have
-    fired (above ``1 / alpha``, patience 1) and whether it would be active after the last evaluation (it
-    clears at 1). The pairs a run draws follow each arm's and class's own stream, never the
-    statistic, so the replay is the run the other statistic would have had."""
+    the rule reads): the first epoch it would have fired (above ``1 / alpha``, patience 1) and
+    whether it would be active after the last evaluation (it clears at 1). The pairs a run draws
+    follow each arm's and class's own stream, never the statistic, so the replay is the run the
+    other statistic would have had."""
     first, active = None, False
     for row in rows:
         value = statistic(row)
