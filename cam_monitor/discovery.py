@@ -542,7 +542,7 @@ def discover(maps: torch.Tensor, probes: ProbeSet, targets: torch.Tensor, preds:
     if "colour" in runs:
         makers["colour"] = lambda pairs: colour_images(images, src(pairs), dst(pairs))
     bands = border_bands(image_size, settings.border_band)
-    if "border" in runs and bands is not None:
+    if "border" in runs and bands is not None:  # arms_on runs the border arm only where the bands exist
         makers["border"] = lambda pairs: banded_images(images, src(pairs), dst(pairs), bands)
     if "detail" in runs:
         makers["detail"] = lambda pairs: detail_images(images, src(pairs), grid, gen)

@@ -9,6 +9,7 @@ its controls after, so that one forward pass classifies them all.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple, Sequence
 
@@ -94,11 +95,13 @@ def colour_images(images: torch.Tensor, sources: list[int], recipients: list[int
     return torch.cat([moved(dst, md, sd, ms, ss), moved(src, ms, ss, md, sd)])
 
 
+@functools.lru_cache(maxsize=16)
 def border_bands(image_size: tuple[int, int], fraction: float) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(outer, inner) (H, W) bool masks: the border band of ``fraction`` of each side (the metrics'
     :func:`~cam_monitor.metrics.border_mask`) and the next band inward with at least as many pixels
     (whole rings, by depth relative to the band's width on each axis); None when the image has no
-    such inner band (an image of a few pixels)."""
+    such inner band (an image of a few pixels). Cached per size and fraction (the fit-start check
+    and every evaluation ask for the same bands): the masks are shared, read them only."""
     h, w = image_size
     outer = border_mask(h, w, fraction)
     by, bx = max(1, round(fraction * h)), max(1, round(fraction * w))

@@ -250,3 +250,19 @@ def test_the_all_stream_keeps_the_false_alarm_rate_at_the_worst_case_null() -> N
     alarms = sum(f != 99 for f in firsts)
     evaluations = sum(f + 1 if f != 99 else 30 for f in firsts)  # a run stops at its alarm
     assert alarms / evaluations <= alpha, (alarms, evaluations)
+
+
+def test_a_state_written_before_the_all_stream_resumes_with_it_at_one_and_an_active_alert_holds() -> None:
+    """Checkpoints written before the ``all`` stream hold the arms' streams only. Resumed, that
+    stream starts at 1 (a valid start for an e-detector), so the statistic is half the arms' mean
+    plus one half: an alert raised on the arms' mean (at least 1 / alpha) stays above 1 and holds,
+    and the stream gathers from the next evaluation on."""
+    alpha = 1e-3
+    old = EvidenceState.from_state({"log_detector": {"local": math.log(2 / alpha), "border": 0.0}, "cap": 13.8})
+    arms = ("local", "border")
+    assert old.detector("all") == 1.0
+    assert old.value(arms) == pytest.approx(0.5 * (2 / alpha + 1) / 2 + 0.5)
+    assert 1 < old.value(arms) < 1 / alpha  # holds an active alert; would not raise a new one alone
+    after = old.update({"local": torch.ones(4), "border": torch.zeros(0)}, 0.5, 0.1, pool=arms)
+    assert after.detector("all") == pytest.approx((1 + 0.5 * 0.9) ** 4)
+    assert after.value(arms) > old.value(arms)
