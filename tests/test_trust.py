@@ -113,7 +113,10 @@ def rss_mb() -> float:
 
 class Soak(L.Callback):
     """Samples live tensors and RSS after evaluations 60 and 200 (after the first three picture sets
-    have filled the bounded caches of matplotlib, PIL and the allocator)."""
+    have filled the bounded caches of matplotlib, PIL and the allocator), each once the background
+    worker has drained: both are picture evaluations, and a picture still in flight holds its
+    tensors for as long as the worker's thread happens to take (without the drain it failed two
+    runs of four with one thread)."""
 
     def __init__(self, monitor: cm.CAMMonitor) -> None:
         self.monitor, self.samples = monitor, {}
@@ -121,6 +124,7 @@ class Soak(L.Callback):
     def on_validation_end(self, trainer, pl_module) -> None:
         n = len(self.monitor.history)
         if n in (60, 200) and n not in self.samples:
+            self.monitor.monitor.outputs.publisher.drain()
             self.samples[n] = (live_tensors(), rss_mb())
 
 
