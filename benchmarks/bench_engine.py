@@ -329,12 +329,13 @@ def default_result_path(name: str, device: torch.device) -> str:
     return os.path.join(os.path.dirname(__file__), "results", f"{name}_{device.type}.json")
 
 
-def write_json(result: dict, path: str) -> None:
-    """Write ``result`` atomically (temporary file, then rename) and say where."""
+def write_json(result: dict, path: str, say: bool = True) -> None:
+    """Write ``result`` atomically (temporary file, then rename) and, unless ``say`` is False, say where."""
     with open(path + ".tmp", "w") as f:
         json.dump(result, f, indent=2)
     os.replace(path + ".tmp", path)
-    print(f"\nwrote {path}")
+    if say:
+        print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,53 @@
+"""benchmarks/bench_false_alarms.py: the exact bound it states and the table it keeps."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import bench_false_alarms as bench  # noqa: E402
+
+
+def test_the_upper_bound_is_the_exact_one_sided_clopper_pearson_limit() -> None:
+    assert bench.upper_bound(0, 500) == pytest.approx(1 - 0.05 ** (1 / 500))  # the rule of three: about 3 / 500
+    assert bench.upper_bound(1, 10) == pytest.approx(0.3942, abs=1e-4)  # the binomial tail P(X <= 1) = 0.05 there
+    assert bench.upper_bound(0, 0) == 1.0 and bench.upper_bound(3, 3) == 1.0
+    assert bench.upper_bound(2, 100) > bench.upper_bound(1, 100) > bench.upper_bound(0, 100)
+
+
+def _run(task: str, alerts: list[str], evidence: list[float]) -> dict:
+    return {"task": task, "base": "digits", "arch": "cnn", "seed": 0, "evaluations": len(evidence),
+            "alerts": [{"epoch": 1, "rule": r} for r in alerts], "evidence": evidence, "accuracy_gap": [0.0] * 6}
+
+
+def test_the_summary_counts_alerts_per_run_and_sets_the_bound_beside_the_stated_rate() -> None:
+    quiet = [_run("corner_patch", [], [0.5] * 6)] * 600
+    summary = bench.summarise(quiet + [_run("text_tag", ["drift_off_object"], [2.0] * 6)], alpha=1e-3)
+    total = summary["total"]
+    assert (total["runs"], total["evaluations"], total["runs_with_any_alert"]) == (601, 3606, 1)
+    assert total["runs_with_shortcut_confirmed"] == 0 and total["highest_evidence"] == 2.0
+    assert total["stated_per_run"] == pytest.approx(6e-3)  # six evaluations at 1e-3 each
+    assert total["upper_bound_per_run"] == pytest.approx(bench.upper_bound(1, 601))
+    assert not total["bound_at_or_below_stated"]  # one alarm in 601 runs does not show 6e-3 at 95 %
+    assert bench.summarise(quiet, alpha=1e-3)["total"]["bound_at_or_below_stated"]  # none in 600 does
+    assert [(g["task"], g["runs"]) for g in summary["groups"]] == [("corner_patch", 600), ("text_tag", 1)]
+
+
+def test_a_campaign_writes_each_control_run_and_merges(tmp_path, monkeypatch, capsys) -> None:
+    out = tmp_path / "fa.json"
+    monkeypatch.setattr(sys, "argv", ["bench_false_alarms.py", "--seeds", "1", "--epochs", "1",
+                                      "--cues", "corner_patch", "--out", str(out)])
+    bench.main()
+    result = json.loads(out.read_text())
+    (run,) = result["runs"]
+    assert (run["task"], run["base"], run["arch"], run["evaluations"]) == ("corner_patch", "digits", "cnn", 1)
+    assert result["total"]["runs"] == 1 and math.isfinite(run["evidence"][0])
+    merged = tmp_path / "merged.json"
+    monkeypatch.setattr(sys, "argv", ["bench_false_alarms.py", "--merge", str(out), str(out), "--out", str(merged)])
+    bench.main()
+    assert json.loads(merged.read_text())["total"]["runs"] == 2
+    assert "control runs" in capsys.readouterr().out
