@@ -62,10 +62,13 @@ def upper_bound(events: int, trials: int, confidence: float = CONFIDENCE) -> flo
 
 
 def record(run, base: str, arch: str) -> dict:
-    """One control run as the JSON keeps it: its alerts, its evaluations and the evidence of each."""
+    """One control run as the JSON keeps it: its alerts (with each arm's evidence, which test fired),
+    its evaluations, the evidence of each and each arm's excess (what broke a null, where one did)."""
     return {"task": run.cue, "base": base, "arch": arch, "seed": run.seed, "evaluations": len(run.rows),
-            "alerts": [{"epoch": a["epoch"], "rule": a["rule"]} for a in run.alerts],
+            "alerts": [{"epoch": a["epoch"], "rule": a["rule"], "evidence_by_test": a.get("evidence_by_test", {})}
+                       for a in run.alerts],
             "evidence": [r["cam/shortcut_evidence"] for r in run.rows],
+            "excess": [{k.split("/")[1]: r[k] for k in r if k.endswith("flip_excess")} for r in run.rows],
             "accuracy_gap": [round(r["accuracy_gap"], 3) for r in run.rows]}
 
 

@@ -46,6 +46,7 @@ def test_a_campaign_writes_each_control_run_and_merges(tmp_path, monkeypatch, ca
     (run,) = result["runs"]
     assert (run["task"], run["base"], run["arch"], run["evaluations"]) == ("corner_patch", "digits", "cnn", 1)
     assert result["total"]["runs"] == 1 and math.isfinite(run["evidence"][0])
+    assert {"shortcut_flip_excess", "detail_flip_excess"} <= set(run["excess"][0])  # each arm's, for attribution
     merged = tmp_path / "merged.json"
     monkeypatch.setattr(sys, "argv", ["bench_false_alarms.py", "--merge", str(out), str(out), "--out", str(merged)])
     bench.main()
