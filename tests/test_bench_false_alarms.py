@@ -26,15 +26,17 @@ def _run(task: str, alerts: list[str], evidence: list[float]) -> dict:
 
 def test_the_summary_counts_alerts_per_run_and_sets_the_bound_beside_the_stated_rate() -> None:
     quiet = [_run("corner_patch", [], [0.5] * 6)] * 600
-    summary = bench.summarise(quiet + [_run("text_tag", ["drift_off_object"], [2.0] * 6)], alpha=1e-3)
+    drift = _run("ruler", ["drift_off_object"], [0.7] * 6)  # a drift rule states no rate: not counted against alpha
+    summary = bench.summarise(quiet + [drift, _run("text_tag", ["shortcut_confirmed"], [2e3] * 6)], alpha=1e-3)
     total = summary["total"]
-    assert (total["runs"], total["evaluations"], total["runs_with_any_alert"]) == (601, 3606, 1)
-    assert total["runs_with_shortcut_confirmed"] == 0 and total["highest_evidence"] == 2.0
+    assert (total["runs"], total["evaluations"], total["runs_with_any_alert"]) == (602, 3612, 2)
+    assert total["runs_with_shortcut_confirmed"] == 1 and total["highest_evidence"] == 2e3
     assert total["stated_per_run"] == pytest.approx(6e-3)  # six evaluations at 1e-3 each
-    assert total["upper_bound_per_run"] == pytest.approx(bench.upper_bound(1, 601))
-    assert not total["bound_at_or_below_stated"]  # one alarm in 601 runs does not show 6e-3 at 95 %
-    assert bench.summarise(quiet, alpha=1e-3)["total"]["bound_at_or_below_stated"]  # none in 600 does
-    assert [(g["task"], g["runs"]) for g in summary["groups"]] == [("corner_patch", 600), ("text_tag", 1)]
+    assert total["upper_bound_per_run"] == pytest.approx(bench.upper_bound(1, 602))
+    assert total["upper_bound_any_alert_per_run"] == pytest.approx(bench.upper_bound(2, 602))
+    assert not total["bound_at_or_below_stated"]  # one alarm in 602 runs does not show 6e-3 at 95 %
+    assert bench.summarise(quiet + [drift], alpha=1e-3)["total"]["bound_at_or_below_stated"]  # none in 601 does
+    assert [(g["task"], g["runs"]) for g in summary["groups"]] == [("corner_patch", 600), ("ruler", 1), ("text_tag", 1)]
 
 
 def test_a_campaign_writes_each_control_run_and_merges(tmp_path, monkeypatch, capsys) -> None:
