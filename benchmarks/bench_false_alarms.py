@@ -34,8 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine import default_result_path, machine, write_json  # noqa: E402
+from bench_zoo import add_fit_arguments  # noqa: E402
 
-from cam_monitor.demo.data import BASES, CUES  # noqa: E402
 from cam_monitor.demo.zoo import run_task  # noqa: E402
 from cam_monitor.discovery import DiscoverySettings  # noqa: E402
 
@@ -121,14 +121,8 @@ def print_table(summary: dict) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, default=40)
-    p.add_argument("--first-seed", type=int, default=0, help="seeds run are first-seed .. first-seed + seeds - 1")
-    p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--arch", default="cnn", choices=("cnn", "resnet18"), help="the model trained on each control")
-    p.add_argument("--base", default="digits", choices=BASES, help="the images the cues go over")
-    p.add_argument("--cues", default=",".join(CUES), help="comma-separated zoo tasks (default: all)")
+    add_fit_arguments(p, seeds=40)
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/false_alarms_cpu.json)")
-    p.add_argument("--merge", nargs="+", default=None, help="result files to combine into one table (no runs)")
     args = p.parse_args()
     alpha = DiscoverySettings().alpha
     out = args.out or default_result_path("false_alarms", torch.device("cpu"))

@@ -144,20 +144,26 @@ def print_table(rows: list[dict], cost: dict) -> None:
           "probe sets)")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, default=5)
+def add_fit_arguments(p: argparse.ArgumentParser, seeds: int) -> None:
+    """The zoo fits a benchmark runs (``--seeds`` from ``--first-seed``, ``--epochs``, ``--arch``,
+    ``--base``, ``--cues``) and ``--merge``, which joins result files split over processes instead."""
+    p.add_argument("--seeds", type=int, default=seeds)
     p.add_argument("--first-seed", type=int, default=0, help="seeds run are first-seed .. first-seed + seeds - 1")
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--arch", default="cnn", choices=("cnn", "resnet18"), help="the model trained on each task")
     p.add_argument("--base", default="digits", choices=BASES, help="the images the cues go over (digits: 32 px grey; "
                    "shapes: drawn shapes on varied backgrounds, 64 px colour)")
     p.add_argument("--cues", default=",".join(CUES), help="comma-separated zoo tasks (default: all)")
+    p.add_argument("--merge", nargs="+", default=None, help="result files to combine into one table (no runs)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_fit_arguments(p, seeds=5)
     p.add_argument("--global-test", action="store_true",
                    help="also run the opt-in background-spectrum arm (DiscoverySettings(global_test=True))")
     p.add_argument("--repeats", type=int, default=20, help="interleaved repeats of the cost measurement")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/zoo_cpu.json)")
-    p.add_argument("--merge", nargs="+", default=None, help="result files to combine into one table (no runs)")
     p.add_argument("--replay", choices=sorted(REPLAYS), default=None,
                    help="with --merge: replay every run's shortcut_confirmed under another statistic of its "
                         "recorded evidence (arm_mean: the arms' mean alone, the statistic before the all stream)")
