@@ -61,14 +61,23 @@ def upper_bound(events: int, trials: int, confidence: float = CONFIDENCE) -> flo
     return high
 
 
+def pair_string(diffs: list[int]) -> str:
+    """An evaluation's paired differences of one stream, in the order they were bet on, one
+    character each (``+`` the candidate flipped and its control did not, ``-`` the reverse, ``0``
+    tied): what a replay of the evidence under another margin needs, in a compact form."""
+    return "".join("0+-"[d] for d in diffs)
+
+
 def record(run, base: str, arch: str) -> dict:
     """One control run as the JSON keeps it: its alerts (with each arm's evidence, which test fired),
-    its evaluations, the evidence of each and each arm's excess (what broke a null, where one did)."""
+    its evaluations, the evidence of each, each arm's excess (what broke a null, where one did) and
+    each stream's paired differences (:func:`pair_string`)."""
     return {"task": run.cue, "base": base, "arch": arch, "seed": run.seed, "evaluations": len(run.rows),
             "alerts": [{"epoch": a["epoch"], "rule": a["rule"], "evidence_by_test": a.get("evidence_by_test", {})}
                        for a in run.alerts],
             "evidence": [r["cam/shortcut_evidence"] for r in run.rows],
             "excess": [{k.split("/")[1]: r[k] for k in r if k.endswith("flip_excess")} for r in run.rows],
+            "pairs": [{arm: pair_string(d) for arm, d in r.get("evidence_pairs", {}).items()} for r in run.rows],
             "accuracy_gap": [round(r["accuracy_gap"], 3) for r in run.rows]}
 
 

@@ -94,11 +94,14 @@ class Rule:
 
 
 def _moved_off_object(agg: dict[str, float], ref: dict[str, float]) -> bool:
-    """Drift counts only when the maps moved away from the object (or, without object masks, onto
-    the spurious region): a model learning to look *at* the object drifts too, and that is good."""
+    """Drift counts only when the maps moved away from the object, or, without object masks, onto
+    the spurious regions the user outlined: a model learning to look *at* the object drifts too,
+    and that is good. With no mask at all nothing says where the object is, so the rule holds (the
+    border-band stand-in rose on 8 of 518 control runs whose maps drifted while they learned the
+    digits: a rate nothing states; ``shortcut_confirmed`` judges mask-free runs)."""
     if "object_energy" in agg and "object_energy" in ref:
         return agg["object_energy"] < ref["object_energy"]
-    return agg["spurious_energy_rise"] > 0
+    return _user_masks(agg, ref) and agg["spurious_energy_rise"] > 0
 
 
 def _user_masks(agg: dict[str, float], ref: dict[str, float]) -> bool:

@@ -76,7 +76,8 @@ def inert_setting_findings(alerting: dict[str, object], min_effect: float | None
                            discovery_enabled: bool) -> list[str]:
     """One line per setting the user gave that cannot have any effect with these probes: a mask
     rule's threshold (``alerting``: the AlertSettings fields the user set) without those masks, the
-    discovery margin (``min_effect``, None unless the user set it) with discovery off."""
+    drift threshold without any mask, the discovery margin (``min_effect``, None unless the user set
+    it) with discovery off."""
     out = []
     for arg, kind in MASK_RULE_SETTINGS.items():
         if arg in alerting and getattr(probes, f"{kind}_masks") is None:
@@ -84,6 +85,11 @@ def inert_setting_findings(alerting: dict[str, object], min_effect: float | None
                        f"gives, and the probes have none; give {kind}_masks (ProbeSet(..., {kind}_masks=...) or "
                        f"<name>.{kind}.png files in the probe folder)" + ("" if kind == "object" else
                                                      ", or rely on mask-free discovery (shortcut_confirmed)"))
+    if "drift_threshold" in alerting and probes.object_masks is None and probes.spurious_masks is None:
+        out.append(f"AlertSettings: drift_threshold={alerting['drift_threshold']!r} can never alert: drift_off_object "
+                   "judges whether the maps left the object, which takes object masks (or spurious masks the user "
+                   "gives), and the probes have none; cam/drift_ref is still logged, and mask-free discovery "
+                   "(shortcut_confirmed) judges runs without masks")
     if min_effect is not None and not discovery_enabled:
         out.append(f"DiscoverySettings: min_effect={min_effect!r} can never alert: it is the margin of mask-free "
                    "discovery's test, and discovery is off (enabled=False); turn discovery on")

@@ -4,7 +4,8 @@ e-detector that accumulates across evaluations.
 Every confirmation test of :mod:`discovery` is a *paired* binary outcome on one recipient image:
 ``x`` = the intervention carrying the candidate cue turned the prediction into the cue's class,
 ``y`` = its control did. The null hypothesis of an arm is "the candidate is at most ``min_effect``
-more potent than its control": ``E[x - y] <= min_effect``.
+more potent than its control": ``E[x - y] <= min_effect``, with a margin per arm where the arms'
+controls match their tests less or more closely (:data:`Margins`).
 
 - Per evaluation, :func:`sign_test_p` is the exact one-sided sign (McNemar) test on the discordant
   pairs (valid for ``min_effect = 0``), Holm-adjusted over the arms (:func:`holm`).
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Mapping
 
 import torch
 
@@ -58,6 +60,15 @@ def holm(pvalues: dict[str, float]) -> dict[str, float]:
     return out
 
 
+#: The null's margin: one for every stream, or one per arm (a stream ``local/3`` takes its arm's).
+Margins = float | Mapping[str, float]
+
+
+def margin_of(min_effect: Margins, name: str) -> float:
+    """The margin of stream ``name`` (:func:`stream`): its arm's, or the one margin of every stream."""
+    return float(min_effect) if isinstance(min_effect, (int, float)) else float(min_effect[name.split("/")[0]])
+
+
 def log_evalue(diffs: torch.Tensor, bet: float, min_effect: float) -> float:
     """log of ``prod(1 + bet * (d - min_effect))`` over paired differences ``d`` in {-1, 0, 1}."""
     if diffs.numel() == 0:
@@ -66,29 +77,30 @@ def log_evalue(diffs: torch.Tensor, bet: float, min_effect: float) -> float:
 
 
 def log_evalue_following(pairs: dict[str, torch.Tensor], start: dict[str, float], bet: float,
-                         min_effect: float) -> float:
+                         min_effect: Margins) -> float:
     """log of the :data:`ALL` stream's factor for one evaluation: every arm's pairs bet on
     together, each pair only while its arm's own evidence is not against a cue (its log detector,
     from ``start`` and its earlier pairs of this evaluation, at least 0). Whether a pair is bet on
     depends only on pairs before it, so each factor keeps its mean at most 1 under the null; an arm
     whose control is the more potent (the null allows that) stops costing the others after its
-    first pair against."""
+    first pair against. Each pair is bet on against its own arm's margin."""
     total = 0.0
     for arm, d in pairs.items():
         if d.numel() == 0:
             continue
-        factors = torch.log1p(bet * (d.double() - min_effect))
+        factors = torch.log1p(bet * (d.double() - margin_of(min_effect, arm)))
         before = start.get(arm, 0.0) + torch.cat([factors.new_zeros(1), factors.cumsum(0)[:-1]])
         total += float(factors[before >= 0].sum())
     return total
 
 
-def check_bet(bet: float, min_effect: float) -> None:
-    """The bet must keep every factor positive: ``0 < bet < 1 / (1 + min_effect)``."""
+def check_bet(bet: float, min_effect: float, name: str = "min_effect") -> None:
+    """The bet must keep every factor positive: ``0 < bet < 1 / (1 + min_effect)`` (``name``: what
+    the margin is called where the user set it)."""
     if not 0 <= min_effect < 1:
-        raise ValueError(f"min_effect must be in [0, 1), got {min_effect!r}")
+        raise ValueError(f"{name} must be in [0, 1), got {min_effect!r}")
     if not 0 < bet < 1 / (1 + min_effect):
-        raise ValueError(f"bet must be in (0, 1 / (1 + min_effect)) = (0, {1 / (1 + min_effect):.4g}), got {bet!r}")
+        raise ValueError(f"bet must be in (0, 1 / (1 + {name})) = (0, {1 / (1 + min_effect):.4g}), got {bet!r}")
 
 
 #: The stream of every arm's pairs together.
@@ -108,15 +120,16 @@ class EvidenceState:
     log_detector: dict[str, float] = field(default_factory=dict)
     cap: float = math.inf
 
-    def update(self, diffs: dict[str, torch.Tensor], bet: float, min_effect: float,
+    def update(self, diffs: dict[str, torch.Tensor], bet: float, min_effect: Margins,
                pool: tuple[str, ...] = ()) -> "EvidenceState":
         """The state after one evaluation's paired differences per stream (a stream without pairs
-        holds); the pairs of the arms in ``pool`` also feed :data:`ALL` (:func:`log_evalue_following`)."""
+        holds), each bet on against its arm's margin (:func:`margin_of`); the pairs of the arms in
+        ``pool`` also feed :data:`ALL` (:func:`log_evalue_following`)."""
         out = dict(self.log_detector)
         for name, d in diffs.items():
             if d.numel() == 0:
                 continue
-            out[name] = self._next(out.get(name, 0.0), log_evalue(d, bet, min_effect))
+            out[name] = self._next(out.get(name, 0.0), log_evalue(d, bet, margin_of(min_effect, name)))
         pooled = {a: diffs[a] for a in pool if a in diffs and diffs[a].numel()}
         if pooled:
             step = log_evalue_following(pooled, {a: self.log_detector.get(a, 0.0) for a in pooled}, bet, min_effect)

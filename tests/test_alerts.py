@@ -71,6 +71,14 @@ def test_drift_without_object_masks_counts_only_when_spurious_energy_rose() -> N
     assert levels(check_rules(RULES, {**no_obj, "spurious_energy_rise": 0.1}, per(), IDS, ref))["drift_off_object"] == "fire"
 
 
+def test_drift_without_any_mask_never_alerts() -> None:
+    """Mask-free, nothing says where the object is: the border band's rise is no evidence that the
+    maps left it (it rose on drifting control models), so the drift rule holds however far the maps moved."""
+    bare = {k: v for k, v in agg(drift=1.5, rise=0.4, masked=0.0).items() if k != "object_energy"}
+    ref = {k: v for k, v in agg(masked=0.0).items() if k != "object_energy"}
+    assert levels(check_rules(RULES, bare, per(), IDS, ref))["drift_off_object"] == "hold"
+
+
 def test_object_floor_fires_below_floor() -> None:
     checks = check_rules(default_rules(object_energy_floor=0.3), agg(obj=0.2), per(), IDS, None)
     (c,) = [c for c in checks if c.rule == "object_energy_floor"]

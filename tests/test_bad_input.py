@@ -149,6 +149,8 @@ INERT_CASES = [
      r"spurious_enrichment=5.0 can never alert: its rule judges spurious masks .* give spurious_masks"),
     ("object floor without object masks", dict(probes=random_digits(32), object_enrichment_floor=0.3), {},
      r"object_enrichment_floor=0.3 can never alert: .* give object_masks"),
+    ("drift threshold without any mask", dict(probes=random_digits(32), drift_threshold=0.4), {},
+     r"drift_threshold=0.4 can never alert: drift_off_object judges whether the maps left the object"),
     ("discovery threshold with discovery off", dict(probes=random_digits(32), shortcut_flip_excess=0.2,
                                                     discovery=False), {},
      r"DiscoverySettings: min_effect=0.2 can never alert: .*\(enabled=False\)"),

@@ -39,6 +39,10 @@ def test_the_summary_counts_alerts_per_run_and_sets_the_bound_beside_the_stated_
     assert [(g["task"], g["runs"]) for g in summary["groups"]] == [("corner_patch", 600), ("ruler", 1), ("text_tag", 1)]
 
 
+def test_a_pair_string_spells_each_paired_difference() -> None:
+    assert bench.pair_string([1, 0, -1, 1]) == "+0-+" and bench.pair_string([]) == ""
+
+
 def test_a_campaign_writes_each_control_run_and_merges(tmp_path, monkeypatch, capsys) -> None:
     out = tmp_path / "fa.json"
     monkeypatch.setattr(sys, "argv", ["bench_false_alarms.py", "--seeds", "1", "--epochs", "1",
@@ -49,6 +53,9 @@ def test_a_campaign_writes_each_control_run_and_merges(tmp_path, monkeypatch, ca
     assert (run["task"], run["base"], run["arch"], run["evaluations"]) == ("corner_patch", "digits", "cnn", 1)
     assert result["total"]["runs"] == 1 and math.isfinite(run["evidence"][0])
     assert {"shortcut_flip_excess", "detail_flip_excess"} <= set(run["excess"][0])  # each arm's, for attribution
+    pairs = run["pairs"][0]  # each stream's pairs in their order: a replay under other margins needs them
+    assert {"local", "detail"} <= set(pairs) and all(set(s) <= set("+-0") for s in pairs.values())
+    assert sum(len(s) for a, s in pairs.items() if "/" not in a) == 64  # budget 2.0 x 64 probes: 64 pairs
     merged = tmp_path / "merged.json"
     monkeypatch.setattr(sys, "argv", ["bench_false_alarms.py", "--merge", str(out), str(out), "--out", str(merged)])
     bench.main()

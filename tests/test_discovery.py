@@ -370,11 +370,19 @@ def test_nothing_to_test_gives_nan_rates_and_costs_no_forward() -> None:
 @pytest.mark.parametrize("kwargs, text", [(dict(box_cells=0), "box_cells"), (dict(budget=0), "budget"),
                                           (dict(alpha=0), "alpha"), (dict(alpha=1), "alpha"),
                                           (dict(min_effect=1.0), "min_effect"), (dict(bet=0.99), "bet"),
+                                          (dict(detail_min_effect=-0.1), "detail_min_effect"),
+                                          (dict(bet=0.84), r"1 / \(1 \+ detail_min_effect\)"),
                                           (dict(bet=0), "bet"), (dict(border_band=0), "border_band"),
                                           (dict(border_band=MAX_BORDER_BAND + 0.01), "border_band")])
 def test_bad_settings_are_refused(kwargs, text) -> None:
     with pytest.raises(ValueError, match=text):
         DiscoverySettings(**kwargs)
+
+
+def test_the_detail_arm_has_its_own_margin_and_every_other_arm_the_common_one() -> None:
+    margins = DiscoverySettings(min_effect=0.1, detail_min_effect=0.25).margins
+    assert margins == {"local": 0.1, "global": 0.1, "colour": 0.1, "border": 0.1, "detail": 0.25}
+    assert DiscoverySettings().margins["detail"] > DiscoverySettings().min_effect
 
 
 def test_evaluate_runs_every_arm_within_two_probe_sets_of_extra_images_and_accumulates_evidence() -> None:

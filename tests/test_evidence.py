@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from cam_monitor.evidence import EvidenceState, check_bet, holm, log_evalue, log_evalue_following, sign_test_p
+from cam_monitor.evidence import (EvidenceState, check_bet, holm, log_evalue, log_evalue_following, margin_of,
+                                  sign_test_p)
 
 
 def test_the_sign_test_is_the_exact_binomial_tail_on_discordant_pairs() -> None:
@@ -69,6 +70,46 @@ def test_the_all_stream_bets_on_a_pair_only_while_its_arm_is_not_against_a_cue()
     assert state.log_detector["all"] == pytest.approx(3 * win + 2 * loss)
     assert state.log_detector["detail"] == pytest.approx(3 * win + loss)  # the arms' own streams bet on every pair
     assert set(EvidenceState().update(pairs, 0.5, 0.1).log_detector) == {"detail", "colour"}  # nothing pooled
+
+
+def test_each_arm_bets_against_its_own_margin_in_its_streams_and_in_the_all_stream() -> None:
+    margins = {"local": 0.05, "detail": 0.3}
+    assert margin_of(margins, "detail") == 0.3 and margin_of(margins, "local/3") == 0.05 and margin_of(0.1, "x") == 0.1
+    pairs = {"local": torch.tensor([1, 0]), "local/3": torch.tensor([1]), "detail": torch.tensor([1, 0])}
+    state = EvidenceState().update(pairs, 0.5, margins, pool=("local", "detail"))
+    local = math.log(1 + 0.5 * 0.95) + math.log(1 - 0.5 * 0.05)
+    detail = math.log(1 + 0.5 * 0.7) + math.log(1 - 0.5 * 0.3)
+    assert state.log_detector["local"] == pytest.approx(local)
+    assert state.log_detector["local/3"] == pytest.approx(math.log(1 + 0.5 * 0.95))
+    assert state.log_detector["detail"] == pytest.approx(detail)
+    assert state.log_detector["all"] == pytest.approx(local + detail)
+    one = EvidenceState().update(pairs, 0.5, 0.05, pool=("local", "detail"))
+    assert one.log_detector["detail"] > state.log_detector["detail"]  # the wider margin asks more of a cue
+    with pytest.raises(ValueError, match="detail_min_effect"):
+        check_bet(0.9, 0.3, "detail_min_effect")
+
+
+def test_the_false_alarm_rate_holds_with_each_arm_at_its_own_worst_case_null() -> None:
+    """Two arms at the edge of their own nulls (0.05 and 0.3 more potent than their controls): at
+    most alpha of the evaluations alarm; both at 0.3 against a margin of 0.05 for one, far more."""
+    alpha, bet, margins = 0.02, 0.7, {"local": 0.05, "detail": 0.3}
+
+    def alarm_rate(effects: dict[str, float]) -> float:
+        gen = torch.Generator().manual_seed(3)
+        alarms = evaluations = 0
+        for _ in range(60):
+            state = EvidenceState(cap=2 * math.log(1 / alpha))
+            for _ in range(30):
+                state = state.update({a: _null_pairs(32, e, gen, discordant=0.6) for a, e in effects.items()}, bet,
+                                     margins, pool=tuple(effects))
+                evaluations += 1
+                if state.value(tuple(effects)) >= 1 / alpha:
+                    alarms += 1
+                    break  # count the alarm, start over (next run)
+        return alarms / evaluations
+
+    assert alarm_rate({"local": 0.05, "detail": 0.3}) <= alpha
+    assert alarm_rate({"local": 0.3, "detail": 0.3}) > 4 * alpha  # the margin is what keeps the rate
 
 
 def _update(state: EvidenceState, diffs: dict[str, torch.Tensor], bet: float, min_effect: float) -> EvidenceState:
