@@ -200,15 +200,18 @@ def measure_memory(model: str, variant: str, args: argparse.Namespace) -> float 
     return float(proc.stdout.strip().splitlines()[-1])
 
 
-def machine() -> str:
-    """One line naming the hardware the numbers came from."""
-    cpu = platform.processor() or platform.machine()
+def cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo; what ``platform`` knows elsewhere)."""
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+        return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    """One line naming the hardware the numbers came from."""
+    return f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def run_model(model: str, args: argparse.Namespace, device: torch.device) -> dict:

@@ -4,11 +4,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 import cam_monitor as cm
 from cam_monitor.cli import main
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from bench_engine import cpu_model  # noqa: E402  the CPU's name as the benchmarks record it
 
 
 def test_demo_catches_the_shortcut_and_spares_the_control(tmp_path) -> None:
@@ -64,8 +68,6 @@ def test_demo_rejects_bad_arguments(argv) -> None:
 
 
 def test_lightning_cli_config_wires_the_callback(tmp_path) -> None:
-    from pathlib import Path
-
     config = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
     with pytest.warns(UserWarning, match="CAMMonitor alert"):
         main(["fit", "--config", str(config), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "8",
@@ -132,22 +134,8 @@ def run_demo(out, *args: str) -> subprocess.CompletedProcess:
 README_DEMO_CPU = "AMD EPYC"
 
 
-def cpu_model() -> str:
-    """The CPU's model name (Linux's /proc/cpuinfo; ``platform.processor()`` elsewhere)."""
-    import platform
-    from pathlib import Path
-
-    info = Path("/proc/cpuinfo")
-    if info.exists():
-        for line in info.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
 def readme_demo_block() -> str:
     import re
-    from pathlib import Path
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     assert " ".join(f"{k}={v}" for k, v in README_DEMO_ENV.items()) + " make demo" in readme  # the stated conditions
