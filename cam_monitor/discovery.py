@@ -298,13 +298,24 @@ class Discovery:
             out[probe] = value
         return {"shortcut_flip": out}
 
-    def regions(self, ids: list[str], class_names: list[str] | None = None) -> list[ShortcutRegion]:
-        """Per class of the tested suspects, strongest first: the local flip and control rates, the
-        number of tests, and each suspect's probe id and box (``[y0, x0, y1, x1]`` image pixels)."""
+    def backed_classes(self, evidence: EvidenceState | None) -> tuple[int, ...]:
+        """The candidate classes whose boxes may be shown as found regions: those whose local-arm
+        pairs are, on balance, for a cue (:meth:`~cam_monitor.evidence.EvidenceState.backed_classes`).
+        None before there is evidence; none either when an alert rests on the whole-image arms,
+        whose cue has no box (a cast, a texture, a frame)."""
+        if evidence is None:
+            return ()
+        return evidence.backed_classes(LOCAL, tuple(sorted({s.cls for s in self.suspects})))
+
+    def regions(self, ids: list[str], class_names: list[str] | None = None,
+                classes: tuple[int, ...] | None = None) -> list[ShortcutRegion]:
+        """Per class of the tested suspects (of ``classes`` only, when given), strongest first: the
+        local flip and control rates, the number of tests, and each suspect's probe id and box
+        (``[y0, x0, y1, x1]`` image pixels)."""
         by_class: dict[int, dict[str, Any]] = {}
         for s, suspect in enumerate(self.suspects):
             mine = [i for i, t in enumerate(self.tests) if t.suspect == s]
-            if not mine:
+            if not mine or (classes is not None and suspect.cls not in classes):
                 continue
             row = by_class.setdefault(suspect.cls, {"class": suspect.cls, "flips": 0, "control_flips": 0, "tests": 0,
                                                     "probe_ids": [], "boxes": []})
@@ -322,12 +333,16 @@ class Discovery:
             out.append(row)
         return sorted(out, key=lambda r: (r["control_rate"] - r["flip_rate"], r["class"]))
 
-    def masks(self, n: int, image_size: tuple[int, int], min_excess: float = 0.0) -> torch.Tensor:
-        """(n, H, W) bool for the first ``n`` probes: the box of every tested suspect whose own flip
-        excess is above ``min_excess`` (the inferred spurious regions), empty elsewhere."""
+    def masks(self, n: int, image_size: tuple[int, int], min_excess: float = 0.0,
+              classes: tuple[int, ...] | None = None) -> torch.Tensor:
+        """(n, H, W) bool for the first ``n`` probes: the box of every tested suspect (of ``classes``
+        only, when given) whose own flip excess is above ``min_excess`` (the inferred spurious
+        regions), empty elsewhere."""
         out = torch.zeros(n, *image_size, dtype=torch.bool)
         excess = self.excess()
         for suspect in self.suspects:
+            if classes is not None and suspect.cls not in classes:
+                continue
             if suspect.probe < n and excess.get(suspect.probe, -math.inf) > min_excess:
                 y0, x0, y1, x1 = suspect.box
                 out[suspect.probe, y0:y1, x0:x1] = True

@@ -154,6 +154,16 @@ class EvidenceState:
         per_class = sum(self.detector(stream(per_class_arm, k)) for k in classes) / len(classes)
         return 0.5 * pooled + 0.5 * per_class
 
+    def backed_classes(self, arm: str, classes: tuple[int, ...]) -> tuple[int, ...]:
+        """Of ``classes``, those whose ``arm`` pairs are, on balance, for a cue: every one while the
+        arm's pooled e-detector is above 1 (its pairs since its last restart beat the margin), else
+        those whose own stream (``arm/k``, kept with ``per_class``) is. Where a shortcut alert shows
+        the arm's regions: above 1, not at ``1 / alpha``, since the alert itself may rest on several
+        arms together; at or below 1 its regions are chance wins of a test whose pairs say no cue."""
+        if self.detector(stream(arm)) > 1.0:
+            return tuple(classes)
+        return tuple(k for k in classes if self.detector(stream(arm, k)) > 1.0)
+
     def class_weights(self, arm: str, classes: tuple[int, ...]) -> dict[int, float]:
         """Each class's per-class e-detector of ``arm``: where the evidence so far points, the weight
         of that class in the next evaluation's share of pairs that follows the evidence."""

@@ -158,13 +158,17 @@ class Monitor:
         self.series.pin_reference()
 
     def inferred_probes(self, min_excess: float = 0.0) -> ProbeSet:
-        """The probe set with the regions the last evaluation's discovery confirmed as its
-        ``spurious_masks`` (probes without one get an empty mask, i.e. the border band), for review,
-        correction and gating: ``monitor.inferred_probes().save("probes.pt")``."""
+        """The probe set with the regions the last evaluation's discovery found as its
+        ``spurious_masks``, for review, correction and gating: ``monitor.inferred_probes().save("probes.pt")``.
+        A region is a box whose flips beat its control by more than ``min_excess``, in a class whose
+        local-arm evidence is for a cue (:meth:`~cam_monitor.discovery.Discovery.backed_classes`);
+        probes without one get an empty mask (i.e. the border band), and so does every probe when
+        the evidence rests on the whole-image tests (a cast, a texture, a frame has no box)."""
         ev = self.last_evaluation
         if ev is None or ev.discovery is None or self.probes is None:
             raise CAMError("no discovery yet: the monitor infers regions at its evaluations (with discovery=True)")
-        masks = ev.discovery.masks(len(self.probes), self.probes.image_size, min_excess)
+        masks = ev.discovery.masks(len(self.probes), self.probes.image_size, min_excess,
+                                   ev.discovery.backed_classes(ev.evidence))
         return replace(self.probes, spurious_masks=masks)
 
     # ---- outputs ---------------------------------------------------------------------------------
@@ -306,8 +310,8 @@ class Monitor:
     def _record(self, ev: Evaluation, stage: str, rank_zero: bool) -> list[AlertEvent]:
         """Rules, history, then (rank 0) pictures and the alert log; the events it raised or cleared."""
         ref = self.series.reference
-        regions = None if ev.discovery is None else {
-            "shortcut_evidence": ev.discovery.regions(self.probes.ids, self.probes.class_names)}
+        regions = None if ev.discovery is None else {"shortcut_evidence": ev.discovery.regions(
+            self.probes.ids, self.probes.class_names, ev.discovery.backed_classes(ev.evidence))}
         by_test = None if ev.evidence is None else {
             "shortcut_evidence": {arm: ev.evidence.detector(arm) for arm in (*self.settings.discovery.arms_on(
                 tuple(ev.maps.shape[-2:]), self.probes.image_size), ALL)}}
@@ -336,12 +340,15 @@ class Monitor:
                                                             inferred_masks=regions))
 
     def _regions_to_show(self, ev: Evaluation) -> torch.Tensor | None:
-        """The inferred shortcut regions the pictures outline: this evaluation's; while the
-        ``shortcut_confirmed`` alert stays active and this evaluation inferred none, the last ones shown."""
-        now = None if ev.discovery is None else ev.discovery.masks(len(self.probes), self.probes.image_size)
-        if now is not None and bool(now.any()):
-            return now
-        return self.shown_regions if self.book.active.get("shortcut_confirmed") else now
+        """The inferred shortcut regions the pictures outline: none unless ``shortcut_confirmed`` is
+        active; then this evaluation's boxes of the classes the local arm's evidence backs
+        (:meth:`~cam_monitor.discovery.Discovery.backed_classes`), or, where it inferred none, the
+        last ones shown. Without an alert a box may be one chance win of one pair, not a region found."""
+        if ev.discovery is None or not self.book.active.get("shortcut_confirmed"):
+            return None
+        now = ev.discovery.masks(len(self.probes), self.probes.image_size,
+                                 classes=ev.discovery.backed_classes(ev.evidence))
+        return now if bool(now.any()) else self.shown_regions
 
     def _act(self, outcome: Outcome, rank_zero: bool) -> None:
         """Carry out the alert action on the alerts that fired (``stop`` only sets ``outcome.stop``)."""

@@ -49,11 +49,9 @@ def build_panel(probes: ProbeSet, ev: Evaluation, history: History, settings: Re
                 trends: bool = True, inferred_masks: torch.Tensor | None = None) -> Panel:
     """Render the grid of the first ``max_grid_probes`` probes (with the colour legend), the
     filmstrip and, with ``trends``, the trends figure (a dashboard that plots :attr:`Panel.curves`
-    itself does not need it). ``inferred_masks`` (N, H, W): the shortcut regions to outline; by
-    default those this evaluation's discovery inferred."""
+    itself does not need it). ``inferred_masks`` (N, H, W): the shortcut regions to outline (the
+    monitor's, :meth:`~cam_monitor.monitor.Monitor.inferred_probes`' rule); none by default."""
     n = min(len(probes), settings.max_grid_probes)
-    if inferred_masks is None and ev.discovery is not None:
-        inferred_masks = ev.discovery.masks(n, probes.image_size)
     display = probes.display_images()
     tiles = probe_tiles(display[:n], ev.maps[:n], ids=probes.ids[:n], labels=probes.labels[:n].tolist(),
                         preds=ev.preds[:n].tolist(), scores=ev.probs[:n].tolist(),

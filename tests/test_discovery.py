@@ -105,6 +105,12 @@ def test_a_model_using_the_tag_flips_wherever_it_is_pasted_and_the_control_windo
         assert region["boxes"][0] == [0, 0, 4, 4] and region["flip_rate"] == 1.0
         masks = found.masks(len(probes), probes.image_size)
         assert masks[probes.labels == 1][:, :4, :4].all() and not masks[probes.labels == 0].any()
+        # only the classes the evidence backs: the tag's pairs back class 1; pairs against a cue back none
+        backed = found.backed_classes(EvidenceState().update(found.diffs(by_class=True), 0.7, 0.05))
+        assert backed == (0, 1) and [r["class"] for r in found.regions(probes.ids, classes=(0,))] == [0]
+        assert not found.masks(len(probes), probes.image_size, classes=(0,)).any()
+        assert found.backed_classes(EvidenceState({"local": -2.0, "local/1": 3.0})) == (1,)
+        assert found.backed_classes(None) == () and found.regions(probes.ids, classes=()) == []
         assert found.p_value() < 0.05
         by_class = found.diffs(by_class=True)
         assert torch.equal(by_class["local/1"], found.diffs()["local"][[found.suspects[t.suspect].cls == 1

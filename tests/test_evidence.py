@@ -307,3 +307,13 @@ def test_a_state_written_before_the_all_stream_resumes_with_it_at_one_and_an_act
     after = old.update({"local": torch.ones(4), "border": torch.zeros(0)}, 0.5, 0.1, pool=arms)
     assert after.detector("all") == pytest.approx((1 + 0.5 * 0.9) ** 4)
     assert after.value(arms) > old.value(arms)
+
+
+def test_an_arm_backs_every_class_while_its_pooled_evidence_is_for_a_cue_else_only_its_classes_own() -> None:
+    """Where an alert may show the local arm's boxes: its pooled e-detector above 1 backs every
+    candidate class; at or below 1, only a class whose own stream is above 1; none before any pairs."""
+    classes = (0, 3, 7)
+    assert EvidenceState().backed_classes("local", classes) == ()
+    assert EvidenceState({"local": 0.2}).backed_classes("local", classes) == classes
+    assert EvidenceState({"local": 0.0, "local/3": 1.5, "local/7": 0.0}).backed_classes("local", classes) == (3,)
+    assert EvidenceState({"local": -0.4, "detail": 9.0, "all": 9.0}).backed_classes("local", classes) == ()

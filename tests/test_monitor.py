@@ -183,20 +183,27 @@ def test_hyperparameters_are_flat_with_groups_spelled_out() -> None:
     assert given["cam_monitor.probes"] == "ProbeSet(3 probes)"  # a probe set is named, not flattened
 
 
-def test_inferred_regions_stay_drawn_while_their_alert_is_active() -> None:
+def test_inferred_regions_are_drawn_only_while_their_alert_is_active_and_the_local_evidence_backs_them() -> None:
     from types import SimpleNamespace
 
     mon = plain_monitor()
     mon.probes = cm.ProbeSet(torch.rand(2, 1, 8, 8), torch.tensor([0, 1]))
     box = torch.zeros(2, 8, 8, dtype=torch.bool)
     box[0, :2, :2] = True
-    found = SimpleNamespace(discovery=SimpleNamespace(masks=lambda n, size: box[:n]))
-    nothing = SimpleNamespace(discovery=SimpleNamespace(masks=lambda n, size: torch.zeros(n, *size, dtype=torch.bool)))
-    mon.shown_regions = mon._regions_to_show(found)
+
+    def evaluation(masks: torch.Tensor, backed: tuple[int, ...]) -> SimpleNamespace:
+        keep = lambda n, size, min_excess=0.0, classes=None: masks[:n] if classes is None or 0 in classes else 0 * masks[:n]  # noqa: E731
+        return SimpleNamespace(evidence=None, discovery=SimpleNamespace(masks=keep, backed_classes=lambda ev: backed))
+
+    found, nothing = evaluation(box, (0, 1)), evaluation(torch.zeros_like(box), (0, 1))
+    assert mon._regions_to_show(found) is None  # no alert: a box is a chance win, not a region found
     mon.book.active["shortcut_confirmed"] = True
+    assert mon._regions_to_show(evaluation(box, ())) is None  # the alert rests on whole-image tests: no box
+    mon.shown_regions = mon._regions_to_show(found)
+    assert torch.equal(mon.shown_regions, box)
     assert torch.equal(mon._regions_to_show(nothing), box)  # still active: the last regions stay drawn
     mon.book.active["shortcut_confirmed"] = False
-    assert not bool(mon._regions_to_show(nothing).any())  # cleared: nothing inferred now, nothing drawn
+    assert mon._regions_to_show(nothing) is None  # cleared: nothing drawn
 
 
 def test_the_shortcut_evidence_is_part_of_the_state_and_old_states_still_load(tmp_path) -> None:

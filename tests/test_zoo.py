@@ -190,6 +190,8 @@ def test_the_corner_shortcut_is_found_without_masks_held_and_its_region_named_an
     assert logged[0]["regions"] == alert["regions"]
     exported = run.monitor.inferred_probes()
     assert exported.spurious_masks is not None and exported.spurious_masks.flatten(1).any(1).sum() >= 1
+    shown = run.monitor.monitor.shown_regions  # the active alert's boxes are drawn
+    assert shown is not None and shown.flatten(1).any(1).sum() >= 1
     assert exported.images is probes.images or torch.equal(exported.images, probes.images)
 
 
@@ -226,6 +228,10 @@ def test_a_border_frame_is_confirmed_by_the_border_band_and_the_alert_says_so(bo
     by_test.pop("all")
     assert max(by_test, key=by_test.get) == "border" and by_test["border"] >= 1000 > by_test["local"]
     assert "strongest test: the border band (band swap)" in describe_alert(run.alerts[0])
+    # the paste test's pairs are against a cue: no box is offered as the frame, none drawn or exported
+    assert by_test["local"] <= 1 and run.alerts[0]["regions"] == [] and "regions:" not in describe_alert(run.alerts[0])
+    assert run.monitor.monitor.shown_regions is None
+    assert not run.monitor.inferred_probes().spurious_masks.any()
 
 
 def _truth_mask(split, image: torch.Tensor) -> torch.Tensor:
