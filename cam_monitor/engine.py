@@ -24,9 +24,8 @@ import torch
 from torch import nn
 
 from .errors import InputError, LayerNotSpatialError, OutputError, TargetError
-from .layers import (LayerSpec, ReshapeSpec, check_layout, hook_not_fired, pick_layer, resolve_layer, resolve_layout,
-                     to_grid, unwrap_compiled)
-from .layout import probe_layout
+from .layers import LayerSpec, ReshapeSpec, hook_not_fired, pick_layer, resolve_layer, to_grid, unwrap_compiled
+from .layout import check_layout, probe_layout, resolve_layout
 from .methods import METHODS, check_methods
 
 TargetSpec = Union[None, int, Sequence[int], torch.Tensor]

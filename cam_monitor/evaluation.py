@@ -22,7 +22,8 @@ from .discovery import DiscoverySettings, discover
 from .evidence import EvidenceState
 from .engine import CAMResult, OutputTransform, cam_pass, masked_scores, predict_classes
 from .errors import NonFiniteOutputError
-from .layers import LayerSpec, ReshapeSpec, check_layout
+from .layers import LayerSpec, ReshapeSpec
+from .layout import check_layout
 from .maps import upsample
 from .methods import check_methods
 from .probes import ProbeSet

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .errors import HookNotFiredError, LayerNotFoundError, LayerNotSpatialError, LayoutError
-from .layout import LAYOUTS, LayoutEvidence, check_layout, fitting_readings, resolve_layout  # noqa: F401 (re-exported)
+from .layout import LayoutEvidence, fitting_readings, resolve_layout
 from .methods import gradcam
 
 LayerSpec = Union[str, nn.Module, None]
