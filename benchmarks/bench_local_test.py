@@ -19,7 +19,8 @@ shown to the tests) say how many candidates and controls touch the cue: a contro
 part of the cue (a cue wider than the window) ties with the candidate, whatever the model reads.
 Designs: ``box`` (the window's side in grid cells), ``control`` (``next``: the source's next
 most-credited window, the monitor's; ``random``: a window drawn in proportion to the map's credit
-outside the candidate; ``guard``: the best window at least one window away) and ``place``
+outside the candidate; ``guard``: the best window at least one window away; ``blurred``: the
+candidate's own window blurred at half a cell, its detail gone, its content in place) and ``place``
 (``credited``: over the recipient's most-credited window, the monitor's; ``quiet``: its
 least-credited window; ``own``: where the candidate sits in its source). Two more for cues wider
 than a cell: ``window`` (``cell``: the grid's cells, the monitor's; ``pixel``: windows of ``box``
@@ -118,7 +119,17 @@ def control_guard(windows: D.Windows, source: int, avoid: D.Box, size: tuple[int
     return D.fit_box(windows.boxes[int(energy.argmax())], size, image_size)
 
 
-CONTROLS: dict[str, ControlFn] = {"next": control_next, "random": control_random, "guard": control_guard}
+def control_blurred(windows: D.Windows, source: int, avoid: D.Box, size: tuple[int, int], image_size: tuple[int, int],
+                    gen: torch.Generator) -> D.Box:
+    """The candidate's own window with its detail blurred away (half a cell, the detail arm's
+    blur): :func:`score` reads this control's pixels from the blurred source. The same content
+    and arrangement as the test, so a window of any size holds as much of an object in both; a
+    cue told by its fine pattern (a stamp, a glyph, ticks) is in the test only."""
+    return avoid
+
+
+CONTROLS: dict[str, ControlFn] = {"next": control_next, "random": control_random, "guard": control_guard,
+                                  "blurred": control_blurred}
 PLACES: dict[str, PlaceFn] = {
     "credited": lambda windows, r, box, size, image_size: D.credited_place(windows, r, size, image_size),
     "quiet": lambda windows, r, box, size, image_size: D.fit_box(windows.boxes[int(windows.energy[r].argmin())],
@@ -234,8 +245,11 @@ def score(model: torch.nn.Module, probes: ProbeSet, pairs: int, designs: list[De
         control_on = sum(on_cue(cue_masks, suspects[t.suspect].probe, t.control_box) for t in tests)
         if tests:
             n = len(images)  # recipients are read from the second half: the probes as this design prepares them
-            both = torch.cat([images, recipient_images(images, maps, recipient)])
+            detail_gone = blurred_cells(images, tuple(maps.shape[-2:]))
+            both = torch.cat([images, recipient_images(images, maps, recipient), detail_gone])
             shifted = [p._replace(recipient=p.recipient + n) for p in D.pastes(suspects, tests)]
+            if control == "blurred":  # the controls' pixels from the blurred sources (the third block)
+                shifted = shifted[:len(tests)] + [p._replace(source=p.source + 2 * n) for p in shifted[len(tests):]]
             out = predict_classes(model, pasted_images(both, shifted))
             cls = torch.tensor([suspects[t.suspect].cls for t in tests])
             flips, controls = out[:len(tests)] == cls, out[len(tests):] == cls

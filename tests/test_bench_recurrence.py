@@ -1,0 +1,66 @@
+"""benchmarks/bench_recurrence.py and the local test benchmark's blurred control: what they measure."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import bench_local_test  # noqa: E402
+import bench_recurrence as bench  # noqa: E402
+
+import cam_monitor as cm  # noqa: E402
+
+
+def test_a_window_cut_from_an_image_correlates_fully_with_it_and_less_with_others() -> None:
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(3, 1, 16, 16, generator=gen)
+    stamp = images[0, :, 4:8, 9:13].clone()
+    images[2, :, 10:14, 1:5] = 2 * stamp + 1  # a copy elsewhere, brighter: correlation ignores gain and offset
+    best = bench.best_correlation(stamp, images)
+    assert best[0] == pytest.approx(1.0, abs=1e-4) and best[2] == pytest.approx(1.0, abs=1e-4)
+    assert best[1] < 0.99
+    assert torch.equal(bench.best_correlation(torch.ones(1, 4, 4), images), torch.zeros(3))  # nothing to match
+
+
+def test_the_window_is_centred_on_the_peak_cell_and_kept_inside_the_grid() -> None:
+    maps = torch.zeros(2, 4, 4)
+    maps[0, 1, 2] = 1.0
+    maps[1, 3, 3] = 1.0  # a corner peak: the window moves inside
+    assert bench.peak_windows(maps, 2, (32, 32)) == [(0, 8, 16, 24), (16, 16, 32, 32)]
+
+
+def test_pairs_are_split_by_predicted_class_without_the_diagonal() -> None:
+    same, other = bench.same_and_other(torch.zeros(3, 3), torch.tensor([0, 0, 1]))
+    assert same.tolist() == [[False, True, False], [True, False, False], [False, False, False]]
+    assert other.tolist() == [[False, False, True], [False, False, True], [True, True, False]]
+
+
+class _FinePattern(torch.nn.Module):
+    """Class 1 by the fine detail it sees (pixel-to-pixel changes, summed over a 4 x 4 grid of 8 px
+    cells, the monitored layer ``grid``), class 0 by a constant: a cue told by its fine pattern."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.grid = torch.nn.AvgPool2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        change = torch.nn.functional.pad((x[..., 1:] - x[..., :-1]).abs(), (0, 1))
+        detail = self.grid(change).flatten(1).sum(1)
+        return torch.stack([torch.full_like(detail, 0.1), detail], 1)
+
+
+def test_the_blurred_control_is_the_candidates_own_window_without_its_detail() -> None:
+    """A model told by a fine pattern follows the candidate's window and not the same window blurred:
+    every pair wins (the candidates are the class-1 probes, whose maps credit their checkerboard;
+    class 0's maps are zero, so none of them is a candidate)."""
+    images = torch.zeros(8, 1, 32, 32)
+    images[4:, 0, :8, :8] = ((torch.arange(8)[:, None] + torch.arange(8)[None]) % 2).float()
+    probes = cm.ProbeSet(images, torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]))
+    model = _FinePattern().eval()
+    (row,) = bench_local_test.score(model, probes, 8, [(2, "blurred", "own", "cell", "probe")], 0,
+                                    torch.zeros(8, 32, 32, dtype=torch.bool), layer="grid")
+    assert row["accuracy"] == 1.0 and row["pairs"] == 8
+    assert row["wins"] == 8 and row["losses"] == 0 and row["candidate_on_cue"] == 0
