@@ -69,6 +69,7 @@ def main() -> None:
                                       if v == v),
               "no_param_grads": no_grads, "trained_then_evaluated": bool(torch.isfinite(after.maps).all())}
     (out / f"rank{rank}.json").write_text(json.dumps(record))
+    dist.barrier()  # neither rank tears its gloo pairs down while the other is still using them
     dist.destroy_process_group()
 
 
