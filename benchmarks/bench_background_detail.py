@@ -79,8 +79,8 @@ def outcome(test: torch.Tensor, control: torch.Tensor) -> dict:
 
 
 def score(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, layer: str, pairs: int,
-          seed: int) -> dict[str, dict]:
-    """One evaluation of the three tests on ``model`` (see the module docstring)."""
+          seed: int) -> tuple[float, dict[str, dict]]:
+    """One evaluation of ``model``: its accuracy on ``images`` and the three tests (see the module docstring)."""
     def predict(x: torch.Tensor) -> torch.Tensor:
         return torch.cat([predict_classes(model, x[i:i + 128]) for i in range(0, len(x), 128)])
 
@@ -100,7 +100,7 @@ def score(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, la
     kept = preds[correct].repeat(2)
     flips = predict(torch.cat([shuffled_cells(images[correct], grid, gen), blurred_cells(images[correct], grid)])) == kept
     out["detail"] = outcome(flips[:len(correct)], flips[len(correct):])
-    return out
+    return float((preds == labels).float().mean()), out
 
 
 def main() -> None:
@@ -119,8 +119,7 @@ def main() -> None:
         model = spec.model(probes).eval()
         for epoch, state in enumerate(trained_states(spec, args.epochs, args.cache)):
             model.load_state_dict(state)
-            scored = score(model, probes.images, probes.labels, ARCHS[spec.arch], args.pairs, epoch)
-            accuracy = float((predict_classes(model, probes.images) == probes.labels).float().mean())
+            accuracy, scored = score(model, probes.images, probes.labels, ARCHS[spec.arch], args.pairs, epoch)
             records += [{"model": spec.name, "variant": spec.variant, "epoch": epoch, "accuracy": accuracy,
                          "test": name, **row} for name, row in scored.items()]
             print(f"| {spec.name} | {epoch} | {accuracy:.2f} | " + " | ".join(

@@ -245,8 +245,10 @@ def score(model: torch.nn.Module, probes: ProbeSet, pairs: int, designs: list[De
         control_on = sum(on_cue(cue_masks, suspects[t.suspect].probe, t.control_box) for t in tests)
         if tests:
             n = len(images)  # recipients are read from the second half: the probes as this design prepares them
-            detail_gone = blurred_cells(images, tuple(maps.shape[-2:]))
-            both = torch.cat([images, recipient_images(images, maps, recipient), detail_gone])
+            blocks = [images, recipient_images(images, maps, recipient)]
+            if control == "blurred":
+                blocks.append(blurred_cells(images, tuple(maps.shape[-2:])))
+            both = torch.cat(blocks)
             shifted = [p._replace(recipient=p.recipient + n) for p in D.pastes(suspects, tests)]
             if control == "blurred":  # the controls' pixels from the blurred sources (the third block)
                 shifted = shifted[:len(tests)] + [p._replace(source=p.source + 2 * n) for p in shifted[len(tests):]]

@@ -66,7 +66,7 @@ def best_correlation(template: torch.Tensor, images: torch.Tensor) -> torch.Tens
     return (F.conv2d(images, t[None]) / (t.norm() * spread)).flatten(1).amax(1)
 
 
-def same_and_other(scores: torch.Tensor, preds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def same_and_other(preds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Masks of the (i, j) pairs of the same predicted class (i != j) and of different classes."""
     same = preds[:, None] == preds[None]
     return same & ~torch.eye(len(preds), dtype=torch.bool), ~same
@@ -94,7 +94,7 @@ def measure(model: torch.nn.Module, spec: Spec, box: int, copy: float) -> dict:
     peak = maps.flatten(1).argmax(1)
     vectors = F.normalize(acts["a"].flatten(2)[torch.arange(len(images)), :, peak], dim=1)
     feature = vectors @ vectors.T
-    same, other = same_and_other(pixel, preds)
+    same, other = same_and_other(preds)
     on_cue = sum(bool(cue[i, y0:y1, x0:x1].float().mean() > 0.25) for i, (y0, x0, y1, x1) in enumerate(windows))
     return {"probes": len(images), "windows_on_cue": on_cue,
             "pixel_same": float(pixel[same].mean()), "pixel_other": float(pixel[other].mean()),

@@ -33,7 +33,7 @@ def test_the_window_is_centred_on_the_peak_cell_and_kept_inside_the_grid() -> No
 
 
 def test_pairs_are_split_by_predicted_class_without_the_diagonal() -> None:
-    same, other = bench.same_and_other(torch.zeros(3, 3), torch.tensor([0, 0, 1]))
+    same, other = bench.same_and_other(torch.tensor([0, 0, 1]))
     assert same.tolist() == [[False, True, False], [True, False, False], [False, False, False]]
     assert other.tolist() == [[False, False, True], [False, False, True], [True, True, False]]
 
