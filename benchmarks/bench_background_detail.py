@@ -43,20 +43,10 @@ from cam_monitor.demo.model import ARCHS  # noqa: E402
 from cam_monitor.demo.zoo import mask_free_probes  # noqa: E402
 from cam_monitor.engine import compute_cams, predict_classes  # noqa: E402
 from cam_monitor.evidence import sign_test_p  # noqa: E402
-from cam_monitor.interventions import blurred_cells, object_regions, shuffled_cells, spectrum_images  # noqa: E402
+from cam_monitor.interventions import (background_detail_images, blurred_cells, object_regions, shuffled_cells,
+                                       spectrum_images)  # noqa: E402
 
 TESTS = ("background_detail", "detail", "spectrum")
-
-
-def background_detail_images(images: torch.Tensor, objects: torch.Tensor, grid: tuple[int, int],
-                             sources: list[int], recipients: list[int]) -> torch.Tensor:
-    """(2P, C, H, W): each recipient blurred at half a cell plus its source's fine detail from
-    outside the source's ``objects`` region, then each control (the fine detail from inside it)."""
-    blurred = blurred_cells(images, grid)
-    fine = (images - blurred)[sources]
-    inside = objects[sources][:, None].to(images.dtype)
-    base = blurred[recipients]
-    return torch.cat([base + fine * (1 - inside), base + fine * inside])
 
 
 def draw_pairs(preds: torch.Tensor, labels: torch.Tensor, num: int, gen: torch.Generator) -> tuple[list[int], list[int]]:

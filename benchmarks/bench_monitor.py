@@ -4,7 +4,7 @@
    one full evaluation of ``cam_monitor.Monitor`` (CAM pass + metrics + discovery + rules + rendering + TensorBoard
    write), with and without the faithfulness forward; the pictures the default monitor draws (the first 32 probes'
    grid at 128 px, the filmstrip of 4 probes, per-probe scalars); interleaved rounds, median/min/max.
-   The same table times mask-free discovery at its default budget (about 128 pasted or swapped images), given the maps.
+   The same table times mask-free discovery at its default budget (about 160 pasted or swapped images), given the maps.
 2. Throughput: probes per second of the default evaluation's blocking part on 1,024 probes.
 3. The background worker's effect on the training thread: training steps of the demo CNN with the
    worker idle vs drawing pictures all the time (interleaved rounds), with torch on every core and
@@ -102,20 +102,21 @@ def monitor_evaluation(repeats: int, device: torch.device, n: int = 64, size: in
     state: dict = {}
 
     def discovery_full_budget():
-        """Mask-free discovery at its default budget, every arm: 2 x 64 pasted or swapped images for
-        64 probes (every probe a candidate, as if the model got 10 classes right)."""
+        """Mask-free discovery at its default budget, every arm: budget x 64 pasted or swapped images
+        for 64 probes (every probe a candidate, as if the model got 10 classes right)."""
         ev = state["last"] = state.get("last") or evaluate(model, probes, EvalSettings("layer4", batch_size=n),
                                                               placement)
         classes = torch.arange(n) % 10
         found = discover(ev.maps, probes, classes, classes, lambda x: predict_classes(model, x.to(device)),
                          DiscoverySettings())
-        assert 2 * n - 2 * len(DiscoverySettings().arms) < found.pasted <= 2 * n
+        budget = DiscoverySettings().budget * n
+        assert budget - 2 * len(DiscoverySettings().arms) < found.pasted <= budget
 
     names = {"forward": "inference forward (64 x 224)", "nofaith": "monitor evaluation, no faithfulness",
              "default": "monitor evaluation (default, + faithfulness forward)",
              "queued": "same, pictures on the background worker: whole evaluation",
              "queued_nofaith": "no faithfulness, pictures on the background worker: whole evaluation",
-             "discovery": "mask-free discovery at its default budget (about 128 pasted or swapped images), given the maps"}
+             "discovery": "mask-free discovery at its default budget (about 160 pasted or swapped images), given the maps"}
     times = time_interleaved({names["forward"]: forward, names["nofaith"]: full(False), names["default"]: full(True),
                               names["queued"]: queued(), names["queued_nofaith"]: queued(False),
                               names["discovery"]: discovery_full_budget}, repeats, device)

@@ -162,10 +162,14 @@ def discovery_findings(grid: tuple[int, int], layer: str, probes: ProbeSet, sett
         out.append(f"discovery's border test needs an inner band as large as its border band, and "
                    f"{probes.image_size[0]}x{probes.image_size[1]} images have none: it does not run; "
                    "use DiscoverySettings(border_test=False)")
-    if "detail" in idle:
-        out.append(f"discovery's detail test needs a grid of at least {MIN_DETAIL_GRID}x{MIN_DETAIL_GRID} cells "
-                   f"(on fewer a cell holds a whole object), and layer {layer!r} gives {grid[0]}x{grid[1]}: it does "
-                   "not run; target an earlier layer (a finer grid) or use DiscoverySettings(detail_test=False)")
+    coarse = [arm for arm in ("detail", "texture") if arm in idle]
+    if coarse:
+        names = " and ".join(coarse)
+        off = ", ".join(f"{arm}_test=False" for arm in coarse)
+        out.append(f"discovery's {names} test{'s need' if len(coarse) > 1 else ' needs'} a grid of at least "
+                   f"{MIN_DETAIL_GRID}x{MIN_DETAIL_GRID} cells (on fewer a cell holds a whole object), and layer "
+                   f"{layer!r} gives {grid[0]}x{grid[1]}: {'they do' if len(coarse) > 1 else 'it does'} not run; "
+                   f"target an earlier layer (a finer grid) or use DiscoverySettings({off})")
     return out
 
 

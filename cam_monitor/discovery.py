@@ -52,6 +52,21 @@ detail within cells, the reverse. Its null is that the classes are told by shape
 cells (measured on both zoo bases: see the reference); where the classes themselves are textures,
 it reports the texture, which is then no shortcut (turn it off).
 
+**Texture cues, against the object** (a texture, a grating, a noise pattern in the background: the
+detail arm's cues, where the model reads the object as well). The detail arm takes detail away
+from one probe and asks whether its class stays; a model that reads a texture *and* the object
+keeps its class on the blur too, and that arm sees little. This one sets the two against each
+other: the recipient blurred at half a cell (its own fine detail gone, its shapes kept) is given
+the source's fine detail (the source minus its blur) from outside the source's most-credited
+:data:`~cam_monitor.interventions.OBJECT_SHARE` of pixels (its object, as its map sees it,
+:func:`~cam_monitor.interventions.background_detail_images`); the control gives it the fine detail
+from inside that share. A model that reads the object finds more of the source's class in its
+object's detail; one that reads a texture finds three times as much of the texture outside. Its
+null is the spectrum arm's assumption, that the map covers the object (measured on control runs
+of both zoo bases: see the reference). It runs where the detail arm does (a cell must be smaller
+than an object for the blur to keep the recipient's shapes). Floating cues sit in the credited
+share and are not its to find.
+
 Budget: ``budget`` x the number of probes pasted images per evaluation (tests and controls),
 inference forwards only; the arms share it equally at the first evaluation, then half equally and
 half in proportion to each arm's evidence so far (an arm that found a cue keeps testing it
@@ -69,22 +84,23 @@ import torch
 import torch.nn.functional as F
 
 from .evidence import EvidenceState, check_bet, holm, sign_test_p, stream
-from .interventions import (MAX_BORDER_BAND, Box, Paste, banded_images, border_bands, colour_images, detail_images,
-                            object_regions, pasted_images, spectrum_images)
+from .interventions import (MAX_BORDER_BAND, Box, Paste, background_detail_images, banded_images, border_bands,
+                            colour_images, detail_images, object_regions, pasted_images, spectrum_images)
 from .probes import ProbeSet
 from .records import ShortcutRegion
 
 Predict = Callable[[torch.Tensor], torch.Tensor]  # (B, C, H, W) CPU images -> (B,) predicted classes
 #: The confirmation arms: local paste, background spectrum swap, colour statistics swap, border band
-#: swap, cell shuffle against blur.
-ARMS = ("local", "global", "colour", "border", "detail")
+#: swap, cell shuffle against blur, background fine detail against the object's.
+ARMS = ("local", "global", "colour", "border", "detail", "texture")
 LOCAL = ARMS[0]
 #: What each arm tests, in the words an alert uses.
 TEST_NAMES = {"local": "a local region (paste test)", "global": "the background's texture (spectrum swap)",
               "colour": "colour statistics (per-channel mean and spread swap)",
               "border": "the border band (band swap)",
-              "detail": "fine detail within cells (cell shuffle against a blur)"}
-#: The coarsest grid the detail arm runs on, cells a side: on fewer, a cell holds a whole object
+              "detail": "fine detail within cells (cell shuffle against a blur)",
+              "texture": "the background's fine detail (background detail against the object's)"}
+#: The coarsest grid the detail and texture arms run on, cells a side: on fewer, a cell holds a whole object
 #: (on a 1 x 1 grid the shuffle leaves the image as it is and every model would keep its class),
 #: and the finest measured grid is 4 x 4 (a ResNet-18's ``layer4`` at 32 px: see the reference).
 MIN_DETAIL_GRID = 4
@@ -100,8 +116,10 @@ class DiscoverySettings:
             region the grid resolves). Larger windows catch cues that span several cells but hold
             whole small objects, and the local test's control then no longer matches them.
         budget: pasted images per evaluation (tests plus controls, every arm) as a multiple of the
-            probe count: 2.0 costs two inference forwards of the probe set. From the second
-            evaluation on, half of it goes to the arms in proportion to their evidence so far.
+            probe count: 2.5 costs two and a half inference forwards of the probe set, 16 pairs
+            per arm at the first evaluation with the five default arms (each arm's power is its
+            pairs: with fewer, cues are confirmed later). From the second evaluation on, half of
+            it goes to the arms in proportion to their evidence so far.
         alpha: false-alarm rate per evaluation of ``shortcut_confirmed``: under the null (no
             candidate more than ``min_effect`` more potent than its control) the evidence needs
             at least ``1 / alpha`` evaluations on average to cross its threshold ``1 / alpha``.
@@ -125,6 +143,10 @@ class DiscoverySettings:
         detail_test: run the cell-shuffle arm for cues read inside one cell of the grid (textures,
             gratings, noise, small stamps), on grids of at least :data:`MIN_DETAIL_GRID` cells a
             side. Turn it off where the classes are textures.
+        texture_test: run the background-detail arm for textures in the background (the source's
+            fine detail from outside its credited share against from inside it, on a blurred probe
+            of another class), on grids of at least :data:`MIN_DETAIL_GRID` cells a side. Turn it
+            off where the classes are textures.
         seed: seeds the recipients' order (mixed with the evaluation's step).
         per_class: also keep the local arm's evidence per candidate class, and send half its pairs
             where each class's evidence grows (:mod:`evidence`): a cue in one class of ten (a ruler
@@ -134,7 +156,7 @@ class DiscoverySettings:
 
     enabled: bool = True
     box_cells: int = 1
-    budget: float = 2.0
+    budget: float = 2.5
     alpha: float = 1e-3
     min_effect: float = 0.05
     detail_min_effect: float = 0.2
@@ -144,6 +166,7 @@ class DiscoverySettings:
     border_test: bool = True
     border_band: float = 0.1
     detail_test: bool = True
+    texture_test: bool = True
     seed: int = 0
     per_class: bool = False
 
@@ -168,16 +191,17 @@ class DiscoverySettings:
     @property
     def arms(self) -> tuple[str, ...]:
         """The arms this evaluation runs, in :data:`ARMS` order."""
-        on = (True, self.global_test, self.colour_test, self.border_test, self.detail_test)
+        on = (True, self.global_test, self.colour_test, self.border_test, self.detail_test, self.texture_test)
         return tuple(a for a, use in zip(ARMS, on) if use)
 
     def arms_on(self, grid: tuple[int, int], image_size: tuple[int, int]) -> tuple[str, ...]:
         """The arms that run on a layer of ``grid`` cells and images of ``image_size``: :attr:`arms`
         less the border arm where the images have no inner band as large as the border band
-        (:func:`~cam_monitor.interventions.border_bands`) and the detail arm on a grid too coarse
-        (:func:`detail_runs`). Fixed for a run, so the evidence is the mean of the arms that can
+        (:func:`~cam_monitor.interventions.border_bands`) and the detail and texture arms on a grid
+        too coarse (:func:`detail_runs`). Fixed for a run, so the evidence is the mean of the arms that can
         gather any: an arm that cannot run would hold its detector at 1 and dilute the others'."""
-        can = {"border": border_bands(image_size, self.border_band) is not None, "detail": detail_runs(grid)}
+        fine = detail_runs(grid)
+        can = {"border": border_bands(image_size, self.border_band) is not None, "detail": fine, "texture": fine}
         return tuple(a for a in self.arms if can.get(a, True))
 
 
@@ -211,7 +235,8 @@ class PasteTest:
 @dataclass
 class Pair:
     """One whole-image confirmation: something of ``suspect``'s image given to probe ``recipient``
-    (its background's amplitude, its colour statistics, or its border band), and the control; for
+    (its background's amplitude, its colour statistics, its border band or its background's fine
+    detail), and the control; for
     the detail arm the recipient is the suspect's own probe (its cells shuffled, or blurred)."""
 
     suspect: int
@@ -220,7 +245,7 @@ class Pair:
 
 @dataclass
 class PairedArm:
-    """A whole-image arm's tests (global, colour, border): its pairs, and whether each test image and each
+    """A whole-image arm's tests (global, colour, border, detail, texture): its pairs, and whether each test image and each
     control turned the recipient's prediction into the suspect's class."""
 
     pairs: list[Pair]
@@ -234,7 +259,7 @@ class Discovery:
 
     ``flips[i]`` / ``control_flips[i]`` say whether local test ``i`` (and its control) turned the
     recipient's prediction into the suspect's class; ``paired`` holds the same for the whole-image
-    arms that ran (``global``, ``colour``, ``border``).
+    arms that ran (``global``, ``colour``, ``border``, ``detail``, ``texture``).
     """
 
     suspects: list[Suspect]
@@ -271,7 +296,8 @@ class Discovery:
 
     def aggregates(self) -> dict[str, float]:
         """Flip rates of every arm that ran, their controls and excesses (NaN for an arm without
-        tests: ``shortcut_*`` for the local arm, ``global_*``, ``colour_*``, ``border_*``), the evaluation's
+        tests: ``shortcut_*`` for the local arm, ``global_*``, ``colour_*``, ``border_*``, ``detail_*``,
+        ``texture_*``), the evaluation's
         ``shortcut_p`` and the count of ``shortcut_suspects`` (candidates)."""
         out = {"shortcut_suspects": float(len(self.suspects)), "shortcut_p": self.p_value()}
         arms = [("shortcut", self.flips, self.control_flips)]
@@ -563,8 +589,8 @@ def discover(maps: torch.Tensor, probes: ProbeSet, targets: torch.Tensor, preds:
     src = lambda pairs: [suspects[p.suspect].probe for p in pairs]  # noqa: E731
     dst = lambda pairs: [p.recipient for p in pairs]  # noqa: E731
     makers: dict[str, Callable[[list[Pair]], torch.Tensor]] = {}
+    objects = object_regions(maps, image_size) if {"global", "texture"} & set(runs) else None
     if "global" in runs:
-        objects = object_regions(maps, image_size)
         makers["global"] = lambda pairs: spectrum_images(images, objects, src(pairs), dst(pairs))
     if "colour" in runs:
         makers["colour"] = lambda pairs: colour_images(images, src(pairs), dst(pairs))
@@ -573,6 +599,8 @@ def discover(maps: torch.Tensor, probes: ProbeSet, targets: torch.Tensor, preds:
         makers["border"] = lambda pairs: banded_images(images, src(pairs), dst(pairs), bands)
     if "detail" in runs:
         makers["detail"] = lambda pairs: detail_images(images, src(pairs), grid, gen)
+    if "texture" in runs:
+        makers["texture"] = lambda pairs: background_detail_images(images, objects, grid, src(pairs), dst(pairs))
     follow = evidence is not None and bool(evidence.log_detector)  # from the second evaluation on
     arms = (LOCAL, *makers)
     shares = arm_shares(int(settings.budget * len(probes)) // 2, arms,

@@ -1,6 +1,6 @@
 """The images the confirmation tests classify: probes edited so that one thing of a source probe
 (a region, its colour statistics, its background's spectrum, its border band, the arrangement of
-its cells) is given to, or taken from, an image.
+its cells, its background's fine detail) is given to, or taken from, an image.
 
 Pure tensor functions on CPU images (B, C, H, W) indexed by probe: no model, no maps' meaning,
 no Lightning. :mod:`discovery` decides which probes and regions each test uses and why each
@@ -176,3 +176,18 @@ def detail_images(images: torch.Tensor, sources: list[int], grid: tuple[int, int
         return images[:0]
     src = images[sources]
     return torch.cat([shuffled_cells(src, grid, gen), blurred_cells(src, grid)])
+
+
+def background_detail_images(images: torch.Tensor, objects: torch.Tensor, grid: tuple[int, int],
+                             sources: list[int], recipients: list[int]) -> torch.Tensor:
+    """(2P, C, H, W): each recipient blurred at half a cell (:func:`blurred_cells`: its own fine
+    detail gone, its shapes kept) plus its source's fine detail (the source minus its own blur)
+    from outside the source's ``objects`` region, then each control (the same blurred recipient
+    plus the fine detail from inside that region)."""
+    if not sources:
+        return images[:0]
+    src = images[sources]
+    fine = src - blurred_cells(src, grid)
+    inside = objects[sources][:, None].to(images.dtype)
+    base = blurred_cells(images[recipients], grid)
+    return torch.cat([base + fine * (1 - inside), base + fine * inside])

@@ -66,23 +66,6 @@ def test_the_blurred_control_is_the_candidates_own_window_without_its_detail() -
     assert row["wins"] == 8 and row["losses"] == 0 and row["candidate_on_cue"] == 0
 
 
-def test_the_background_detail_test_gives_the_recipient_the_candidates_fine_detail_outside_or_inside_its_object() -> None:
-    import bench_background_detail as bd
-    from cam_monitor.interventions import blurred_cells
-
-    gen = torch.Generator().manual_seed(0)
-    images = torch.rand(2, 3, 32, 32, generator=gen)
-    objects = torch.zeros(2, 32, 32, dtype=torch.bool)
-    objects[:, :, :16] = True  # the candidate's credited quarter, here its left half
-    test, control = bd.background_detail_images(images, objects, (8, 8), [0], [1]).split(1)
-    blurred = blurred_cells(images, (8, 8))
-    fine = images[0] - blurred[0]
-    assert torch.allclose(test[0, :, :, :16], blurred[1, :, :, :16])  # no detail of the candidate's object
-    assert torch.allclose(test[0, :, :, 16:], blurred[1, :, :, 16:] + fine[:, :, 16:])  # its background's detail
-    assert torch.allclose(control[0, :, :, :16], blurred[1, :, :, :16] + fine[:, :, :16])
-    assert torch.allclose(control[0, :, :, 16:], blurred[1, :, :, 16:])
-
-
 def test_background_detail_pairs_join_correct_probes_of_different_classes_and_count_discordant_outcomes() -> None:
     import bench_background_detail as bd
 

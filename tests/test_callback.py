@@ -21,7 +21,8 @@ ALL_METRICS = {"cam/spurious_energy", "cam/spurious_enrichment", "cam/object_ene
                "cam/shortcut_suspects", "cam/shortcut_flip_rate", "cam/shortcut_flip_control", "cam/shortcut_flip_excess",
                "cam/colour_flip_rate", "cam/colour_flip_control", "cam/colour_flip_excess", "cam/border_flip_rate",
                "cam/border_flip_control", "cam/border_flip_excess", "cam/detail_flip_rate", "cam/detail_flip_control",
-               "cam/detail_flip_excess", "cam/shortcut_p", "cam/shortcut_evidence"}
+               "cam/detail_flip_excess", "cam/texture_flip_rate", "cam/texture_flip_control",
+               "cam/texture_flip_excess", "cam/shortcut_p", "cam/shortcut_evidence"}
 
 RECORDED: list[dict] = []
 
@@ -211,7 +212,7 @@ def test_tensorboard_event_files_hold_images_and_scalars(tmp_path) -> None:
     # per-probe curves only for the filmstrip's probes: the monitor's own scalars stay few
     mine = [t for t in tags["scalars"] if t.startswith(("cam/", "cam_probes/"))]
     curves = {t.split("/")[-1] for t in mine if t.startswith("cam_probes/")}
-    assert curves == set(mon.probes.ids[:mon.monitor.pictures.filmstrip_probes]) and len(mine) <= 41, sorted(mine)  # 28 cam/ + the curves
+    assert curves == set(mon.probes.ids[:mon.monitor.pictures.filmstrip_probes]) and len(mine) <= 44, sorted(mine)  # 31 cam/ + the curves
     assert logger.hparams["cam_monitor.target_layer"] == "net.features"  # the settings in TensorBoard's HParams
 
 

@@ -5,6 +5,7 @@ import torch
 
 import cam_monitor as cm
 from cam_monitor.checks import dry_run_findings
+from cam_monitor.discovery import DiscoverySettings
 from cam_monitor.engine import CAMResult
 from cam_monitor.evaluation import EvalSettings
 
@@ -52,12 +53,15 @@ def test_a_coarse_grid_the_band_and_a_shared_layer_are_warned_and_channels_last_
     assert found.notes == ["layer 'body' outputs channels-last (B, h, w, C); reading it so (pass layout='nchw' to override)"]
 
 
-def test_a_grid_too_coarse_for_the_detail_test_is_warned_with_the_fix() -> None:
+def test_a_grid_too_coarse_for_the_detail_and_texture_tests_is_warned_with_the_fix() -> None:
     coarse = dry_run_findings(result(torch.rand(2, 3, 3)), probes(), EvalSettings(), 4.0, "cam")
-    assert any("detail test needs a grid of at least 4x4" in w and "3x3" in w and "detail_test=False" in w
-               for w in coarse.warnings)
-    assert not any("detail test" in w for w in dry_run_findings(result(torch.rand(2, 4, 4)), probes(), EvalSettings(),
-                                                                4.0, "cam").warnings)
+    assert any("detail and texture tests need a grid of at least 4x4" in w and "3x3" in w
+               and "detail_test=False, texture_test=False" in w for w in coarse.warnings)
+    one = EvalSettings(discovery=DiscoverySettings(detail_test=False))
+    alone = dry_run_findings(result(torch.rand(2, 3, 3)), probes(), one, 4.0, "cam").warnings
+    assert any("texture test needs a grid" in w and "it does not run" in w and "(texture_test=False)" in w for w in alone)
+    assert not any("detail test" in w or "texture test" in w for w in dry_run_findings(
+        result(torch.rand(2, 4, 4)), probes(), EvalSettings(), 4.0, "cam").warnings)
 
 
 def test_a_grid_too_coarse_for_the_users_masks_is_warned() -> None:

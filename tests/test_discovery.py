@@ -90,11 +90,12 @@ def test_a_model_using_the_tag_flips_wherever_it_is_pasted_and_the_control_windo
         preds = model(probes.images).argmax(1)
         predict = lambda x, m=model: m(x).argmax(1)  # noqa: E731
         found = discover(maps, probes, probes.labels, preds, predict,
-                         replace_settings(ONE_CELL, global_test=False, colour_test=False, border_test=False, detail_test=False))
+                         replace_settings(ONE_CELL, global_test=False, colour_test=False, border_test=False, detail_test=False,
+                                          texture_test=False))
         if not use_tag:  # the control model predicts class 0 for all: no recipient can flip, no evidence
             assert not found.flips.any() and found.p_value() == 1.0
             continue
-        assert 2 * len(found.tests) == 2.0 * len(probes)  # the budget: tests + controls = budget x the probe count
+        assert 2 * len(found.tests) == 2 * (int(ONE_CELL.budget * len(probes)) // 2)  # tests + controls: budget x probes
         tagged = [t for t in found.tests if found.suspects[t.suspect].cls == 1]
         assert tagged and all(t.place == (0, 0, 4, 4) for t in tagged)  # the recipient's most-credited window
         mine = [found.suspects[t.suspect].cls == 1 for t in found.tests]
@@ -167,9 +168,10 @@ def test_a_brightness_cast_flips_with_the_colour_statistics_and_not_with_the_str
     model = BrightnessModel()
     maps = torch.ones(16, 4, 4)  # evenly spread: nothing local to find
     found = discover(maps, probes, labels, model(images).argmax(1), lambda x: model(x).argmax(1),
-                     DiscoverySettings(border_test=False, global_test=False, detail_test=False))
+                     DiscoverySettings(border_test=False, global_test=False, detail_test=False,
+                                       texture_test=False))
     agg = found.aggregates()
-    assert len(found.paired["colour"].pairs) == len(found.tests) == 8  # budget 2.0: two probe sets, half to each arm
+    assert len(found.paired["colour"].pairs) == len(found.tests) == 10  # budget 2.5 x 16 probes: 20 pairs, half to each arm
     assert agg["colour_flip_rate"] == 1.0 and agg["colour_flip_control"] == 0.0
     assert found.p_value() < 0.01
 
@@ -213,7 +215,8 @@ def test_a_texture_flips_with_the_background_spectrum_and_not_with_the_objects()
     preds = model(probes.images).argmax(1)
     assert torch.equal(preds, probes.labels)
     found = discover(maps, probes, probes.labels, preds, lambda x: model(x).argmax(1),
-                     DiscoverySettings(global_test=True, colour_test=False, border_test=False, detail_test=False))
+                     DiscoverySettings(global_test=True, colour_test=False, border_test=False, detail_test=False,
+                                       texture_test=False))
     arm = found.paired["global"]
     textured = torch.tensor([found.suspects[p.suspect].cls == 1 for p in arm.pairs])
     # a grating source's background carries its class, its object's share does not
@@ -241,7 +244,8 @@ def test_an_object_told_by_its_spectrum_is_no_global_cue() -> None:
     preds = model(images).argmax(1)
     assert torch.equal(preds, labels)
     found = discover(maps, probes, labels, preds, lambda x: model(x).argmax(1),
-                     DiscoverySettings(global_test=True, colour_test=False, border_test=False, detail_test=False))
+                     DiscoverySettings(global_test=True, colour_test=False, border_test=False, detail_test=False,
+                                       texture_test=False))
     agg = found.aggregates()
     assert agg["global_flip_control"] == 1.0 and agg["global_flip_excess"] < -0.3
 
@@ -283,10 +287,10 @@ def test_a_model_reading_the_frame_follows_the_border_band_and_not_the_band_insi
     frame, centre = FrameModel(), CentreModel()
     for model in (frame, centre):
         assert torch.equal(model(probes.images).argmax(1), probes.labels)
-    three_arms = DiscoverySettings(detail_test=False)  # 16 pairs over three arms
+    three_arms = DiscoverySettings(detail_test=False, texture_test=False)  # 20 pairs over three arms: 7, 7, 6
     found = discover(maps, probes, probes.labels, probes.labels, lambda x: frame(x).argmax(1), three_arms)
     border = found.paired["border"]
-    assert len(border.pairs) == 5 and bool(border.flips.all()) and not bool(border.control_flips.any())
+    assert len(border.pairs) == 6 and bool(border.flips.all()) and not bool(border.control_flips.any())
     assert found.aggregates()["border_flip_excess"] == 1.0 and found.p_value() < 0.1
     # the object sits inside the frame: the inner band carries it, the border band does not
     honest = discover(maps, probes, probes.labels, probes.labels, lambda x: centre(x).argmax(1), three_arms)
@@ -387,7 +391,7 @@ def test_bad_settings_are_refused(kwargs, text) -> None:
 
 def test_the_detail_arm_has_its_own_margin_and_every_other_arm_the_common_one() -> None:
     margins = DiscoverySettings(min_effect=0.1, detail_min_effect=0.25).margins
-    assert margins == {"local": 0.1, "global": 0.1, "colour": 0.1, "border": 0.1, "detail": 0.25}
+    assert margins == {"local": 0.1, "global": 0.1, "colour": 0.1, "border": 0.1, "detail": 0.25, "texture": 0.1}
     assert DiscoverySettings().margins["detail"] > DiscoverySettings().min_effect
 
 
@@ -414,6 +418,7 @@ def test_evaluate_runs_every_arm_within_two_probe_sets_of_extra_images_and_accum
     assert model.calls <= 3 * len(probes)  # the CAM pass plus at most two probe sets of pasted images
     assert {"border_flip_rate", "border_flip_control", "border_flip_excess"} <= set(ev.aggregates)
     assert {"detail_flip_rate", "detail_flip_control", "detail_flip_excess"} <= set(ev.aggregates)
+    assert {"texture_flip_rate", "texture_flip_control", "texture_flip_excess"} <= set(ev.aggregates)
     again = evaluate(model, probes, EvalSettings(layer="body", faithfulness=False), evidence=ev.evidence, global_step=1)
     tested = {arm for found in (ev.discovery, again.discovery) for arm, d in found.diffs().items() if d.numel()}
     assert set(again.evidence.log_detector) == tested | {"all"}
@@ -427,8 +432,9 @@ def test_evaluate_runs_every_arm_within_two_probe_sets_of_extra_images_and_accum
     classes = {f"local/{found.suspects[t.suspect].cls}" for found in (first.discovery, later.discovery)
                for t in found.tests}
     assert classes <= set(later.evidence.log_detector) and not any(
-        k.startswith(("colour/", "border/", "detail/")) for k in later.evidence.log_detector)  # whole-image arms: pooled
-    arms_mean = sum(later.evidence.detector(a) for a in ("local", "colour", "border", "detail")) / 4
+        k.startswith(("colour/", "border/", "detail/", "texture/")) for k in later.evidence.log_detector)  # pooled
+    arms = ("local", "colour", "border", "detail", "texture")
+    arms_mean = sum(later.evidence.detector(a) for a in arms) / len(arms)
     pooled = 0.5 * arms_mean + 0.5 * later.evidence.detector("all")
     mean_class = sum(later.evidence.detector(f"local/{k}") for k in (0, 1)) / 2
     assert later.aggregates["shortcut_evidence"] == pytest.approx(0.5 * pooled + 0.5 * mean_class)
@@ -474,7 +480,7 @@ def test_half_the_local_pairs_follow_the_evidence_of_each_class() -> None:
     assert all(int(labels[r]) != suspects[s].cls for s, r in led)
 
 
-DETAIL_ONLY = DiscoverySettings(colour_test=False, border_test=False)
+DETAIL_ONLY = DiscoverySettings(colour_test=False, border_test=False, texture_test=False)
 
 
 class StripeModel(nn.Module):
@@ -494,7 +500,7 @@ def test_a_model_reading_texture_keeps_its_class_on_the_cell_shuffle_and_not_on_
     assert torch.equal(model(images).argmax(1), labels)
     found = discover(maps, probes, labels, labels, lambda x: model(x).argmax(1), DETAIL_ONLY)
     detail = found.paired["detail"]
-    assert len(detail.pairs) == 8 and {p.recipient for p in detail.pairs} == {found.suspects[p.suspect].probe
+    assert len(detail.pairs) == 10 and {p.recipient for p in detail.pairs} == {found.suspects[p.suspect].probe
                                                                                for p in detail.pairs}
     assert bool(detail.flips.all()) and not bool(detail.control_flips[labels[[p.recipient for p in detail.pairs]] == 1]
                                                   .any())
@@ -530,13 +536,63 @@ def test_the_detail_test_does_not_run_on_a_grid_whose_cells_hold_whole_objects()
                                 DETAIL_ONLY).paired
 
 
+TEXTURE_ONLY = DiscoverySettings(colour_test=False, border_test=False, detail_test=False)
+
+
+def object_and_stripes(striped: str, seed: int) -> tuple[cm.ProbeSet, torch.Tensor]:
+    """Sixteen probes with a square object in the middle (2 x 2 cells of a 4 x 4 grid) and maps that
+    credit it; class 1's fine stripes lie in the ``"background"`` or on the ``"object"``."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.tensor([1, 0] * 8)
+    images = 0.1 * torch.rand(16, 1, SIZE, SIZE, generator=g)
+    stripes = (torch.arange(SIZE) % 2).float()
+    if striped == "background":
+        images[labels == 1] += 0.4 * stripes
+    images[:, :, 4:12, 4:12] = 0.6
+    if striped == "object":
+        images[labels == 1, :, 4:12, 4:12] = 0.6 * stripes[4:12]
+    maps = torch.full((16, 4, 4), 0.05)
+    maps[:, 1:3, 1:3] = 1.0
+    return cm.ProbeSet(images, labels), maps
+
+
+def texture_arm_on_stripes(striped: str, seed: int, settings: DiscoverySettings = TEXTURE_ONLY):
+    """The texture arm on :func:`object_and_stripes` with a model that reads the stripes: the
+    probes, the discovery, its texture pairs and which of them have a striped (class 1) source."""
+    probes, maps = object_and_stripes(striped, seed)
+    model = StripeModel()
+    assert torch.equal(model(probes.images).argmax(1), probes.labels)
+    found = discover(maps, probes, probes.labels, probes.labels, lambda x: model(x).argmax(1), settings)
+    texture = found.paired.get("texture")
+    sources = torch.tensor([found.suspects[p.suspect].cls == 1 for p in texture.pairs]) if texture else None
+    return probes, found, texture, sources
+
+
+def test_a_model_reading_a_background_texture_takes_its_class_from_the_background_detail_not_the_objects() -> None:
+    probes, found, texture, striped = texture_arm_on_stripes("background", 7)
+    assert len(texture.pairs) == 10 and striped.any()
+    assert all(int(probes.labels[p.recipient]) != found.suspects[p.suspect].cls for p in texture.pairs)
+    assert bool(texture.flips[striped].all()) and not bool(texture.control_flips[striped].any())
+    assert found.diffs()["texture"].sum() == striped.sum() and found.aggregates()["texture_flip_excess"] > 0.3
+
+
+def test_a_model_reading_the_objects_own_detail_is_not_a_texture_shortcut() -> None:
+    """The same model, but the stripes are the object: its detail carries the class, the background's does not."""
+    _, found, texture, striped = texture_arm_on_stripes("object", 8)
+    assert striped.any() and bool(texture.control_flips[striped].all()) and not bool(texture.flips[striped].any())
+    assert found.diffs()["texture"].sum() < 0 and found.aggregates()["texture_flip_excess"] < 0
+    _, off, _, _ = texture_arm_on_stripes("object", 8, replace_settings(TEXTURE_ONLY, texture_test=False))
+    assert "texture" not in off.paired
+
+
 def test_the_arms_that_run_are_those_the_grid_and_the_image_size_allow() -> None:
     settings = DiscoverySettings()
-    assert settings.arms_on((8, 8), (32, 32)) == ("local", "colour", "border", "detail")
+    assert settings.arms_on((8, 8), (32, 32)) == ("local", "colour", "border", "detail", "texture")
     assert settings.arms_on((3, 8), (32, 32)) == ("local", "colour", "border")  # a cell holds a whole object
-    assert settings.arms_on((4, 4), (6, 6)) == ("local", "colour", "detail")  # no inner band as large as the border
+    assert settings.arms_on((4, 4), (6, 6)) == ("local", "colour", "detail", "texture")  # no inner band that large
     assert DiscoverySettings(detail_test=False, global_test=True).arms_on((8, 8), (32, 32)) == (
-        "local", "global", "colour", "border")
+        "local", "global", "colour", "border", "texture")
+    assert "texture" not in DiscoverySettings(texture_test=False).arms_on((8, 8), (32, 32))
 
 
 def test_the_evidence_is_the_mean_of_the_arms_that_run_not_diluted_by_those_that_cannot() -> None:

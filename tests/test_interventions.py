@@ -7,8 +7,9 @@ import pytest
 import torch
 from torchvision.transforms.v2.functional import gaussian_blur
 
-from cam_monitor.interventions import (Paste, banded_images, blurred_cells, border_bands, colour_images, detail_images,
-                                       object_regions, pasted_images, shuffled_cells, spectrum_images)
+from cam_monitor.interventions import (Paste, background_detail_images, banded_images, blurred_cells, border_bands,
+                                       colour_images, detail_images, object_regions, pasted_images, shuffled_cells,
+                                       spectrum_images)
 from cam_monitor.metrics import border_mask
 
 SIZE = 16
@@ -139,3 +140,17 @@ def test_detail_images_are_the_sources_shuffled_then_blurred() -> None:
     assert torch.equal(out[:2], shuffled_cells(images[[2, 0]], (4, 4), torch.Generator().manual_seed(1)))
     assert torch.equal(out[2:], blurred_cells(images[[2, 0]], (4, 4)))
     assert detail_images(images, [], (4, 4), torch.Generator()).shape == (0, 1, SIZE, SIZE)
+
+
+def test_the_texture_test_gives_the_recipient_the_candidates_fine_detail_outside_or_inside_its_object() -> None:
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, 32, 32, generator=gen)
+    objects = torch.zeros(2, 32, 32, dtype=torch.bool)
+    objects[:, :, :16] = True  # the candidate's credited quarter, here its left half
+    test, control = background_detail_images(images, objects, (8, 8), [0], [1]).split(1)
+    blurred = blurred_cells(images, (8, 8))
+    fine = images[0] - blurred[0]
+    assert torch.allclose(test[0, :, :, :16], blurred[1, :, :, :16])  # no detail of the candidate's object
+    assert torch.allclose(test[0, :, :, 16:], blurred[1, :, :, 16:] + fine[:, :, 16:])  # its background's detail
+    assert torch.allclose(control[0, :, :, :16], blurred[1, :, :, :16] + fine[:, :, :16])
+    assert torch.allclose(control[0, :, :, 16:], blurred[1, :, :, 16:])

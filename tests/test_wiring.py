@@ -424,4 +424,4 @@ def test_a_2x2_grid_warns_that_pointing_and_enrichment_cannot_move(tmp_path) -> 
     texts = [str(w.message) for w in caught if "grid of layer" in str(w.message)]
     assert any("covers 100% of the image: the local paste test cannot tell" in t for t in texts)
     assert any("pointing_spurious is 1.0 whatever the model does" in t for t in texts)
-    assert any("detail test needs a grid of at least 4x4" in str(w.message) for w in caught)  # said at fit start
+    assert any("detail and texture tests need a grid of at least 4x4" in str(w.message) for w in caught)  # said at fit start

@@ -224,7 +224,7 @@ def test_a_border_frame_is_confirmed_by_the_border_band_and_the_alert_says_so(bo
     assert run.rows[-1]["cam/shortcut_evidence"] > 1000
     assert all(r["cam/border_flip_excess"] > 0.8 for r in run.rows)
     by_test = run.alerts[0]["evidence_by_test"]
-    assert set(by_test) == {"local", "colour", "border", "detail", "all"}
+    assert set(by_test) == {"local", "colour", "border", "detail", "texture", "all"}
     by_test.pop("all")
     assert max(by_test, key=by_test.get) == "border" and by_test["border"] >= 1000 > by_test["local"]
     assert "strongest test: the border band (band swap)" in describe_alert(run.alerts[0])
