@@ -43,8 +43,8 @@ from cam_monitor.demo.model import ARCHS  # noqa: E402
 from cam_monitor.demo.zoo import mask_free_probes  # noqa: E402
 from cam_monitor.engine import compute_cams, predict_classes  # noqa: E402
 from cam_monitor.evidence import sign_test_p  # noqa: E402
-from cam_monitor.interventions import (background_detail_images, blurred_cells, object_regions, shuffled_cells,
-                                       spectrum_images)  # noqa: E402
+from cam_monitor.interventions import (background_detail_images, detail_images, object_regions,  # noqa: E402
+                                       spectrum_images)
 
 TESTS = ("background_detail", "detail", "spectrum")
 
@@ -88,7 +88,7 @@ def score(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, la
         out[name] = outcome(flips[:n], flips[n:])
     correct = (preds == labels).nonzero()[:, 0]
     kept = preds[correct].repeat(2)
-    flips = predict(torch.cat([shuffled_cells(images[correct], grid, gen), blurred_cells(images[correct], grid)])) == kept
+    flips = predict(detail_images(images, correct.tolist(), grid, gen)) == kept
     out["detail"] = outcome(flips[:len(correct)], flips[len(correct):])
     return float((preds == labels).float().mean()), out
 

@@ -564,7 +564,7 @@ def texture_arm_on_stripes(striped: str, seed: int, settings: DiscoverySettings 
     assert torch.equal(model(probes.images).argmax(1), probes.labels)
     found = discover(maps, probes, probes.labels, probes.labels, lambda x: model(x).argmax(1), settings)
     texture = found.paired.get("texture")
-    sources = torch.tensor([found.suspects[p.suspect].cls == 1 for p in texture.pairs]) if texture else None
+    sources = torch.tensor([found.suspects[p.suspect].cls == 1 for p in texture.pairs]) if texture is not None else None
     return probes, found, texture, sources
 
 
