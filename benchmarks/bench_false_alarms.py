@@ -140,7 +140,8 @@ def main() -> None:
         runs = [r for result in results for r in result["runs"]]
         summary = summarise(runs, alpha)
         print_table(summary)
-        write_json({"machine": results[0]["machine"], "epochs": results[0]["epochs"], **summary,
+        epochs = sorted({r["epochs"] for r in results})  # groups of several architectures may train for different epochs
+        write_json({"machine": results[0]["machine"], "epochs": epochs[0] if len(epochs) == 1 else epochs, **summary,
                     "merged_from": [Path(f).name for f in args.merge], "runs": runs}, out)
         return
     warnings.filterwarnings("ignore")

@@ -77,6 +77,11 @@ class SavedRun(ZooRecord):
 def merge(paths: list[str]) -> tuple[list[SavedRun], list[dict]]:
     """The runs of several result files (seeds or tasks split over processes), and the files."""
     results = [json.loads(Path(p).read_text()) for p in paths]
+    for key, default in (("arch", "cnn"), ("base", "digits"), ("epochs", None), ("global_test", False)):
+        values = {str(r.get(key, default)) for r in results}  # older files lack base and global_test
+        if len(values) > 1:
+            raise SystemExit(f"--merge: the files differ in {key} ({', '.join(sorted(values))}); one table holds runs "
+                             f"of one setting: merge each {key} separately")
     runs = [SavedRun(r["task"], r["variant"], r["seed"], r["epochs"], r["alerts"], r["active_at_end"])
             for result in results for r in result["runs"]]
     return runs, results

@@ -310,8 +310,9 @@ class Monitor:
     def _record(self, ev: Evaluation, stage: str, rank_zero: bool) -> list[AlertEvent]:
         """Rules, history, then (rank 0) pictures and the alert log; the events it raised or cleared."""
         ref = self.series.reference
+        backed = () if ev.discovery is None else ev.discovery.backed_classes(ev.evidence)
         regions = None if ev.discovery is None else {"shortcut_evidence": ev.discovery.regions(
-            self.probes.ids, self.probes.class_names, ev.discovery.backed_classes(ev.evidence))}
+            self.probes.ids, self.probes.class_names, backed)}
         by_test = None if ev.evidence is None else {
             "shortcut_evidence": {arm: ev.evidence.detector(arm) for arm in (*self.settings.discovery.arms_on(
                 tuple(ev.maps.shape[-2:]), self.probes.image_size), ALL)}}
@@ -319,7 +320,7 @@ class Monitor:
                              None if ref is None else ref.aggregates, self.alerting.hysteresis, regions, by_test)
         events = self.book.update(checks, ev.epoch, ev.global_step, self.prefix)
         self.evidence = ev.evidence or self.evidence
-        self.shown_regions = self._regions_to_show(ev)
+        self.shown_regions = self._regions_to_show(ev, backed)
         self.series.record(ev, stage, {"alerts": float(self.book.n_active)})
         self.alerts.extend(alert_of(e) for e in events if e["event"] == "fired")
         if rank_zero and self.outputs is not None:
@@ -339,15 +340,16 @@ class Monitor:
         self.outputs.publish(ev, lambda trends: build_panel(probes, ev, history, settings, trends=trends,
                                                             inferred_masks=regions))
 
-    def _regions_to_show(self, ev: Evaluation) -> torch.Tensor | None:
+    def _regions_to_show(self, ev: Evaluation, backed: tuple[int, ...]) -> torch.Tensor | None:
         """The inferred shortcut regions the pictures outline: none unless ``shortcut_confirmed`` is
-        active; then this evaluation's boxes of the classes the local arm's evidence backs
-        (:meth:`~cam_monitor.discovery.Discovery.backed_classes`), or, where it inferred none, the
-        last ones shown. Without an alert a box may be one chance win of one pair, not a region found."""
-        if ev.discovery is None or not self.book.active.get("shortcut_confirmed"):
+        active and the local arm's evidence backs some class (``backed``:
+        :meth:`~cam_monitor.discovery.Discovery.backed_classes`); then this evaluation's boxes of
+        those classes, or, where it drew none, the last ones shown. Without an alert a box
+        may be one chance win of one pair, not a region found; with an alert that rests on the
+        whole-image tests alone, an earlier box is a region the local pairs no longer back."""
+        if ev.discovery is None or not backed or not self.book.active.get("shortcut_confirmed"):
             return None
-        now = ev.discovery.masks(len(self.probes), self.probes.image_size,
-                                 classes=ev.discovery.backed_classes(ev.evidence))
+        now = ev.discovery.masks(len(self.probes), self.probes.image_size, classes=backed)
         return now if bool(now.any()) else self.shown_regions
 
     def _act(self, outcome: Outcome, rank_zero: bool) -> None:

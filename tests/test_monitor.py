@@ -191,19 +191,20 @@ def test_inferred_regions_are_drawn_only_while_their_alert_is_active_and_the_loc
     box = torch.zeros(2, 8, 8, dtype=torch.bool)
     box[0, :2, :2] = True
 
-    def evaluation(masks: torch.Tensor, backed: tuple[int, ...]) -> SimpleNamespace:
+    def evaluation(masks: torch.Tensor) -> SimpleNamespace:
         keep = lambda n, size, min_excess=0.0, classes=None: masks[:n] if classes is None or 0 in classes else 0 * masks[:n]  # noqa: E731
-        return SimpleNamespace(evidence=None, discovery=SimpleNamespace(masks=keep, backed_classes=lambda ev: backed))
+        return SimpleNamespace(evidence=None, discovery=SimpleNamespace(masks=keep))
 
-    found, nothing = evaluation(box, (0, 1)), evaluation(torch.zeros_like(box), (0, 1))
-    assert mon._regions_to_show(found) is None  # no alert: a box is a chance win, not a region found
+    found, nothing = evaluation(box), evaluation(torch.zeros_like(box))
+    assert mon._regions_to_show(found, (0, 1)) is None  # no alert: a box is a chance win, not a region found
     mon.book.active["shortcut_confirmed"] = True
-    assert mon._regions_to_show(evaluation(box, ())) is None  # the alert rests on whole-image tests: no box
-    mon.shown_regions = mon._regions_to_show(found)
+    assert mon._regions_to_show(found, ()) is None  # the alert rests on whole-image tests: no box
+    mon.shown_regions = mon._regions_to_show(found, (0, 1))
     assert torch.equal(mon.shown_regions, box)
-    assert torch.equal(mon._regions_to_show(nothing), box)  # still active: the last regions stay drawn
+    assert torch.equal(mon._regions_to_show(nothing, (0, 1)), box)  # still backed: the last regions stay drawn
+    assert mon._regions_to_show(nothing, ()) is None  # the local pairs no longer back a cue: the old box goes
     mon.book.active["shortcut_confirmed"] = False
-    assert mon._regions_to_show(nothing) is None  # cleared: nothing drawn
+    assert mon._regions_to_show(nothing, (0, 1)) is None  # cleared: nothing drawn
 
 
 def test_the_shortcut_evidence_is_part_of_the_state_and_old_states_still_load(tmp_path) -> None:
