@@ -347,7 +347,7 @@ class Monitor:
         those classes, or, where it drew none, the last ones shown. Without an alert a box
         may be one chance win of one pair, not a region found; with an alert that rests on the
         whole-image tests alone, an earlier box is a region the local pairs no longer back."""
-        if ev.discovery is None or not backed or not self.book.active.get("shortcut_confirmed"):
+        if not backed or not self.book.active.get("shortcut_confirmed"):  # no discovery backs nothing
             return None
         now = ev.discovery.masks(len(self.probes), self.probes.image_size, classes=backed)
         return now if bool(now.any()) else self.shown_regions
