@@ -145,7 +145,7 @@ def print_table(rows: list[dict], cost: dict) -> None:
           f"{DiscoverySettings().alpha:g})")
     print(f"\ndiscovery cost per evaluation: {cost['pasted_images']} pasted images for {cost['probes']} probes, "
           f"{cost['discovery_s'] * 1e3:.1f} ms vs {cost['forward_s'] * 1e3:.1f} ms for one inference forward of the "
-          f"probe set (ratio {cost['ratio']:.2f}; the pasted images alone are {cost['pasted_images'] / cost['probes']:.0f} "
+          f"probe set (ratio {cost['ratio']:.2f}; the pasted images alone are {cost['pasted_images'] / cost['probes']:.3g} "
           "probe sets)")
 
 
