@@ -68,11 +68,12 @@ than an object for the blur to keep the recipient's shapes). Floating cues sit i
 share and are not its to find.
 
 Budget: ``budget`` x the number of probes pasted images per evaluation (tests and controls),
-inference forwards only; the arms share it equally at the first evaluation, then half equally and
-half in proportion to each arm's evidence so far (an arm that found a cue keeps testing it
-harder). The images themselves are built by :mod:`interventions`. Everything is deterministic
-given its inputs (a private generator seeded by the caller), so every rank of a multi-process run
-plans the same tests. Lightning-free.
+inference forwards only, in two batches: a third of the pairs shared equally by the arms, then the
+rest in proportion to what each arm's pairs so far are worth, its expected log growth per pair
+times its evidence (:func:`second_stage_weights`), so an arm that shows a cue tests it harder in
+the same evaluation while every arm keeps testing. The images themselves are built by
+:mod:`interventions`. Everything is deterministic given its inputs (a private generator seeded by
+the caller), so every rank of a multi-process run plans the same tests. Lightning-free.
 """
 from __future__ import annotations
 
@@ -83,7 +84,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from .evidence import EvidenceState, check_bet, holm, sign_test_p, stream
+from .evidence import EvidenceState, check_bet, holm, log_growth, margin_of, sign_test_p, stream
 from .interventions import (MAX_BORDER_BAND, Box, Paste, background_detail_images, banded_images, border_bands,
                             colour_images, detail_images, object_regions, pasted_images, spectrum_images)
 from .probes import ProbeSet
@@ -100,6 +101,9 @@ TEST_NAMES = {"local": "a local region (paste test)", "global": "the background'
               "border": "the border band (band swap)",
               "detail": "fine detail within cells (cell shuffle against a blur)",
               "texture": "the background's fine detail (background detail against the object's)"}
+#: The share of an evaluation's pairs the arms draw equally, before the rest follow what that stage
+#: found (:func:`second_stage_weights`); measured against a half and against one stage in the reference.
+FIRST_STAGE = 1 / 3
 #: The coarsest grid the detail and texture arms run on, cells a side: on fewer, a cell holds a whole object
 #: (on a 1 x 1 grid the shuffle leaves the image as it is and every model would keep its class),
 #: and the finest measured grid is 4 x 4 (a ResNet-18's ``layer4`` at 32 px: see the reference).
@@ -116,10 +120,11 @@ class DiscoverySettings:
             region the grid resolves). Larger windows catch cues that span several cells but hold
             whole small objects, and the local test's control then no longer matches them.
         budget: pasted images per evaluation (tests plus controls, every arm) as a multiple of the
-            probe count: 2.5 costs two and a half inference forwards of the probe set, 16 pairs
-            per arm at the first evaluation with the five default arms (each arm's power is its
-            pairs: with fewer, cues are confirmed later). From the second evaluation on, half of
-            it goes to the arms in proportion to their evidence so far.
+            probe count: 2.0 costs two inference forwards of the probe set. A third of the pairs
+            go to the arms equally (4 each for 64 probes and the five default arms), the rest to
+            the arms in proportion to what those pairs and the evidence so far say
+            (:func:`second_stage_weights`); each arm's power is its pairs, so with fewer, cues
+            are confirmed later.
         alpha: false-alarm rate per evaluation of ``shortcut_confirmed``: under the null (no
             candidate more than ``min_effect`` more potent than its control) the evidence needs
             at least ``1 / alpha`` evaluations on average to cross its threshold ``1 / alpha``.
@@ -156,7 +161,7 @@ class DiscoverySettings:
 
     enabled: bool = True
     box_cells: int = 1
-    budget: float = 2.5
+    budget: float = 2.0
     alpha: float = 1e-3
     min_effect: float = 0.05
     detail_min_effect: float = 0.2
@@ -510,16 +515,33 @@ def share_out(num: int, weights: list[float]) -> list[int]:
     return counts.tolist()
 
 
-def arm_shares(num: int, arms: tuple[str, ...], weights: dict[str, float] | None = None) -> dict[str, int]:
-    """``num`` pairs over ``arms``: equally, or with ``weights`` (each arm's evidence from earlier
-    evaluations) half equally and half in proportion to them, so an arm that has found a cue tests
-    it more while every arm keeps testing. Decided before any pair is drawn, so every pair's factor
-    keeps its mean under the null (the e-values stay valid)."""
+def arm_shares(num: int, arms: tuple[str, ...], weights: dict[str, float] | None = None,
+               led: float = 0.5) -> dict[str, int]:
+    """``num`` pairs over ``arms``: equally, or with ``weights`` (each arm's evidence so far) the
+    share ``led`` of them in proportion to the weights and the rest equally, so an arm that has
+    found a cue tests it more while every arm keeps testing. Decided before the pairs it shares
+    are classified, so every pair's factor keeps its mean under the null (the e-values stay valid)."""
     if not weights:
         return dict(zip(arms, share_out(num, [1.0] * len(arms))))
-    equal = share_out(num - num // 2, [1.0] * len(arms))
-    led = share_out(num // 2, [weights.get(a, 1.0) for a in arms])
-    return {a: e + f for a, e, f in zip(arms, equal, led)}
+    following = int(num * led)
+    equal = share_out(num - following, [1.0] * len(arms))
+    by_weight = share_out(following, [weights.get(a, 1.0) for a in arms])
+    return {a: e + f for a, e, f in zip(arms, equal, by_weight)}
+
+
+def second_stage_weights(diffs: dict[str, torch.Tensor], evidence: EvidenceState | None,
+                         settings: DiscoverySettings) -> dict[str, float]:
+    """Each arm's weight in an evaluation's second stage, from its first-stage paired differences
+    ``diffs``: what one more pair of it adds to the statistic, its expected log growth per pair
+    (:func:`~cam_monitor.evidence.log_growth`, 0 where negative) times its e-detector with the
+    first stage counted (at least 1). Where no arm grows, the e-detectors alone: an arm that found a
+    cue at earlier evaluations keeps testing it through a first stage that happened to show little."""
+    interim = (evidence or EvidenceState()).update({a: d for a, d in diffs.items() if d.numel()},
+                                                   settings.bet, settings.margins)
+    level = {a: interim.detector(stream(a)) for a in diffs}
+    growth = {a: max(0.0, log_growth(d, settings.bet, margin_of(settings.margins, a))) * max(1.0, level[a])
+              for a, d in diffs.items()}
+    return growth if any(growth.values()) else level
 
 
 def follow_evidence(suspects: list[Suspect], targets: torch.Tensor, preds: torch.Tensor, num: int,
@@ -574,11 +596,12 @@ def discover(maps: torch.Tensor, probes: ProbeSet, targets: torch.Tensor, preds:
     """Find candidates in ``maps`` (N, h, w), plan ``budget`` x N pasted images over the arms, run them.
 
     ``predict`` classifies a CPU batch of pasted images (it does the device placement, batching and
-    any cross-rank sharding); it is called once, and not at all when nothing can be tested. With
-    the ``evidence`` accumulated so far, half the pairs go to the arms in proportion to their
-    evidence (:func:`arm_shares`), and with ``per_class`` half of the local arm's pairs follow the
-    classes' (:func:`follow_evidence`): a class whose own stream has grown gets more of them, so a
-    cue in one class is confirmed without waiting for the round-robin share of that class.
+    any cross-rank sharding); it is called twice, once per stage, and with an empty batch never.
+    The first stage's ``FIRST_STAGE`` share of the pairs goes to the arms equally, the rest in
+    proportion to :func:`second_stage_weights` (decided before those pairs are classified, so the
+    e-values stay valid), and with ``per_class`` half of the local arm's planned pairs follow the
+    classes' evidence (:func:`follow_evidence`): a class whose own stream has grown gets more of
+    them, so a cue in one class is confirmed without waiting for the round-robin share of that class.
     """
     image_size, grid = probes.image_size, tuple(maps.shape[-2:])
     windows = Windows.of(maps, window_side(grid, settings.box_cells), image_size)
@@ -603,20 +626,38 @@ def discover(maps: torch.Tensor, probes: ProbeSet, targets: torch.Tensor, preds:
         makers["texture"] = lambda pairs: background_detail_images(images, objects, grid, src(pairs), dst(pairs))
     follow = evidence is not None and bool(evidence.log_detector)  # from the second evaluation on
     arms = (LOCAL, *makers)
-    shares = arm_shares(int(settings.budget * len(probes)) // 2, arms,
-                        {a: evidence.detector(a) for a in arms} if follow else None)
+    total = int(settings.budget * len(probes)) // 2
     classes = tuple(sorted({s.cls for s in suspects}))
-    tests = plan_tests(suspects, maps, targets, preds, image_size, shares[LOCAL], settings.box_cells, gen, windows,
+    tests = plan_tests(suspects, maps, targets, preds, image_size, total, settings.box_cells, gen, windows,
                        evidence.class_weights(LOCAL, classes) if follow and settings.per_class else None)
-    planned = {arm: sources_of(suspects, shares[arm]) if arm == "detail" else
-               [Pair(s, r) for s, r in recipients_of(suspects, targets, preds, shares[arm], gen)] for arm in makers}
-    batch = torch.cat([pasted_images(images, pastes(suspects, tests))] + [makers[a](p) for a, p in planned.items()])
-    out = predict(batch).cpu() if len(batch) else torch.zeros(0, dtype=torch.long)
-    source = lambda items: torch.tensor([suspects[i.suspect].cls for i in items], dtype=torch.long)  # noqa: E731
-    flips = [out[:len(tests)] == source(tests), out[len(tests):2 * len(tests)] == source(tests)]
-    start, paired = 2 * len(tests), {}
-    for arm, pairs in planned.items():
-        n, src = len(pairs), source(pairs)
-        paired[arm] = PairedArm(pairs, out[start:start + n] == src, out[start + n:start + 2 * n] == src)
-        start += 2 * n
-    return Discovery(suspects, tests, flips[0], flips[1], paired)
+    planned = {arm: sources_of(suspects, total) if arm == "detail" else
+               [Pair(s, r) for s, r in recipients_of(suspects, targets, preds, total, gen)] for arm in makers}
+    plans: dict[str, list[Any]] = {LOCAL: tests, **planned}
+
+    def run(spans: dict[str, tuple[int, int]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Classify the planned pairs ``plans[arm][a:b]`` of every arm in one batch: per arm, whether
+        each test and each control turned the prediction into the suspect's class."""
+        chosen = {arm: plans[arm][a:b] for arm, (a, b) in spans.items()}
+        parts = [pasted_images(images, pastes(suspects, chosen[LOCAL]))]
+        parts += [makers[arm](chosen[arm]) for arm in makers]
+        batch = torch.cat(parts)
+        out = predict(batch).cpu() if len(batch) else torch.zeros(0, dtype=torch.long)
+        result, start = {}, 0
+        for arm in arms:
+            n = len(chosen[arm])
+            cls = torch.tensor([suspects[i.suspect].cls for i in chosen[arm]], dtype=torch.long)
+            result[arm] = (out[start:start + n] == cls, out[start + n:start + 2 * n] == cls)
+            start += 2 * n
+        return result
+
+    first = int(total * FIRST_STAGE)
+    spans = {arm: (0, min(n, len(plans[arm]))) for arm, n in arm_shares(first, arms).items()}
+    found = run(spans)
+    weights = second_stage_weights({arm: f.long() - c.long() for arm, (f, c) in found.items()}, evidence, settings)
+    second = arm_shares(total - first, arms, weights, led=1.0)
+    spans = {arm: (spans[arm][1], min(spans[arm][1] + second[arm], len(plans[arm]))) for arm in arms}
+    more = run(spans)
+    both = {arm: (torch.cat([found[arm][0], more[arm][0]]), torch.cat([found[arm][1], more[arm][1]])) for arm in arms}
+    ran = {arm: spans[arm][1] for arm in arms}
+    paired = {arm: PairedArm(plans[arm][:ran[arm]], *both[arm]) for arm in makers}
+    return Discovery(suspects, tests[:ran[LOCAL]], *both[LOCAL], paired)

@@ -76,6 +76,16 @@ def log_evalue(diffs: torch.Tensor, bet: float, min_effect: float) -> float:
     return float(torch.log1p(bet * (diffs.double() - min_effect)).sum())
 
 
+def log_growth(diffs: torch.Tensor, bet: float, min_effect: float, prior: float = 0.5) -> float:
+    """The expected log factor of one more pair of a stream whose pairs so far are ``diffs``: each
+    outcome's share (wins, ties, losses, each counted ``prior`` times more, so a handful of pairs is
+    not taken at its word) times the log of its factor. Positive where more such pairs grow the
+    e-detector: what an arm is worth testing more, in the units the statistic grows in."""
+    counts = [float((diffs == v).sum()) + prior for v in (1, 0, -1)]
+    logs = [math.log1p(bet * (v - min_effect)) for v in (1, 0, -1)]
+    return sum(c * g for c, g in zip(counts, logs)) / sum(counts)
+
+
 def log_evalue_following(pairs: dict[str, torch.Tensor], start: dict[str, float], bet: float,
                          min_effect: Margins) -> float:
     """log of the :data:`ALL` stream's factor for one evaluation: every arm's pairs bet on

@@ -55,7 +55,7 @@ def test_a_campaign_writes_each_control_run_and_merges(tmp_path, monkeypatch, ca
     assert {"shortcut_flip_excess", "detail_flip_excess"} <= set(run["excess"][0])  # each arm's, for attribution
     pairs = run["pairs"][0]  # each stream's pairs in their order: a replay under other margins needs them
     assert {"local", "detail"} <= set(pairs) and all(set(s) <= set("+-0") for s in pairs.values())
-    assert sum(len(s) for a, s in pairs.items() if "/" not in a) == 80  # budget 2.5 x 64 probes: 160 images, 80 pairs
+    assert sum(len(s) for a, s in pairs.items() if "/" not in a) == 64  # budget 2 x 64 probes: 128 images, 64 pairs
     merged = tmp_path / "merged.json"
     monkeypatch.setattr(sys, "argv", ["bench_false_alarms.py", "--merge", str(out), str(out), "--out", str(merged)])
     bench.main()

@@ -17,6 +17,7 @@ from cam_monitor.interventions import MAX_BORDER_BAND, pasted_images
 
 SIZE = 16
 ONE_CELL = DiscoverySettings(box_cells=1)
+LOCAL_ONLY = DiscoverySettings(colour_test=False, border_test=False, detail_test=False, texture_test=False)
 
 
 def one_cell_maps(n: int, cell: tuple[int, int], grid: int = 4, rest: float = 0.01) -> torch.Tensor:
@@ -154,7 +155,7 @@ def test_a_model_reading_the_whole_image_flips_for_the_candidate_and_the_control
     probes = cm.ProbeSet(images, labels)
     model = MeanModel()
     maps = one_cell_maps(16, (1, 1)) + 0.5 * torch.rand(16, 4, 4, generator=g)
-    found = discover(maps, probes, labels, model(images).argmax(1), lambda x: model(x).argmax(1), ONE_CELL)
+    found = discover(maps, probes, labels, model(images).argmax(1), lambda x: model(x).argmax(1), LOCAL_ONLY)
     agg = found.aggregates()
     assert agg["shortcut_flip_rate"] == agg["shortcut_flip_control"] and agg["shortcut_flip_rate"] > 0
     assert agg["shortcut_flip_excess"] == 0.0
@@ -171,7 +172,8 @@ def test_a_brightness_cast_flips_with_the_colour_statistics_and_not_with_the_str
                      DiscoverySettings(border_test=False, global_test=False, detail_test=False,
                                        texture_test=False))
     agg = found.aggregates()
-    assert len(found.paired["colour"].pairs) == len(found.tests) == 10  # budget 2.5 x 16 probes: 20 pairs, half to each arm
+    colour = len(found.paired["colour"].pairs)  # budget 2 x 16 probes: 16 pairs, 5 shared equally, 11 by what they found
+    assert colour + len(found.tests) == 16 and colour >= 2 + 11 // 2
     assert agg["colour_flip_rate"] == 1.0 and agg["colour_flip_control"] == 0.0
     assert found.p_value() < 0.01
 
@@ -247,7 +249,7 @@ def test_an_object_told_by_its_spectrum_is_no_global_cue() -> None:
                      DiscoverySettings(global_test=True, colour_test=False, border_test=False, detail_test=False,
                                        texture_test=False))
     agg = found.aggregates()
-    assert agg["global_flip_control"] == 1.0 and agg["global_flip_excess"] < -0.3
+    assert agg["global_flip_control"] == 1.0 and agg["global_flip_excess"] < -0.2
 
 
 class FrameModel(nn.Module):
@@ -287,10 +289,10 @@ def test_a_model_reading_the_frame_follows_the_border_band_and_not_the_band_insi
     frame, centre = FrameModel(), CentreModel()
     for model in (frame, centre):
         assert torch.equal(model(probes.images).argmax(1), probes.labels)
-    three_arms = DiscoverySettings(detail_test=False, texture_test=False)  # 20 pairs over three arms: 7, 7, 6
+    three_arms = DiscoverySettings(detail_test=False, texture_test=False)  # 16 pairs: 5 over three arms, then 11
     found = discover(maps, probes, probes.labels, probes.labels, lambda x: frame(x).argmax(1), three_arms)
-    border = found.paired["border"]
-    assert len(border.pairs) == 6 and bool(border.flips.all()) and not bool(border.control_flips.any())
+    border = found.paired["border"]  # the only arm whose first pairs won: it takes the second stage
+    assert len(border.pairs) > 16 // 2 and bool(border.flips.all()) and not bool(border.control_flips.any())
     assert found.aggregates()["border_flip_excess"] == 1.0 and found.p_value() < 0.1
     # the object sits inside the frame: the inner band carries it, the border band does not
     honest = discover(maps, probes, probes.labels, probes.labels, lambda x: centre(x).argmax(1), three_arms)
@@ -500,7 +502,7 @@ def test_a_model_reading_texture_keeps_its_class_on_the_cell_shuffle_and_not_on_
     assert torch.equal(model(images).argmax(1), labels)
     found = discover(maps, probes, labels, labels, lambda x: model(x).argmax(1), DETAIL_ONLY)
     detail = found.paired["detail"]
-    assert len(detail.pairs) == 10 and {p.recipient for p in detail.pairs} == {found.suspects[p.suspect].probe
+    assert len(detail.pairs) > 16 // 2 and {p.recipient for p in detail.pairs} == {found.suspects[p.suspect].probe
                                                                                for p in detail.pairs}
     assert bool(detail.flips.all()) and not bool(detail.control_flips[labels[[p.recipient for p in detail.pairs]] == 1]
                                                   .any())
@@ -570,7 +572,7 @@ def texture_arm_on_stripes(striped: str, seed: int, settings: DiscoverySettings 
 
 def test_a_model_reading_a_background_texture_takes_its_class_from_the_background_detail_not_the_objects() -> None:
     probes, found, texture, striped = texture_arm_on_stripes("background", 7)
-    assert len(texture.pairs) == 10 and striped.any()
+    assert len(texture.pairs) > 16 // 2 and striped.any()  # its first pairs won: most of the second stage
     assert all(int(probes.labels[p.recipient]) != found.suspects[p.suspect].cls for p in texture.pairs)
     assert bool(texture.flips[striped].all()) and not bool(texture.control_flips[striped].any())
     assert found.diffs()["texture"].sum() == striped.sum() and found.aggregates()["texture_flip_excess"] > 0.3

@@ -201,33 +201,56 @@ def test_per_class_streams_with_evidence_led_allocation_keep_the_false_alarm_rat
     assert alarms / evaluations <= alpha, (alarms, evaluations)
 
 
-def test_arms_share_the_pairs_equally_then_half_by_their_evidence() -> None:
+def test_arms_share_the_pairs_equally_or_a_share_of_them_by_weight() -> None:
     from cam_monitor.discovery import arm_shares
 
     arms = ("local", "global", "border")
     assert arm_shares(64, arms) == {"local": 22, "global": 21, "border": 21}
     led = arm_shares(64, arms, {"local": 1.0, "global": 1.0, "border": 998.0})
-    assert led == {"local": 11, "global": 11, "border": 42}  # 32 equally (10 or 11 each), 32 by the evidence
+    assert led == {"local": 11, "global": 11, "border": 42}  # 32 equally (10 or 11 each), 32 by the weights
+    assert arm_shares(43, arms, {"local": 0.0, "global": 1.0, "border": 3.0}, led=1.0) == {
+        "local": 0, "global": 11, "border": 32}  # all by the weights: an arm of weight 0 gets none
     even = {"local": 22, "global": 22, "border": 20}  # each half's remainder goes to the first arms
     assert arm_shares(64, arms, {a: 1.0 for a in arms}) == arm_shares(64, arms, {a: 0.0 for a in arms}) == even
 
 
+def test_the_second_stage_follows_the_arm_whose_first_pairs_grow_the_statistic() -> None:
+    from cam_monitor.discovery import DiscoverySettings, second_stage_weights
+
+    settings = DiscoverySettings()
+    diffs = {"local": torch.tensor([1, 1, 1, 0]), "colour": torch.tensor([-1, -1, 0, 0]),
+             "detail": torch.tensor([1, 1, 1, 0])}
+    weights = second_stage_weights(diffs, None, settings)
+    assert weights["local"] > weights["detail"] > 0 == weights["colour"]  # the same pairs: detail's margin 0.2 taxes them more
+    earlier = EvidenceState({"colour": math.log(500.0)})  # no arm grows now: the evidence so far leads
+    none_grow = {a: torch.tensor([0, 0, 0, -1]) for a in diffs}
+    led = second_stage_weights(none_grow, earlier, settings)
+    assert max(led, key=led.get) == "colour" and led["colour"] > 100 * max(led["local"], led["detail"])
+
+
 def test_evidence_led_arm_allocation_keeps_the_false_alarm_rate_and_finds_the_one_arm_with_a_cue() -> None:
-    """Three arms, each evaluation's 48 pairs shared by discovery's own rule (half equally, half by
-    each arm's evidence so far). At the worst-case null (every arm ``min_effect`` more potent than
-    its control) at most alpha of the evaluations alarm; with a cue in one arm only (effect 0.4)
-    the statistic confirms it sooner than an equal split does."""
-    from cam_monitor.discovery import arm_shares
+    """Three arms, each evaluation's 48 pairs shared by discovery's own rule (a third equally, the
+    rest by what those pairs and the evidence so far say: :func:`second_stage_weights`). At the
+    worst-case null (every arm ``min_effect`` more potent than its control) at most alpha of the
+    evaluations alarm; with a cue in one arm only (effect 0.4) the statistic confirms it sooner
+    than an equal split does."""
+    from cam_monitor.discovery import FIRST_STAGE, DiscoverySettings, arm_shares, second_stage_weights
 
     arms, alpha, bet, margin = ("local", "global", "border"), 0.02, 0.7, 0.05
+    settings = DiscoverySettings(bet=bet, min_effect=margin)
 
     def run(effects: dict[str, float], seed: int, follow: bool, evaluations: int) -> list[float]:
         gen = torch.Generator().manual_seed(seed)
         state, out = EvidenceState(cap=2 * math.log(1 / alpha)), []
         for _ in range(evaluations):
-            weights = {a: state.detector(a) for a in arms} if follow and state.log_detector else None
-            shares = arm_shares(48, arms, weights)
-            state = _update(state, {a: _null_pairs(shares[a], effects[a], gen) for a in arms}, bet, margin)
+            if follow:
+                first = int(48 * FIRST_STAGE)
+                found = {a: _null_pairs(n, effects[a], gen) for a, n in arm_shares(first, arms).items()}
+                rest = arm_shares(48 - first, arms, second_stage_weights(found, state, settings), led=1.0)
+                diffs = {a: torch.cat([found[a], _null_pairs(rest[a], effects[a], gen)]) for a in arms}
+            else:
+                diffs = {a: _null_pairs(n, effects[a], gen) for a, n in arm_shares(48, arms).items()}
+            state = _update(state, diffs, bet, margin)
             out.append(state.value(arms))
         return out
 
