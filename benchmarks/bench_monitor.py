@@ -4,7 +4,7 @@
    one full evaluation of ``cam_monitor.Monitor`` (CAM pass + metrics + discovery + rules + rendering + TensorBoard
    write), with and without the faithfulness forward; the pictures the default monitor draws (the first 32 probes'
    grid at 128 px, the filmstrip of 4 probes, per-probe scalars); interleaved rounds, median/min/max.
-   The same table times mask-free discovery at its default budget (about 160 pasted or swapped images), given the maps.
+   The same table times mask-free discovery at its default budget (budget x 64 pasted or swapped images), given the maps.
 2. Throughput: probes per second of the default evaluation's blocking part on 1,024 probes.
 3. The background worker's effect on the training thread: training steps of the demo CNN with the
    worker idle vs drawing pictures all the time (interleaved rounds), with torch on every core and
@@ -116,7 +116,8 @@ def monitor_evaluation(repeats: int, device: torch.device, n: int = 64, size: in
              "default": "monitor evaluation (default, + faithfulness forward)",
              "queued": "same, pictures on the background worker: whole evaluation",
              "queued_nofaith": "no faithfulness, pictures on the background worker: whole evaluation",
-             "discovery": "mask-free discovery at its default budget (about 160 pasted or swapped images), given the maps"}
+             "discovery": f"mask-free discovery at its default budget ({int(DiscoverySettings().budget * n)} pasted or "
+                          "swapped images), given the maps"}
     times = time_interleaved({names["forward"]: forward, names["nofaith"]: full(False), names["default"]: full(True),
                               names["queued"]: queued(), names["queued_nofaith"]: queued(False),
                               names["discovery"]: discovery_full_budget}, repeats, device)
