@@ -19,7 +19,7 @@ def test_demo_catches_the_shortcut_and_spares_the_control(tmp_path) -> None:
     """The README's main job at reduced size: the mask-free monitor alerts in the shortcut run and
     names the decoy's corner, nobody having marked it; the masked monitor (the ground truth) agrees;
     nothing fires in the control. Under the conditions the README states (:data:`README_DEMO_ENV`):
-    with one thread the same seed trains another model, whose alert comes at epoch 4 (README)."""
+    with one thread the same seed trains another model, whose alert comes at epoch 2 (README)."""
     run = run_demo(tmp_path, "--epochs", "3")
     assert run.returncode == 0, run.stderr[-2000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
