@@ -517,10 +517,10 @@ def share_out(num: int, weights: list[float]) -> list[int]:
 
 def arm_shares(num: int, arms: tuple[str, ...], weights: dict[str, float] | None = None,
                led: float = 0.5) -> dict[str, int]:
-    """``num`` pairs over ``arms``: equally, or with ``weights`` (each arm's evidence so far) the
-    share ``led`` of them in proportion to the weights and the rest equally, so an arm that has
-    found a cue tests it more while every arm keeps testing. Decided before the pairs it shares
-    are classified, so every pair's factor keeps its mean under the null (the e-values stay valid)."""
+    """``num`` pairs over ``arms``: equally, or with ``weights`` (what each arm is worth testing:
+    :func:`second_stage_weights`) the share ``led`` of them in proportion to the weights and the
+    rest equally. Decided before the pairs it shares are classified, so every pair's factor keeps
+    its mean under the null (the e-values stay valid)."""
     if not weights:
         return dict(zip(arms, share_out(num, [1.0] * len(arms))))
     following = int(num * led)
