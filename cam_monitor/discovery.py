@@ -101,8 +101,8 @@ TEST_NAMES = {"local": "a local region (paste test)", "global": "the background'
               "border": "the border band (band swap)",
               "detail": "fine detail within cells (cell shuffle against a blur)",
               "texture": "the background's fine detail (background detail against the object's)"}
-#: The share of an evaluation's pairs the arms draw equally, before the rest follow what that stage
-#: found (:func:`second_stage_weights`); measured against a half and against one stage in the reference.
+#: The default share of an evaluation's pairs the arms draw equally, before the rest follow what that
+#: stage found (:func:`second_stage_weights`); measured against a half and against one stage in the reference.
 FIRST_STAGE = 1 / 3
 #: The coarsest grid the detail and texture arms run on, cells a side: on fewer, a cell holds a whole object
 #: (on a 1 x 1 grid the shuffle leaves the image as it is and every model would keep its class),
@@ -136,6 +136,10 @@ class DiscoverySettings:
             still reads pieces of strokes keeps its class on the shuffle more often than on the
             blur, with no shortcut at all (digits controls early in training, measured: see the
             reference); a texture the model follows keeps it far more often still.
+        first_stage: the share of the pairs the arms draw equally, in the first batch; the rest
+            follow what those pairs found (:func:`second_stage_weights`). 1.0 draws every pair
+            equally in one batch (one forward round trip instead of two; each arm's pairs then
+            follow no evidence, what the benchmarks record to replay other shares exactly).
         bet: the fraction of evidence staked on each pair (larger: faster on strong cues, slower
             to recover from pairs against).
         global_test: run the background-spectrum arm for textures and patterns. Off by default:
@@ -165,6 +169,7 @@ class DiscoverySettings:
     alpha: float = 1e-3
     min_effect: float = 0.05
     detail_min_effect: float = 0.2
+    first_stage: float = FIRST_STAGE
     bet: float = 0.7
     global_test: bool = False
     colour_test: bool = True
@@ -180,6 +185,9 @@ class DiscoverySettings:
             raise ValueError(f"discovery box_cells must be an int >= 1 (cells of the layer grid), got {self.box_cells!r}")
         if not self.budget > 0:
             raise ValueError(f"discovery budget must be > 0 (pasted images per probe), got {self.budget!r}")
+        if not 0 < self.first_stage <= 1:
+            raise ValueError(f"discovery first_stage must be in (0, 1] (the share of pairs drawn equally; 1: one "
+                             f"stage), got {self.first_stage!r}")
         if not 0 < self.alpha < 1:
             raise ValueError(f"discovery alpha must be in (0, 1) (false alarms per evaluation), got {self.alpha!r}")
         if not 0 < self.border_band <= MAX_BORDER_BAND:
@@ -515,18 +523,12 @@ def share_out(num: int, weights: list[float]) -> list[int]:
     return counts.tolist()
 
 
-def arm_shares(num: int, arms: tuple[str, ...], weights: dict[str, float] | None = None,
-               led: float = 0.5) -> dict[str, int]:
-    """``num`` pairs over ``arms``: equally, or with ``weights`` (what each arm is worth testing:
-    :func:`second_stage_weights`) the share ``led`` of them in proportion to the weights and the
-    rest equally. Decided before the pairs it shares are classified, so every pair's factor keeps
-    its mean under the null (the e-values stay valid)."""
-    if not weights:
-        return dict(zip(arms, share_out(num, [1.0] * len(arms))))
-    following = int(num * led)
-    equal = share_out(num - following, [1.0] * len(arms))
-    by_weight = share_out(following, [weights.get(a, 1.0) for a in arms])
-    return {a: e + f for a, e, f in zip(arms, equal, by_weight)}
+def arm_shares(num: int, arms: tuple[str, ...], weights: dict[str, float] | None = None) -> dict[str, int]:
+    """``num`` pairs over ``arms``: equally, or in proportion to ``weights`` (what each arm is worth
+    testing: :func:`second_stage_weights`; an arm of weight 0 gets none). Decided before the pairs it
+    shares are classified, so every pair's factor keeps its mean under the null (the e-values stay valid)."""
+    counts = share_out(num, [1.0] * len(arms) if not weights else [weights.get(a, 1.0) for a in arms])
+    return dict(zip(arms, counts))
 
 
 def second_stage_weights(diffs: dict[str, torch.Tensor], evidence: EvidenceState | None,
@@ -597,7 +599,7 @@ def discover(maps: torch.Tensor, probes: ProbeSet, targets: torch.Tensor, preds:
 
     ``predict`` classifies a CPU batch of pasted images (it does the device placement, batching and
     any cross-rank sharding); it is called twice, once per stage, and with an empty batch never.
-    The first stage's ``FIRST_STAGE`` share of the pairs goes to the arms equally, the rest in
+    The first stage's ``settings.first_stage`` share of the pairs goes to the arms equally, the rest in
     proportion to :func:`second_stage_weights` (decided before those pairs are classified, so the
     e-values stay valid), and with ``per_class`` half of the local arm's planned pairs follow the
     classes' evidence (:func:`follow_evidence`): a class whose own stream has grown gets more of
@@ -650,11 +652,11 @@ def discover(maps: torch.Tensor, probes: ProbeSet, targets: torch.Tensor, preds:
             start += 2 * n
         return result
 
-    first = int(total * FIRST_STAGE)
+    first = int(total * settings.first_stage)
     spans = {arm: (0, min(n, len(plans[arm]))) for arm, n in arm_shares(first, arms).items()}
     found = run(spans)
     weights = second_stage_weights({arm: f.long() - c.long() for arm, (f, c) in found.items()}, evidence, settings)
-    second = arm_shares(total - first, arms, weights, led=1.0)
+    second = arm_shares(total - first, arms, weights)
     spans = {arm: (spans[arm][1], min(spans[arm][1] + second[arm], len(plans[arm]))) for arm in arms}
     more = run(spans)
     both = {arm: (torch.cat([found[arm][0], more[arm][0]]), torch.cat([found[arm][1], more[arm][1]])) for arm in arms}

@@ -302,6 +302,28 @@ def test_a_model_reading_the_frame_follows_the_border_band_and_not_the_band_insi
     assert "border" not in off.paired and "border" not in off.diffs()
 
 
+def test_one_stage_draws_every_arms_pairs_equally_in_one_batch_and_two_stages_draw_a_prefix_of_them() -> None:
+    """What replaying a recorded run rests on (``benchmarks/bench_allocation.py``): each arm takes its
+    pairs in plan order, so the pairs of two stages are the first ones of a one-stage run's."""
+    probes, frame = framed_probes(), FrameModel()
+    maps = torch.ones(len(probes), 4, 4)
+    batches: list[int] = []
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        batches.append(len(x))
+        return frame(x).argmax(1)
+
+    three_arms = dict(detail_test=False, texture_test=False)
+    staged = discover(maps, probes, probes.labels, probes.labels, predict, DiscoverySettings(**three_arms))
+    assert len(batches) == 2
+    batches.clear()
+    recorded = discover(maps, probes, probes.labels, probes.labels, predict,
+                        DiscoverySettings(first_stage=1.0, budget=6.0, **three_arms))  # 48 pairs: 16 an arm
+    assert len(batches) == 1 and {a: len(d) for a, d in recorded.diffs().items()} == {"local": 16, "colour": 16, "border": 16}
+    for arm, d in staged.diffs().items():
+        assert torch.equal(d, recorded.diffs()[arm][:len(d)]), arm
+
+
 def test_tests_go_round_robin_into_other_class_recipients_over_their_most_credited_window() -> None:
     n = 30
     labels = torch.arange(n) % 3
@@ -385,7 +407,8 @@ def test_nothing_to_test_gives_nan_rates_and_costs_no_forward() -> None:
                                           (dict(detail_min_effect=-0.1), "detail_min_effect"),
                                           (dict(bet=0.84), r"1 / \(1 \+ detail_min_effect\)"),
                                           (dict(bet=0), "bet"), (dict(border_band=0), "border_band"),
-                                          (dict(border_band=MAX_BORDER_BAND + 0.01), "border_band")])
+                                          (dict(border_band=MAX_BORDER_BAND + 0.01), "border_band"),
+                                          (dict(first_stage=0), "first_stage"), (dict(first_stage=1.5), "first_stage")])
 def test_bad_settings_are_refused(kwargs, text) -> None:
     with pytest.raises(ValueError, match=text):
         DiscoverySettings(**kwargs)

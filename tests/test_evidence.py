@@ -201,17 +201,15 @@ def test_per_class_streams_with_evidence_led_allocation_keep_the_false_alarm_rat
     assert alarms / evaluations <= alpha, (alarms, evaluations)
 
 
-def test_arms_share_the_pairs_equally_or_a_share_of_them_by_weight() -> None:
+def test_arms_share_the_pairs_equally_or_in_proportion_to_their_weights() -> None:
     from cam_monitor.discovery import arm_shares
 
     arms = ("local", "global", "border")
-    assert arm_shares(64, arms) == {"local": 22, "global": 21, "border": 21}
-    led = arm_shares(64, arms, {"local": 1.0, "global": 1.0, "border": 998.0})
-    assert led == {"local": 11, "global": 11, "border": 42}  # 32 equally (10 or 11 each), 32 by the weights
-    assert arm_shares(43, arms, {"local": 0.0, "global": 1.0, "border": 3.0}, led=1.0) == {
-        "local": 0, "global": 11, "border": 32}  # all by the weights: an arm of weight 0 gets none
-    even = {"local": 22, "global": 22, "border": 20}  # each half's remainder goes to the first arms
-    assert arm_shares(64, arms, {a: 1.0 for a in arms}) == arm_shares(64, arms, {a: 0.0 for a in arms}) == even
+    assert arm_shares(64, arms) == {"local": 22, "global": 21, "border": 21}  # the remainder to the first arm
+    assert arm_shares(43, arms, {"local": 0.0, "global": 1.0, "border": 3.0}) == {
+        "local": 0, "global": 11, "border": 32}  # an arm of weight 0 gets none
+    assert arm_shares(64, arms, {"local": 1.0, "global": 1.0, "border": 998.0}) == {"local": 0, "global": 0, "border": 64}
+    assert arm_shares(64, arms, {a: 1.0 for a in arms}) == arm_shares(64, arms, {a: 0.0 for a in arms}) == arm_shares(64, arms)
 
 
 def test_the_second_stage_follows_the_arm_whose_first_pairs_grow_the_statistic() -> None:
@@ -246,7 +244,7 @@ def test_evidence_led_arm_allocation_keeps_the_false_alarm_rate_and_finds_the_on
             if follow:
                 first = int(48 * FIRST_STAGE)
                 found = {a: _null_pairs(n, effects[a], gen) for a, n in arm_shares(first, arms).items()}
-                rest = arm_shares(48 - first, arms, second_stage_weights(found, state, settings), led=1.0)
+                rest = arm_shares(48 - first, arms, second_stage_weights(found, state, settings))
                 diffs = {a: torch.cat([found[a], _null_pairs(rest[a], effects[a], gen)]) for a in arms}
             else:
                 diffs = {a: _null_pairs(n, effects[a], gen) for a, n in arm_shares(48, arms).items()}
