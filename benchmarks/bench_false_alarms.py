@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine import default_result_path, machine, write_json  # noqa: E402
-from bench_zoo import add_fit_arguments  # noqa: E402
+from bench_zoo import add_fit_arguments, recording  # noqa: E402
 
 from cam_monitor.demo.zoo import run_task  # noqa: E402
 from cam_monitor.discovery import DiscoverySettings  # noqa: E402
@@ -66,6 +66,11 @@ def pair_string(diffs: list[int]) -> str:
     character each (``+`` the candidate flipped and its control did not, ``-`` the reverse, ``0``
     tied): what a replay of the evidence under another margin needs, in a compact form."""
     return "".join("0+-"[d] for d in diffs)
+
+
+def pair_diffs(encoded: str) -> list[int]:
+    """The paired differences a :func:`pair_string` spells, in their order."""
+    return [{"+": 1, "0": 0, "-": -1}[c] for c in encoded]
 
 
 def record(run, base: str, arch: str) -> dict:
@@ -137,26 +142,34 @@ def main() -> None:
     out = args.out or default_result_path("false_alarms", torch.device("cpu"))
     if args.merge:
         results = [json.loads(Path(f).read_text()) for f in args.merge]
+        recorded = {r.get("record_pairs") for r in results}
+        if len(recorded) > 1:
+            raise SystemExit(f"--merge: the files differ in record_pairs ({sorted(map(str, recorded))}): a recording "
+                             "shares its pairs unlike the default monitor; merge each separately")
         runs = [r for result in results for r in result["runs"]]
         summary = summarise(runs, alpha)
         print_table(summary)
         epochs = sorted({r["epochs"] for r in results})  # groups of several architectures may train for different epochs
-        write_json({"machine": results[0]["machine"], "epochs": epochs[0] if len(epochs) == 1 else epochs, **summary,
+        write_json({"machine": results[0]["machine"], "epochs": epochs[0] if len(epochs) == 1 else epochs,
+                    "record_pairs": recorded.pop(), **summary,
                     "merged_from": [Path(f).name for f in args.merge], "runs": runs}, out)
         return
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     runs: list[dict] = []
     start = time.perf_counter()
+    discovery = recording(args.record_pairs)
+    extra = {"discovery": discovery} if discovery is not None else {}
     with tempfile.TemporaryDirectory(prefix="cam_false_alarms_") as root:
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             for cue in args.cues.split(","):
-                run = run_task(cue, "control", seed, args.epochs, f"{root}/{cue}_{seed}", arch=args.arch, base=args.base)
+                run = run_task(cue, "control", seed, args.epochs, f"{root}/{cue}_{seed}", arch=args.arch, base=args.base,
+                               **extra)
                 runs.append(record(run, args.base, args.arch))
                 print(f"{args.base:>6} {args.arch:>8} {cue:>18} seed {seed}: evidence max "
                       f"{max(runs[-1]['evidence']):.3g}, alerts {runs[-1]['alerts']}", flush=True)
-                result = {"machine": machine(), "epochs": args.epochs, **summarise(runs, alpha), "runs": runs,
-                          "wall_s": time.perf_counter() - start}
+                result = {"machine": machine(), "epochs": args.epochs, "record_pairs": args.record_pairs,
+                          **summarise(runs, alpha), "runs": runs, "wall_s": time.perf_counter() - start}
                 write_json(result, out, say=False)
     print_table(summarise(runs, alpha))
     print(f"\nwrote {out}")

@@ -16,7 +16,8 @@ medians of interleaved repeats on the last model).
     python benchmarks/bench_zoo.py --merge a.json b.json --out all.json   # runs split over processes
     python benchmarks/bench_zoo.py --merge all.json --replay arm_mean --out old.json  # same runs, older statistic
 
-Prints a Markdown table and writes ``benchmarks/results/zoo_cpu.json``.
+Prints a Markdown table and writes ``benchmarks/results/zoo_cpu.json``, rewritten after every fit so
+a campaign stopped part-way keeps its fits (without the cost, measured after the last).
 """
 from __future__ import annotations
 
@@ -77,7 +78,8 @@ class SavedRun(ZooRecord):
 def merge(paths: list[str]) -> tuple[list[SavedRun], list[dict]]:
     """The runs of several result files (seeds or tasks split over processes), and the files."""
     results = [json.loads(Path(p).read_text()) for p in paths]
-    for key, default in (("arch", "cnn"), ("base", "digits"), ("epochs", None), ("global_test", False)):
+    for key, default in (("arch", "cnn"), ("base", "digits"), ("epochs", None), ("global_test", False),
+                         ("record_pairs", None)):
         values = {str(r.get(key, default)) for r in results}  # older files lack base and global_test
         if len(values) > 1:
             raise SystemExit(f"--merge: the files differ in {key} ({', '.join(sorted(values))}); one table holds runs "
@@ -131,7 +133,7 @@ def summarise(runs: list[ZooRun] | list[SavedRun]) -> list[dict]:
     return rows
 
 
-def print_table(rows: list[dict], cost: dict) -> None:
+def print_table(rows: list[dict], cost: dict | None) -> None:
     print("\n| task | detected (shortcut runs) | by the epoch after gap > 0.2 | active at the end (gap still >= 0.2) | "
           "false alarms (controls) | first shortcut_confirmed epoch | gap > 0.2 epoch |")
     print("|---|---|---|---|---|---|---|")
@@ -143,6 +145,9 @@ def print_table(rows: list[dict], cost: dict) -> None:
     fired = sum(r["false_alarm_rate_per_evaluation"] for r in rows) / max(1, len(rows))
     print(f"\nfalse alarms per control evaluation: {fired:.4f} (stated alpha "
           f"{DiscoverySettings().alpha:g})")
+    if cost is None:
+        print("\ndiscovery cost per evaluation: not measured (a campaign stopped before its last fit)")
+        return
     print(f"\ndiscovery cost per evaluation: {cost['pasted_images']} pasted images for {cost['probes']} probes, "
           f"{cost['discovery_s'] * 1e3:.1f} ms vs {cost['forward_s'] * 1e3:.1f} ms for one inference forward of the "
           f"probe set (ratio {cost['ratio']:.2f}; the pasted images alone are {cost['pasted_images'] / cost['probes']:.3g} "
@@ -160,6 +165,22 @@ def add_fit_arguments(p: argparse.ArgumentParser, seeds: int) -> None:
                    "shapes: drawn shapes on varied backgrounds, 64 px colour)")
     p.add_argument("--cues", default=",".join(CUES), help="comma-separated zoo tasks (default: all)")
     p.add_argument("--merge", nargs="+", default=None, help="result files to combine into one table (no runs)")
+    p.add_argument("--record-pairs", type=int, default=None, metavar="N",
+                   help="every arm draws N pairs an evaluation, in one stage (DiscoverySettings(first_stage=1.0)): "
+                        "a recording that bench_allocation.py replays under any sharing of the pairs (its alerts "
+                        "are not the default monitor's)")
+
+
+def recording(pairs: int | None, num_probes: int = 64, **settings: bool) -> DiscoverySettings | None:
+    """The discovery settings of a ``--record-pairs`` run: one stage, a budget that gives each arm
+    ``pairs`` pairs (:func:`~cam_monitor.discovery.arm_shares` shares them equally) on ``num_probes``
+    probes; None without a recording, and only the other ``settings`` when there are some."""
+    if pairs is None:
+        return DiscoverySettings(**settings) if settings else None
+    if pairs < 1:
+        raise SystemExit(f"--record-pairs must be >= 1, got {pairs}")
+    arms = len(DiscoverySettings(**settings).arms)
+    return DiscoverySettings(first_stage=1.0, budget=2 * pairs * arms / num_probes, **settings)
 
 
 def main() -> None:
@@ -180,11 +201,12 @@ def main() -> None:
         if args.replay:
             saved = [replay(r, args.replay) for r in saved]
         first, rows = results[0], summarise(saved)
-        print_table(rows, first["cost"])
+        cost = next((r["cost"] for r in results if r.get("cost")), None)  # a file stopped part-way has none
+        print_table(rows, cost)
         write_json({"machine": first["machine"], "arch": first["arch"], "base": first.get("base", "digits"),
                     "epochs": first["epochs"], "global_test": first.get("global_test", False),
-                    "seeds": sorted({r.seed for r in saved}), "tasks": rows,
-                    "cost": first["cost"], "merged_from": [Path(p).name for p in args.merge],
+                    "record_pairs": first.get("record_pairs"), "seeds": sorted({r.seed for r in saved}), "tasks": rows,
+                    "cost": cost, "merged_from": [Path(p).name for p in args.merge],
                     "replayed_under": args.replay,
                     "runs": [r for result in results for r in result["runs"]] if not args.replay else
                     [{"task": r.cue, "variant": r.variant, "seed": r.seed, "alerts": r.alerts,
@@ -196,8 +218,19 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     runs: list[ZooRun] = []
     start = time.perf_counter()
+    out = args.out or default_result_path("zoo", torch.device("cpu"))
+
+    def result(cost: dict | None) -> dict:
+        return {"machine": machine(), "arch": args.arch, "base": args.base, "epochs": args.epochs,
+                "global_test": args.global_test, "record_pairs": args.record_pairs,
+                "seeds": sorted({r.seed for r in runs}), "tasks": summarise(runs), "cost": cost,
+                "runs": [{"task": r.cue, "variant": r.variant, "seed": r.seed, "alerts": r.alerts, "epochs": r.rows,
+                          "active_at_end": r.active_at_end} for r in runs],
+                "wall_s": time.perf_counter() - start}
+
     with tempfile.TemporaryDirectory(prefix="cam_zoo_") as root:
-        extra = {"discovery": DiscoverySettings(global_test=True)} if args.global_test else {}
+        discovery = recording(args.record_pairs, **({"global_test": True} if args.global_test else {}))
+        extra = {"discovery": discovery} if discovery is not None else {}
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             for cue in args.cues.split(","):
                 for variant in ("shortcut", "control"):
@@ -206,17 +239,11 @@ def main() -> None:
                     runs.append(run)
                     print(f"{cue:>18} {variant:>8} seed {seed}: gap > 0.2 at epoch {run.gap_epoch}, alerts "
                           f"{[(a['epoch'], a['rule']) for a in run.alerts]}", flush=True)
+                    write_json(result(None), out, say=False)  # a campaign stopped part-way keeps its fits
         cost = discovery_cost(next(r for r in reversed(runs) if r.variant == "shortcut"),
                               args.repeats)
-    rows = summarise(runs)
-    print_table(rows, cost)
-    result = {"machine": machine(), "arch": args.arch, "base": args.base, "epochs": args.epochs,
-              "global_test": args.global_test,
-              "seeds": list(range(args.first_seed, args.first_seed + args.seeds)), "tasks": rows, "cost": cost,
-              "runs": [{"task": r.cue, "variant": r.variant, "seed": r.seed, "alerts": r.alerts, "epochs": r.rows,
-                        "active_at_end": r.active_at_end} for r in runs],
-              "wall_s": time.perf_counter() - start}
-    write_json(result, args.out or default_result_path("zoo", torch.device("cpu")))
+    print_table(summarise(runs), cost)
+    write_json(result(cost), out)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ def test_the_summary_counts_alerts_per_run_and_sets_the_bound_beside_the_stated_
 
 def test_a_pair_string_spells_each_paired_difference() -> None:
     assert bench.pair_string([1, 0, -1, 1]) == "+0-+" and bench.pair_string([]) == ""
+    assert bench.pair_diffs("+0-+") == [1, 0, -1, 1] and bench.pair_diffs("") == []
 
 
 def test_a_campaign_writes_each_control_run_and_merges(tmp_path, monkeypatch, capsys) -> None:
@@ -61,3 +62,13 @@ def test_a_campaign_writes_each_control_run_and_merges(tmp_path, monkeypatch, ca
     bench.main()
     assert json.loads(merged.read_text())["total"]["runs"] == 2
     assert "control runs" in capsys.readouterr().out
+
+
+def test_a_recording_and_a_default_campaign_are_not_merged(tmp_path, monkeypatch) -> None:
+    files = []
+    for name, recorded in (("a.json", None), ("b.json", 48)):
+        (tmp_path / name).write_text(json.dumps({"machine": "test", "epochs": 6, "record_pairs": recorded, "runs": []}))
+        files.append(str(tmp_path / name))
+    monkeypatch.setattr(sys, "argv", ["bench_false_alarms.py", "--merge", *files, "--out", str(tmp_path / "m.json")])
+    with pytest.raises(SystemExit, match="differ in record_pairs"):
+        bench.main()

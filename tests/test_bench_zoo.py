@@ -33,3 +33,37 @@ def test_files_of_different_settings_are_refused_rather_than_labelled_as_the_fir
     a, b = result_file(tmp_path / "a.json", 0), result_file(tmp_path / "b.json", 1, **{key: value})
     with pytest.raises(SystemExit, match=f"differ in {key}"):
         bench.merge([a, b])
+
+
+def test_a_file_stopped_before_its_cost_was_measured_merges_with_the_cost_of_another(tmp_path, capsys,
+                                                                                       monkeypatch) -> None:
+    partial = result_file(tmp_path / "partial.json", 0, cost=None, machine="test")
+    cost = {"pasted_images": 128, "probes": 64, "forward_s": 0.01, "discovery_s": 0.04, "ratio": 4.0}
+    whole = result_file(tmp_path / "whole.json", 1, cost=cost, machine="test")
+    monkeypatch.setattr(sys, "argv", ["bench_zoo.py", "--merge", partial, whole, "--out", str(tmp_path / "all.json")])
+    bench.main()
+    assert json.loads((tmp_path / "all.json").read_text())["cost"] == cost
+    monkeypatch.setattr(sys, "argv", ["bench_zoo.py", "--merge", partial, "--out", str(tmp_path / "one.json")])
+    bench.main()
+    assert json.loads((tmp_path / "one.json").read_text())["cost"] is None
+    assert "not measured" in capsys.readouterr().out
+
+
+def test_a_campaign_keeps_each_fit_as_it_goes_and_records_every_arms_pairs(tmp_path, monkeypatch) -> None:
+    out = tmp_path / "zoo.json"
+    monkeypatch.setattr(sys, "argv", ["bench_zoo.py", "--seeds", "1", "--epochs", "1", "--cues", "corner_patch",
+                                      "--record-pairs", "8", "--out", str(out)])
+
+    def stopped(*args: object) -> dict:
+        raise KeyboardInterrupt  # the campaign stopped after its fits, before the cost
+
+    monkeypatch.setattr(bench, "discovery_cost", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main()
+    result = json.loads(out.read_text())
+    assert [r["variant"] for r in result["runs"]] == ["shortcut", "control"] and result["cost"] is None
+    assert result["record_pairs"] == 8
+    for run in result["runs"]:
+        (evaluation,) = [e["evidence_pairs"] for e in run["epochs"]]
+        assert evaluation and all(len(p) <= 8 for p in evaluation.values())
+        assert max(len(p) for p in evaluation.values()) == 8  # one stage, 8 pairs an arm (fewer where a plan ran out)
