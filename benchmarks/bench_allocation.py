@@ -206,18 +206,21 @@ def summarise(runs: list[Recorded], rule: Rule, record_pairs: int, alpha: float)
             "pairs_beyond_recording": short}
 
 
-def print_table(results: dict[str, dict]) -> None:
+def table(results: dict[str, dict]) -> list[str]:
+    """The rules' Markdown table: a column per shortcut task the recordings hold (none for controls alone)."""
     tasks = list(dict.fromkeys(t["task"] for r in results.values() for t in r["shortcut_tasks"]))
-    print("\n| rule | " + " | ".join(tasks) + " | on time | control alerts | highest control | median | > 10 | pairs short |")
-    print("|---" * (len(tasks) + 7) + "|")
+    head = ["rule", *tasks, "on time", "control alerts", "highest control", "median", "> 10", "pairs short"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for name, r in results.items():
         by_task = {t["task"]: t for t in r["shortcut_tasks"]}
         cells = [f"{by_task[t]['on_time']}/{by_task[t]['runs']} {by_task[t]['first_alert_epochs']}" if t in by_task
                  else "" for t in tasks]
-        on_time = sum(t["on_time"] for t in r["shortcut_tasks"])
         c = r["controls"]
-        print(f"| {name} | " + " | ".join(cells) + f" | {on_time} | {c['alerted']}/{c['runs']} | "
-              f"{c['highest'] or 0:.3g} | {c['median_highest'] or 0:.3g} | {c['above_10']} | {r['pairs_beyond_recording']} |")
+        row = [name, *cells, str(sum(t["on_time"] for t in r["shortcut_tasks"])), f"{c['alerted']}/{c['runs']}",
+               f"{c['highest'] or 0:.3g}", f"{c['median_highest'] or 0:.3g}", str(c["above_10"]),
+               str(r["pairs_beyond_recording"])]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
 
 
 def main() -> None:
@@ -232,7 +235,7 @@ def main() -> None:
     runs, record_pairs = read_recordings(args.files)
     alpha = DiscoverySettings().alpha
     results = {name: summarise(runs, RULES[name], record_pairs, alpha) for name in args.rules.split(",")}
-    print_table(results)
+    print("\n" + "\n".join(table(results)))
     write_json({"record_pairs": record_pairs, "files": [Path(f).name for f in args.files], "alpha": alpha,
                 "rules": results}, args.out or default_result_path("allocation", torch.device("cpu")))
 

@@ -93,3 +93,12 @@ def test_tasks_of_other_bases_and_architectures_are_told_apart() -> None:
     assert bench.label("ruler", "digits", "cnn") == "ruler"
     assert bench.label("background_cast", "digits", "resnet18") == "background_cast (digits, resnet18)"
     assert bench.label("ruler", "shapes", "cnn") == "ruler (shapes, cnn)"
+
+
+@pytest.mark.parametrize("tasks", [[], [{"task": "ruler", "runs": 3, "on_time": 2, "first_alert_epochs": [1, 2, None]}]])
+def test_the_table_has_a_column_per_shortcut_task_and_none_for_controls_alone(tasks) -> None:
+    controls = {"alerted": 0, "runs": 28, "highest": 1.1, "median_highest": 0.62, "above_10": 0}
+    lines = bench.table({"shipped": {"shortcut_tasks": tasks, "controls": controls, "pairs_beyond_recording": 0}})
+    assert {line.count("|") for line in lines} == {8 + len(tasks)}
+    assert lines[2].split(" | ")[1:len(tasks) + 3] == [*(["2/3 [1, 2, None]"] if tasks else []), "2" if tasks else "0",
+                                                       "0/28"]
