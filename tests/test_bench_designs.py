@@ -77,3 +77,36 @@ def test_background_detail_pairs_join_correct_probes_of_different_classes_and_co
     assert bd.draw_pairs(preds, torch.tensor([9, 9, 9, 9, 9]), 5, torch.Generator()) == ([], [])
     row = bd.outcome(torch.tensor([True, True, False, False]), torch.tensor([False, True, True, False]))
     assert (row["wins"], row["losses"], row["pairs"]) == (1, 1, 4) and row["p"] == 0.75
+
+
+
+def test_the_contrast_matched_blur_has_the_originals_mean_and_spread_per_channel() -> None:
+    import bench_detail_test as bd
+
+    gen = torch.Generator().manual_seed(0)
+    original = torch.rand(3, 2, 16, 16, generator=gen) * torch.tensor([1.0, 3.0]).view(1, 2, 1, 1)
+    blurred = original.mean((-2, -1), keepdim=True) + 0.1 * torch.rand(3, 2, 16, 16, generator=gen)
+    out = bd.contrast_matched(blurred, original)
+    assert torch.allclose(out.mean((-2, -1)), original.mean((-2, -1)), atol=1e-5)
+    assert torch.allclose(out.std((-2, -1)), original.std((-2, -1)), atol=1e-4)
+
+
+def test_a_decoy_is_a_probe_of_another_class_and_cancels_a_default_class() -> None:
+    """A model that sends every shuffled image to class 0 and every blurred one to class 1 wins its
+    class-0 pairs and loses its class-1 pairs against the plain blur; with decoys of another class
+    every pair ties. A shuffle that keeps each probe's own class wins every pair against decoys
+    (the blur's keeps on class 1 are its default answer, cancelled by the decoys)."""
+    import bench_detail_test as bd
+
+    labels = torch.tensor([0, 0, 1, 1, 1, 2])
+    other = bd.decoys(labels, torch.Generator().manual_seed(0))
+    assert all(labels[o] != labels[i] for i, o in enumerate(other.tolist()))
+    assert bd.decoys(torch.tensor([4, 4]), torch.Generator()).tolist() == [0, 1]  # no other class: itself
+
+    shuffled, blurred = torch.zeros(6, dtype=torch.long), torch.ones(6, dtype=torch.long)
+    assert bd.wins_losses(labels, shuffled, blurred) == (2, 3)
+    assert bd.wins_losses(labels, shuffled, blurred, other) == (0, 0)
+    assert bd.wins_losses(labels, labels.clone(), blurred, other) == (6, 0)  # the shuffle reads each class
+    assert bd.top_share(shuffled) == 1.0 and bd.top_share(labels) == 0.5
+    row = {"pairs": 6, "wins": 3, "losses": 1}
+    assert bd.above_margin(row) and not bd.above_margin({**row, "wins": 2})
