@@ -14,7 +14,6 @@ import math
 from typing import NamedTuple, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .maps import upsample
 from .metrics import border_mask
@@ -153,20 +152,36 @@ def gaussian_kernel(size: int, sigma: float, dtype: torch.dtype) -> torch.Tensor
     return (pdf / pdf.sum()).to(dtype)
 
 
+def reflected_blur_matrix(n: int, size: int, sigma: float, dtype: torch.dtype,
+                          device: torch.device) -> torch.Tensor:
+    """(n, n) the 1-D blur of :func:`gaussian_kernel` (``size`` taps, centred) along an axis of ``n``
+    pixels as a matrix: row ``i`` holds the weight of every input pixel in output pixel ``i``, the
+    taps past an edge folded back onto the pixels they reflect (``torch.nn.functional.pad``'s
+    ``"reflect"``, which needs ``size // 2 < n``)."""
+    half = size // 2
+    taps = torch.arange(n)[:, None] + torch.arange(size)[None, :] - half
+    taps = torch.where(taps < 0, -taps, taps)
+    taps = torch.where(taps >= n, 2 * (n - 1) - taps, taps)
+    weights = gaussian_kernel(size, sigma, torch.float64).expand(n, size)
+    matrix = torch.zeros(n, n, dtype=torch.float64).index_put_(
+        (torch.arange(n)[:, None].expand(n, size), taps), weights, accumulate=True)
+    return matrix.to(dtype=dtype, device=device)
+
+
 def blurred_cells(images: torch.Tensor, grid: tuple[int, int], cells: float = BLUR_CELLS) -> torch.Tensor:
     """``images`` blurred by a Gaussian of ``cells`` cells' standard deviation per axis (reflected at
     the edges): detail finer than that is gone, the arrangement of cells stays.
 
-    The same image as torchvision's ``gaussian_blur`` with that kernel, computed as two 1-D
-    passes: its 2-D kernel costs k^2 per pixel, and at 224 px on a 7 x 7 grid k is 97 (1.8 s for
-    16 images on 2 CPU cores against 0.04 s)."""
-    b, c, h, w = images.shape
+    The same image as torchvision's ``gaussian_blur`` with that kernel, computed as one matrix
+    product per axis (:func:`reflected_blur_matrix`): its 2-D kernel costs k^2 per pixel, and at
+    224 px on a 7 x 7 grid k is 97 (1.8 s for 16 images on 2 CPU cores); two 1-D convolutions of
+    97 taps took 0.13 s, the two products 0.008 s."""
+    _, _, h, w = images.shape
     sy, sx = (cells * size for size in cell_size((h, w), grid))
     ky, kx = (min(2 * math.ceil(3 * s) + 1, 2 * n - 1) for s, n in ((sy, h), (sx, w)))
-    padded = F.pad(images, [kx // 2, kx // 2, ky // 2, ky // 2], mode="reflect")
-    across = gaussian_kernel(kx, sx, images.dtype).to(images.device).view(1, 1, 1, kx).expand(c, 1, 1, kx)
-    down = gaussian_kernel(ky, sy, images.dtype).to(images.device).view(1, 1, ky, 1).expand(c, 1, ky, 1)
-    return F.conv2d(F.conv2d(padded, across, groups=c), down, groups=c)
+    down = reflected_blur_matrix(h, ky, sy, images.dtype, images.device)
+    across = reflected_blur_matrix(w, kx, sx, images.dtype, images.device)
+    return down @ images @ across.T
 
 
 def detail_images(images: torch.Tensor, sources: list[int], grid: tuple[int, int],

@@ -8,8 +8,8 @@ import torch
 from torchvision.transforms.v2.functional import gaussian_blur
 
 from cam_monitor.interventions import (Paste, background_detail_images, banded_images, blurred_cells, border_bands,
-                                       colour_images, detail_images, object_regions, pasted_images, shuffled_cells,
-                                       spectrum_images)
+                                       colour_images, detail_images, gaussian_kernel, object_regions, pasted_images,
+                                       reflected_blur_matrix, shuffled_cells, spectrum_images)
 from cam_monitor.metrics import border_mask
 
 SIZE = 16
@@ -131,6 +131,18 @@ def test_the_blur_is_torchvisions_gaussian_blur_computed_in_two_passes(size, gri
     kernel = [min(2 * math.ceil(3 * s) + 1, 2 * n - 1) for s, n in zip(sigma, (size[1], size[0]))]
     assert torch.allclose(blurred_cells(images, grid), gaussian_blur(images, kernel, sigma), atol=1e-5)
     assert blurred_cells(images.double(), grid).dtype == torch.float64
+
+
+@pytest.mark.parametrize("n, size", [(16, 5), (8, 15), (1, 1), (224, 97)])
+def test_the_blur_matrix_is_the_reflected_kernel_along_one_axis(n, size) -> None:
+    """Each row of the matrix sums to one and applies the kernel to the reflected row, up to the
+    widest kernel an axis allows (``size = 2n - 1``: every tap reflects once at most)."""
+    row = torch.rand(1, 1, n, generator=torch.Generator().manual_seed(n)).double()
+    matrix = reflected_blur_matrix(n, size, 0.3 * size, torch.float64, torch.device("cpu"))
+    kernel = gaussian_kernel(size, 0.3 * size, torch.float64).view(1, 1, size)
+    padded = torch.nn.functional.pad(row, [size // 2, size // 2], mode="reflect") if n > 1 else row
+    assert torch.allclose(matrix.sum(1), torch.ones(n, dtype=torch.float64))
+    assert torch.allclose(matrix @ row[0, 0], torch.nn.functional.conv1d(padded, kernel)[0, 0])
 
 
 def test_detail_images_are_the_sources_shuffled_then_blurred() -> None:
