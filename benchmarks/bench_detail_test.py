@@ -42,6 +42,7 @@ from bench_local_test import Spec, design_summary, trained_states  # noqa: E402
 
 from cam_monitor.demo.model import ARCHS  # noqa: E402
 from cam_monitor.demo.zoo import mask_free_probes  # noqa: E402
+from cam_monitor.discovery import DiscoverySettings  # noqa: E402
 from cam_monitor.engine import compute_cams, predict_classes  # noqa: E402
 from cam_monitor.evidence import sign_test_p  # noqa: E402
 from cam_monitor.interventions import blurred_cells, shuffled_cells  # noqa: E402
@@ -51,8 +52,8 @@ def layer_grid(model: torch.nn.Module, layer: str, images: torch.Tensor, labels:
     return tuple(compute_cams(model, images[:1], layer, labels[:1]).shape[-2:])
 
 
-#: The detail arm's margin (``cam_monitor.discovery``): the excess of wins over losses its null allows.
-DETAIL_MARGIN = 0.2
+#: The detail arm's margin, the monitor's default: the excess of wins over losses its null allows.
+DETAIL_MARGIN = DiscoverySettings().detail_min_effect
 
 #: The controls ``--controls`` can name (the module docstring says what each is).
 CONTROLS = ("blur", "matched", "decoy")
