@@ -45,7 +45,7 @@ from cam_monitor.demo.zoo import mask_free_probes  # noqa: E402
 from cam_monitor.discovery import DiscoverySettings  # noqa: E402
 from cam_monitor.engine import compute_cams, predict_classes  # noqa: E402
 from cam_monitor.evidence import sign_test_p  # noqa: E402
-from cam_monitor.interventions import blurred_cells, shuffled_cells  # noqa: E402
+from cam_monitor.interventions import blurred_cells, matched_statistics, shuffled_cells  # noqa: E402
 
 def layer_grid(model: torch.nn.Module, layer: str, images: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
     """The grid of ``layer`` (its maps' height and width) on these images."""
@@ -57,13 +57,6 @@ DETAIL_MARGIN = DiscoverySettings().detail_min_effect
 
 #: The controls ``--controls`` can name (the module docstring says what each is).
 CONTROLS = ("blur", "matched", "decoy")
-
-
-def contrast_matched(blurred: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
-    """``blurred`` with each image's per-channel mean and standard deviation set to ``original``'s."""
-    mb, sb = blurred.mean((-2, -1), keepdim=True), blurred.std((-2, -1), keepdim=True)
-    mo, so = original.mean((-2, -1), keepdim=True), original.std((-2, -1), keepdim=True)
-    return (blurred - mb) * (so / sb.clamp_min(1e-6)) + mo
 
 
 def decoys(labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -99,7 +92,7 @@ def score(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, de
     probes classified right, on the layer's ``grid``."""
     right = predict_classes(model, images) == labels
     x, y = images[right], labels[right]
-    other = decoys(y, torch.Generator().manual_seed(seed))
+    other = decoys(y, torch.Generator().manual_seed(seed)) if "decoy" in controls else None
     rows = []
     for tile, blur in designs:
         tiles = (grid[0] // tile, grid[1] // tile)
@@ -108,7 +101,7 @@ def score(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, de
         blurred = predict_classes(model, blurred_images)
         for name in controls:
             if name == "matched":
-                wins, losses = wins_losses(y, shuffled, predict_classes(model, contrast_matched(blurred_images, x)))
+                wins, losses = wins_losses(y, shuffled, predict_classes(model, matched_statistics(blurred_images, x)))
             else:
                 wins, losses = wins_losses(y, shuffled, blurred, other if name == "decoy" else None)
             rows.append({"tile_cells": tile, "blur_cells": blur, "control": name, "grid": list(grid),

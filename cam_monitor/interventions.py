@@ -80,18 +80,21 @@ def spectrum_images(images: torch.Tensor, objects: torch.Tensor, sources: list[i
     return torch.cat(out).to(images.dtype)
 
 
+def matched_statistics(images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``images`` (B, C, H, W) shifted and scaled per channel to the mean and standard deviation of
+    ``targets`` (same shape); a flat channel is only shifted."""
+    mx, sx = images.mean((2, 3), keepdim=True), images.std((2, 3), keepdim=True)
+    mt, st = targets.mean((2, 3), keepdim=True), targets.std((2, 3), keepdim=True)
+    return (images - mx) * torch.where(sx > 0, st / sx.clamp(min=1e-12), torch.ones_like(sx)) + mt
+
+
 def colour_images(images: torch.Tensor, sources: list[int], recipients: list[int]) -> torch.Tensor:
     """(2P, C, H, W): each recipient shifted and scaled per channel to its source's mean and
     standard deviation, then each control (the source given the recipient's)."""
     if not sources:
         return images[:0]
     src, dst = images[sources], images[recipients]
-    (ms, ss), (md, sd) = [(x.mean((2, 3), keepdim=True), x.std((2, 3), keepdim=True)) for x in (src, dst)]
-
-    def moved(x: torch.Tensor, mx: torch.Tensor, sx: torch.Tensor, mt: torch.Tensor, st: torch.Tensor) -> torch.Tensor:
-        return (x - mx) * torch.where(sx > 0, st / sx.clamp(min=1e-12), torch.ones_like(sx)) + mt
-
-    return torch.cat([moved(dst, md, sd, ms, ss), moved(src, ms, ss, md, sd)])
+    return torch.cat([matched_statistics(dst, src), matched_statistics(src, dst)])
 
 
 @functools.lru_cache(maxsize=16)

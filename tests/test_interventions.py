@@ -8,8 +8,9 @@ import torch
 from torchvision.transforms.v2.functional import gaussian_blur
 
 from cam_monitor.interventions import (Paste, background_detail_images, banded_images, blurred_cells, border_bands,
-                                       colour_images, detail_images, gaussian_kernel, object_regions, pasted_images,
-                                       reflected_blur_matrix, shuffled_cells, spectrum_images)
+                                       colour_images, detail_images, gaussian_kernel, matched_statistics,
+                                       object_regions, pasted_images, reflected_blur_matrix, shuffled_cells,
+                                       spectrum_images)
 from cam_monitor.metrics import border_mask
 
 SIZE = 16
@@ -143,6 +144,18 @@ def test_the_blur_matrix_is_the_reflected_kernel_along_one_axis(n, size) -> None
     padded = torch.nn.functional.pad(row, [size // 2, size // 2], mode="reflect") if n > 1 else row
     assert torch.allclose(matrix.sum(1), torch.ones(n, dtype=torch.float64))
     assert torch.allclose(matrix @ row[0, 0], torch.nn.functional.conv1d(padded, kernel)[0, 0])
+
+
+def test_matched_statistics_give_each_channel_the_targets_mean_and_spread() -> None:
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(3, 2, 16, 16, generator=gen) * torch.tensor([1.0, 3.0]).view(1, 2, 1, 1)
+    targets = images.mean((-2, -1), keepdim=True) + 0.1 * torch.rand(3, 2, 16, 16, generator=gen)
+    for x, t in ((targets, images), (images, targets)):
+        out = matched_statistics(x, t)
+        assert torch.allclose(out.mean((-2, -1)), t.mean((-2, -1)), atol=1e-5)
+        assert torch.allclose(out.std((-2, -1)), t.std((-2, -1)), atol=1e-4)
+    flat = torch.full((1, 2, 4, 4), 0.5)
+    assert torch.allclose(matched_statistics(flat, images[:1]), flat - 0.5 + images[:1].mean((-2, -1), keepdim=True))
 
 
 def test_detail_images_are_the_sources_shuffled_then_blurred() -> None:
