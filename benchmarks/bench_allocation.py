@@ -51,14 +51,20 @@ class Rule:
     (:func:`~cam_monitor.evidence.log_growth` with ``prior`` pseudo-counts, 0 where negative) times
     its e-detector with the first stage counted, at least 1 and at most ``level_cap``; where no arm
     grows, ``fallback``: ``"level"`` (the e-detectors), ``"equal"`` or ``"log_level"`` (one plus the
-    log of each e-detector above 1: the leader gets more, not all). The
-    defaults are the monitor's (:func:`~cam_monitor.discovery.second_stage_weights`)."""
+    log of each e-detector above 1: the leader gets more, not all). ``detail_bet``, where set,
+    replaces the detail arm's stake (``DiscoverySettings.detail_bet``) in the statistic (the
+    weights compare the arms at the common stake ``bet``, as the monitor's do). The defaults are the monitor's (:func:`~cam_monitor.discovery.second_stage_weights`)."""
 
     first_stage: float = FIRST_STAGE
     led: float = 1.0
     prior: float = 0.5
     level_cap: float = math.inf
     fallback: str = "level"
+    detail_bet: float | None = None
+
+    def settings(self) -> DiscoverySettings:
+        """The monitor's discovery settings with this rule's stakes."""
+        return DiscoverySettings() if self.detail_bet is None else DiscoverySettings(detail_bet=self.detail_bet)
 
 
 #: The rules ``--rules`` can name: the monitor's, and the variants measured against it.
@@ -73,6 +79,10 @@ RULES = {
     "growth_only": Rule(level_cap=1.0, fallback="equal"),
     "level_cap_10": Rule(level_cap=10.0),
     "prior_quarter": Rule(prior=0.25),
+    "detail_bet_0.7": Rule(detail_bet=0.7),
+    "detail_bet_0.5": Rule(detail_bet=0.5),
+    "detail_bet_0.4": Rule(detail_bet=0.4),
+    "detail_bet_0.2": Rule(detail_bet=0.2),
 }
 
 
@@ -80,7 +90,7 @@ def rule_weights(rule: Rule, diffs: dict[str, torch.Tensor], evidence: EvidenceS
                  settings: DiscoverySettings) -> dict[str, float]:
     """Each arm's weight in the second stage under ``rule``, from its first-stage ``diffs`` and the
     ``evidence`` before them ({} for an equal share)."""
-    interim = evidence.update({a: d for a, d in diffs.items() if d.numel()}, settings.bet, settings.margins)
+    interim = evidence.update({a: d for a, d in diffs.items() if d.numel()}, settings.bets, settings.margins)
     level = {a: interim.detector(stream(a)) for a in diffs}
     growth = {a: max(0.0, log_growth(d, settings.bet, margin_of(settings.margins, a), rule.prior))
               * min(rule.level_cap, max(1.0, level[a])) for a, d in diffs.items()}
@@ -104,7 +114,7 @@ def replay_run(evaluations: list[Pairs], rule: Rule, record_pairs: int, num_prob
     """The statistic after every evaluation of one recorded run had discovery shared its pairs by
     ``rule`` (the arms that ran: those with pairs at any evaluation, in :data:`ARMS` order), and the
     pairs it wanted beyond the recording (arms recorded in full, ``record_pairs`` of them)."""
-    settings = settings or DiscoverySettings()
+    settings = settings or rule.settings()
     arms = tuple(a for a in ARMS if any(e.get(a) for e in evaluations)) or ("local",)
     total = int(settings.budget * num_probes) // 2
     state, values, short = EvidenceState(cap=2 * math.log(1 / settings.alpha)), [], 0
@@ -117,7 +127,7 @@ def replay_run(evaluations: list[Pairs], rule: Rule, record_pairs: int, num_prob
             wanted = taken[a] + n
             short += max(0, wanted - len(recorded[a])) if len(recorded[a]) >= record_pairs else 0
             taken[a] = min(wanted, len(recorded[a]))
-        state = state.update({a: recorded[a][:taken[a]] for a in arms}, settings.bet, settings.margins, pool=arms)
+        state = state.update({a: recorded[a][:taken[a]] for a in arms}, settings.bets, settings.margins, pool=arms)
         values.append(state.value(arms))
     return values, short
 

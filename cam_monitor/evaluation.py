@@ -277,7 +277,7 @@ def evaluate(model: nn.Module, probes: ProbeSet, settings: EvalSettings, placeme
                          step=global_step, evidence=prior)
         per_probe.update(found.per_probe(len(probes)))
         arms = found_settings.arms_on(tuple(maps.shape[-2:]), probes.image_size)
-        accumulated = prior.update(found.diffs(by_class=per_class), found_settings.bet, found_settings.margins,
+        accumulated = prior.update(found.diffs(by_class=per_class), found_settings.bets, found_settings.margins,
                                    pool=arms)
     aggregates = aggregate(per_probe, maps, probes)
     if found is not None and accumulated is not None:

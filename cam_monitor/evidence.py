@@ -11,7 +11,9 @@ controls match their tests less or more closely (:data:`Margins`).
   pairs (valid for ``min_effect = 0``), Holm-adjusted over the arms (:func:`holm`).
 - Across evaluations, each stream of pairs bets a fixed fraction ``bet`` on every pair:
   ``e = prod(1 + bet * (x - y - min_effect))``, an e-value under the null (a product of factors of
-  mean at most 1). :class:`EvidenceState` keeps, per stream, the CUSUM form of these products
+  mean at most 1). The stake is fixed per arm (:data:`Bets`), like the margin: an arm whose control
+  matches its test least (the widest margin) stakes less, so that a few evaluations where its null
+  is strained cannot carry the statistic alone. :class:`EvidenceState` keeps, per stream, the CUSUM form of these products
   (``M_t = e_t * max(1, M_{t-1})``, an e-detector: Shin, Ramdas and Rinaldo 2023). The streams
   are each arm's pairs pooled over classes (``local``, ``global``), every arm's pairs together
   (``all``: a cue that shows a little in several arms, as a corner patch does in the local,
@@ -60,13 +62,22 @@ def holm(pvalues: dict[str, float]) -> dict[str, float]:
     return out
 
 
-#: The null's margin: one for every stream, or one per arm (a stream ``local/3`` takes its arm's).
-Margins = float | Mapping[str, float]
+#: A value of every stream, or one per arm (a stream ``local/3`` takes its arm's).
+PerArm = float | Mapping[str, float]
+#: The null's margin of each stream.
+Margins = PerArm
+#: The stake per pair of each stream.
+Bets = PerArm
+
+
+def arm_value(value: PerArm, name: str) -> float:
+    """``value`` for stream ``name`` (:func:`stream`): its arm's, or the one value of every stream."""
+    return float(value) if isinstance(value, (int, float)) else float(value[name.split("/")[0]])
 
 
 def margin_of(min_effect: Margins, name: str) -> float:
-    """The margin of stream ``name`` (:func:`stream`): its arm's, or the one margin of every stream."""
-    return float(min_effect) if isinstance(min_effect, (int, float)) else float(min_effect[name.split("/")[0]])
+    """The margin of stream ``name``: its arm's, or the one margin of every stream."""
+    return arm_value(min_effect, name)
 
 
 def log_evalue(diffs: torch.Tensor, bet: float, min_effect: float) -> float:
@@ -86,31 +97,31 @@ def log_growth(diffs: torch.Tensor, bet: float, min_effect: float, prior: float 
     return sum(c * g for c, g in zip(counts, logs)) / sum(counts)
 
 
-def log_evalue_following(pairs: dict[str, torch.Tensor], start: dict[str, float], bet: float,
+def log_evalue_following(pairs: dict[str, torch.Tensor], start: dict[str, float], bet: Bets,
                          min_effect: Margins) -> float:
     """log of the :data:`ALL` stream's factor for one evaluation: every arm's pairs bet on
     together, each pair only while its arm's own evidence is not against a cue (its log detector,
     from ``start`` and its earlier pairs of this evaluation, at least 0). Whether a pair is bet on
     depends only on pairs before it, so each factor keeps its mean at most 1 under the null; an arm
     whose control is the more potent (the null allows that) stops costing the others after its
-    first pair against. Each pair is bet on against its own arm's margin."""
+    first pair against. Each pair is bet on against its own arm's margin, at its own arm's stake."""
     total = 0.0
     for arm, d in pairs.items():
         if d.numel() == 0:
             continue
-        factors = torch.log1p(bet * (d.double() - margin_of(min_effect, arm)))
+        factors = torch.log1p(arm_value(bet, arm) * (d.double() - margin_of(min_effect, arm)))
         before = start.get(arm, 0.0) + torch.cat([factors.new_zeros(1), factors.cumsum(0)[:-1]])
         total += float(factors[before >= 0].sum())
     return total
 
 
-def check_bet(bet: float, min_effect: float, name: str = "min_effect") -> None:
-    """The bet must keep every factor positive: ``0 < bet < 1 / (1 + min_effect)`` (``name``: what
-    the margin is called where the user set it)."""
+def check_bet(bet: float, min_effect: float, name: str = "min_effect", bet_name: str = "bet") -> None:
+    """The bet must keep every factor positive: ``0 < bet < 1 / (1 + min_effect)`` (``name`` and
+    ``bet_name``: what the margin and the stake are called where the user set them)."""
     if not 0 <= min_effect < 1:
         raise ValueError(f"{name} must be in [0, 1), got {min_effect!r}")
     if not 0 < bet < 1 / (1 + min_effect):
-        raise ValueError(f"bet must be in (0, 1 / (1 + {name})) = (0, {1 / (1 + min_effect):.4g}), got {bet!r}")
+        raise ValueError(f"{bet_name} must be in (0, 1 / (1 + {name})) = (0, {1 / (1 + min_effect):.4g}), got {bet!r}")
 
 
 #: The stream of every arm's pairs together.
@@ -130,16 +141,16 @@ class EvidenceState:
     log_detector: dict[str, float] = field(default_factory=dict)
     cap: float = math.inf
 
-    def update(self, diffs: dict[str, torch.Tensor], bet: float, min_effect: Margins,
+    def update(self, diffs: dict[str, torch.Tensor], bet: Bets, min_effect: Margins,
                pool: tuple[str, ...] = ()) -> "EvidenceState":
         """The state after one evaluation's paired differences per stream (a stream without pairs
-        holds), each bet on against its arm's margin (:func:`margin_of`); the pairs of the arms in
-        ``pool`` also feed :data:`ALL` (:func:`log_evalue_following`)."""
+        holds), each bet on at its arm's stake against its arm's margin (:func:`arm_value`); the
+        pairs of the arms in ``pool`` also feed :data:`ALL` (:func:`log_evalue_following`)."""
         out = dict(self.log_detector)
         for name, d in diffs.items():
             if d.numel() == 0:
                 continue
-            out[name] = self._next(out.get(name, 0.0), log_evalue(d, bet, margin_of(min_effect, name)))
+            out[name] = self._next(out.get(name, 0.0), log_evalue(d, arm_value(bet, name), margin_of(min_effect, name)))
         pooled = {a: diffs[a] for a in pool if a in diffs and diffs[a].numel()}
         if pooled:
             step = log_evalue_following(pooled, {a: self.log_detector.get(a, 0.0) for a in pooled}, bet, min_effect)

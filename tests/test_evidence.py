@@ -89,10 +89,43 @@ def test_each_arm_bets_against_its_own_margin_in_its_streams_and_in_the_all_stre
         check_bet(0.9, 0.3, "detail_min_effect")
 
 
-def test_the_false_alarm_rate_holds_with_each_arm_at_its_own_worst_case_null() -> None:
-    """Two arms at the edge of their own nulls (0.05 and 0.3 more potent than their controls): at
-    most alpha of the evaluations alarm; both at 0.3 against a margin of 0.05 for one, far more."""
-    alpha, bet, margins = 0.02, 0.7, {"local": 0.05, "detail": 0.3}
+def test_each_arm_bets_at_its_own_stake_in_its_streams_and_in_the_all_stream() -> None:
+    bets, margins = {"local": 0.7, "detail": 0.4}, {"local": 0.05, "detail": 0.2}
+    pairs = {"local": torch.tensor([1, 0]), "local/3": torch.tensor([1]), "detail": torch.tensor([1, -1])}
+    state = EvidenceState().update(pairs, bets, margins, pool=("local", "detail"))
+    local = math.log(1 + 0.7 * 0.95) + math.log(1 - 0.7 * 0.05)
+    detail = math.log(1 + 0.4 * 0.8) + math.log(1 - 0.4 * 1.2)
+    assert state.log_detector["local/3"] == pytest.approx(math.log(1 + 0.7 * 0.95))
+    assert state.log_detector["local"] == pytest.approx(local) and state.log_detector["detail"] == pytest.approx(detail)
+    assert state.log_detector["all"] == pytest.approx(local + detail)
+
+
+def test_the_detail_arms_lower_stake_damps_a_run_of_wins_more_than_a_cue_with_losses() -> None:
+    """What the monitor's lower detail stake buys: a run of wins where the arm's null strains adds
+    about half as much (in log) as at the common stake, while a texture that wins most of its
+    pairs and loses a few keeps three quarters of its growth (a loss costs less) and two
+    evaluations of it still cross 1 / alpha."""
+    from cam_monitor.discovery import DiscoverySettings
+
+    settings = DiscoverySettings()
+    common = {a: settings.bet for a in settings.bets}
+
+    def grown(diffs: list[int], bets: dict[str, float]) -> float:
+        return EvidenceState().update({"detail": torch.tensor(diffs)}, bets, settings.margins).log_detector["detail"]
+
+    run_of_wins = [1] * 20
+    assert grown(run_of_wins, settings.bets) < 0.6 * grown(run_of_wins, common)
+    texture = [1] * 45 + [-1] * 5 + [0] * 14
+    assert grown(texture, settings.bets) > 0.7 * grown(texture, common)
+    assert grown(texture * 2, settings.bets) > math.log(1 / settings.alpha)
+
+
+@pytest.mark.parametrize("bet", [0.7, {"local": 0.7, "detail": 0.4}])
+def test_the_false_alarm_rate_holds_with_each_arm_at_its_own_worst_case_null(bet) -> None:
+    """Two arms at the edge of their own nulls (0.05 and 0.3 more potent than their controls), at
+    one stake or at one each: at most alpha of the evaluations alarm; both at 0.3 against a margin
+    of 0.05 for one, far more."""
+    alpha, margins = 0.02, {"local": 0.05, "detail": 0.3}
 
     def alarm_rate(effects: dict[str, float]) -> float:
         gen = torch.Generator().manual_seed(3)
