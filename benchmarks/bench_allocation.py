@@ -53,7 +53,8 @@ class Rule:
     grows, ``fallback``: ``"level"`` (the e-detectors), ``"equal"`` or ``"log_level"`` (one plus the
     log of each e-detector above 1: the leader gets more, not all). ``detail_bet``, where set,
     replaces the detail arm's stake (``DiscoverySettings.detail_bet``) in the statistic (the
-    weights compare the arms at the common stake ``bet``, as the monitor's do). The defaults are the monitor's (:func:`~cam_monitor.discovery.second_stage_weights`)."""
+    weights compare the arms at the common stake ``bet``, as the monitor's do). The defaults are
+    the monitor's (:func:`~cam_monitor.discovery.second_stage_weights`)."""
 
     first_stage: float = FIRST_STAGE
     led: float = 1.0

@@ -551,8 +551,9 @@ def second_stage_weights(diffs: dict[str, torch.Tensor], evidence: EvidenceState
     ``diffs``: what one more pair of it adds to the statistic, its expected log growth per pair
     (:func:`~cam_monitor.evidence.log_growth`, 0 where negative; at the common stake ``bet``, so
     that the arms are compared by what their pairs show, not by what they stake) times its
-    e-detector with the first stage counted (at least 1). Where no arm grows, the e-detectors alone: an arm that found a
-    cue at earlier evaluations keeps testing it through a first stage that happened to show little."""
+    e-detector with the first stage counted (at least 1). Where no arm grows, the e-detectors
+    alone: an arm that found a cue at earlier evaluations keeps testing it through a first stage
+    that happened to show little."""
     interim = (evidence or EvidenceState()).update({a: d for a, d in diffs.items() if d.numel()},
                                                    settings.bets, settings.margins)
     level = {a: interim.detector(stream(a)) for a in diffs}

@@ -13,10 +13,10 @@ controls match their tests less or more closely (:data:`Margins`).
   ``e = prod(1 + bet * (x - y - min_effect))``, an e-value under the null (a product of factors of
   mean at most 1). The stake is fixed per arm (:data:`Bets`), like the margin: an arm whose control
   matches its test least (the widest margin) stakes less, so that a few evaluations where its null
-  is strained cannot carry the statistic alone. :class:`EvidenceState` keeps, per stream, the CUSUM form of these products
-  (``M_t = e_t * max(1, M_{t-1})``, an e-detector: Shin, Ramdas and Rinaldo 2023). The streams
-  are each arm's pairs pooled over classes (``local``, ``global``), every arm's pairs together
-  (``all``: a cue that shows a little in several arms, as a corner patch does in the local,
+  is strained carry the statistic less far. :class:`EvidenceState` keeps, per stream, the CUSUM
+  form of these products (``M_t = e_t * max(1, M_{t-1})``, an e-detector: Shin, Ramdas and
+  Rinaldo 2023). The streams are each arm's pairs pooled over classes (``local``, ``global``),
+  every arm's pairs together (``all``: a cue that shows a little in several arms, as a corner patch does in the local,
   border and detail arms, adds up there instead of being averaged with each arm alone; a pair
   counts there only while its arm's own evidence is not against a cue, so an arm whose control
   is the more potent does not drag it down) and the local arm's pairs of one candidate class
