@@ -261,7 +261,7 @@ def test_the_zoo_records_the_evidence_streams_and_replays_the_alert_from_them(bo
     for row in run.rows:
         assert set(row["evidence_streams"]) == {*arms, "all"} and set(row["evidence_pairs"]) == set(arms)
         assert own(row) == pytest.approx(row["cam/shortcut_evidence"])
-        replay = replay.update({a: torch.tensor(d) for a, d in row["evidence_pairs"].items()}, 0.7,
+        replay = replay.update({a: torch.tensor(d) for a, d in row["evidence_pairs"].items()}, DiscoverySettings().bets,
                                DiscoverySettings().margins, pool=arms)
         assert replay.log_detector == pytest.approx(row["evidence_streams"])  # the pairs are the evidence's
     assert replayed(run.rows, own) == (run.confirmed_epoch, run.active_at_end) and run.confirmed_epoch is not None
