@@ -38,7 +38,7 @@ from bench_false_alarms import pair_diffs  # noqa: E402
 from cam_monitor.demo.run import GAP_LINE  # noqa: E402
 from cam_monitor.demo.zoo import replayed  # noqa: E402
 from cam_monitor.discovery import ARMS, FIRST_STAGE, DiscoverySettings, arm_shares  # noqa: E402
-from cam_monitor.evidence import EvidenceState, log_growth, margin_of, stream  # noqa: E402
+from cam_monitor.evidence import EvidenceState, log_growth, stream  # noqa: E402
 
 #: An evaluation's recorded pairs: arm -> paired differences in {-1, 0, 1}, in plan order.
 Pairs = dict[str, list[int]]
@@ -93,7 +93,7 @@ def rule_weights(rule: Rule, diffs: dict[str, torch.Tensor], evidence: EvidenceS
     ``evidence`` before them ({} for an equal share)."""
     interim = evidence.update({a: d for a, d in diffs.items() if d.numel()}, settings.bets, settings.margins)
     level = {a: interim.detector(stream(a)) for a in diffs}
-    growth = {a: max(0.0, log_growth(d, settings.bet, margin_of(settings.margins, a), rule.prior))
+    growth = {a: max(0.0, log_growth(d, settings.bet, settings.margins[a], rule.prior))
               * min(rule.level_cap, max(1.0, level[a])) for a, d in diffs.items()}
     if any(growth.values()):
         return growth

@@ -84,7 +84,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from .evidence import EvidenceState, check_bet, holm, log_growth, margin_of, sign_test_p, stream
+from .evidence import EvidenceState, check_bet, holm, log_growth, sign_test_p, stream
 from .interventions import (MAX_BORDER_BAND, Box, Paste, background_detail_images, banded_images, border_bands,
                             colour_images, detail_images, object_regions, pasted_images, spectrum_images)
 from .probes import ProbeSet
@@ -207,7 +207,7 @@ class DiscoverySettings:
 
     @property
     def margins(self) -> dict[str, float]:
-        """Each arm's null margin (:func:`~cam_monitor.evidence.margin_of` reads it per stream)."""
+        """Each arm's null margin (:func:`~cam_monitor.evidence.arm_value` reads it per stream)."""
         return {arm: self.detail_min_effect if arm == "detail" else self.min_effect for arm in ARMS}
 
     @property
@@ -557,7 +557,7 @@ def second_stage_weights(diffs: dict[str, torch.Tensor], evidence: EvidenceState
     interim = (evidence or EvidenceState()).update({a: d for a, d in diffs.items() if d.numel()},
                                                    settings.bets, settings.margins)
     level = {a: interim.detector(stream(a)) for a in diffs}
-    growth = {a: max(0.0, log_growth(d, settings.bet, margin_of(settings.margins, a))) * max(1.0, level[a])
+    growth = {a: max(0.0, log_growth(d, settings.bet, settings.margins[a])) * max(1.0, level[a])
               for a, d in diffs.items()}
     return growth if any(growth.values()) else level
 

@@ -75,11 +75,6 @@ def arm_value(value: PerArm, name: str) -> float:
     return float(value) if isinstance(value, (int, float)) else float(value[name.split("/")[0]])
 
 
-def margin_of(min_effect: Margins, name: str) -> float:
-    """The margin of stream ``name``: its arm's, or the one margin of every stream."""
-    return arm_value(min_effect, name)
-
-
 def log_evalue(diffs: torch.Tensor, bet: float, min_effect: float) -> float:
     """log of ``prod(1 + bet * (d - min_effect))`` over paired differences ``d`` in {-1, 0, 1}."""
     if diffs.numel() == 0:
@@ -109,7 +104,7 @@ def log_evalue_following(pairs: dict[str, torch.Tensor], start: dict[str, float]
     for arm, d in pairs.items():
         if d.numel() == 0:
             continue
-        factors = torch.log1p(arm_value(bet, arm) * (d.double() - margin_of(min_effect, arm)))
+        factors = torch.log1p(arm_value(bet, arm) * (d.double() - arm_value(min_effect, arm)))
         before = start.get(arm, 0.0) + torch.cat([factors.new_zeros(1), factors.cumsum(0)[:-1]])
         total += float(factors[before >= 0].sum())
     return total
@@ -150,7 +145,7 @@ class EvidenceState:
         for name, d in diffs.items():
             if d.numel() == 0:
                 continue
-            out[name] = self._next(out.get(name, 0.0), log_evalue(d, arm_value(bet, name), margin_of(min_effect, name)))
+            out[name] = self._next(out.get(name, 0.0), log_evalue(d, arm_value(bet, name), arm_value(min_effect, name)))
         pooled = {a: diffs[a] for a in pool if a in diffs and diffs[a].numel()}
         if pooled:
             step = log_evalue_following(pooled, {a: self.log_detector.get(a, 0.0) for a in pooled}, bet, min_effect)

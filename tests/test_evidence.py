@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from cam_monitor.evidence import (EvidenceState, check_bet, holm, log_evalue, log_evalue_following, margin_of,
+from cam_monitor.evidence import (EvidenceState, arm_value, check_bet, holm, log_evalue, log_evalue_following,
                                   sign_test_p)
 
 
@@ -74,7 +74,7 @@ def test_the_all_stream_bets_on_a_pair_only_while_its_arm_is_not_against_a_cue()
 
 def test_each_arm_bets_against_its_own_margin_in_its_streams_and_in_the_all_stream() -> None:
     margins = {"local": 0.05, "detail": 0.3}
-    assert margin_of(margins, "detail") == 0.3 and margin_of(margins, "local/3") == 0.05 and margin_of(0.1, "x") == 0.1
+    assert arm_value(margins, "detail") == 0.3 and arm_value(margins, "local/3") == 0.05 and arm_value(0.1, "x") == 0.1
     pairs = {"local": torch.tensor([1, 0]), "local/3": torch.tensor([1]), "detail": torch.tensor([1, 0])}
     state = EvidenceState().update(pairs, 0.5, margins, pool=("local", "detail"))
     local = math.log(1 + 0.5 * 0.95) + math.log(1 - 0.5 * 0.05)
