@@ -124,7 +124,9 @@ def replay_run(evaluations: list[Pairs], rule: Rule, record_pairs: int, num_prob
         first = int(total * rule.first_stage)
         taken = {a: min(n, len(recorded[a])) for a, n in arm_shares(first, arms).items()}
         weights = rule_weights(rule, {a: recorded[a][:taken[a]] for a in arms}, state, settings)
-        for a, n in second_shares(rule, total - first, arms, weights).items():
+        # the monitor shares the second stage among arms with planned pairs left (past a full recording: unknown, assumed so)
+        open_arms = tuple(a for a in arms if taken[a] < len(recorded[a]) or len(recorded[a]) >= record_pairs)
+        for a, n in (second_shares(rule, total - first, open_arms, weights) if open_arms else {}).items():
             wanted = taken[a] + n
             short += max(0, wanted - len(recorded[a])) if len(recorded[a]) >= record_pairs else 0
             taken[a] = min(wanted, len(recorded[a]))

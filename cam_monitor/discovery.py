@@ -164,6 +164,12 @@ class DiscoverySettings:
             of another class), on grids of at least :data:`MIN_DETAIL_GRID` cells a side. Turn it
             off where the classes are textures.
         seed: seeds the recipients' order (mixed with the evaluation's step).
+        skill_level: discovery waits for a model that has learned something: it tests only where
+            the probe set's accuracy beats what predicting its most common class scores, by a
+            one-sided exact binomial test at this level (:func:`beats_chance`). A model at chance
+            (the first steps of a run) classifies by whatever crude statistic its initial weights
+            read, and the colour test took that for a cue on controls (measured: see the
+            reference); a model that uses a shortcut is well above chance. 1.0 tests from the start.
         per_class: also keep the local arm's evidence per candidate class, and send half its pairs
             where each class's evidence grows (:mod:`evidence`): a cue in one class of ten (a ruler
             beside one lesion type) is confirmed instead of diluted, at a cost for cues in every
@@ -186,6 +192,7 @@ class DiscoverySettings:
     detail_test: bool = True
     texture_test: bool = True
     seed: int = 0
+    skill_level: float = 0.01
     per_class: bool = False
 
     def __post_init__(self) -> None:
@@ -198,6 +205,9 @@ class DiscoverySettings:
                              f"stage), got {self.first_stage!r}")
         if not 0 < self.alpha < 1:
             raise ValueError(f"discovery alpha must be in (0, 1) (false alarms per evaluation), got {self.alpha!r}")
+        if not 0 < self.skill_level <= 1:
+            raise ValueError(f"discovery skill_level must be in (0, 1] (the test that the model beats chance on the "
+                             f"probes; 1.0 tests from the first evaluation), got {self.skill_level!r}")
         if not 0 < self.border_band <= MAX_BORDER_BAND:
             raise ValueError(f"discovery border_band must be in (0, {MAX_BORDER_BAND:.3f}] (share of each side; "
                              f"wider leaves no inner band as large for the control), got {self.border_band!r}")
@@ -286,7 +296,8 @@ class Discovery:
 
     ``flips[i]`` / ``control_flips[i]`` say whether local test ``i`` (and its control) turned the
     recipient's prediction into the suspect's class; ``paired`` holds the same for the whole-image
-    arms that ran (``global``, ``colour``, ``border``, ``detail``, ``texture``).
+    arms that ran (``global``, ``colour``, ``border``, ``detail``, ``texture``). ``waiting``: the
+    model did not beat chance on the probes (``DiscoverySettings.skill_level``), so nothing was tested.
     """
 
     suspects: list[Suspect]
@@ -294,6 +305,7 @@ class Discovery:
     flips: torch.Tensor
     control_flips: torch.Tensor
     paired: dict[str, PairedArm]
+    waiting: bool = False
 
     @property
     def pasted(self) -> int:
@@ -426,6 +438,24 @@ def cells_to_pixels(box: torch.Tensor, grid: tuple[int, int], image_size: tuple[
             min(image_size[0], int(math.ceil(y1 * sy))), min(image_size[1], int(math.ceil(x1 * sx))))
 
 
+def beats_chance(targets: torch.Tensor, preds: torch.Tensor, level: float) -> bool:
+    """Whether the predictions ``preds`` of the probes' ``targets`` beat chance: the one-sided exact
+    binomial p-value of their correct count, against the share of the most common class (what a
+    model that always predicts it scores), is at most ``level``. Every rank holds the same gathered
+    predictions, so every rank decides the same."""
+    n = len(targets)
+    if level >= 1 or n == 0:
+        return level >= 1
+    correct = int((preds == targets).sum())
+    share = float(torch.bincount(targets).max()) / n
+    if share >= 1:
+        return False
+    logs = [math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * math.log(share)
+            + (n - k) * math.log1p(-share) for k in range(correct, n + 1)]
+    top = max(logs)
+    return top + math.log(sum(math.exp(v - top) for v in logs)) <= math.log(level)
+
+
 def find_suspects(maps: torch.Tensor, targets: torch.Tensor, preds: torch.Tensor, image_size: tuple[int, int],
                   settings: DiscoverySettings, windows: "Windows | None" = None) -> list[Suspect]:
     """Every probe classified correctly with a non-zero map, with its best-credited window, most
@@ -545,6 +575,17 @@ def arm_shares(num: int, arms: tuple[str, ...], weights: dict[str, float] | None
     return dict(zip(arms, counts))
 
 
+def open_shares(num: int, left: dict[str, int], weights: dict[str, float]) -> dict[str, int]:
+    """``num`` pairs over the arms of ``left`` (arm -> planned pairs not yet drawn) by ``weights``
+    (:func:`arm_shares`), shared only among the arms with pairs left: an arm whose plan ran out (the
+    detail arm's holds one pair a suspect, few where few probes are classified right) leaves its
+    share to the others instead of the budget going unspent. Every arm gets an entry, 0 where none
+    is left."""
+    open_arms = tuple(a for a, n in left.items() if n > 0)
+    shares = arm_shares(num, open_arms, weights) if open_arms else {}
+    return {a: shares.get(a, 0) for a in left}
+
+
 def second_stage_weights(diffs: dict[str, torch.Tensor], evidence: EvidenceState | None,
                          settings: DiscoverySettings) -> dict[str, float]:
     """Each arm's weight in an evaluation's second stage, from its first-stage paired differences
@@ -553,7 +594,9 @@ def second_stage_weights(diffs: dict[str, torch.Tensor], evidence: EvidenceState
     that the arms are compared by what their pairs show, not by what they stake) times its
     e-detector with the first stage counted (at least 1). Where no arm grows, the e-detectors
     alone: an arm that found a cue at earlier evaluations keeps testing it through a first stage
-    that happened to show little."""
+    that happened to show little (four pairs with one win and no loss show no growth at the stake
+    0.7 and margin 0.05). An equal share there instead shortened the false alarms' tail but
+    confirmed real cues later on fresh models (measured: see the reference)."""
     interim = (evidence or EvidenceState()).update({a: d for a, d in diffs.items() if d.numel()},
                                                    settings.bets, settings.margins)
     level = {a: interim.detector(stream(a)) for a in diffs}
@@ -616,14 +659,16 @@ def discover(maps: torch.Tensor, probes: ProbeSet, targets: torch.Tensor, preds:
     ``predict`` classifies a CPU batch of pasted images (it does the device placement, batching and
     any cross-rank sharding); it is called twice, once per stage, and with an empty batch never.
     The first stage's ``settings.first_stage`` share of the pairs goes to the arms equally, the rest in
-    proportion to :func:`second_stage_weights` (decided before those pairs are classified, so the
-    e-values stay valid), and with ``per_class`` half of the local arm's planned pairs follow the
-    classes' evidence (:func:`follow_evidence`): a class whose own stream has grown gets more of
-    them, so a cue in one class is confirmed without waiting for the round-robin share of that class.
+    proportion to :func:`second_stage_weights` among the arms with planned pairs left
+    (:func:`open_shares`; decided before those pairs are classified, so the e-values stay valid),
+    and with ``per_class`` half of the local arm's planned pairs follow the classes' evidence
+    (:func:`follow_evidence`): a class whose own stream has grown gets more of them, so a cue in one
+    class is confirmed without waiting for the round-robin share of that class.
     """
     image_size, grid = probes.image_size, tuple(maps.shape[-2:])
     windows = Windows.of(maps, window_side(grid, settings.box_cells), image_size)
-    suspects = find_suspects(maps, targets, preds, image_size, settings, windows)
+    ready = beats_chance(targets, preds, settings.skill_level)
+    suspects = find_suspects(maps, targets, preds, image_size, settings, windows) if ready else []
     gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
     runs = settings.arms_on(grid, image_size)
     images = probes.images
@@ -672,10 +717,10 @@ def discover(maps: torch.Tensor, probes: ProbeSet, targets: torch.Tensor, preds:
     spans = {arm: (0, min(n, len(plans[arm]))) for arm, n in arm_shares(first, arms).items()}
     found = run(spans)
     weights = second_stage_weights({arm: f.long() - c.long() for arm, (f, c) in found.items()}, evidence, settings)
-    second = arm_shares(total - first, arms, weights)
+    second = open_shares(total - first, {arm: len(plans[arm]) - spans[arm][1] for arm in arms}, weights)
     spans = {arm: (spans[arm][1], min(spans[arm][1] + second[arm], len(plans[arm]))) for arm in arms}
     more = run(spans)
     both = {arm: (torch.cat([found[arm][0], more[arm][0]]), torch.cat([found[arm][1], more[arm][1]])) for arm in arms}
     ran = {arm: spans[arm][1] for arm in arms}
     paired = {arm: PairedArm(plans[arm][:ran[arm]], *both[arm]) for arm in makers}
-    return Discovery(suspects, tests[:ran[LOCAL]], *both[LOCAL], paired)
+    return Discovery(suspects, tests[:ran[LOCAL]], *both[LOCAL], paired, waiting=not ready)

@@ -119,6 +119,7 @@ class Monitor:
         self.resumed_probes = False
         self._layer_module: nn.Module | None = None
         self._unsettled_said = False
+        self._waiting_said = False
 
     @property
     def tag(self) -> str:
@@ -273,6 +274,14 @@ class Monitor:
         ev = self.guard.run("evaluate", lambda: self._measure(model, placement, epoch, step, runner))
         if ev is None:
             return None
+        if ev.discovery is not None and ev.discovery.waiting and not self._waiting_said:
+            right = int((ev.preds == self.probes.labels.to(ev.preds.device)).sum())
+            self.voice.info(f"CAMMonitor{self.tag}: shortcut discovery waits: the model gets {right} of "
+                            f"{len(self.probes)} probes right, no better than always predicting their most common "
+                            "class (DiscoverySettings.skill_level), and tests from the first evaluation that beats "
+                            "chance. A model that reads only a cue your probes lack is at chance on them too: draw "
+                            "the probes from data like your training data")
+            self._waiting_said = True
         rank_zero = placement is None or placement.rank == 0
         outcome = Outcome(ev, self._record(ev, stage, rank_zero))
         self._act(outcome, rank_zero)

@@ -42,6 +42,10 @@ def test_one_stage_and_led_shares_and_the_pairs_a_rule_wants_beyond_the_recordin
     assert short == 54 - 30  # it wanted 11 + 43 local pairs of a recording of 30
     _, short = bench.replay_run([{"local": [1] * 20, "colour": [0] * 30}], bench.RULES["shipped"], record_pairs=30)
     assert short == 0  # the local plan had 20 pairs only: the monitor would have drawn no more
+    # the colour plan (5 pairs, shorter than the recording) ran out in the first stage: as in the monitor,
+    # the second stage goes to the arm with pairs left, 11 + 43 local pairs wanted of a recording of 30
+    _, short = bench.replay_run([{"local": [0] * 30, "colour": [0] * 5}], bench.RULES["equal_fallback"], record_pairs=30)
+    assert short == 54 - 30
     some_wins = {"local": [1, 0, 0, 0] * 8, "colour": [0] * 32}
     values, short = bench.replay_run([some_wins] * 2, bench.RULES["one_stage"], record_pairs=32)
     assert short == 0 and values[1] > values[0] > 1  # 32 pairs each, the local wins accumulate

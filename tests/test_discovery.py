@@ -443,7 +443,8 @@ def test_evaluate_runs_every_arm_within_two_probe_sets_of_extra_images_and_accum
 
     probes = tag_probes()
     model = Conv()
-    ev = evaluate(model, probes, EvalSettings(layer="body", faithfulness=False))
+    untrained = DiscoverySettings(skill_level=1.0)  # an untrained model: at chance, tested all the same
+    ev = evaluate(model, probes, EvalSettings(layer="body", faithfulness=False, discovery=untrained))
     assert {"shortcut_flip_rate", "shortcut_flip_control", "shortcut_flip_excess", "shortcut_suspects", "shortcut_p",
             "colour_flip_rate", "colour_flip_control", "colour_flip_excess", "shortcut_evidence"} <= set(ev.aggregates)
     assert "global_flip_rate" not in ev.aggregates  # opt-in: DiscoverySettings(global_test=True)
@@ -455,13 +456,14 @@ def test_evaluate_runs_every_arm_within_two_probe_sets_of_extra_images_and_accum
     defaults, detail = DiscoverySettings(), ev.discovery.diffs()["detail"]
     assert detail.numel() and ev.evidence.log_detector["detail"] == pytest.approx(
         log_evalue(detail, defaults.detail_bet, defaults.detail_min_effect))  # the detail arm at its own stake
-    again = evaluate(model, probes, EvalSettings(layer="body", faithfulness=False), evidence=ev.evidence, global_step=1)
+    again = evaluate(model, probes, EvalSettings(layer="body", faithfulness=False, discovery=untrained),
+                     evidence=ev.evidence, global_step=1)
     tested = {arm for found in (ev.discovery, again.discovery) for arm, d in found.diffs().items() if d.numel()}
     assert set(again.evidence.log_detector) == tested | {"all"}
     off = evaluate(model, probes, EvalSettings(layer="body", discovery=DiscoverySettings(enabled=False)))
     assert off.discovery is None and off.evidence is None and "shortcut_flip_rate" not in off.aggregates
     assert not any("/" in name for name in again.evidence.log_detector)  # pooled streams only, by default
-    per_class = DiscoverySettings(per_class=True)
+    per_class = DiscoverySettings(per_class=True, skill_level=1.0)
     first = evaluate(model, probes, EvalSettings(layer="body", faithfulness=False, discovery=per_class))
     later = evaluate(model, probes, EvalSettings(layer="body", faithfulness=False, discovery=per_class),
                      evidence=first.evidence, global_step=1)
@@ -645,3 +647,68 @@ def test_the_evidence_is_the_mean_of_the_arms_that_run_not_diluted_by_those_that
     arms_mean = (ev.evidence.detector("local") + ev.evidence.detector("colour")) / 2
     expected = 0.5 * arms_mean + 0.5 * ev.evidence.detector("all")
     assert ev.evidence.detector("local") > 1 and ev.aggregates["shortcut_evidence"] == pytest.approx(expected)
+
+
+def test_an_arm_whose_plan_ran_out_leaves_its_second_stage_share_to_the_others() -> None:
+    from cam_monitor.discovery import arm_shares, open_shares
+
+    weights = {"local": 3.0, "colour": 1.0, "detail": 1.0}
+    assert open_shares(43, {"local": 20, "colour": 30, "detail": 30}, weights) == arm_shares(43, tuple(weights), weights)
+    spent = open_shares(43, {"local": 0, "colour": 30, "detail": 30}, weights)
+    assert spent == {"local": 0, "colour": 22, "detail": 21} and sum(spent.values()) == 43
+    assert open_shares(43, {"local": 0, "colour": 0}, {}) == {"local": 0, "colour": 0}
+
+
+def test_the_pairs_an_exhausted_arm_cannot_use_go_to_the_arms_with_pairs_left() -> None:
+    """Two probes classified right: the detail arm's plan is those two (one pair a suspect), the
+    local arm's every recipient of theirs; the second stage's pairs all go to the local arm, so the
+    evaluation still pastes ``budget`` x N images."""
+    g = torch.Generator().manual_seed(4)
+    labels = torch.tensor([1, 0] * 8)
+    images = 0.1 * torch.rand(16, 1, SIZE, SIZE, generator=g)
+    images[labels == 1] += 0.4 * (torch.arange(SIZE) % 2).float()
+    probes, model = cm.ProbeSet(images, labels), StripeModel()
+    preds = labels.clone()
+    preds[2:] = 2  # wrong, and of neither class: every other probe can receive either suspect's region
+    at_chance = DiscoverySettings(colour_test=False, border_test=False, texture_test=False, skill_level=1.0)
+    found = discover(torch.ones(16, 4, 4), probes, labels, preds, lambda x: model(x).argmax(1), at_chance)
+    total = int(at_chance.budget * 16) // 2
+    assert len(found.paired["detail"].pairs) == 2 and len(found.tests) == total - 2
+
+
+def test_beats_chance_is_an_exact_binomial_test_against_the_most_common_class() -> None:
+    from cam_monitor.discovery import beats_chance
+
+    targets = torch.arange(64) % 10  # the most common class: 7 of 64
+
+    def right(count: int) -> torch.Tensor:
+        preds = targets.clone()
+        preds[count:] = (preds[count:] + 1) % 10
+        return preds
+
+    # P(Binomial(64, 7/64) >= 12) = 0.043, >= 13 = 0.020, >= 14 = 0.0084
+    assert [beats_chance(targets, right(c), 0.01) for c in (7, 12, 13, 14, 40)] == [False, False, False, True, True]
+    assert beats_chance(targets, right(13), 0.03) and not beats_chance(targets, right(12), 0.03)
+    assert beats_chance(targets, right(0), 1.0)  # 1.0: always
+    assert not beats_chance(torch.zeros(8, dtype=torch.long), torch.zeros(8, dtype=torch.long), 0.01)  # one class
+    skewed = torch.tensor([0] * 48 + [1] * 16)  # always predicting class 0 scores 0.75: no skill
+    assert not beats_chance(skewed, torch.zeros(64, dtype=torch.long), 0.01)
+    with pytest.raises(ValueError, match="skill_level"):
+        DiscoverySettings(skill_level=0.0)
+
+
+def test_a_model_at_chance_on_the_probes_is_not_tested() -> None:
+    """The first steps of a run: a model that gets no more probes right than predicting the most
+    common class would has no candidates, so no pairs and no evidence, whatever it reads."""
+    g = torch.Generator().manual_seed(4)
+    labels = torch.tensor([1, 0] * 8)
+    images = 0.1 * torch.rand(16, 1, SIZE, SIZE, generator=g)
+    images[labels == 1] += 0.4 * (torch.arange(SIZE) % 2).float()
+    probes, model = cm.ProbeSet(images, labels), StripeModel()
+    preds = labels.clone()
+    preds[8:] = 1 - preds[8:]  # 8 of 16 right, what always predicting one class scores
+    guessing = discover(torch.ones(16, 4, 4), probes, labels, preds, lambda x: model(x).argmax(1), DETAIL_ONLY)
+    assert not guessing.suspects and not guessing.tests and not guessing.paired["detail"].pairs
+    assert all(d.numel() == 0 for d in guessing.diffs().values())
+    learned = discover(torch.ones(16, 4, 4), probes, labels, labels, lambda x: model(x).argmax(1), DETAIL_ONLY)
+    assert learned.suspects and learned.paired["detail"].pairs  # 16 of 16: p = 2 ** -16
