@@ -659,15 +659,21 @@ def test_an_arm_whose_plan_ran_out_leaves_its_second_stage_share_to_the_others()
     assert open_shares(43, {"local": 0, "colour": 0}, {}) == {"local": 0, "colour": 0}
 
 
-def test_the_pairs_an_exhausted_arm_cannot_use_go_to_the_arms_with_pairs_left() -> None:
-    """Two probes classified right: the detail arm's plan is those two (one pair a suspect), the
-    local arm's every recipient of theirs; the second stage's pairs all go to the local arm, so the
-    evaluation still pastes ``budget`` x N images."""
+def striped_probes() -> tuple[cm.ProbeSet, StripeModel]:
+    """16 probes of two classes, class 1 carrying a column grating, and a model that reads it."""
     g = torch.Generator().manual_seed(4)
     labels = torch.tensor([1, 0] * 8)
     images = 0.1 * torch.rand(16, 1, SIZE, SIZE, generator=g)
     images[labels == 1] += 0.4 * (torch.arange(SIZE) % 2).float()
-    probes, model = cm.ProbeSet(images, labels), StripeModel()
+    return cm.ProbeSet(images, labels), StripeModel()
+
+
+def test_the_pairs_an_exhausted_arm_cannot_use_go_to_the_arms_with_pairs_left() -> None:
+    """Two probes classified right: the detail arm's plan is those two (one pair a suspect), the
+    local arm's every recipient of theirs; the second stage's pairs all go to the local arm, so the
+    evaluation still pastes ``budget`` x N images."""
+    probes, model = striped_probes()
+    labels = probes.labels
     preds = labels.clone()
     preds[2:] = 2  # wrong, and of neither class: every other probe can receive either suspect's region
     at_chance = DiscoverySettings(colour_test=False, border_test=False, texture_test=False, skill_level=1.0)
@@ -700,11 +706,8 @@ def test_beats_chance_is_an_exact_binomial_test_against_the_most_common_class() 
 def test_a_model_at_chance_on_the_probes_is_not_tested() -> None:
     """The first steps of a run: a model that gets no more probes right than predicting the most
     common class would has no candidates, so no pairs and no evidence, whatever it reads."""
-    g = torch.Generator().manual_seed(4)
-    labels = torch.tensor([1, 0] * 8)
-    images = 0.1 * torch.rand(16, 1, SIZE, SIZE, generator=g)
-    images[labels == 1] += 0.4 * (torch.arange(SIZE) % 2).float()
-    probes, model = cm.ProbeSet(images, labels), StripeModel()
+    probes, model = striped_probes()
+    labels = probes.labels
     preds = labels.clone()
     preds[8:] = 1 - preds[8:]  # 8 of 16 right, what always predicting one class scores
     guessing = discover(torch.ones(16, 4, 4), probes, labels, preds, lambda x: model(x).argmax(1), DETAIL_ONLY)
