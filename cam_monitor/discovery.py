@@ -450,10 +450,8 @@ def beats_chance(targets: torch.Tensor, preds: torch.Tensor, level: float) -> bo
     share = float(torch.bincount(targets).max()) / n
     if share >= 1:
         return False
-    logs = [math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * math.log(share)
-            + (n - k) * math.log1p(-share) for k in range(correct, n + 1)]
-    top = max(logs)
-    return top + math.log(sum(math.exp(v - top) for v in logs)) <= math.log(level)
+    tail = torch.distributions.Binomial(n, probs=torch.tensor(share, dtype=torch.float64))
+    return float(tail.log_prob(torch.arange(correct, n + 1, dtype=torch.float64)).logsumexp(0)) <= math.log(level)
 
 
 def find_suspects(maps: torch.Tensor, targets: torch.Tensor, preds: torch.Tensor, image_size: tuple[int, int],

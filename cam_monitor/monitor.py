@@ -274,14 +274,7 @@ class Monitor:
         ev = self.guard.run("evaluate", lambda: self._measure(model, placement, epoch, step, runner))
         if ev is None:
             return None
-        if ev.discovery is not None and ev.discovery.waiting and not self._waiting_said:
-            right = int((ev.preds == self.probes.labels.to(ev.preds.device)).sum())
-            self.voice.info(f"CAMMonitor{self.tag}: shortcut discovery waits: the model gets {right} of "
-                            f"{len(self.probes)} probes right, no better than always predicting their most common "
-                            "class (DiscoverySettings.skill_level), and tests from the first evaluation that beats "
-                            "chance. A model that reads only a cue your probes lack is at chance on them too: draw "
-                            "the probes from data like your training data")
-            self._waiting_said = True
+        self._say_if_waiting(ev)
         rank_zero = placement is None or placement.rank == 0
         outcome = Outcome(ev, self._record(ev, stage, rank_zero))
         self._act(outcome, rank_zero)
@@ -298,6 +291,19 @@ class Monitor:
         return evaluate(runner or model, self.probes, self._settings(model), placement or _placement_of(model),
                         epoch=epoch, global_step=step, previous=self.series.previous_maps,
                         reference=self.series.reference, evidence=self.evidence)
+
+    def _say_if_waiting(self, ev: Evaluation) -> None:
+        """Say once that discovery tested nothing because the model is at chance on the probes
+        (:func:`~cam_monitor.discovery.beats_chance`), and what to do if it stays there."""
+        if ev.discovery is None or not ev.discovery.waiting or self._waiting_said:
+            return
+        right = int((ev.preds == self.probes.labels.to(ev.preds.device)).sum())
+        self.voice.info(f"CAMMonitor{self.tag}: shortcut discovery waits: the model gets {right} of "
+                        f"{len(self.probes)} probes right, no better than always predicting their most common "
+                        "class (DiscoverySettings.skill_level), and tests from the first evaluation that beats "
+                        "chance. A model that reads only a cue your probes lack is at chance on them too: draw "
+                        "the probes from data like your training data")
+        self._waiting_said = True
 
     def _settle_layer(self, model: nn.Module, runner: nn.Module, result: CAMResult) -> None:
         """Keep ``target_layer=None``'s pick once a non-zero map settled it (the pick then holds for
