@@ -99,3 +99,45 @@ def test_a_decoy_is_a_probe_of_another_class_and_cancels_a_default_class() -> No
     assert bd.top_share(shuffled) == 1.0 and bd.top_share(labels) == 0.5
     row = {"pairs": 6, "wins": 3, "losses": 1}
     assert bd.above_margin(row) and not bd.above_margin({**row, "wins": 2})
+
+
+def test_the_colour_designs_move_the_background_statistics_between_probes() -> None:
+    """``background`` gives each image's background (outside its object region) the other's mean and
+    spread per channel, ``level`` only the other's mean; tests come first, then controls."""
+    import bench_colour_test as bc
+
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, 8, 8, generator=gen)
+    images[1] = 3 * images[1] + 2
+    objects = torch.zeros(2, 8, 8, dtype=torch.bool)
+    objects[0, :4, :4] = True
+    objects[1, 4:, 4:] = True
+    mean, std = bc.region_statistics(images, ~objects)
+    plain = images[1][:, ~objects[1]]
+    assert torch.allclose(mean[1].flatten(), plain.mean(1)) and torch.allclose(std[1].flatten(), plain.std(1, unbiased=False))
+
+    out = bc.DESIGNS["background"](images, objects, [0], [1])  # source 0 into recipient 1
+    test, control = out[:1], out[1:]
+    m_test, s_test = bc.region_statistics(test, ~objects[1:])
+    m_ctrl, s_ctrl = bc.region_statistics(control, ~objects[:1])
+    assert torch.allclose(m_test, mean[:1], atol=1e-5) and torch.allclose(s_test, std[:1], atol=1e-5)
+    assert torch.allclose(m_ctrl, mean[1:], atol=1e-5) and torch.allclose(s_ctrl, std[1:], atol=1e-5)
+
+    shifted = bc.DESIGNS["level"](images, objects, [0], [1])
+    assert torch.allclose(shifted[0] - images[1], (mean[0] - mean[1]).expand(3, 8, 8), atol=1e-5)
+    assert bc.DESIGNS["whole"](images, objects, [], []).shape == (0, 3, 8, 8)
+
+
+def test_the_colour_summary_judges_only_evaluations_that_beat_chance() -> None:
+    import bench_colour_test as bc
+
+    row = {"design": "whole", "model": "m", "epoch": 0, "pairs": 100}
+    records = [{**row, "variant": "control", "beats_chance": False, "wins": 90, "losses": 0, "excess": 0.9, "p": 1e-9},
+               {**row, "variant": "control", "beats_chance": True, "wins": 10, "losses": 1, "excess": 0.09, "p": 0.006},
+               {**row, "variant": "control", "beats_chance": True, "wins": 1, "losses": 30, "excess": -0.29, "p": 1.0},
+               {**row, "variant": "shortcut", "beats_chance": True, "wins": 50, "losses": 2, "excess": 0.48, "p": 1e-12}]
+    (summary,) = bc.summary(records, margin=0.05)
+    assert summary["control_evaluations"] == 2 and summary["control_broken"] == 1
+    assert summary["worst_control"].startswith("10:1") and summary["shortcut_median_wins"] == 50
+    (strict,) = bc.summary(records, margin=0.1)
+    assert strict["control_broken"] == 0

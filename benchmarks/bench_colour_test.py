@@ -1,0 +1,179 @@
+"""The colour test's design, scored on zoo models: which colour statistics a recipient is given.
+
+The monitor's colour arm gives a probe of another class (the recipient) a candidate's per-channel
+colour statistics and, as the control, gives the candidate the recipient's; a flip is an image
+taking the candidate's class. Which statistics is the design:
+
+- ``whole``: the mean and standard deviation of every pixel of the image (the design before
+  2026-12-06). They mix the background's level with the object's size and contrast: a bright
+  disc fills more of its image than a ring does, so the statistics carry the class of a model
+  that reads how much bright object there is, which is no cast.
+- ``background``: the mean and standard deviation of the pixels outside the quarter its map
+  credits most (:func:`~cam_monitor.interventions.object_regions`, its background as its map sees
+  it), matched background to background (each image shifted and scaled per channel so that its own
+  background takes the other's statistics): a cast moves exactly, the object's size stays out.
+- ``level``: the background's mean alone, each image shifted per channel so that its background
+  takes the other's level (no scaling: a background with almost no spread cannot blow up the
+  other image's contrast).
+
+Per model and epoch: the accuracy, whether it beats chance on the probes (the monitor tests only
+then: :func:`~cam_monitor.discovery.beats_chance`), and per design the wins (only the test flipped)
+and losses (only the control did) over ``--pairs`` (candidate, recipient) pairs of correctly
+classified probes of different classes, drawn as :mod:`bench_background_detail` draws them.
+
+    python benchmarks/bench_colour_test.py --specs digits:background_cast:shortcut:0,digits:background_cast:control:0
+
+Prints one row per model and epoch, then per design: the control evaluations that beat chance,
+how many of them exceed the arm's margin (``DiscoverySettings.min_effect``) with p < 0.01, the
+worst, and the shortcut models' median wins; writes ``benchmarks/results/colour_test_cpu.json``.
+Weights are shared with ``bench_local_test.py`` through ``--cache``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_background_detail import draw_pairs, outcome  # noqa: E402
+from bench_engine import default_result_path, machine, write_json  # noqa: E402
+from bench_local_test import Spec, trained_states  # noqa: E402
+
+from cam_monitor.demo.model import ARCHS  # noqa: E402
+from cam_monitor.demo.zoo import mask_free_probes  # noqa: E402
+from cam_monitor.discovery import DiscoverySettings, beats_chance  # noqa: E402
+from cam_monitor.engine import compute_cams, predict_classes  # noqa: E402
+from cam_monitor.interventions import colour_images, object_regions  # noqa: E402
+
+Maker = Callable[[torch.Tensor, torch.Tensor, list[int], list[int]], torch.Tensor]
+
+
+def region_statistics(images: torch.Tensor, region: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image and channel, the mean and standard deviation of the pixels inside ``region`` (B, H, W)."""
+    keep = region[:, None].to(images.dtype)
+    count = keep.sum((2, 3), keepdim=True).clamp(min=1)
+    mean = (images * keep).sum((2, 3), keepdim=True) / count
+    std = (((images - mean) ** 2 * keep).sum((2, 3), keepdim=True) / count).sqrt()
+    return mean, std
+
+
+def matched_to(images: torch.Tensor, own: torch.Tensor, other: torch.Tensor, images_b: torch.Tensor,
+               scale: bool) -> torch.Tensor:
+    """``images`` shifted (and with ``scale`` scaled) per channel so that their ``own`` region takes
+    the statistics ``images_b`` have inside ``other``."""
+    m, s = region_statistics(images, own)
+    mt, st = region_statistics(images_b, other)
+    if not scale:
+        return images - m + mt
+    return (images - m) * torch.where(s > 0, st / s.clamp(min=1e-12), torch.ones_like(s)) + mt
+
+
+def background_images(scale: bool) -> Maker:
+    """The ``background`` (``scale``) or ``level`` design: tests, then controls."""
+    def make(images: torch.Tensor, objects: torch.Tensor, sources: list[int], recipients: list[int]) -> torch.Tensor:
+        if not sources:
+            return images[:0]
+        src, dst = images[sources], images[recipients]
+        bs, br = ~objects[sources], ~objects[recipients]
+        return torch.cat([matched_to(dst, br, bs, src, scale), matched_to(src, bs, br, dst, scale)])
+    return make
+
+
+DESIGNS: dict[str, Maker] = {
+    "whole": lambda images, objects, sources, recipients: colour_images(images, sources, recipients),
+    "background": background_images(scale=True),
+    "level": background_images(scale=False),
+}
+
+
+def score(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, layer: str, pairs: int, seed: int,
+          designs: list[str]) -> tuple[float, bool, dict[str, dict]]:
+    """One evaluation of ``model``: its accuracy, whether it beats chance, and every design's outcome."""
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([predict_classes(model, x[i:i + 128]) for i in range(0, len(x), 128)])
+
+    preds = predict(images)
+    maps = compute_cams(model, images, layer, preds)
+    objects = object_regions(maps, tuple(images.shape[-2:]))
+    sources, recipients = draw_pairs(preds, labels, pairs, torch.Generator().manual_seed(seed))
+    cls, n = preds[sources], len(sources)
+    out = {}
+    for name in designs:
+        flips = predict(DESIGNS[name](images, objects, sources, recipients)) == cls.repeat(2) if n else \
+            torch.zeros(0, dtype=torch.bool)
+        out[name] = outcome(flips[:n], flips[n:])
+    ready = beats_chance(labels, preds, DiscoverySettings().skill_level)
+    return float((preds == labels).float().mean()), ready, out
+
+
+def summary(records: list[dict], margin: float) -> list[dict]:
+    """Per design, over the control evaluations that beat chance: how many, how many show an excess
+    above ``margin`` with p < 0.01, the worst by excess; over the shortcut models' evaluations that
+    beat chance, the median wins and excess."""
+    out = []
+    for design in dict.fromkeys(r["design"] for r in records):
+        mine = [r for r in records if r["design"] == design and r["beats_chance"]]
+        controls = [r for r in mine if r["variant"] == "control"]
+        shortcuts = [r for r in mine if r["variant"] == "shortcut"]
+        worst = max(controls, key=lambda r: r["excess"], default=None)
+        out.append({"design": design, "control_evaluations": len(controls),
+                    "control_broken": sum(r["excess"] > margin and r["p"] < 0.01 for r in controls),
+                    "worst_control": f"{worst['wins']}:{worst['losses']} ({worst['model']} epoch {worst['epoch']})"
+                    if worst else "-",
+                    "shortcut_evaluations": len(shortcuts),
+                    "shortcut_median_wins": statistics.median([r["wins"] for r in shortcuts]) if shortcuts else None,
+                    "shortcut_median_excess": statistics.median([r["excess"] for r in shortcuts]) if shortcuts else None})
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--specs", required=True, help="comma-separated base:cue:variant:seed[:arch]")
+    p.add_argument("--designs", default=",".join(DESIGNS), help=f"comma-separated, of {', '.join(DESIGNS)}")
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--pairs", type=int, default=200, help="(candidate, recipient) pairs per model and epoch")
+    p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "cam_monitor_zoo_states"))
+    p.add_argument("--out", default=default_result_path("colour_test", torch.device("cpu")))
+    args = p.parse_args()
+    designs = args.designs.split(",")
+    unknown = sorted(set(designs) - set(DESIGNS))
+    if unknown:
+        p.error(f"unknown designs {unknown}; choose from {sorted(DESIGNS)}")
+    os.makedirs(args.cache, exist_ok=True)
+    print("| model | epoch | accuracy | beats chance | " + " | ".join(designs) + " |\n|---|---|---|---|"
+          + "---|" * len(designs))
+    records = []
+    for spec in (Spec.parse(s) for s in args.specs.split(",")):
+        probes = mask_free_probes(spec.cue, spec.seed, 64, spec.base)
+        model = spec.model(probes).eval()
+        for epoch, state in enumerate(trained_states(spec, args.epochs, args.cache)):
+            model.load_state_dict(state)
+            accuracy, ready, scored = score(model, probes.images, probes.labels, ARCHS[spec.arch], args.pairs,
+                                            epoch, designs)
+            records += [{"model": spec.name, "variant": spec.variant, "epoch": epoch, "accuracy": accuracy,
+                         "beats_chance": ready, "design": name,
+                         "excess": (row["wins"] - row["losses"]) / row["pairs"] if row["pairs"] else 0.0, **row}
+                        for name, row in scored.items()]
+            print(f"| {spec.name} | {epoch} | {accuracy:.2f} | {'yes' if ready else 'no'} | " + " | ".join(
+                f"{scored[d]['wins']}:{scored[d]['losses']} of {scored[d]['pairs']}" for d in designs) + " |",
+                flush=True)
+    rows = summary(records, DiscoverySettings().min_effect)
+    print("\n| design | control evaluations (beating chance) | above the margin, p < 0.01 | worst control | "
+          "shortcut evaluations | shortcut median wins | shortcut median excess |\n|---|---|---|---|---|---|---|")
+    for r in rows:
+        excess = r["shortcut_median_excess"]
+        print(f"| {r['design']} | {r['control_evaluations']} | {r['control_broken']} | {r['worst_control']} | "
+              f"{r['shortcut_evaluations']} | {r['shortcut_median_wins']} | "
+              f"{'-' if excess is None else f'{excess:.2f}'} |")
+    write_json({"machine": machine(), "epochs": args.epochs, "pairs": args.pairs, "specs": args.specs.split(","),
+                "summary": rows, "records": records}, args.out)
+
+
+if __name__ == "__main__":
+    main()
