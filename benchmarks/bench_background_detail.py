@@ -37,10 +37,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine import default_result_path, machine, write_json  # noqa: E402
-from bench_local_test import Spec, design_summary, trained_states  # noqa: E402
+from bench_local_test import Spec, design_summary, trained_models  # noqa: E402
 
 from cam_monitor.demo.model import ARCHS  # noqa: E402
-from cam_monitor.demo.zoo import mask_free_probes  # noqa: E402
 from cam_monitor.engine import compute_cams, predict_classes  # noqa: E402
 from cam_monitor.evidence import sign_test_p  # noqa: E402
 from cam_monitor.interventions import (background_detail_images, detail_images, object_regions,  # noqa: E402
@@ -104,16 +103,12 @@ def main() -> None:
     os.makedirs(args.cache, exist_ok=True)
     print("| model | epoch | accuracy | " + " | ".join(TESTS) + " |\n|---|---|---|" + "---|" * len(TESTS))
     records = []
-    for spec in (Spec.parse(s) for s in args.specs.split(",")):
-        probes = mask_free_probes(spec.cue, spec.seed, 64, spec.base)
-        model = spec.model(probes).eval()
-        for epoch, state in enumerate(trained_states(spec, args.epochs, args.cache)):
-            model.load_state_dict(state)
-            accuracy, scored = score(model, probes.images, probes.labels, ARCHS[spec.arch], args.pairs, epoch)
-            records += [{"model": spec.name, "variant": spec.variant, "epoch": epoch, "accuracy": accuracy,
-                         "test": name, **row} for name, row in scored.items()]
-            print(f"| {spec.name} | {epoch} | {accuracy:.2f} | " + " | ".join(
-                f"{scored[t]['wins']}:{scored[t]['losses']} of {scored[t]['pairs']}" for t in TESTS) + " |", flush=True)
+    for spec, probes, epoch, model in trained_models(map(Spec.parse, args.specs.split(",")), args.epochs, args.cache):
+        accuracy, scored = score(model, probes.images, probes.labels, ARCHS[spec.arch], args.pairs, epoch)
+        records += [{"model": spec.name, "variant": spec.variant, "epoch": epoch, "accuracy": accuracy,
+                     "test": name, **row} for name, row in scored.items()]
+        print(f"| {spec.name} | {epoch} | {accuracy:.2f} | " + " | ".join(
+            f"{scored[t]['wins']}:{scored[t]['losses']} of {scored[t]['pairs']}" for t in TESTS) + " |", flush=True)
     summary = [row for row, _ in design_summary(records, ("test",))]
     print("\n| test | control evaluations | with p < 0.01 | worst control wins:losses | shortcut median wins |\n"
           "|---|---|---|---|---|")

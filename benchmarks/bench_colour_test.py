@@ -43,10 +43,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_background_detail import draw_pairs, outcome  # noqa: E402
 from bench_engine import default_result_path, machine, write_json  # noqa: E402
-from bench_local_test import Spec, trained_states  # noqa: E402
+from bench_local_test import Spec, trained_models  # noqa: E402
 
 from cam_monitor.demo.model import ARCHS  # noqa: E402
-from cam_monitor.demo.zoo import mask_free_probes  # noqa: E402
 from cam_monitor.discovery import DiscoverySettings, beats_chance  # noqa: E402
 from cam_monitor.engine import compute_cams, predict_classes  # noqa: E402
 from cam_monitor.interventions import colour_images, object_regions  # noqa: E402
@@ -149,20 +148,15 @@ def main() -> None:
     print("| model | epoch | accuracy | beats chance | " + " | ".join(designs) + " |\n|---|---|---|---|"
           + "---|" * len(designs))
     records = []
-    for spec in (Spec.parse(s) for s in args.specs.split(",")):
-        probes = mask_free_probes(spec.cue, spec.seed, 64, spec.base)
-        model = spec.model(probes).eval()
-        for epoch, state in enumerate(trained_states(spec, args.epochs, args.cache)):
-            model.load_state_dict(state)
-            accuracy, ready, scored = score(model, probes.images, probes.labels, ARCHS[spec.arch], args.pairs,
-                                            epoch, designs)
-            records += [{"model": spec.name, "variant": spec.variant, "epoch": epoch, "accuracy": accuracy,
-                         "beats_chance": ready, "design": name,
-                         "excess": (row["wins"] - row["losses"]) / row["pairs"] if row["pairs"] else 0.0, **row}
-                        for name, row in scored.items()]
-            print(f"| {spec.name} | {epoch} | {accuracy:.2f} | {'yes' if ready else 'no'} | " + " | ".join(
-                f"{scored[d]['wins']}:{scored[d]['losses']} of {scored[d]['pairs']}" for d in designs) + " |",
-                flush=True)
+    for spec, probes, epoch, model in trained_models(map(Spec.parse, args.specs.split(",")), args.epochs, args.cache):
+        accuracy, ready, scored = score(model, probes.images, probes.labels, ARCHS[spec.arch], args.pairs, epoch,
+                                        designs)
+        records += [{"model": spec.name, "variant": spec.variant, "epoch": epoch, "accuracy": accuracy,
+                     "beats_chance": ready, "design": name,
+                     "excess": (row["wins"] - row["losses"]) / row["pairs"] if row["pairs"] else 0.0, **row}
+                    for name, row in scored.items()]
+        print(f"| {spec.name} | {epoch} | {accuracy:.2f} | {'yes' if ready else 'no'} | " + " | ".join(
+            f"{scored[d]['wins']}:{scored[d]['losses']} of {scored[d]['pairs']}" for d in designs) + " |", flush=True)
     rows = summary(records, DiscoverySettings().min_effect)
     print("\n| design | control evaluations (beating chance) | above the margin, p < 0.01 | worst control | "
           "shortcut evaluations | shortcut median wins | shortcut median excess |\n|---|---|---|---|---|---|---|")

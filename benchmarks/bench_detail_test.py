@@ -38,10 +38,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine import default_result_path, machine, write_json  # noqa: E402
-from bench_local_test import Spec, design_summary, trained_states  # noqa: E402
+from bench_local_test import Spec, design_summary, trained_models  # noqa: E402
 
 from cam_monitor.demo.model import ARCHS  # noqa: E402
-from cam_monitor.demo.zoo import mask_free_probes  # noqa: E402
 from cam_monitor.discovery import DiscoverySettings  # noqa: E402
 from cam_monitor.engine import compute_cams, predict_classes  # noqa: E402
 from cam_monitor.evidence import sign_test_p  # noqa: E402
@@ -150,16 +149,12 @@ def main() -> None:
     records = []
     print("| model | epoch | accuracy | " + " | ".join(columns) + " |")
     print("|---|---|---|" + "---|" * len(columns))
-    for spec in specs:
-        probes = mask_free_probes(spec.cue, spec.seed, 64, spec.base)
-        model = spec.model(probes).eval()
-        for epoch, state in enumerate(trained_states(spec, args.epochs, args.cache)):
-            model.load_state_dict(state)
-            grid = layer_grid(model, ARCHS[spec.arch], probes.images, probes.labels)
-            rows = score(model, probes.images, probes.labels, designs, epoch, grid, controls)
-            records += [{"model": spec.name, "variant": spec.variant, "epoch": epoch, **r} for r in rows]
-            print(f"| {spec.name} | {epoch} | {rows[0]['accuracy']:.2f} | "
-                  + " | ".join(f"{r['wins']}:{r['losses']}" for r in rows) + " |", flush=True)
+    for spec, probes, epoch, model in trained_models(specs, args.epochs, args.cache):
+        grid = layer_grid(model, ARCHS[spec.arch], probes.images, probes.labels)
+        rows = score(model, probes.images, probes.labels, designs, epoch, grid, controls)
+        records += [{"model": spec.name, "variant": spec.variant, "epoch": epoch, **r} for r in rows]
+        print(f"| {spec.name} | {epoch} | {rows[0]['accuracy']:.2f} | "
+              + " | ".join(f"{r['wins']}:{r['losses']}" for r in rows) + " |", flush=True)
     summary = summarise(records)
     print(f"\n| tile (cells) | blur (cells) | control | control evaluations | with p < 0.01 | above the margin "
           f"({DETAIL_MARGIN}) | worst control wins:losses | shortcut median wins |\n|---|---|---|---|---|---|---|---|")

@@ -47,7 +47,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -168,6 +168,17 @@ def trained_states(spec: Spec, epochs: int, cache: str) -> list[dict[str, torch.
     torch.save(keep.states, path + ".tmp")
     os.replace(path + ".tmp", path)
     return keep.states
+
+
+def trained_models(specs: Iterable[Spec], epochs: int, cache: str) -> Iterator[tuple[Spec, ProbeSet, int, DigitClassifier]]:
+    """Every spec's model after each of its ``epochs`` (:func:`trained_states`), beside its zoo
+    probes (mask-free, 64) and the epoch: one model per spec, its weights loaded in turn, in eval mode."""
+    for spec in specs:
+        probes = mask_free_probes(spec.cue, spec.seed, 64, spec.base)
+        model = spec.model(probes).eval()
+        for epoch, state in enumerate(trained_states(spec, epochs, cache)):
+            model.load_state_dict(state)
+            yield spec, probes, epoch, model
 
 
 def on_cue(masks: torch.Tensor, probe: int, box: D.Box) -> bool:
@@ -327,18 +338,14 @@ def main() -> None:
     records = []
     print("| model | epoch | accuracy | box | control | place | window | recipient | wins:losses | p | tests | "
           "candidate on cue | control on cue |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for spec in specs:
-        probes = mask_free_probes(spec.cue, spec.seed, 64, spec.base)
+    for spec, probes, epoch, model in trained_models(specs, args.epochs, args.cache):
         cue_masks = truth_probes(spec.cue, spec.seed, 64, spec.base).spurious_masks
-        model = spec.model(probes).eval()
-        for epoch, state in enumerate(trained_states(spec, args.epochs, args.cache)):
-            model.load_state_dict(state)
-            for row in score(model, probes, args.pairs, designs, epoch, cue_masks, ARCHS[spec.arch]):
-                records.append({"model": spec.name, "variant": spec.variant, "epoch": epoch, **row})
-                print(f"| {spec.name} | {epoch} | {row['accuracy']:.2f} | {row['box']} | {row['control']} | "
-                      f"{row['place']} | {row['window']} | {row['recipient']} | {row['wins']}:{row['losses']} | "
-                      f"{row['p']:.2g} | {row['pairs']} | "
-                      f"{row['candidate_on_cue']} | {row['control_on_cue']} |", flush=True)
+        for row in score(model, probes, args.pairs, designs, epoch, cue_masks, ARCHS[spec.arch]):
+            records.append({"model": spec.name, "variant": spec.variant, "epoch": epoch, **row})
+            print(f"| {spec.name} | {epoch} | {row['accuracy']:.2f} | {row['box']} | {row['control']} | "
+                  f"{row['place']} | {row['window']} | {row['recipient']} | {row['wins']}:{row['losses']} | "
+                  f"{row['p']:.2g} | {row['pairs']} | "
+                  f"{row['candidate_on_cue']} | {row['control_on_cue']} |", flush=True)
     summary = summarise(records)
     print("\n| box | control | place | window | recipient | control evaluations | with p < 0.01 | worst control "
           "wins:losses | shortcut median wins | shortcut controls on the cue |\n"
