@@ -118,7 +118,7 @@ def summarise(runs: list[ZooRun] | list[SavedRun]) -> list[dict]:
         still_cheating = [r for r in shortcut if r.rows[-1]["accuracy_gap"] >= 0.2]
         control_evals = sum(len(r.rows) for r in control)
         rows.append({
-            "task": cue, "seeds": len(shortcut),
+            "task": cue, "seeds": len(shortcut), "controls": len(control),
             "detected": len(detected), "detected_by_next_epoch": len(in_time),
             "still_cheating_at_end": len(still_cheating),
             "active_at_end": sum(1 for r in still_cheating if r.active_at_end),
@@ -140,7 +140,7 @@ def print_table(rows: list[dict], cost: dict | None) -> None:
     for r in rows:
         fmt = lambda xs: ", ".join("-" if x is None else str(x) for x in xs)  # noqa: E731
         print(f"| {r['task']} | {r['detected']}/{r['seeds']} | {r['detected_by_next_epoch']}/{r['seeds']} | "
-              f"{r['active_at_end']}/{r['still_cheating_at_end']} | {r['false_alarms']}/{r['seeds']} | "
+              f"{r['active_at_end']}/{r['still_cheating_at_end']} | {r['false_alarms']}/{r['controls']} | "
               f"{fmt(r['first_alert_epochs'])} | {fmt(r['gap_passes_0.2_epochs'])} |")
     fired = sum(r["false_alarm_rate_per_evaluation"] for r in rows) / max(1, len(rows))
     print(f"\nfalse alarms per control evaluation: {fired:.4f} (stated alpha "

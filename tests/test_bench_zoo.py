@@ -28,6 +28,19 @@ def test_files_of_one_setting_merge_and_older_files_read_as_digits(tmp_path) -> 
     assert [r.seed for r in runs] == [0, 1] and len(results) == 2
 
 
+def test_the_false_alarms_are_counted_over_the_control_runs_the_files_hold(tmp_path, capsys) -> None:
+    """A file of shortcut runs only (controls stopped for time) shows 0 of 0 control runs, not 0 of its seeds."""
+    path = tmp_path / "shortcuts.json"
+    run = {"task": "background_texture", "variant": "shortcut", "seed": 0, "alerts": [], "active_at_end": False,
+           "epochs": [{"epoch": 0, "accuracy_gap": 0.7}]}
+    path.write_text(json.dumps({"arch": "cnn", "base": "shapes", "epochs": 1, "runs": [run, {**run, "seed": 1}]}))
+    runs, _ = bench.merge([str(path)])
+    (row,) = bench.summarise(runs)
+    assert (row["seeds"], row["controls"], row["false_alarms"]) == (2, 0, 0)
+    bench.print_table([row], None)
+    assert "| 0/2 | 0/2 | 0/2 | 0/0 |" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("key, value", [("base", "shapes"), ("arch", "resnet18"), ("epochs", 4), ("global_test", True)])
 def test_files_of_different_settings_are_refused_rather_than_labelled_as_the_first(tmp_path, key, value) -> None:
     a, b = result_file(tmp_path / "a.json", 0), result_file(tmp_path / "b.json", 1, **{key: value})
