@@ -4,14 +4,16 @@ The monitor's colour arm gives a probe of another class (the recipient) a candid
 colour statistics and, as the control, gives the candidate the recipient's; a flip is an image
 taking the candidate's class. Which statistics is the design:
 
-- ``whole``: the mean and standard deviation of every pixel of the image (the design before
-  2026-12-06). They mix the background's level with the object's size and contrast: a bright
-  disc fills more of its image than a ring does, so the statistics carry the class of a model
-  that reads how much bright object there is, which is no cast.
-- ``background``: the mean and standard deviation of the pixels outside the quarter its map
-  credits most (:func:`~cam_monitor.interventions.object_regions`, its background as its map sees
-  it), matched background to background (each image shifted and scaled per channel so that its own
-  background takes the other's statistics): a cast moves exactly, the object's size stays out.
+- ``whole``: the mean and standard deviation of every pixel of the image (the monitor's design,
+  :func:`~cam_monitor.interventions.colour_images`). They mix the background's level with the
+  object's size and contrast: a bright disc fills more of its image than a ring does, so the
+  statistics carry the class of a model that reads how much bright object there is, which is no
+  cast.
+- ``background`` (measured in the monitor and not kept: see the reference): the mean and
+  standard deviation of the pixels outside the quarter its map credits most
+  (:func:`~cam_monitor.interventions.object_regions`, its background as its map sees it), matched
+  background to background (each image shifted and scaled per channel so that its own background
+  takes the other's statistics): a cast moves exactly, the object's size stays out.
 - ``level``: the background's mean alone, each image shifted per channel so that its background
   takes the other's level (no scaling: a background with almost no spread cannot blow up the
   other image's contrast).
