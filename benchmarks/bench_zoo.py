@@ -123,6 +123,8 @@ def summarise(runs: list[ZooRun] | list[SavedRun]) -> list[dict]:
             "still_cheating_at_end": len(still_cheating),
             "active_at_end": sum(1 for r in still_cheating if r.active_at_end),
             "false_alarms": sum(1 for r in control if r.alerts),
+            "control_evaluations": control_evals,
+            "control_alerts": sum(len(r.alerts) for r in control),
             "false_alarm_rate_per_evaluation": sum(len(r.alerts) for r in control) / max(1, control_evals),
             "first_alert_epochs": [r.confirmed_epoch for r in shortcut],
             "gap_passes_0.2_epochs": [r.gap_epoch for r in shortcut],
@@ -131,6 +133,12 @@ def summarise(runs: list[ZooRun] | list[SavedRun]) -> list[dict]:
             "control_rules_fired": sorted({a["rule"] for r in control for a in r.alerts}),
         })
     return rows
+
+
+def pooled_false_alarms(rows: list[dict]) -> tuple[int, int]:
+    """Alerts fired on control runs and control evaluations, summed over the tasks: the rate is their
+    ratio, not the mean of the tasks' rates (tasks with fewer control runs would weigh as much)."""
+    return sum(r["control_alerts"] for r in rows), sum(r["control_evaluations"] for r in rows)
 
 
 def print_table(rows: list[dict], cost: dict | None) -> None:
@@ -142,9 +150,9 @@ def print_table(rows: list[dict], cost: dict | None) -> None:
         print(f"| {r['task']} | {r['detected']}/{r['seeds']} | {r['detected_by_next_epoch']}/{r['seeds']} | "
               f"{r['active_at_end']}/{r['still_cheating_at_end']} | {r['false_alarms']}/{r['controls']} | "
               f"{fmt(r['first_alert_epochs'])} | {fmt(r['gap_passes_0.2_epochs'])} |")
-    fired = sum(r["false_alarm_rate_per_evaluation"] for r in rows) / max(1, len(rows))
-    print(f"\nfalse alarms per control evaluation: {fired:.4f} (stated alpha "
-          f"{DiscoverySettings().alpha:g})")
+    alerts, evaluations = pooled_false_alarms(rows)
+    print(f"\nfalse alarms per control evaluation: {alerts}/{evaluations} = {alerts / max(1, evaluations):.4f} "
+          f"(stated alpha {DiscoverySettings().alpha:g})")
     if cost is None:
         print("\ndiscovery cost per evaluation: not measured (a campaign stopped before its last fit)")
         return

@@ -41,6 +41,21 @@ def test_the_false_alarms_are_counted_over_the_control_runs_the_files_hold(tmp_p
     assert "| 0/2 | 0/2 | 0/2 | 0/0 |" in capsys.readouterr().out
 
 
+def test_the_false_alarm_rate_per_evaluation_pools_every_tasks_control_evaluations(tmp_path, capsys) -> None:
+    """One alert in 1 of 3 evaluations of one task, none in 9 of another: 1/12, not the tasks' mean rate 1/6."""
+    def control(task: str, seed: int, evaluations: int, alerts: int) -> dict:
+        return {"task": task, "variant": "control", "seed": seed, "active_at_end": False,
+                "alerts": [{"rule": "shortcut_confirmed", "epoch": 0}] * alerts,
+                "epochs": [{"epoch": e, "accuracy_gap": 0.0} for e in range(evaluations)]}
+    runs = [control("corner_patch", 0, 3, 1)] + [control("border_frame", s, 3, 0) for s in range(3)]
+    path = tmp_path / "controls.json"
+    path.write_text(json.dumps({"arch": "cnn", "base": "digits", "epochs": 3, "runs": runs}))
+    rows = bench.summarise(bench.merge([str(path)])[0])
+    assert bench.pooled_false_alarms(rows) == (1, 12)
+    bench.print_table(rows, None)
+    assert "false alarms per control evaluation: 1/12 = 0.0833" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("key, value", [("base", "shapes"), ("arch", "resnet18"), ("epochs", 4), ("global_test", True)])
 def test_files_of_different_settings_are_refused_rather_than_labelled_as_the_first(tmp_path, key, value) -> None:
     a, b = result_file(tmp_path / "a.json", 0), result_file(tmp_path / "b.json", 1, **{key: value})
