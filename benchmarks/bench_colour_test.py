@@ -4,19 +4,26 @@ The monitor's colour arm gives a probe of another class (the recipient) a candid
 colour statistics and, as the control, gives the candidate the recipient's; a flip is an image
 taking the candidate's class. Which statistics is the design:
 
-- ``whole``: the mean and standard deviation of every pixel of the image (the monitor's design,
-  :func:`~cam_monitor.interventions.colour_images`). They mix the background's level with the
-  object's size and contrast: a bright disc fills more of its image than a ring does, so the
-  statistics carry the class of a model that reads how much bright object there is, which is no
-  cast.
+- ``robust``: the monitor's design (:func:`~cam_monitor.interventions.colour_images`): each
+  image shifted per channel so its median takes the other's and scaled so its spread between the
+  1st and 99th percentiles does. The median is the background's level wherever the background
+  is most of the image, and the spread moves with the object's extremes, not its size: a cast
+  moves, how much of the image the object fills does not. No map.
+- ``whole`` (the monitor's until 2026-12-06): the mean and standard deviation of every pixel of
+  the image. They mix the background's level with the object's size and contrast: a bright disc
+  fills more of its image than a ring does, so the statistics carry the class of a model that
+  reads how much bright object there is, which is no cast.
 - ``background`` (measured in the monitor and not kept: see the reference): the mean and
   standard deviation of the pixels outside the quarter its map credits most
   (:func:`~cam_monitor.interventions.object_regions`, its background as its map sees it), matched
   background to background (each image shifted and scaled per channel so that its own background
-  takes the other's statistics): a cast moves exactly, the object's size stays out.
+  takes the other's statistics): a cast moves exactly, the object's size stays out; but the
+  map's quarter rarely covers every stroke, and what it leaves out moves too.
 - ``level``: the background's mean alone, each image shifted per channel so that its background
   takes the other's level (no scaling: a background with almost no spread cannot blow up the
   other image's contrast).
+- ``median``: the robust design's shift alone; ``median_iqr``: its shift, scaled to the
+  interquartile spread instead (which an object on more than a quarter of the image moves).
 
 Per model and epoch: the accuracy, whether it beats chance on the probes (the monitor tests only
 then: :func:`~cam_monitor.discovery.beats_chance`), and per design the wins (only the test flipped)
@@ -50,7 +57,8 @@ from bench_local_test import Spec, trained_models  # noqa: E402
 from cam_monitor.demo.model import ARCHS  # noqa: E402
 from cam_monitor.discovery import DiscoverySettings, beats_chance  # noqa: E402
 from cam_monitor.engine import compute_cams, predict_classes  # noqa: E402
-from cam_monitor.interventions import colour_images, object_regions  # noqa: E402
+from cam_monitor.interventions import (colour_images, colour_statistics, matched_colours,  # noqa: E402
+                                      matched_statistics, object_regions)
 
 Maker = Callable[[torch.Tensor, torch.Tensor, list[int], list[int]], torch.Tensor]
 
@@ -86,10 +94,40 @@ def background_images(scale: bool) -> Maker:
     return make
 
 
+def whole_images(images: torch.Tensor, objects: torch.Tensor, sources: list[int], recipients: list[int]) -> torch.Tensor:
+    """The ``whole`` design (the monitor's before 2026-12-07): each image shifted and scaled per
+    channel to the other's mean and standard deviation; tests, then controls."""
+    if not sources:
+        return images[:0]
+    src, dst = images[sources], images[recipients]
+    return torch.cat([matched_statistics(dst, src), matched_statistics(src, dst)])
+
+
+def quantile_images(tail: float | None) -> Maker:
+    """The ``median`` (``tail`` None: a shift to the other's median per channel) or ``median_iqr``
+    (0.25: also scaled to its interquartile spread) design, the monitor's statistics
+    (:func:`~cam_monitor.interventions.colour_statistics`) with another spread; tests, then controls."""
+    def matched(images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        own, target = colour_statistics(images, tail or 0.5), colour_statistics(targets, tail or 0.5)
+        if tail is None:
+            return images - own[0] + target[0]
+        return matched_colours(images, own, target)
+
+    def make(images: torch.Tensor, objects: torch.Tensor, sources: list[int], recipients: list[int]) -> torch.Tensor:
+        if not sources:
+            return images[:0]
+        src, dst = images[sources], images[recipients]
+        return torch.cat([matched(dst, src), matched(src, dst)])
+    return make
+
+
 DESIGNS: dict[str, Maker] = {
-    "whole": lambda images, objects, sources, recipients: colour_images(images, sources, recipients),
+    "robust": lambda images, objects, sources, recipients: colour_images(images, sources, recipients),
+    "whole": whole_images,
     "background": background_images(scale=True),
     "level": background_images(scale=False),
+    "median": quantile_images(None),
+    "median_iqr": quantile_images(0.25),
 }
 
 

@@ -18,10 +18,13 @@ objects fit a 2 x 2 window: see the reference). A flip is a prediction that beco
 class.
 
 **Colour cues** (a colour or brightness cast, a stain, an exposure: the image's per-channel
-level and spread). The recipient is given the source's per-channel mean and standard deviation
-(its own pixels, shifted and scaled) and, as the control, the source is given the recipient's: the
-test carries the source's colour statistics and nothing of its structure, the control the source's
-whole structure and none of its colour statistics.
+level and spread). The recipient is given the source's per-channel median and spread between the
+1st and 99th percentiles (its own pixels, shifted and scaled) and, as the control, the source is
+given the recipient's: the test carries the source's colour statistics and nothing of its
+structure, the control the source's whole structure and none of its colour statistics. The
+median and that spread are the background's level and range wherever the background is most of
+the image: a cast moves them, the object's size (how much of the image a disc or a ring fills)
+does not, where it moves the mean and the standard deviation.
 
 **Global cues** (a texture, a grating, a background pattern: no one place). The recipient keeps its
 phase (its structure) and is given the Fourier amplitude of the source's background: the source
@@ -97,7 +100,7 @@ ARMS = ("local", "global", "colour", "border", "detail", "texture")
 LOCAL = ARMS[0]
 #: What each arm tests, in the words an alert uses.
 TEST_NAMES = {"local": "a local region (paste test)", "global": "the background's texture (spectrum swap)",
-              "colour": "colour statistics (per-channel mean and spread swap)",
+              "colour": "colour statistics (per-channel median and spread swap)",
               "border": "the border band (band swap)",
               "detail": "fine detail within cells (cell shuffle against a blur)",
               "texture": "the background's fine detail (background detail against the object's)"}

@@ -24,6 +24,10 @@ OBJECT_SHARE = 0.25
 #: The widest border band whose band leaves an inner band as large inside a square image:
 #: (1 - 2f)^2 >= 1/2.
 MAX_BORDER_BAND = (1 - 0.5 ** 0.5) / 2
+#: The tails :func:`colour_statistics` leaves out of a colour's spread: its 1st to 99th percentile.
+COLOUR_TAIL = 0.01
+#: Images whose colour statistics :func:`colour_statistics` sorts at once (bounds its memory).
+COLOUR_CHUNK = 16
 #: The blur of :func:`blurred_cells`: a Gaussian of this many cells' standard deviation (half a
 #: cell: a grating finer than a cell is gone, a shape of several cells stays).
 BLUR_CELLS = 0.5
@@ -88,13 +92,56 @@ def matched_statistics(images: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return (images - mx) * torch.where(sx > 0, st / sx.clamp(min=1e-12), torch.ones_like(sx)) + mt
 
 
+def colour_statistics(images: torch.Tensor, tail: float = COLOUR_TAIL) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image and channel (B, C, 1, 1 each), the median and the spread between the ``tail`` and
+    ``1 - tail`` quantiles (linear interpolation, as :func:`torch.quantile`): the statistics of
+    most of the pixels. An object on less than half of the image leaves the median where its
+    background puts it and changes the spread only by its extremes, not by its size, so they
+    carry a cast but not how much of the image the object fills (the mean and the standard
+    deviation carry both). Sorted in chunks of :data:`COLOUR_CHUNK` images (no size limit)."""
+    medians, spreads = [], []
+    for chunk in images.split(COLOUR_CHUNK):
+        flat = chunk.flatten(2).sort(-1).values
+        picked = [_sorted_quantile(flat, q) for q in (0.5, tail, 1 - tail)]
+        medians.append(picked[0])
+        spreads.append(picked[2] - picked[1])
+    return torch.cat(medians)[..., None, None], torch.cat(spreads)[..., None, None]
+
+
+def _sorted_quantile(flat: torch.Tensor, q: float) -> torch.Tensor:
+    """The ``q`` quantile of each row of ``flat`` (sorted along its last axis), interpolated linearly."""
+    position = q * (flat.shape[-1] - 1)
+    low = int(math.floor(position))
+    high = min(low + 1, flat.shape[-1] - 1)
+    return flat[..., low] + (position - low) * (flat[..., high] - flat[..., low])
+
+
+def matched_colours(images: torch.Tensor, own: tuple[torch.Tensor, torch.Tensor],
+                    target: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """``images`` shifted per channel from their ``own`` median to the ``target``'s and scaled from
+    their spread to its (:func:`colour_statistics`); a channel where either spread is zero is only shifted."""
+    (m, s), (mt, st) = own, target
+    scale = torch.where((s > 0) & (st > 0), st / s.clamp(min=1e-12), torch.ones_like(s))
+    return (images - m) * scale + mt
+
+
 def colour_images(images: torch.Tensor, sources: list[int], recipients: list[int]) -> torch.Tensor:
-    """(2P, C, H, W): each recipient shifted and scaled per channel to its source's mean and
-    standard deviation, then each control (the source given the recipient's)."""
+    """(2P, C, H, W): each recipient shifted and scaled per channel to its source's colour
+    statistics (:func:`colour_statistics`: median and 1st-99th percentile spread), then each
+    control (the source given the recipient's)."""
     if not sources:
         return images[:0]
+    used = sorted(set(sources) | set(recipients))
+    median, spread = colour_statistics(images[used])
+    row = {probe: i for i, probe in enumerate(used)}
+
+    def stats(probes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        at = [row[p] for p in probes]
+        return median[at], spread[at]
+
     src, dst = images[sources], images[recipients]
-    return torch.cat([matched_statistics(dst, src), matched_statistics(src, dst)])
+    return torch.cat([matched_colours(dst, stats(recipients), stats(sources)),
+                      matched_colours(src, stats(sources), stats(recipients))])
 
 
 @functools.lru_cache(maxsize=16)

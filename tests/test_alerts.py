@@ -124,7 +124,7 @@ def test_the_shortcut_rule_names_the_suspect_probes_and_carries_the_regions() ->
            "local 1.5, global 0.8, border 4.5e+04\n" in markdown
     assert strongest_test({**event, "evidence_by_test": {"all": 6e4}}) is None  # no single test to name
     assert strongest_test({**event, "evidence_by_test": {"colour": 2.0}}) == \
-        "colour statistics (per-channel mean and spread swap), evidence 2"
+        "colour statistics (per-channel median and spread swap), evidence 2"
 
 
 def test_the_shortcut_rule_fires_at_one_over_alpha_holds_between_and_clears_only_at_no_evidence() -> None:

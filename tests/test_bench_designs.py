@@ -128,6 +128,34 @@ def test_the_colour_designs_move_the_background_statistics_between_probes() -> N
     assert bc.DESIGNS["whole"](images, objects, [], []).shape == (0, 3, 8, 8)
 
 
+def test_the_robust_colour_designs_move_the_majority_of_pixels_and_ignore_the_object_size() -> None:
+    """``median`` moves each image's per-channel median to the other's; ``median_iqr`` also its
+    interquartile spread; an object on less than a quarter of the image moves neither, so two images
+    whose only difference is the object's size are left as they were by them and by the monitor's
+    ``robust`` design (the whole image's mean and spread move)."""
+    import bench_colour_test as bc
+
+    gen = torch.Generator().manual_seed(1)
+    images = torch.rand(2, 3, 8, 8, generator=gen)
+    images[1] = 0.5 * images[1] + 2
+    objects = torch.zeros(2, 8, 8, dtype=torch.bool)
+    out = bc.DESIGNS["median_iqr"](images, objects, [0], [1])
+    (m_test, s_test), (m_src, s_src) = bc.colour_statistics(out[:1], 0.25), bc.colour_statistics(images[:1], 0.25)
+    assert torch.allclose(m_test, m_src, atol=1e-5) and torch.allclose(s_test, s_src, atol=1e-5)
+    (m_ctrl, _), (m_dst, _) = bc.colour_statistics(out[1:]), bc.colour_statistics(images[1:])
+    assert torch.allclose(m_ctrl, m_dst, atol=1e-5)
+    shifted = bc.DESIGNS["median"](images, objects, [0], [1])
+    assert torch.allclose(shifted[0] - images[1], (m_src - m_dst)[0].expand(3, 8, 8), atol=1e-5)
+
+    background = 0.1 + 0.2 * ((torch.arange(8)[:, None] + torch.arange(8)) % 2).float()  # a two-level pattern
+    small, large = background.clone()[None, None], background.clone()[None, None]
+    small[..., 3:5, 3:5], large[..., 2:5, 2:6] = 1.0, 1.0  # 4 and 12 of 64 pixels: a ring and a disc
+    pair = torch.cat([small, large])
+    for design in ("median", "median_iqr", "robust"):  # same median (0.3), quartiles (0.1, 0.3), 1-99 % range
+        assert torch.allclose(bc.DESIGNS[design](pair, objects, [0], [1]), pair.flip(0), atol=1e-6)
+    assert not torch.allclose(bc.DESIGNS["whole"](pair, objects, [0], [1]), pair.flip(0))
+
+
 def test_the_colour_summary_judges_only_evaluations_that_beat_chance() -> None:
     import bench_colour_test as bc
 
