@@ -26,8 +26,9 @@ OBJECT_SHARE = 0.25
 MAX_BORDER_BAND = (1 - 0.5 ** 0.5) / 2
 #: The tails :func:`colour_statistics` leaves out of a colour's spread: its 1st to 99th percentile.
 COLOUR_TAIL = 0.01
-#: Images whose colour statistics :func:`colour_statistics` sorts at once (bounds its memory).
-COLOUR_CHUNK = 16
+#: Pixels :func:`colour_statistics` hands :func:`torch.quantile` at once: it refuses inputs of
+#: 2**24 elements or more, and this bounds the memory of its sort.
+COLOUR_CHUNK_ELEMENTS = 2 ** 22
 #: The blur of :func:`blurred_cells`: a Gaussian of this many cells' standard deviation (half a
 #: cell: a grating finer than a cell is gone, a shape of several cells stays).
 BLUR_CELLS = 0.5
@@ -94,26 +95,15 @@ def matched_statistics(images: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 
 def colour_statistics(images: torch.Tensor, tail: float = COLOUR_TAIL) -> tuple[torch.Tensor, torch.Tensor]:
     """Per image and channel (B, C, 1, 1 each), the median and the spread between the ``tail`` and
-    ``1 - tail`` quantiles (linear interpolation, as :func:`torch.quantile`): the statistics of
-    most of the pixels. An object on less than half of the image leaves the median where its
-    background puts it and changes the spread only by its extremes, not by its size, so they
-    carry a cast but not how much of the image the object fills (the mean and the standard
-    deviation carry both). Sorted in chunks of :data:`COLOUR_CHUNK` images (no size limit)."""
-    medians, spreads = [], []
-    for chunk in images.split(COLOUR_CHUNK):
-        flat = chunk.flatten(2).sort(-1).values
-        picked = [_sorted_quantile(flat, q) for q in (0.5, tail, 1 - tail)]
-        medians.append(picked[0])
-        spreads.append(picked[2] - picked[1])
-    return torch.cat(medians)[..., None, None], torch.cat(spreads)[..., None, None]
-
-
-def _sorted_quantile(flat: torch.Tensor, q: float) -> torch.Tensor:
-    """The ``q`` quantile of each row of ``flat`` (sorted along its last axis), interpolated linearly."""
-    position = q * (flat.shape[-1] - 1)
-    low = int(math.floor(position))
-    high = min(low + 1, flat.shape[-1] - 1)
-    return flat[..., low] + (position - low) * (flat[..., high] - flat[..., low])
+    ``1 - tail`` quantiles (:func:`torch.quantile`, linear interpolation): the statistics of most of
+    the pixels. An object on less than half of the image leaves the median where its background
+    puts it and changes the spread only by its extremes, not by its size, so they carry a cast but
+    not how much of the image the object fills (the mean and the standard deviation carry both)."""
+    levels = torch.tensor([0.5, tail, 1 - tail], device=images.device)
+    per_chunk = max(1, COLOUR_CHUNK_ELEMENTS // max(1, images[:1].numel()))
+    picked = torch.cat([torch.quantile(chunk.flatten(2).float(), levels, dim=-1)  # it takes float32 and float64 only
+                        for chunk in images.split(per_chunk)], 1).to(images.dtype)
+    return picked[0][..., None, None], (picked[2] - picked[1])[..., None, None]
 
 
 def matched_colours(images: torch.Tensor, own: tuple[torch.Tensor, torch.Tensor],

@@ -8,7 +8,7 @@ import torch
 from torchvision.transforms.v2.functional import gaussian_blur
 
 from cam_monitor.interventions import (Paste, background_detail_images, banded_images, blurred_cells, border_bands,
-                                       COLOUR_CHUNK, COLOUR_TAIL, colour_images, colour_statistics, detail_images,
+                                       COLOUR_CHUNK_ELEMENTS, COLOUR_TAIL, colour_images, colour_statistics, detail_images,
                                        gaussian_kernel, matched_colours, matched_statistics,
                                        object_regions, pasted_images, reflected_blur_matrix, shuffled_cells,
                                        spectrum_images)
@@ -147,14 +147,36 @@ def test_the_blur_matrix_is_the_reflected_kernel_along_one_axis(n, size) -> None
     assert torch.allclose(matrix @ row[0, 0], torch.nn.functional.conv1d(padded, kernel)[0, 0])
 
 
-def test_colour_statistics_are_the_median_and_the_1st_to_99th_percentile_spread_in_any_number_of_chunks() -> None:
-    images = noise(2 * COLOUR_CHUNK + 3, 3, seed=8) ** 3
+def test_colour_statistics_are_the_median_and_the_1st_to_99th_percentile_spread_in_any_number_of_chunks(
+        monkeypatch) -> None:
+    images = noise(7, 3, seed=8) ** 3
+    monkeypatch.setattr("cam_monitor.interventions.COLOUR_CHUNK_ELEMENTS", 2 * images[0].numel())  # 4 chunks
     median, spread = colour_statistics(images)
     flat = images.flatten(2)
     assert median.shape == spread.shape == (len(images), 3, 1, 1)
     assert torch.allclose(median.flatten(1), flat.quantile(0.5, -1), atol=1e-6)
     assert torch.allclose(spread.flatten(1), flat.quantile(1 - COLOUR_TAIL, -1) - flat.quantile(COLOUR_TAIL, -1),
                           atol=1e-6)
+
+
+def test_colour_statistics_take_images_larger_than_torch_quantile_takes_at_once() -> None:
+    """torch.quantile refuses 2**24 elements; six 1024 px colour images are 18.9 million."""
+    images = torch.zeros(6, 3, 1024, 1024)
+    images[:, :, :10] = 1.0  # a bright band on 1 % of the rows
+    images[3] += 0.25
+    median, spread = colour_statistics(images)
+    assert median.flatten().tolist() == [0.0] * 9 + [0.25] * 3 + [0.0] * 6
+    assert torch.allclose(spread, torch.zeros_like(spread))  # the band is within the top 1 %
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_colour_images_keep_the_probes_dtype(dtype) -> None:
+    """Half-precision probes (which torch.quantile refuses) and double ones come back in their dtype."""
+    images = noise(3, 3, seed=4).to(dtype)
+    out = colour_images(images, [0, 1], [2, 0])
+    assert out.dtype == dtype and out.shape == (4, 3, SIZE, SIZE)
+    want = colour_images(images.float(), [0, 1], [2, 0])
+    assert torch.allclose(out.float(), want, atol=0.05)
 
 
 def test_the_colour_statistics_move_with_a_cast_and_not_with_the_size_of_a_small_object() -> None:
