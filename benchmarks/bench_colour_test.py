@@ -40,6 +40,7 @@ Weights are shared with ``bench_local_test.py`` through ``--cache``.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -72,53 +73,50 @@ def region_statistics(images: torch.Tensor, region: torch.Tensor) -> tuple[torch
     return mean, std
 
 
-def matched_to(images: torch.Tensor, own: torch.Tensor, other: torch.Tensor, images_b: torch.Tensor,
+def matched_to(images: torch.Tensor, own: torch.Tensor, targets: torch.Tensor, other: torch.Tensor,
                scale: bool) -> torch.Tensor:
     """``images`` shifted (and with ``scale`` scaled) per channel so that their ``own`` region takes
-    the statistics ``images_b`` have inside ``other``."""
+    the statistics ``targets`` have inside ``other``."""
     m, s = region_statistics(images, own)
-    mt, st = region_statistics(images_b, other)
+    mt, st = region_statistics(targets, other)
     if not scale:
         return images - m + mt
     return (images - m) * torch.where(s > 0, st / s.clamp(min=1e-12), torch.ones_like(s)) + mt
 
 
-def background_images(scale: bool) -> Maker:
-    """The ``background`` (``scale``) or ``level`` design: tests, then controls."""
+def swapped(match: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> Maker:
+    """A design from ``match(images, own_region, targets, target_region)``, which gives ``images``
+    the statistics of ``targets``: each recipient given its source's (the tests), then each source
+    given its recipient's (the controls)."""
     def make(images: torch.Tensor, objects: torch.Tensor, sources: list[int], recipients: list[int]) -> torch.Tensor:
         if not sources:
             return images[:0]
         src, dst = images[sources], images[recipients]
         bs, br = ~objects[sources], ~objects[recipients]
-        return torch.cat([matched_to(dst, br, bs, src, scale), matched_to(src, bs, br, dst, scale)])
+        return torch.cat([match(dst, br, src, bs), match(src, bs, dst, br)])
     return make
 
 
-def whole_images(images: torch.Tensor, objects: torch.Tensor, sources: list[int], recipients: list[int]) -> torch.Tensor:
-    """The ``whole`` design (the monitor's before 2026-12-07): each image shifted and scaled per
-    channel to the other's mean and standard deviation; tests, then controls."""
-    if not sources:
-        return images[:0]
-    src, dst = images[sources], images[recipients]
-    return torch.cat([matched_statistics(dst, src), matched_statistics(src, dst)])
+def background_images(scale: bool) -> Maker:
+    """The ``background`` (``scale``) or ``level`` design: each image's background (outside its
+    object region) given the other's background statistics."""
+    return swapped(functools.partial(matched_to, scale=scale))
+
+
+#: The ``whole`` design (the monitor's until 2026-12-06): each image shifted and scaled per channel
+#: to the other's mean and standard deviation.
+whole_images = swapped(lambda images, own, targets, other: matched_statistics(images, targets))
 
 
 def quantile_images(tail: float | None) -> Maker:
     """The ``median`` (``tail`` None: a shift to the other's median per channel) or ``median_iqr``
     (0.25: also scaled to its interquartile spread) design, the monitor's statistics
-    (:func:`~cam_monitor.interventions.colour_statistics`) with another spread; tests, then controls."""
-    def matched(images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        own, target = colour_statistics(images, tail or 0.5), colour_statistics(targets, tail or 0.5)
+    (:func:`~cam_monitor.interventions.colour_statistics`) with another spread."""
+    def matched(images: torch.Tensor, own: torch.Tensor, targets: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         if tail is None:
-            return images - own[0] + target[0]
-        return matched_colours(images, own, target)
-
-    def make(images: torch.Tensor, objects: torch.Tensor, sources: list[int], recipients: list[int]) -> torch.Tensor:
-        if not sources:
-            return images[:0]
-        src, dst = images[sources], images[recipients]
-        return torch.cat([matched(dst, src), matched(src, dst)])
-    return make
+            return images - colour_statistics(images)[0] + colour_statistics(targets)[0]
+        return matched_colours(images, colour_statistics(images, tail), colour_statistics(targets, tail))
+    return swapped(matched)
 
 
 DESIGNS: dict[str, Maker] = {

@@ -117,6 +117,7 @@ def summarise(runs: list[ZooRun] | list[SavedRun]) -> list[dict]:
         in_time = [r for r in detected if r.gap_epoch is None or r.confirmed_epoch <= r.gap_epoch + 1]
         still_cheating = [r for r in shortcut if r.rows[-1]["accuracy_gap"] >= 0.2]
         control_evals = sum(len(r.rows) for r in control)
+        control_alerts = sum(len(r.alerts) for r in control)
         rows.append({
             "task": cue, "seeds": len(shortcut), "controls": len(control),
             "detected": len(detected), "detected_by_next_epoch": len(in_time),
@@ -124,8 +125,8 @@ def summarise(runs: list[ZooRun] | list[SavedRun]) -> list[dict]:
             "active_at_end": sum(1 for r in still_cheating if r.active_at_end),
             "false_alarms": sum(1 for r in control if r.alerts),
             "control_evaluations": control_evals,
-            "control_alerts": sum(len(r.alerts) for r in control),
-            "false_alarm_rate_per_evaluation": sum(len(r.alerts) for r in control) / max(1, control_evals),
+            "control_alerts": control_alerts,
+            "false_alarm_rate_per_evaluation": control_alerts / max(1, control_evals),
             "first_alert_epochs": [r.confirmed_epoch for r in shortcut],
             "gap_passes_0.2_epochs": [r.gap_epoch for r in shortcut],
             "final_gap": [round(r.rows[-1]["accuracy_gap"], 3) for r in shortcut],

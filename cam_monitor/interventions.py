@@ -121,17 +121,12 @@ def colour_images(images: torch.Tensor, sources: list[int], recipients: list[int
     control (the source given the recipient's)."""
     if not sources:
         return images[:0]
-    used = sorted(set(sources) | set(recipients))
+    used, at = torch.tensor(sources + recipients).unique(return_inverse=True)  # each probe's statistics once
     median, spread = colour_statistics(images[used])
-    row = {probe: i for i, probe in enumerate(used)}
-
-    def stats(probes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        at = [row[p] for p in probes]
-        return median[at], spread[at]
-
-    src, dst = images[sources], images[recipients]
-    return torch.cat([matched_colours(dst, stats(recipients), stats(sources)),
-                      matched_colours(src, stats(sources), stats(recipients))])
+    n = len(sources)
+    of_sources, of_recipients = (median[at[:n]], spread[at[:n]]), (median[at[n:]], spread[at[n:]])
+    return torch.cat([matched_colours(images[recipients], of_recipients, of_sources),
+                      matched_colours(images[sources], of_sources, of_recipients)])
 
 
 @functools.lru_cache(maxsize=16)

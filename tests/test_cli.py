@@ -175,7 +175,7 @@ def test_the_readme_block_has_the_form_the_demo_prints(printed_demo) -> None:
 def test_the_readme_shows_what_the_demo_prints(printed_demo) -> None:
     """On the CPU family the README names, under the conditions it states: the README's demo block
     is the output of `make demo`, digit for digit."""
-    if README_DEMO_CPU not in " ".join(re.sub(r"\((R|TM)\)", " ", cpu_model()).split()):  # e.g. Intel(R) Xeon(R) ... reads Intel Xeon ...
+    if README_DEMO_CPU not in " ".join(re.sub(r"\((R|TM)\)", " ", cpu_model()).split()):  # 'Intel(R) Xeon(R) ...' reads 'Intel Xeon ...'
         pytest.skip(f"the README's demo block was printed on {README_DEMO_CPU}, this CPU is {cpu_model()!r}, whose "
                     "kernels sum in another order (the form is checked on every CPU)")
     assert printed_demo == readme_demo_block()
