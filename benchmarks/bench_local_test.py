@@ -20,7 +20,9 @@ part of the cue (a cue wider than the window) ties with the candidate, whatever 
 Designs: ``box`` (the window's side in grid cells), ``control`` (``next``: the source's next
 most-credited window, the monitor's; ``random``: a window drawn in proportion to the map's credit
 outside the candidate; ``guard``: the best window at least one window away; ``blurred``: the
-candidate's own window blurred at half a cell, its detail gone, its content in place) and ``place``
+candidate's own window blurred at half a cell, its detail gone, its content in place; ``swap``: the
+source with the recipient's window over the candidate's, counted when the source keeps its class,
+so a win is a class that follows the window) and ``place``
 (``credited``: over the recipient's most-credited window, the monitor's; ``quiet``: its
 least-credited window; ``own``: where the candidate sits in its source). Two more for cues wider
 than a cell: ``window`` (``cell``: the grid's cells, the monitor's; ``pixel``: windows of ``box``
@@ -128,8 +130,19 @@ def control_blurred(windows: D.Windows, source: int, avoid: D.Box, size: tuple[i
     return avoid
 
 
+def control_swap(windows: D.Windows, source: int, avoid: D.Box, size: tuple[int, int], image_size: tuple[int, int],
+                 gen: torch.Generator) -> D.Box:
+    """The swap: the control is the *source* with the recipient's window (from the test's place)
+    pasted over the candidate's, and it counts when the source keeps its class (:func:`score`).
+    A win is a pair whose class follows the window (the recipient takes the candidate's class and
+    the source loses it), a loss one whose class stays with the rest of the image: an object
+    spanning several windows keeps its class around a swapped window, a cue inside the window
+    takes it along."""
+    return avoid
+
+
 CONTROLS: dict[str, ControlFn] = {"next": control_next, "random": control_random, "guard": control_guard,
-                                  "blurred": control_blurred}
+                                  "blurred": control_blurred, "swap": control_swap}
 PLACES: dict[str, PlaceFn] = {
     "credited": lambda windows, r, box, size, image_size: D.credited_place(windows, r, size, image_size),
     "quiet": lambda windows, r, box, size, image_size: D.fit_box(windows.boxes[int(windows.energy[r].argmin())],
@@ -263,6 +276,9 @@ def score(model: torch.nn.Module, probes: ProbeSet, pairs: int, designs: list[De
             shifted = [p._replace(recipient=p.recipient + n) for p in D.pastes(suspects, tests)]
             if control == "blurred":  # the controls' pixels from the blurred sources (the third block)
                 shifted = shifted[:len(tests)] + [p._replace(source=p.source + 2 * n) for p in shifted[len(tests):]]
+            if control == "swap":  # the source, as it is, with the recipient's window over the candidate's
+                shifted = shifted[:len(tests)] + [D.Paste(t.recipient + n, t.place, suspects[t.suspect].probe,
+                                                          suspects[t.suspect].box) for t in tests]
             out = predict_classes(model, pasted_images(both, shifted))
             cls = torch.tensor([suspects[t.suspect].cls for t in tests])
             flips, controls = out[:len(tests)] == cls, out[len(tests):] == cls

@@ -169,3 +169,95 @@ def test_the_colour_summary_judges_only_evaluations_that_beat_chance() -> None:
     assert summary["worst_control"].startswith("10:1") and summary["shortcut_median_wins"] == 50
     (strict,) = bc.summary(records, margin=0.1)
     assert strict["control_broken"] == 0
+
+
+class _Brightness(torch.nn.Module):
+    """Class 1 by the whole image's brightness (an object spanning every window), read through a
+    4 x 4 grid of 8 px cells (the monitored layer ``grid``); class 0 a constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.grid = torch.nn.AvgPool2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = self.grid(x).flatten(1).mean(1)
+        return torch.stack([torch.full_like(mean, 0.5), mean], 1)
+
+
+def _swap_score(model: torch.nn.Module, images: torch.Tensor) -> dict:
+    probes = cm.ProbeSet(images, torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]))
+    (row,) = bench_local_test.score(model, probes, 8, [(2, "swap", "credited", "cell", "probe")], 0,
+                                    torch.zeros(8, 32, 32, dtype=torch.bool), layer="grid")
+    return row
+
+
+def test_the_swap_control_wins_where_the_class_follows_the_window_and_loses_where_it_stays_with_the_image() -> None:
+    """A model told by a checkerboard stamp takes the class wherever the stamp's window goes: the
+    recipient flips and the source, given the recipient's flat window, loses it (every pair a win).
+    A model told by the whole image's brightness keeps the class with the rest of the image: the
+    recipient stays dark, the source stays bright (every pair a loss)."""
+    stamp = torch.zeros(8, 1, 32, 32)
+    stamp[4:, 0, :8, :8] = ((torch.arange(8)[:, None] + torch.arange(8)[None]) % 2).float()
+    row = _swap_score(_FinePattern().eval(), stamp)
+    assert row["pairs"] == 8 and (row["wins"], row["losses"]) == (8, 0)
+
+    bright = torch.full((8, 1, 32, 32), 0.2)
+    bright[4:] = 0.8
+    row = _swap_score(_Brightness().eval(), bright)
+    assert row["pairs"] == 8 and (row["wins"], row["losses"]) == (0, 8)
+
+
+def test_cue_transplant_pairs_join_correct_probes_of_other_classes_whose_cues_have_one_size() -> None:
+    import bench_cue_transplant as bt
+
+    masks = torch.zeros(5, 16, 16, dtype=torch.bool)
+    masks[0, 1:3, 2:6] = True
+    masks[1, 8:10, 0:4] = True
+    masks[2, 4:6, 4:8] = True
+    masks[3, 0:4, 0:2] = True  # another size
+    boxes = bt.cue_boxes(masks)  # probe 4 has no cue
+    assert boxes == [(1, 2, 3, 6), (8, 0, 10, 4), (4, 4, 6, 8), (0, 0, 4, 2), None]
+    labels, preds = torch.tensor([0, 1, 1, 2, 3]), torch.tensor([0, 1, 0, 2, 3])  # probe 2 is wrong
+    pairs = bt.transplant_pairs(labels, preds, boxes, 10, torch.Generator().manual_seed(0))
+    assert sorted(pairs) == [(0, 1), (1, 0)]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        y0, x0, y1, x1 = bt.elsewhere((4, 4, 8, 8), (16, 16), gen)
+        assert (y1 - y0, x1 - x0) == (4, 4) and (y0 >= 8 or y1 <= 4 or x0 >= 8 or x1 <= 4)
+    assert bt.elsewhere((0, 0, 16, 16), (16, 16), gen) is None  # no room
+
+
+class _StampClass(torch.nn.Module):
+    """Class k by which of two stamps (a bright or a mid-grey 4 x 4 square) the image holds: a model
+    that reads nothing but the cue."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        peak = x.flatten(1).max(1).values
+        return torch.stack([(peak < 0.75).float(), (peak >= 0.75).float()], 1)
+
+
+def test_a_cue_moved_whole_carries_its_class_on_a_model_that_reads_it_and_not_on_one_that_does_not() -> None:
+    import bench_cue_transplant as bt
+
+    gen = torch.Generator().manual_seed(0)
+    images = 0.1 * torch.rand(8, 1, 16, 16, generator=gen)
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    masks = torch.zeros(8, 16, 16, dtype=torch.bool)
+    for i in range(8):
+        y, x = 2 * (i % 4), 3 + (i % 3)
+        masks[i, y:y + 4, x:x + 4] = True
+        images[i, :, y:y + 4, x:x + 4] = 0.5 if labels[i] == 0 else 1.0
+    row = bt.measure(_StampClass(), images, labels, masks, 50, 0)
+    assert row["accuracy"] == 1.0 and row["pairs"] == 32
+    assert row["recipient_follows"] == 1.0 and row["source_follows"] == 1.0 and row["recipient_keeps"] == 0.0
+    assert row["oracle_wins"] > 0 and row["oracle_losses"] == 0 and row["oracle_p"] < 0.01
+
+    class _Dim(torch.nn.Module):  # class 1 by a background brighter than the stamps' surroundings elsewhere
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            rest = x[..., 12:, :].mean((1, 2, 3))
+            return torch.stack([0.06 - rest, rest - 0.06], 1)
+
+    images[4:, :, 12:, :] += 0.1  # the "object" of class 1, away from every cue
+    row = bt.measure(_Dim(), images, labels, masks, 50, 0)
+    assert row["accuracy"] == 1.0 and row["recipient_follows"] == 0.0 and row["recipient_keeps"] == 1.0
+    assert row["oracle_wins"] == 0
