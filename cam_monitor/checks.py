@@ -16,6 +16,7 @@ from .discovery import MIN_DETAIL_GRID, window_side
 from .engine import CAMResult
 from .errors import CAMError, InputError
 from .evaluation import EvalSettings, Placement, spurious_regions
+from .interventions import cell_size
 from .metrics import energy_fraction_bounds, enrichment_ceiling, pointing_always_hits
 from .probes import ProbeSet
 
@@ -46,6 +47,7 @@ def dry_run_findings(result: CAMResult, probes: ProbeSet, settings: EvalSettings
     found.warnings.extend(resolution_findings(result.grid_size, result.layer_name, probes, settings.border_fraction,
                                               enrichment_threshold, prefix))
     found.warnings.extend(discovery_findings(result.grid_size, result.layer_name, probes, settings, prefix))
+    found.notes.extend(local_reach_notes(result.grid_size, result.layer_name, probes, settings))
     if result.layer_calls > 1:
         found.warnings.append(
             f"layer {result.layer_name!r} runs {result.layer_calls} times in one forward (a shared module); its maps "
@@ -171,6 +173,27 @@ def discovery_findings(grid: tuple[int, int], layer: str, probes: ProbeSet, sett
                    f"{layer!r} gives {grid[0]}x{grid[1]}: {'they do' if len(coarse) > 1 else 'it does'} not run; "
                    f"target an earlier layer (a finer grid) or use DiscoverySettings({off})")
     return out
+
+
+def local_reach_notes(grid: tuple[int, int], layer: str, probes: ProbeSet, settings: EvalSettings) -> list[str]:
+    """The size of cue the mask-free local test can see on this layer, where it is the only watch
+    on local cues (no spurious masks): a cue larger than its window is missed whatever the model
+    does (a floating stamp, a text tag, a ruler over several cells), so the user learns it at fit
+    start rather than from a silent dashboard."""
+    found = settings.discovery
+    if probes.spurious_masks is not None or not found.enabled:
+        return []
+    cells = window_side(grid, found.box_cells)
+    ch, cw = cell_size(probes.image_size, grid)
+    others = [arm for arm in found.arms_on(grid, probes.image_size) if arm != "local"]
+    named = " and ".join([", ".join(others[:-1]), others[-1]] if len(others) > 1 else others)
+    still = f" (the {named} test{'s' if len(others) > 1 else ''} still run{'' if len(others) > 1 else 's'})"
+    window = "one cell" if cells == (1, 1) else f"{cells[0]}x{cells[1]} cells"
+    return [f"without masks, discovery's local test sees a cue that fits in {window} of layer {layer!r} "
+            f"({cells[0] * ch}x{cells[1] * cw} px of the "
+            f"{probes.image_size[0]}x{probes.image_size[1]} probes); a stamp, tag or ruler larger than that is "
+            f"missed{still if others else ''}: give spurious masks for a cue you know, or target a layer whose cells "
+            "are at least as large as the cue and smaller than your objects"]
 
 
 #: Probes the check before training runs through the model.

@@ -50,7 +50,7 @@ def test_a_coarse_grid_the_band_and_a_shared_layer_are_warned_and_channels_last_
     assert "covers 100% of the image: the local paste test cannot tell" in text
     one_cell = dry_run_findings(result(torch.rand(2, 2, 2), layout="nhwc"), probes(), EvalSettings(), 4.0, "cam")
     assert not any("local paste test" in w for w in one_cell.warnings)  # one cell of 2x2 is a quarter: allowed
-    assert found.notes == ["layer 'body' outputs channels-last (B, h, w, C); reading it so (pass layout='nchw' to override)"]
+    assert found.notes[0] == "layer 'body' outputs channels-last (B, h, w, C); reading it so (pass layout='nchw' to override)"
 
 
 def test_a_grid_too_coarse_for_the_detail_and_texture_tests_is_warned_with_the_fix() -> None:
@@ -83,3 +83,25 @@ def test_images_too_small_for_the_border_test_are_warned_with_the_fix() -> None:
     assert any("border test" in w and "6x6 images" in w and "border_test=False" in w for w in found.warnings)
     assert not any("border test needs" in w for w in dry_run_findings(result(torch.rand(2, 2, 2)), probes(size=7),
                                                                  EvalSettings(), 4.0, "cam").warnings)
+
+
+def test_without_masks_fit_start_says_how_large_a_cue_the_local_test_can_see_and_the_fix() -> None:
+    """The local test sees a cue that fits in its window (one cell: 8 x 8 px of 64 px probes on an 8 x 8
+    grid); a larger one is missed whatever the model does, so fit start says so, names the tests
+    that still run there and the fixes. With spurious masks, or without the local test, nothing."""
+    from cam_monitor.discovery import DiscoverySettings
+
+    (note,) = dry_run_findings(result(torch.rand(2, 8, 8)), probes(), EvalSettings(), 4.0, "cam").notes
+    assert "fits in one cell of layer 'body' (8x8 px of the 64x64 probes)" in note
+    assert "stamp, tag or ruler larger than that is missed" in note
+    assert "(the colour, border, detail and texture tests still run)" in note
+    assert "give spurious masks" in note and "target a layer whose cells are at least as large as the cue" in note
+    coarse = dry_run_findings(result(torch.rand(2, 2, 2)), probes(), EvalSettings(), 4.0, "cam").notes
+    assert "fits in one cell of layer 'body' (32x32 px" in coarse[0] and "(the colour and border tests still run)" in coarse[0]
+    two = EvalSettings(discovery=DiscoverySettings(box_cells=2, colour_test=False, border_test=False,
+                                                   detail_test=False, texture_test=False))
+    (alone,) = dry_run_findings(result(torch.rand(2, 8, 8)), probes(), two, 4.0, "cam").notes
+    assert "fits in 2x2 cells of layer 'body' (16x16 px" in alone and "still run" not in alone
+    assert dry_run_findings(result(torch.rand(2, 8, 8)), probes(masks=True), EvalSettings(), 4.0, "cam").notes == []
+    off = EvalSettings(discovery=DiscoverySettings(enabled=False))
+    assert dry_run_findings(result(torch.rand(2, 8, 8)), probes(), off, 4.0, "cam").notes == []
