@@ -164,11 +164,11 @@ def main() -> None:
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             for cue in args.cues.split(","):
                 run = run_task(cue, "control", seed, args.epochs, f"{root}/{cue}_{seed}", arch=args.arch, base=args.base,
-                               **extra)
+                               spurious_masks=args.masks, **extra)
                 runs.append(record(run, args.base, args.arch))
                 print(f"{args.base:>6} {args.arch:>8} {cue:>18} seed {seed}: evidence max "
                       f"{max(runs[-1]['evidence']):.3g}, alerts {runs[-1]['alerts']}", flush=True)
-                result = {"machine": machine(), "epochs": args.epochs, "record_pairs": args.record_pairs,
+                result = {"machine": machine(), "epochs": args.epochs, "record_pairs": args.record_pairs, "masks": args.masks,
                           **summarise(runs, alpha), "runs": runs, "wall_s": time.perf_counter() - start}
                 write_json(result, out, say=False)
     print_table(summarise(runs, alpha))

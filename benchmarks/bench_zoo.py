@@ -174,6 +174,8 @@ def add_fit_arguments(p: argparse.ArgumentParser, seeds: int) -> None:
                    "shapes: drawn shapes on varied backgrounds, 64 px colour)")
     p.add_argument("--cues", default=",".join(CUES), help="comma-separated zoo tasks (default: all)")
     p.add_argument("--merge", nargs="+", default=None, help="result files to combine into one table (no runs)")
+    p.add_argument("--masks", action="store_true",
+                   help="give the monitor the true cue masks as spurious masks (the marked arm and the mask rules run)")
     p.add_argument("--record-pairs", type=int, default=None, metavar="N",
                    help="every arm draws N pairs an evaluation, in one stage (DiscoverySettings(first_stage=1.0)): "
                         "a recording that bench_allocation.py replays under any sharing of the pairs (its alerts "
@@ -231,7 +233,7 @@ def main() -> None:
 
     def result(cost: dict | None) -> dict:
         return {"machine": machine(), "arch": args.arch, "base": args.base, "epochs": args.epochs,
-                "global_test": args.global_test, "record_pairs": args.record_pairs,
+                "global_test": args.global_test, "record_pairs": args.record_pairs, "masks": args.masks,
                 "seeds": sorted({r.seed for r in runs}), "tasks": summarise(runs), "cost": cost,
                 "runs": [{"task": r.cue, "variant": r.variant, "seed": r.seed, "alerts": r.alerts, "epochs": r.rows,
                           "active_at_end": r.active_at_end} for r in runs],
@@ -244,7 +246,7 @@ def main() -> None:
             for cue in args.cues.split(","):
                 for variant in ("shortcut", "control"):
                     run = run_task(cue, variant, seed, args.epochs, f"{root}/{cue}_{variant}_{seed}", arch=args.arch,
-                                   base=args.base, **extra)
+                                   base=args.base, spurious_masks=args.masks, **extra)
                     runs.append(run)
                     print(f"{cue:>18} {variant:>8} seed {seed}: gap > 0.2 at epoch {run.gap_epoch}, alerts "
                           f"{[(a['epoch'], a['rule']) for a in run.alerts]}", flush=True)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .discovery import MIN_DETAIL_GRID, window_side
+from .discovery import MIN_DETAIL_GRID, arms_run, window_side
 from .engine import CAMResult
 from .errors import CAMError, InputError
 from .evaluation import EvalSettings, Placement, spurious_regions
@@ -159,7 +159,7 @@ def discovery_findings(grid: tuple[int, int], layer: str, probes: ProbeSet, sett
                    f"{layer!r}) covers {share:.0%} of the image: the local paste test cannot tell a small cue from "
                    "the object here (the global and border tests still run); target an earlier layer (a finer grid) "
                    "or lower DiscoverySettings(box_cells=...)")
-    idle = set(found.arms) - set(found.arms_on(grid, probes.image_size)) if found.enabled else set()
+    idle = set(found.arms) - set(arms_run(found, grid, probes)) if found.enabled else set()
     if "border" in idle:
         out.append(f"discovery's border test needs an inner band as large as its border band, and "
                    f"{probes.image_size[0]}x{probes.image_size[1]} images have none: it does not run; "
@@ -185,7 +185,7 @@ def local_reach_notes(grid: tuple[int, int], layer: str, probes: ProbeSet, setti
         return []
     cells = window_side(grid, found.box_cells)
     ch, cw = cell_size(probes.image_size, grid)
-    others = [arm for arm in found.arms_on(grid, probes.image_size) if arm != "local"]
+    others = [arm for arm in arms_run(found, grid, probes) if arm != "local"]
     named = " and ".join([", ".join(others[:-1]), others[-1]] if len(others) > 1 else others)
     still = f" (the {named} test{'s' if len(others) > 1 else ''} still run{'' if len(others) > 1 else 's'})"
     window = "one cell" if cells == (1, 1) else f"{cells[0]}x{cells[1]} cells"

@@ -1,7 +1,8 @@
 """Mask-free shortcut discovery and its causal confirmation, from maps already computed.
 
-Five interventions (the global one opt-in), each a paired test against a control (:mod:`evidence`
-turns the pairs into a decision with a stated false-alarm rate); forward passes only, no backward.
+Seven interventions (the global one opt-in, the marked one where the probes carry spurious masks),
+each a paired test against a control (:mod:`evidence` turns the pairs into a decision with a
+stated false-alarm rate); forward passes only, no backward.
 
 **Local cues** (a stamp, a tag, a ruler: something at a place). Every probe the model classifies
 correctly is a candidate; its candidate region is the window of ``box_cells`` x ``box_cells``
@@ -70,6 +71,15 @@ of both zoo bases: see the reference). It runs where the detail arm does (a cell
 than an object for the blur to keep the recipient's shapes). Floating cues sit in the credited
 share and are not its to find.
 
+**Marked cues** (where the probes carry spurious masks: a region you suspect, of any size or
+shape). The recipient, its own marked region filled with the mean of the rest, gets the source's
+marked pixels at their place; the control gets, on the same pixels, the source's content from a
+box of the mark's size elsewhere in the source, clear of the mark
+(:func:`~cam_monitor.interventions.marked_images`). Both take the same from the same recipient and
+differ only in whether what they bring is what you marked; the mark is not chosen by the model's
+credit, so an object part the map would pick is not favoured. Measured with the zoo's true masks
+on floating cues the mask-free arms miss: see the reference.
+
 Budget: ``budget`` x the number of probes pasted images per evaluation (tests and controls),
 inference forwards only, in two batches: a third of the pairs shared equally by the arms, then the
 rest in proportion to what each arm's pairs so far are worth, its expected log growth per pair
@@ -89,21 +99,25 @@ import torch.nn.functional as F
 
 from .evidence import EvidenceState, check_bet, holm, log_growth, sign_test_p, stream
 from .interventions import (MAX_BORDER_BAND, Box, Paste, background_detail_images, banded_images, border_bands,
-                            colour_images, detail_images, object_regions, pasted_images, spectrum_images)
+                            colour_images, detail_images, markable, marked_images, object_regions, pasted_images,
+                            spectrum_images)
 from .probes import ProbeSet
 from .records import ShortcutRegion
 
 Predict = Callable[[torch.Tensor], torch.Tensor]  # (B, C, H, W) CPU images -> (B,) predicted classes
 #: The confirmation arms: local paste, background spectrum swap, colour statistics swap, border band
-#: swap, cell shuffle against blur, background fine detail against the object's.
-ARMS = ("local", "global", "colour", "border", "detail", "texture")
+#: swap, cell shuffle against blur, background fine detail against the object's, and (where the
+#: probes carry spurious masks) the marked region against one from elsewhere.
+ARMS = ("local", "global", "colour", "border", "detail", "texture", "marked")
+MARKED = ARMS[-1]
 LOCAL = ARMS[0]
 #: What each arm tests, in the words an alert uses.
 TEST_NAMES = {"local": "a local region (paste test)", "global": "the background's texture (spectrum swap)",
               "colour": "colour statistics (per-channel median and spread swap)",
               "border": "the border band (band swap)",
               "detail": "fine detail within cells (cell shuffle against a blur)",
-              "texture": "the background's fine detail (background detail against the object's)"}
+              "texture": "the background's fine detail (background detail against the object's)",
+              "marked": "your marked regions (the marked region pasted against one from elsewhere)"}
 #: The default share of an evaluation's pairs the arms draw equally, before the rest follow what that
 #: stage found (:func:`second_stage_weights`); measured against a half and against one stage in the reference.
 FIRST_STAGE = 1 / 3
@@ -166,6 +180,12 @@ class DiscoverySettings:
             fine detail from outside its credited share against from inside it, on a blurred probe
             of another class), on grids of at least :data:`MIN_DETAIL_GRID` cells a side. Turn it
             off where the classes are textures.
+        marked_test: where the probes carry spurious masks, run the marked arm: a probe's marked
+            pixels put into a probe of another class (its own marked region filled first),
+            against the same pixels from a box of the mark's size elsewhere in the source. It asks
+            whether the model's decision follows what you marked, as the mask-free arms ask of
+            what they find; a cue of any size or shape, since the mask says where it is
+            (:func:`~cam_monitor.interventions.marked_images`).
         seed: seeds the recipients' order (mixed with the evaluation's step).
         skill_level: discovery waits for a model that has learned something: it tests only where
             the probe set's accuracy beats what predicting its most common class scores, by a
@@ -194,6 +214,7 @@ class DiscoverySettings:
     border_band: float = 0.1
     detail_test: bool = True
     texture_test: bool = True
+    marked_test: bool = True
     seed: int = 0
     skill_level: float = 0.01
     per_class: bool = False
@@ -230,19 +251,23 @@ class DiscoverySettings:
 
     @property
     def arms(self) -> tuple[str, ...]:
-        """The arms this evaluation runs, in :data:`ARMS` order."""
+        """The mask-free arms this evaluation runs, in :data:`ARMS` order (the marked arm joins them
+        where the probes carry masks: :meth:`arms_on`)."""
         on = (True, self.global_test, self.colour_test, self.border_test, self.detail_test, self.texture_test)
         return tuple(a for a, use in zip(ARMS, on) if use)
 
-    def arms_on(self, grid: tuple[int, int], image_size: tuple[int, int]) -> tuple[str, ...]:
+    def arms_on(self, grid: tuple[int, int], image_size: tuple[int, int], marked: bool = False) -> tuple[str, ...]:
         """The arms that run on a layer of ``grid`` cells and images of ``image_size``: :attr:`arms`
         less the border arm where the images have no inner band as large as the border band
         (:func:`~cam_monitor.interventions.border_bands`) and the detail and texture arms on a grid
-        too coarse (:func:`detail_runs`). Fixed for a run, so the evidence is the mean of the arms that can
-        gather any: an arm that cannot run would hold its detector at 1 and dilute the others'."""
+        too coarse (:func:`detail_runs`), plus the marked arm where ``marked`` (some probe has a
+        mark it can test: :func:`marks_testable`) and ``marked_test``. Fixed for a run, so the
+        evidence is the mean of the arms that can gather any: an arm that cannot run would hold
+        its detector at 1 and dilute the others'."""
         fine = detail_runs(grid)
         can = {"border": border_bands(image_size, self.border_band) is not None, "detail": fine, "texture": fine}
-        return tuple(a for a in self.arms if can.get(a, True))
+        extra = (MARKED,) if marked and self.marked_test else ()
+        return tuple(a for a in self.arms if can.get(a, True)) + extra
 
 
 @dataclass
@@ -285,7 +310,7 @@ class Pair:
 
 @dataclass
 class PairedArm:
-    """A whole-image arm's tests (global, colour, border, detail, texture): its pairs, and whether each test image and each
+    """A paired arm's tests (global, colour, border, detail, texture, marked): its pairs, and whether each test image and each
     control turned the recipient's prediction into the suspect's class."""
 
     pairs: list[Pair]
@@ -299,7 +324,7 @@ class Discovery:
 
     ``flips[i]`` / ``control_flips[i]`` say whether local test ``i`` (and its control) turned the
     recipient's prediction into the suspect's class; ``paired`` holds the same for the whole-image
-    arms that ran (``global``, ``colour``, ``border``, ``detail``, ``texture``). ``waiting``: the
+    arms that ran (``global``, ``colour``, ``border``, ``detail``, ``texture``, ``marked``). ``waiting``: the
     model did not beat chance on the probes (``DiscoverySettings.skill_level``), so nothing was tested.
     """
 
@@ -339,7 +364,7 @@ class Discovery:
     def aggregates(self) -> dict[str, float]:
         """Flip rates of every arm that ran, their controls and excesses (NaN for an arm without
         tests: ``shortcut_*`` for the local arm, ``global_*``, ``colour_*``, ``border_*``, ``detail_*``,
-        ``texture_*``), the evaluation's
+        ``texture_*``, ``marked_*``), the evaluation's
         ``shortcut_p`` and the count of ``shortcut_suspects`` (candidates)."""
         out = {"shortcut_suspects": float(len(self.suspects)), "shortcut_p": self.p_value()}
         arms = [("shortcut", self.flips, self.control_flips)]
@@ -641,6 +666,28 @@ def plan_tests(suspects: list[Suspect], maps: torch.Tensor, targets: torch.Tenso
     return tests
 
 
+def marks_testable(masks: torch.Tensor | None) -> bool:
+    """Whether the marked arm has anything to test: some probe's spurious mask marks a region that
+    can be moved clear of itself (:func:`~cam_monitor.interventions.markable`)."""
+    return masks is not None and bool(markable(masks).any())
+
+
+def arms_run(settings: DiscoverySettings, grid: tuple[int, int], probes: ProbeSet) -> tuple[str, ...]:
+    """The arms that run for ``probes`` on a layer of ``grid`` cells (:meth:`DiscoverySettings.arms_on`,
+    the marked arm where their masks give it something to test): fixed for a run."""
+    return settings.arms_on(grid, probes.image_size, marks_testable(probes.spurious_masks))
+
+
+def marked_pairs(suspects: list[Suspect], masks: torch.Tensor, targets: torch.Tensor, preds: torch.Tensor,
+                 num: int, gen: torch.Generator) -> list[Pair]:
+    """Up to ``num`` pairs of the marked arm: the suspects whose probe's mark is
+    :func:`~cam_monitor.interventions.markable`, each into recipients of another class
+    (:func:`recipients_of`); indices into ``suspects``."""
+    usable = markable(masks)
+    keep = [i for i, s in enumerate(suspects) if usable[s.probe]]
+    return [Pair(keep[s], r) for s, r in recipients_of([suspects[i] for i in keep], targets, preds, num, gen)]
+
+
 def detail_runs(grid: tuple[int, int]) -> bool:
     """Whether the detail arm runs on a layer of this grid (at least :data:`MIN_DETAIL_GRID` cells a side)."""
     return min(grid) >= MIN_DETAIL_GRID
@@ -671,7 +718,8 @@ def discover(maps: torch.Tensor, probes: ProbeSet, targets: torch.Tensor, preds:
     ready = beats_chance(targets, preds, settings.skill_level)
     suspects = find_suspects(maps, targets, preds, image_size, settings, windows) if ready else []
     gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
-    runs = settings.arms_on(grid, image_size)
+    marks = probes.spurious_masks
+    runs = arms_run(settings, grid, probes)
     images = probes.images
     src = lambda pairs: [suspects[p.suspect].probe for p in pairs]  # noqa: E731
     dst = lambda pairs: [p.recipient for p in pairs]  # noqa: E731
@@ -688,6 +736,9 @@ def discover(maps: torch.Tensor, probes: ProbeSet, targets: torch.Tensor, preds:
         makers["detail"] = lambda pairs: detail_images(images, src(pairs), grid, gen)
     if "texture" in runs:
         makers["texture"] = lambda pairs: background_detail_images(images, objects, grid, src(pairs), dst(pairs))
+    if MARKED in runs:  # its own generator: the other arms draw as they would without masks
+        places = torch.Generator().manual_seed(settings.seed * 1_000_003 + step + 1)
+        makers[MARKED] = lambda pairs: marked_images(images, marks, src(pairs), dst(pairs), places)
     follow = evidence is not None and bool(evidence.log_detector)  # from the second evaluation on
     arms = (LOCAL, *makers)
     total = int(settings.budget * len(probes)) // 2
@@ -695,6 +746,7 @@ def discover(maps: torch.Tensor, probes: ProbeSet, targets: torch.Tensor, preds:
     tests = plan_tests(suspects, maps, targets, preds, image_size, total, settings.box_cells, gen, windows,
                        evidence.class_weights(LOCAL, classes) if follow and settings.per_class else None)
     planned = {arm: sources_of(suspects, total) if arm == "detail" else
+               marked_pairs(suspects, marks, targets, preds, total, gen) if arm == MARKED else
                [Pair(s, r) for s, r in recipients_of(suspects, targets, preds, total, gen)] for arm in makers}
     plans: dict[str, list[Any]] = {LOCAL: tests, **planned}
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import metrics as M
-from .discovery import DiscoverySettings, discover
+from .discovery import DiscoverySettings, arms_run, discover
 from .evidence import EvidenceState
 from .engine import CAMResult, OutputTransform, cam_pass, masked_scores, predict_classes
 from .errors import NonFiniteOutputError
@@ -276,7 +276,7 @@ def evaluate(model: nn.Module, probes: ProbeSet, settings: EvalSettings, placeme
         found = discover(maps, probes, targets, preds, sharded_predict(model, settings, placement), found_settings,
                          step=global_step, evidence=prior)
         per_probe.update(found.per_probe(len(probes)))
-        arms = found_settings.arms_on(tuple(maps.shape[-2:]), probes.image_size)
+        arms = arms_run(found_settings, tuple(maps.shape[-2:]), probes)
         accumulated = prior.update(found.diffs(by_class=per_class), found_settings.bets, found_settings.margins,
                                    pool=arms)
     aggregates = aggregate(per_probe, maps, probes)

@@ -1,6 +1,6 @@
 """The images the confirmation tests classify: probes edited so that one thing of a source probe
 (a region, its colour statistics, its background's spectrum, its border band, the arrangement of
-its cells, its background's fine detail) is given to, or taken from, an image.
+its cells, its background's fine detail, the region a user marked) is given to, or taken from, an image.
 
 Pure tensor functions on CPU images (B, C, H, W) indexed by probe: no model, no maps' meaning,
 no Lightning. :mod:`discovery` decides which probes and regions each test uses and why each
@@ -241,3 +241,58 @@ def background_detail_images(images: torch.Tensor, objects: torch.Tensor, grid: 
     inside = objects[sources][:, None].to(images.dtype)
     base = blurred_cells(images[recipients], grid)
     return torch.cat([base + fine * (1 - inside), base + fine * inside])
+
+
+def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """(N, 4) long: each (H, W) mask's bounding box (y0, x0, y1, x1), half-open; all zero for an
+    empty mask."""
+    def span(hit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.arange(hit.shape[1])
+        first = torch.where(hit, index, hit.shape[1]).min(1).values
+        return first, torch.where(hit, index, -1).max(1).values + 1
+
+    (y0, y1), (x0, x1) = span(masks.any(2)), span(masks.any(1))
+    boxes = torch.stack([y0, x0, y1, x1], 1)
+    return torch.where(masks.flatten(1).any(1)[:, None], boxes, torch.zeros_like(boxes))
+
+
+def clear_places(box: Box, image_size: tuple[int, int]) -> torch.Tensor:
+    """(h', w') bool over top-left corners: where a box of ``box``'s size fits in the image without
+    overlapping ``box``."""
+    (y0, x0, y1, x1), (height, width) = box, image_size
+    ys = torch.arange(max(0, height - (y1 - y0) + 1))[:, None]
+    xs = torch.arange(max(0, width - (x1 - x0) + 1))[None]
+    return (ys >= y1) | (ys + (y1 - y0) <= y0) | (xs >= x1) | (xs + (x1 - x0) <= x0)
+
+
+def markable(masks: torch.Tensor) -> torch.Tensor:
+    """(N,) bool: the probes whose (H, W) mask marks something and whose box can be moved clear of
+    itself inside the image (:func:`clear_places`), so that :func:`marked_images` has a control."""
+    size = tuple(masks.shape[-2:])
+    return torch.tensor([bool(box[2] > box[0]) and bool(clear_places(tuple(box), size).any())  # type: ignore[arg-type]
+                         for box in mask_boxes(masks).tolist()], dtype=torch.bool)
+
+
+def marked_images(images: torch.Tensor, masks: torch.Tensor, sources: list[int], recipients: list[int],
+                  gen: torch.Generator) -> torch.Tensor:
+    """(2P, C, H, W): each recipient with its own marked region taken away (:func:`filled`) and its
+    source's marked pixels put in at the same place, then each control (the same recipient with,
+    on those pixels, the source's pixels from a box of the mark's size elsewhere in the source,
+    clear of the mark, drawn with ``gen``). Both cover the same pixels of the same recipient and
+    take the same from it; they differ only in whether what they bring is the marked content.
+    Every source must be :func:`markable`."""
+    if not sources:
+        return images[:0]
+    base = filled(images[recipients], masks[recipients])
+    marks = masks[sources]
+    tests = torch.where(marks[:, None], images[sources], base)
+    controls = base.clone()
+    size = tuple(images.shape[-2:])
+    for i, (source, box) in enumerate(zip(sources, mask_boxes(marks).tolist())):
+        y0, x0, y1, x1 = box
+        places = clear_places((y0, x0, y1, x1), size).nonzero()  # type: ignore[arg-type]
+        p0, q0 = places[int(torch.randint(len(places), (1,), generator=gen))].tolist()
+        region = marks[i, y0:y1, x0:x1]
+        moved = images[source][:, p0:p0 + y1 - y0, q0:q0 + x1 - x0]
+        controls[i][:, y0:y1, x0:x1] = torch.where(region, moved, controls[i][:, y0:y1, x0:x1])
+    return torch.cat([tests, controls])

@@ -22,7 +22,8 @@ ALL_METRICS = {"cam/spurious_energy", "cam/spurious_enrichment", "cam/object_ene
                "cam/colour_flip_rate", "cam/colour_flip_control", "cam/colour_flip_excess", "cam/border_flip_rate",
                "cam/border_flip_control", "cam/border_flip_excess", "cam/detail_flip_rate", "cam/detail_flip_control",
                "cam/detail_flip_excess", "cam/texture_flip_rate", "cam/texture_flip_control",
-               "cam/texture_flip_excess", "cam/shortcut_p", "cam/shortcut_evidence"}
+               "cam/texture_flip_excess", "cam/marked_flip_rate", "cam/marked_flip_control", "cam/marked_flip_excess",
+               "cam/shortcut_p", "cam/shortcut_evidence"}  # the probes carry spurious masks: the marked arm runs
 
 RECORDED: list[dict] = []
 
@@ -212,7 +213,7 @@ def test_tensorboard_event_files_hold_images_and_scalars(tmp_path) -> None:
     # per-probe curves only for the filmstrip's probes: the monitor's own scalars stay few
     mine = [t for t in tags["scalars"] if t.startswith(("cam/", "cam_probes/"))]
     curves = {t.split("/")[-1] for t in mine if t.startswith("cam_probes/")}
-    assert curves == set(mon.probes.ids[:mon.monitor.pictures.filmstrip_probes]) and len(mine) <= 44, sorted(mine)  # 31 cam/ + the curves
+    assert curves == set(mon.probes.ids[:mon.monitor.pictures.filmstrip_probes]) and len(mine) <= 47, sorted(mine)  # 34 cam/ (3 of the marked arm: these probes carry masks) + the curves
     assert logger.hparams["cam_monitor.target_layer"] == "net.features"  # the settings in TensorBoard's HParams
 
 

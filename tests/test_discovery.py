@@ -418,13 +418,15 @@ def test_bad_settings_are_refused(kwargs, text) -> None:
 
 def test_the_detail_arm_has_its_own_margin_and_every_other_arm_the_common_one() -> None:
     margins = DiscoverySettings(min_effect=0.1, detail_min_effect=0.25).margins
-    assert margins == {"local": 0.1, "global": 0.1, "colour": 0.1, "border": 0.1, "detail": 0.25, "texture": 0.1}
+    assert margins == {"local": 0.1, "global": 0.1, "colour": 0.1, "border": 0.1, "detail": 0.25, "texture": 0.1,
+                       "marked": 0.1}
     assert DiscoverySettings().margins["detail"] > DiscoverySettings().min_effect
 
 
 def test_the_detail_arm_has_its_own_stake_and_every_other_arm_the_common_one() -> None:
     bets = DiscoverySettings(bet=0.6, detail_bet=0.25).bets
-    assert bets == {"local": 0.6, "global": 0.6, "colour": 0.6, "border": 0.6, "detail": 0.25, "texture": 0.6}
+    assert bets == {"local": 0.6, "global": 0.6, "colour": 0.6, "border": 0.6, "detail": 0.25, "texture": 0.6,
+                    "marked": 0.6}
     assert DiscoverySettings().bets["detail"] < DiscoverySettings().bet  # the least exact null stakes less
 
 
@@ -715,3 +717,109 @@ def test_a_model_at_chance_on_the_probes_is_not_tested() -> None:
     assert all(d.numel() == 0 for d in guessing.diffs().values())
     learned = discover(torch.ones(16, 4, 4), probes, labels, labels, lambda x: model(x).argmax(1), DETAIL_ONLY)
     assert learned.suspects and learned.paired["detail"].pairs  # 16 of 16: p = 2 ** -16
+
+
+def floating_tag_probes(n: int = 16, seed: int = 0) -> cm.ProbeSet:
+    """Half class 1 with a bright 4 x 4 tag at a random place and a bright centre, half class 0
+    (dim noise); every tag marked in the spurious masks."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(n, 1, SIZE, SIZE, generator=g) * 0.1
+    labels = torch.tensor([1, 0] * (n // 2))
+    masks = torch.zeros(n, SIZE, SIZE, dtype=torch.bool)
+    for i in (labels == 1).nonzero()[:, 0].tolist():
+        images[i, 0, 6:10, 6:10] = 0.5
+        y, x = [int(v) for v in torch.randint(0, SIZE - 4, (2,), generator=g)]
+        while 2 < y < 10 and 2 < x < 10:  # clear of the centre
+            y, x = [int(v) for v in torch.randint(0, SIZE - 4, (2,), generator=g)]
+        images[i, 0, y:y + 4, x:x + 4] = 1.0
+        masks[i, y:y + 4, x:x + 4] = True
+    return cm.ProbeSet(images, labels, spurious_masks=masks)
+
+
+MARKED_ONLY = DiscoverySettings(colour_test=False, border_test=False, detail_test=False, texture_test=False)
+
+
+def test_the_marked_arm_runs_where_the_probes_carry_marks_it_can_move() -> None:
+    from cam_monitor.discovery import arms_run, marks_testable
+
+    probes = floating_tag_probes()
+    assert marks_testable(probes.spurious_masks) and not marks_testable(None)
+    assert arms_run(DiscoverySettings(), (8, 8), probes)[-1] == "marked"
+    assert "marked" not in arms_run(DiscoverySettings(marked_test=False), (8, 8), probes)
+    assert "marked" not in DiscoverySettings().arms  # the mask-free arms
+    empty = cm.ProbeSet(probes.images, probes.labels, spurious_masks=torch.zeros_like(probes.spurious_masks))
+    assert "marked" not in arms_run(DiscoverySettings(), (8, 8), empty)
+    assert "marked" not in arms_run(DiscoverySettings(), (8, 8), cm.ProbeSet(probes.images, probes.labels))
+
+
+def test_a_model_that_follows_a_floating_tag_follows_the_marked_region_and_one_that_reads_the_centre_does_not() -> None:
+    """The tag sits anywhere and the maps credit the centre (where no local test looks for a tag):
+    the marked arm pastes what the masks mark. A model told by the tag flips on every test and on no
+    control; a model told by the centre flips on neither (no evidence either way). Without masks the
+    arm does not run."""
+    probes = floating_tag_probes()
+    maps = one_cell_maps(len(probes), (1, 1))  # the centre cells, never the tag
+    for use_tag, expected in ((True, 1.0), (False, 0.0)):
+        model = TagModel(use_tag) if use_tag else CentreOnly()
+        preds = model(probes.images).argmax(1)
+        assert torch.equal(preds, probes.labels)
+        found = discover(maps, probes, probes.labels, preds, lambda x, m=model: m(x).argmax(1), MARKED_ONLY)
+        marked = found.paired["marked"]
+        assert marked.pairs and all(found.suspects[p.suspect].cls == 1 for p in marked.pairs)  # only class 1 is marked
+        assert float(marked.flips.float().mean()) == expected and not marked.control_flips.any()
+        agg = found.aggregates()
+        assert agg["marked_flip_rate"] == expected and agg["marked_flip_control"] == 0.0
+    plain = cm.ProbeSet(probes.images, probes.labels)
+    model = TagModel(True)
+    found = discover(maps, plain, plain.labels, model(plain.images).argmax(1), lambda x: model(x).argmax(1), MARKED_ONLY)
+    assert "marked" not in found.paired and "marked_flip_rate" not in found.aggregates()
+
+
+class CentreOnly(nn.Module):
+    """Class 1 by a bright centre alone (the object), whatever else the image holds."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        centre = x[:, 0, 6:10, 6:10].mean((1, 2))
+        return torch.stack([torch.full_like(centre, 0.3), centre], 1)
+
+
+def test_the_marked_arm_leaves_the_other_arms_draws_as_they_are_without_masks() -> None:
+    """Its places come from its own generator and its pairs are planned after the others': the
+    local arm's first-stage tests are the same with and without masks."""
+    probes = floating_tag_probes()
+    plain = cm.ProbeSet(probes.images, probes.labels)
+    maps = one_cell_maps(len(probes), (1, 1))
+    model = TagModel(True)
+    one_stage = replace_settings(LOCAL_ONLY, first_stage=1.0)
+    with_marks = discover(maps, probes, probes.labels, probes.labels, lambda x: model(x).argmax(1), one_stage)
+    without = discover(maps, plain, plain.labels, plain.labels, lambda x: model(x).argmax(1), one_stage)
+    n = len(with_marks.tests)
+    assert n and with_marks.tests == without.tests[:n]
+
+
+def test_with_marks_the_evidence_is_the_mean_over_the_mask_free_arms_and_the_marked_one() -> None:
+    """A model told by the floating tag, its tags marked: the marked arm's detector grows, and the
+    logged evidence pools it with the mask-free arms that run (half their mean, half every pair)."""
+    from cam_monitor.discovery import arms_run
+
+    probes = floating_tag_probes(32)
+
+    class Tagged(nn.Module):  # the tag model behind a layer that gives maps
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Conv2d(1, 1, 4, stride=4)  # a 4 x 4 grid that passes the image's cell means on
+            nn.init.constant_(self.body.weight, 1 / 16)
+            nn.init.zeros_(self.body.bias)
+            self.tag = TagModel(True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            lift = 0.01 * self.body(x).mean((1, 2, 3))  # a little credit everywhere: non-zero maps
+            return self.tag(x) + torch.stack([-lift, lift], 1)
+
+    settings = EvalSettings(layer="body", faithfulness=False, discovery=DiscoverySettings(skill_level=1.0))
+    ev = evaluate(Tagged(), probes, settings)
+    arms = arms_run(settings.discovery, tuple(ev.maps.shape[-2:]), probes)
+    assert arms[-1] == "marked" and ev.discovery.diffs()["marked"].numel()
+    assert ev.evidence.detector("marked") > 1 and ev.aggregates["marked_flip_excess"] > 0.5
+    mean = sum(ev.evidence.detector(a) for a in arms) / len(arms)
+    assert ev.aggregates["shortcut_evidence"] == pytest.approx(0.5 * mean + 0.5 * ev.evidence.detector("all"))

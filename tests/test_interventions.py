@@ -229,3 +229,47 @@ def test_the_texture_test_gives_the_recipient_the_candidates_fine_detail_outside
     assert torch.allclose(test[0, :, :, 16:], blurred[1, :, :, 16:] + fine[:, :, 16:])  # its background's detail
     assert torch.allclose(control[0, :, :, :16], blurred[1, :, :, :16] + fine[:, :, :16])
     assert torch.allclose(control[0, :, :, 16:], blurred[1, :, :, 16:])
+
+
+def test_a_masks_box_spans_its_pixels_and_a_clear_place_does_not_overlap_it() -> None:
+    from cam_monitor.interventions import clear_places, mask_boxes, markable
+
+    masks = torch.zeros(3, 8, 8, dtype=torch.bool)
+    masks[0, 1:3, 2:5] = True
+    masks[0, 2, 6] = True  # a second blob: the box spans both
+    masks[2] = True  # the whole image: nowhere to move it
+    assert mask_boxes(masks).tolist() == [[1, 2, 3, 7], [0, 0, 0, 0], [0, 0, 8, 8]]
+    assert markable(masks).tolist() == [True, False, False]
+    places = clear_places((1, 2, 3, 7), (8, 8))  # 2 x 5 boxes: top-left corners in 7 x 4
+    assert places.shape == (7, 4)
+    for y, x in places.nonzero().tolist():
+        assert y >= 3 or y + 2 <= 1 or x >= 7 or x + 5 <= 2
+    assert not places[1:3].any() and places[3:].all() and not places[0].any()
+    assert not clear_places((0, 0, 8, 8), (8, 8)).any()
+
+
+def test_marked_images_bring_the_marked_pixels_or_as_many_from_elsewhere_into_the_recipient_with_its_mark_filled() -> None:
+    """The test puts the source's marked pixels where they are in the source; the control puts the
+    source's pixels of the same shape from a box elsewhere, clear of the mark, on the same pixels.
+    Both start from the recipient with its own mark filled by the mean of its other pixels."""
+    from cam_monitor.interventions import marked_images
+
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(3, 2, SIZE, SIZE, generator=gen)
+    masks = torch.zeros(3, SIZE, SIZE, dtype=torch.bool)
+    masks[0, 2:5, 3:7] = True
+    masks[0, 4, 3] = False  # not a rectangle: only the marked pixels move
+    masks[1, 10:14, 10:12] = True  # the recipient's own mark
+    out = marked_images(images, masks, [0, 0], [1, 2], torch.Generator().manual_seed(1))
+    assert out.shape == (4, 2, SIZE, SIZE)
+    test, control = out[0], out[2]
+    mark, own = masks[0], masks[1]
+    rest = images[1][:, ~own].mean(1)
+    base = torch.where(own[None], rest[:, None, None], images[1])
+    assert torch.equal(test[:, mark], images[0][:, mark]) and torch.equal(test[:, ~mark], base[:, ~mark])
+    assert torch.equal(control[:, ~mark], base[:, ~mark])
+    hits = [(y, x) for y in range(SIZE - 2) for x in range(SIZE - 3)
+            if torch.equal(control[:, 2:5, 3:7][:, mark[2:5, 3:7]], images[0][:, y:y + 3, x:x + 4][:, mark[2:5, 3:7]])]
+    assert len(hits) == 1 and (hits[0][0] >= 5 or hits[0][0] + 3 <= 2 or hits[0][1] >= 7 or hits[0][1] + 4 <= 3)
+    assert torch.equal(out[1][:, mark], images[0][:, mark]) and torch.equal(out[1][:, ~mark], images[2][:, ~mark])
+    assert marked_images(images, masks, [], [], gen).shape == (0, 2, SIZE, SIZE)

@@ -143,6 +143,31 @@ def test_no_alert_on_any_control_of_the_zoo(cue, tmp_path) -> None:
     assert max(abs(r["accuracy_gap"]) for r in run.rows) < 0.1  # the ground truth agrees: no shortcut
 
 
+@pytest.mark.parametrize("cue", ["interior_patch", "text_tag", "ruler"])
+def test_with_the_cues_marked_no_alert_on_a_floating_cue_control(cue, tmp_path) -> None:
+    """The probes carry the true cue masks, as a user who marked the cue gives them: the marked arm
+    tests them at every evaluation (with the mask rules), and a control, whose cue is random, stays quiet."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run = run_task(cue, "control", 0, 3, str(tmp_path), spurious_masks=True)
+    assert run.monitor.probes.spurious_masks is not None and run.monitor.probes.object_masks is None
+    assert any(r["evidence_pairs"].get("marked") for r in run.rows)
+    assert run.alerts == [], run.alerts
+
+
+@pytest.mark.slow
+def test_with_the_tag_marked_the_tag_shortcut_is_confirmed_by_the_marked_arm(tmp_path) -> None:
+    """The text tag, which the mask-free arms miss (wider than a cell), marked: confirmed, the
+    marked arm the strongest test (digits, seed 2: at epoch 2 of 4, the gap past 0.2 from epoch 0)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run = run_task("text_tag", "shortcut", 2, 4, str(tmp_path), spurious_masks=True)
+    confirmed = [a for a in run.alerts if a["rule"] == "shortcut_confirmed"]
+    assert confirmed, run.alerts
+    tests = confirmed[0]["evidence_by_test"]
+    assert max((a for a in tests if a != "all"), key=tests.get) == "marked"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("cue", ["background_cast", "interior_patch"])
 def test_no_alert_on_the_drawn_shapes_controls_whose_objects_fit_a_window(cue, tmp_path) -> None:
