@@ -146,12 +146,15 @@ def main() -> None:
         if len(recorded) > 1:
             raise SystemExit(f"--merge: the files differ in record_pairs ({sorted(map(str, recorded))}): a recording "
                              "shares its pairs unlike the default monitor; merge each separately")
+        masked = {bool(r.get("masks")) for r in results}
+        if len(masked) > 1:
+            raise SystemExit("--merge: some files were run with --masks and some without: merge each separately")
         runs = [r for result in results for r in result["runs"]]
         summary = summarise(runs, alpha)
         print_table(summary)
         epochs = sorted({r["epochs"] for r in results})  # groups of several architectures may train for different epochs
         write_json({"machine": results[0]["machine"], "epochs": epochs[0] if len(epochs) == 1 else epochs,
-                    "record_pairs": recorded.pop(), **summary,
+                    "record_pairs": recorded.pop(), "masks": masked.pop(), **summary,
                     "merged_from": [Path(f).name for f in args.merge], "runs": runs}, out)
         return
     warnings.filterwarnings("ignore")

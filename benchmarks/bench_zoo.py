@@ -216,7 +216,8 @@ def main() -> None:
         print_table(rows, cost)
         write_json({"machine": first["machine"], "arch": first["arch"], "base": first.get("base", "digits"),
                     "epochs": first["epochs"], "global_test": first.get("global_test", False),
-                    "record_pairs": first.get("record_pairs"), "seeds": sorted({r.seed for r in saved}), "tasks": rows,
+                    "record_pairs": first.get("record_pairs"), "masks": first.get("masks", False),
+                    "seeds": sorted({r.seed for r in saved}), "tasks": rows,
                     "cost": cost, "merged_from": [Path(p).name for p in args.merge],
                     "replayed_under": args.replay,
                     "runs": [r for result in results for r in result["runs"]] if not args.replay else
