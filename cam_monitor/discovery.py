@@ -326,6 +326,8 @@ class Discovery:
     recipient's prediction into the suspect's class; ``paired`` holds the same for the whole-image
     arms that ran (``global``, ``colour``, ``border``, ``detail``, ``texture``, ``marked``). ``waiting``: the
     model did not beat chance on the probes (``DiscoverySettings.skill_level``), so nothing was tested.
+    ``arms``: the arms that run for these probes on this layer (:func:`arms_run`, fixed for a run),
+    whose mean the evidence takes.
     """
 
     suspects: list[Suspect]
@@ -334,6 +336,7 @@ class Discovery:
     control_flips: torch.Tensor
     paired: dict[str, PairedArm]
     waiting: bool = False
+    arms: tuple[str, ...] = ()
 
     @property
     def pasted(self) -> int:
@@ -776,4 +779,4 @@ def discover(maps: torch.Tensor, probes: ProbeSet, targets: torch.Tensor, preds:
     both = {arm: (torch.cat([found[arm][0], more[arm][0]]), torch.cat([found[arm][1], more[arm][1]])) for arm in arms}
     ran = {arm: spans[arm][1] for arm in arms}
     paired = {arm: PairedArm(plans[arm][:ran[arm]], *both[arm]) for arm in makers}
-    return Discovery(suspects, tests[:ran[LOCAL]], *both[LOCAL], paired, waiting=not ready)
+    return Discovery(suspects, tests[:ran[LOCAL]], *both[LOCAL], paired, waiting=not ready, arms=runs)

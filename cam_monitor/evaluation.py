@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import metrics as M
-from .discovery import DiscoverySettings, arms_run, discover
+from .discovery import DiscoverySettings, discover
 from .evidence import EvidenceState
 from .engine import CAMResult, OutputTransform, cam_pass, masked_scores, predict_classes
 from .errors import NonFiniteOutputError
@@ -276,14 +276,13 @@ def evaluate(model: nn.Module, probes: ProbeSet, settings: EvalSettings, placeme
         found = discover(maps, probes, targets, preds, sharded_predict(model, settings, placement), found_settings,
                          step=global_step, evidence=prior)
         per_probe.update(found.per_probe(len(probes)))
-        arms = arms_run(found_settings, tuple(maps.shape[-2:]), probes)
         accumulated = prior.update(found.diffs(by_class=per_class), found_settings.bets, found_settings.margins,
-                                   pool=arms)
+                                   pool=found.arms)
     aggregates = aggregate(per_probe, maps, probes)
     if found is not None and accumulated is not None:
         aggregates.update(found.aggregates())
         classes = probe_classes(probes) if found_settings.per_class else ()
-        aggregates["shortcut_evidence"] = accumulated.value(arms, classes)
+        aggregates["shortcut_evidence"] = accumulated.value(found.arms, classes)
     return Evaluation(epoch=epoch, global_step=global_step, maps=maps, preds=preds,
                       probs=probs.gather(1, targets[:, None])[:, 0], per_probe=per_probe,
                       aggregates=aggregates, discovery=found, evidence=accumulated)

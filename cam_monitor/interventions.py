@@ -251,9 +251,10 @@ def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
         first = torch.where(hit, index, hit.shape[1]).min(1).values
         return first, torch.where(hit, index, -1).max(1).values + 1
 
-    (y0, y1), (x0, x1) = span(masks.any(2)), span(masks.any(1))
+    rows = masks.any(2)
+    (y0, y1), (x0, x1) = span(rows), span(masks.any(1))
     boxes = torch.stack([y0, x0, y1, x1], 1)
-    return torch.where(masks.flatten(1).any(1)[:, None], boxes, torch.zeros_like(boxes))
+    return torch.where(rows.any(1)[:, None], boxes, torch.zeros_like(boxes))
 
 
 def clear_places(box: Box, image_size: tuple[int, int]) -> torch.Tensor:
@@ -267,10 +268,12 @@ def clear_places(box: Box, image_size: tuple[int, int]) -> torch.Tensor:
 
 def markable(masks: torch.Tensor) -> torch.Tensor:
     """(N,) bool: the probes whose (H, W) mask marks something and whose box can be moved clear of
-    itself inside the image (:func:`clear_places`), so that :func:`marked_images` has a control."""
-    size = tuple(masks.shape[-2:])
-    return torch.tensor([bool(box[2] > box[0]) and bool(clear_places(tuple(box), size).any())  # type: ignore[arg-type]
-                         for box in mask_boxes(masks).tolist()], dtype=torch.bool)
+    itself inside the image (some :func:`clear_places`), so that :func:`marked_images` has a
+    control: the box's height fits above or below it, or its width beside it."""
+    height, width = masks.shape[-2:]
+    y0, x0, y1, x1 = mask_boxes(masks).unbind(1)
+    h, w = y1 - y0, x1 - x0
+    return (h > 0) & ((y0 >= h) | (height - y1 >= h) | (x0 >= w) | (width - x1 >= w))
 
 
 def marked_images(images: torch.Tensor, masks: torch.Tensor, sources: list[int], recipients: list[int],

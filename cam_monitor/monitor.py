@@ -21,7 +21,7 @@ from torch import nn
 from .alerts import AlertBook, check_rules, default_rules, describe_alert, resolve_action, rule_threshold
 from .checks import dry_run, dry_run_findings, first_pass, inert_setting_findings
 from .console import Voice
-from .discovery import DiscoverySettings, arms_run
+from .discovery import DiscoverySettings
 from .engine import CAMResult
 from .errors import CAMAlertError, CAMError
 from .evaluation import EvalSettings, Placement, evaluate
@@ -328,9 +328,8 @@ class Monitor:
         backed = () if ev.discovery is None else ev.discovery.backed_classes(ev.evidence)
         regions = None if ev.discovery is None else {"shortcut_evidence": ev.discovery.regions(
             self.probes.ids, self.probes.class_names, backed)}
-        by_test = None if ev.evidence is None else {
-            "shortcut_evidence": {arm: ev.evidence.detector(arm) for arm in (*arms_run(
-                self.settings.discovery, tuple(ev.maps.shape[-2:]), self.probes), ALL)}}
+        by_test = None if ev.evidence is None or ev.discovery is None else {
+            "shortcut_evidence": {arm: ev.evidence.detector(arm) for arm in (*ev.discovery.arms, ALL)}}
         checks = check_rules(self.rules, ev.aggregates, ev.per_probe, self.probes.ids,
                              None if ref is None else ref.aggregates, self.alerting.hysteresis, regions, by_test)
         events = self.book.update(checks, ev.epoch, ev.global_step, self.prefix)
