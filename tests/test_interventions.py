@@ -273,3 +273,20 @@ def test_marked_images_bring_the_marked_pixels_or_as_many_from_elsewhere_into_th
     assert len(hits) == 1 and (hits[0][0] >= 5 or hits[0][0] + 3 <= 2 or hits[0][1] >= 7 or hits[0][1] + 4 <= 3)
     assert torch.equal(out[1][:, mark], images[0][:, mark]) and torch.equal(out[1][:, ~mark], images[2][:, ~mark])
     assert marked_images(images, masks, [], [], gen).shape == (0, 2, SIZE, SIZE)
+
+
+def test_markable_says_exactly_where_a_clear_place_exists() -> None:
+    """The closed form (the box's height fits above or below it, or its width beside it) agrees with
+    searching every place (:func:`clear_places`), on boxes of every size and place and on empty masks."""
+    from cam_monitor.interventions import clear_places, mask_boxes, markable
+
+    gen = torch.Generator().manual_seed(0)
+    masks = torch.zeros(600, 12, 10, dtype=torch.bool)
+    for i in range(1, len(masks)):  # mask 0 stays empty
+        y0, y1 = sorted(torch.randint(0, 13, (2,), generator=gen).tolist())
+        x0, x1 = sorted(torch.randint(0, 11, (2,), generator=gen).tolist())
+        masks[i, y0:y1, x0:x1] = True
+    searched = torch.tensor([bool(b[2] > b[0]) and bool(clear_places(tuple(b), (12, 10)).any())
+                             for b in mask_boxes(masks).tolist()])
+    assert searched.any() and not searched.all()
+    assert torch.equal(markable(masks), searched)
