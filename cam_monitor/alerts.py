@@ -93,15 +93,23 @@ class Rule:
         return [ids[i] for i in bad[order].tolist()][:limit]
 
 
+#: How unlikely, by chance, the energy on the user's spurious masks must have risen on as many of the
+#: probes as it did (``spurious_rise_p``) for drift without object masks to count as moving onto them.
+MOVED_ONTO_MARKS_LEVEL = 1e-3
+
+
 def _moved_off_object(agg: dict[str, float], ref: dict[str, float]) -> bool:
     """Drift counts only when the maps moved away from the object, or, without object masks, onto
     the spurious regions the user outlined: a model learning to look *at* the object drifts too,
-    and that is good. With no mask at all nothing says where the object is, so the rule holds (the
+    and that is good. Onto the marks means on most probes, by a sign test at
+    :data:`MOVED_ONTO_MARKS_LEVEL` (``spurious_rise_p``): a mean rise above 0 fired on zoo control
+    runs given the true cue masks where the energy had risen on 33 probes of 64 and fallen on 31
+    (the reference, "Alerts"). With no mask at all nothing says where the object is, so the rule holds (the
     border-band stand-in rose on 8 of 518 control runs whose maps drifted while they learned the
     digits: a rate nothing states; ``shortcut_confirmed`` judges mask-free runs)."""
     if "object_energy" in agg and "object_energy" in ref:
         return agg["object_energy"] < ref["object_energy"]
-    return _user_masks(agg, ref) and agg["spurious_energy_rise"] > 0
+    return _user_masks(agg, ref) and agg.get("spurious_rise_p", 1.0) <= MOVED_ONTO_MARKS_LEVEL
 
 
 def _user_masks(agg: dict[str, float], ref: dict[str, float]) -> bool:

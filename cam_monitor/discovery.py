@@ -147,12 +147,18 @@ class DiscoverySettings:
             at least ``1 / alpha`` evaluations on average to cross its threshold ``1 / alpha``.
         min_effect: the null hypothesis' margin: how much more often the candidate may flip
             predictions than its control and still not count (parts of a real object are a little
-            more potent than other parts). Every arm's but the detail arm's.
+            more potent than other parts). Every arm's but the detail and marked arms'.
         detail_min_effect: the detail arm's margin. Its control (a blur at half a cell) takes more
             of a thin-stroked object than its test (a shuffle of the cells) does, so a model that
             still reads pieces of strokes keeps its class on the shuffle more often than on the
             blur, with no shortcut at all (digits controls early in training, measured: see the
             reference); a texture the model follows keeps it far more often still.
+        marked_min_effect: the marked arm's margin. Its test and its control put content of the
+            same shape from the same source on the same pixels of the recipient (the mark's own
+            pixels against the source's from elsewhere), so for a model that does not read the mark
+            neither is the more potent, save that the control may hold part of the object, which
+            only makes it the stronger: this null needs no margin (measured on controls: see the
+            reference).
         first_stage: the share of the pairs the arms draw equally, in the first batch; the rest
             follow what those pairs found (:func:`second_stage_weights`). 1.0 draws every pair
             equally in one batch (one forward round trip instead of two; each arm's pairs then
@@ -205,6 +211,7 @@ class DiscoverySettings:
     alpha: float = 1e-3
     min_effect: float = 0.05
     detail_min_effect: float = 0.2
+    marked_min_effect: float = 0.0
     first_stage: float = FIRST_STAGE
     bet: float = 0.7
     detail_bet: float = 0.3
@@ -238,11 +245,13 @@ class DiscoverySettings:
         check_bet(self.bet, self.min_effect)
         check_bet(self.bet, self.detail_min_effect, "detail_min_effect")  # the weights compare every arm at it
         check_bet(self.detail_bet, self.detail_min_effect, "detail_min_effect", "detail_bet")
+        check_bet(self.bet, self.marked_min_effect, "marked_min_effect")
 
     @property
     def margins(self) -> dict[str, float]:
         """Each arm's null margin (:func:`~cam_monitor.evidence.arm_value` reads it per stream)."""
-        return {arm: self.detail_min_effect if arm == "detail" else self.min_effect for arm in ARMS}
+        special = {"detail": self.detail_min_effect, MARKED: self.marked_min_effect}
+        return {arm: special.get(arm, self.min_effect) for arm in ARMS}
 
     @property
     def bets(self) -> dict[str, float]:

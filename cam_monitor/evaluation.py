@@ -19,7 +19,7 @@ from torch import nn
 
 from . import metrics as M
 from .discovery import DiscoverySettings, discover
-from .evidence import EvidenceState
+from .evidence import EvidenceState, sign_test_p
 from .engine import CAMResult, OutputTransform, cam_pass, masked_scores, predict_classes
 from .errors import NonFiniteOutputError
 from .layers import LayerSpec, ReshapeSpec
@@ -216,14 +216,27 @@ def quality_score(aggregates: dict[str, float]) -> float:
 
 def aggregate(per_probe: dict[str, torch.Tensor], maps: torch.Tensor, probes: ProbeSet) -> dict[str, float]:
     """NaN-aware means by metric name, ``quality``, ``degenerate``: the probes whose map is all zero
-    (no evidence anywhere; their ratio metrics are NaN and left out of the means), and
-    ``spurious_masked``: the probes measured against a spurious mask of their own (not the border band)."""
+    (no evidence anywhere; their ratio metrics are NaN and left out of the means),
+    ``spurious_masked``: the probes measured against a spurious mask of their own (not the border
+    band), and where there are any, ``spurious_rise_p`` (:func:`rise_sign_p`)."""
     agg = {k: M.nanmean(v)[0] for k, v in per_probe.items() if k != "shortcut_flip"}
     agg["quality"] = quality_score(agg)
     agg["degenerate"] = float((maps.flatten(1).amax(1) <= 0).sum())
     masks = probes.spurious_masks
-    agg["spurious_masked"] = 0.0 if masks is None else float(masks.flatten(1).any(1).sum())
+    own = None if masks is None else masks.flatten(1).any(1)
+    agg["spurious_masked"] = 0.0 if own is None else float(own.sum())
+    if own is not None and own.any():
+        agg["spurious_rise_p"] = rise_sign_p(per_probe["spurious_energy_rise"][own])
     return agg
+
+
+def rise_sign_p(rise: torch.Tensor) -> float:
+    """The exact one-sided sign test that the energy on the probes' own spurious masks rose since
+    the reference on more probes than it fell (``rise``: per probe; no change and NaN do not
+    count): small where the maps moved onto the marked regions across the probe set, not where a
+    few probes' maps did while the rest moved off, as a mean rise cannot tell. 1.0 before there is
+    a reference (no probe changed)."""
+    return sign_test_p(int((rise > 0).sum()), int((rise < 0).sum()))
 
 
 def probe_classes(probes: ProbeSet) -> tuple[int, ...]:

@@ -64,11 +64,22 @@ def test_drift_toward_the_object_is_not_an_alert() -> None:
     assert lv["drift_off_object"] == "hold"
 
 
-def test_drift_without_object_masks_counts_only_when_spurious_energy_rose() -> None:
-    no_obj = {k: v for k, v in agg(drift=0.9, rise=-0.1).items() if k != "object_energy"}
+def test_drift_without_object_masks_counts_only_when_the_marks_energy_rose_on_most_probes() -> None:
+    """Without object masks the rule needs the sign test that the energy on the user's marks rose on
+    more probes than chance allows (``spurious_rise_p``), not a mean rise: 33 probes up and 31 down
+    with a mean above 0 is drift, not a move onto the marks."""
+    from cam_monitor.alerts import MOVED_ONTO_MARKS_LEVEL
+    from cam_monitor.evidence import sign_test_p
+
+    no_obj = {k: v for k, v in agg(drift=0.9, rise=0.1).items() if k != "object_energy"}
     ref = {k: v for k, v in agg().items() if k != "object_energy"}
-    assert levels(check_rules(RULES, no_obj, per(), IDS, ref))["drift_off_object"] == "hold"
-    assert levels(check_rules(RULES, {**no_obj, "spurious_energy_rise": 0.1}, per(), IDS, ref))["drift_off_object"] == "fire"
+    assert levels(check_rules(RULES, no_obj, per(), IDS, ref))["drift_off_object"] == "hold"  # no sign test: no masks
+    even = {**no_obj, "spurious_rise_p": sign_test_p(33, 31)}
+    assert levels(check_rules(RULES, even, per(), IDS, ref))["drift_off_object"] == "hold"
+    most = {**no_obj, "spurious_rise_p": sign_test_p(50, 14)}
+    assert sign_test_p(50, 14) <= MOVED_ONTO_MARKS_LEVEL
+    assert levels(check_rules(RULES, most, per(), IDS, ref))["drift_off_object"] == "fire"
+    assert levels(check_rules(RULES, {**most, "drift_ref": 0.3}, per(), IDS, ref))["drift_off_object"] == "clear"
 
 
 def test_drift_without_any_mask_never_alerts() -> None:

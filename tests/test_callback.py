@@ -17,7 +17,7 @@ from lightning_helpers import cam_scalars, fit, quick_monitor
 
 ALL_METRICS = {"cam/spurious_energy", "cam/spurious_enrichment", "cam/object_energy", "cam/drift_prev",
                "cam/drift_ref", "cam/pointing_spurious", "cam/average_drop", "cam/quality", "cam/degenerate",
-               "cam/alerts", "cam/spurious_energy_rise", "cam/object_enrichment", "cam/spurious_masked",
+               "cam/alerts", "cam/spurious_energy_rise", "cam/object_enrichment", "cam/spurious_masked", "cam/spurious_rise_p",
                "cam/shortcut_suspects", "cam/shortcut_flip_rate", "cam/shortcut_flip_control", "cam/shortcut_flip_excess",
                "cam/colour_flip_rate", "cam/colour_flip_control", "cam/colour_flip_excess", "cam/border_flip_rate",
                "cam/border_flip_control", "cam/border_flip_excess", "cam/detail_flip_rate", "cam/detail_flip_control",

@@ -410,17 +410,31 @@ def test_nothing_to_test_gives_nan_rates_and_costs_no_forward() -> None:
                                           (dict(detail_bet=0.84), r"detail_bet must be in \(0, 1 / \(1 \+ detail_min_effect\)\)"),
                                           (dict(border_band=0), "border_band"),
                                           (dict(border_band=MAX_BORDER_BAND + 0.01), "border_band"),
+                                          (dict(marked_min_effect=-0.1), "marked_min_effect"),
+                                          (dict(marked_min_effect=0.5), r"1 / \(1 \+ marked_min_effect\)"),
                                           (dict(first_stage=0), "first_stage"), (dict(first_stage=1.5), "first_stage")])
 def test_bad_settings_are_refused(kwargs, text) -> None:
     with pytest.raises(ValueError, match=text):
         DiscoverySettings(**kwargs)
 
 
-def test_the_detail_arm_has_its_own_margin_and_every_other_arm_the_common_one() -> None:
-    margins = DiscoverySettings(min_effect=0.1, detail_min_effect=0.25).margins
+def test_the_detail_and_marked_arms_have_their_own_margins_and_every_other_arm_the_common_one() -> None:
+    margins = DiscoverySettings(min_effect=0.1, detail_min_effect=0.25, marked_min_effect=0.02).margins
     assert margins == {"local": 0.1, "global": 0.1, "colour": 0.1, "border": 0.1, "detail": 0.25, "texture": 0.1,
-                       "marked": 0.1}
-    assert DiscoverySettings().margins["detail"] > DiscoverySettings().min_effect
+                       "marked": 0.02}
+    defaults = DiscoverySettings()
+    assert defaults.margins["detail"] > defaults.min_effect > defaults.margins["marked"] == 0.0
+
+
+def test_the_marked_arms_ties_cost_it_nothing_and_its_wins_count_in_full() -> None:
+    """At the default margins a tie (test and control alike) costs every margined arm a factor
+    1 - bet * margin and the marked arm none; a win against no loss grows it by 1 + bet."""
+    s = DiscoverySettings()
+    ties = {"local": torch.zeros(20), "marked": torch.zeros(20)}
+    state = EvidenceState().update(ties, s.bets, s.margins)
+    assert state.detector("marked") == 1.0 and state.detector("local") < 1.0
+    wins = EvidenceState().update({"marked": torch.tensor([1.0, 0.0, 0.0])}, s.bets, s.margins)
+    assert wins.detector("marked") == pytest.approx(1 + s.bet)
 
 
 def test_the_detail_arm_has_its_own_stake_and_every_other_arm_the_common_one() -> None:

@@ -101,6 +101,27 @@ def test_degenerate_counts_all_zero_maps_only() -> None:
     assert aggregate(per, maps, probes)["degenerate"] == 2.0  # probes 0 and 2 have all-zero maps
 
 
+def test_the_rise_sign_test_counts_only_probes_with_a_mask_of_their_own() -> None:
+    """``spurious_rise_p`` is the one-sided sign test of the probes whose own mask's energy rose
+    against those whose fell; a probe on the border band stand-in, no change and NaN do not count,
+    and without any mask of the user's there is no such test."""
+    from cam_monitor.evaluation import aggregate
+    from cam_monitor.evidence import sign_test_p
+
+    n = 16
+    masks = torch.zeros(n, 8, 8, dtype=torch.bool)
+    masks[:12, :2, :2] = True  # probes 12..15 are measured on the border band
+    rise = torch.tensor([0.1] * 9 + [-0.1, 0.0, float("nan")] + [-0.3] * 4)
+    maps = torch.ones(n, 2, 2)
+    per = {"spurious_energy": torch.full((n,), 0.5), "spurious_energy_rise": rise}
+    agg = aggregate(per, maps, ProbeSet(torch.rand(n, 1, 8, 8), torch.arange(n) % 2, spurious_masks=masks))
+    assert agg["spurious_masked"] == 12.0 and agg["spurious_rise_p"] == sign_test_p(9, 1) == pytest.approx(11 / 1024)
+    assert "spurious_rise_p" not in aggregate(per, maps, ProbeSet(torch.rand(n, 1, 8, 8), torch.arange(n) % 2))
+    first = aggregate({"spurious_energy": torch.full((n,), 0.5), "spurious_energy_rise": torch.zeros(n)}, maps,
+                      ProbeSet(torch.rand(n, 1, 8, 8), torch.arange(n) % 2, spurious_masks=masks))
+    assert first["spurious_rise_p"] == 1.0  # before a reference nothing has changed
+
+
 def test_quality_is_nan_when_every_map_is_all_zero() -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
