@@ -104,9 +104,9 @@ def _moved_off_object(agg: dict[str, float], ref: dict[str, float]) -> bool:
     and that is good. Onto the marks means on most probes, by a sign test at
     :data:`MOVED_ONTO_MARKS_LEVEL` (``spurious_rise_p``): a mean rise above 0 fired on zoo control
     runs given the true cue masks where the energy had risen on 33 probes of 64 and fallen on 31
-    (the reference, "Alerts"). With no mask at all nothing says where the object is, so the rule holds (the
-    border-band stand-in rose on 8 of 518 control runs whose maps drifted while they learned the
-    digits: a rate nothing states; ``shortcut_confirmed`` judges mask-free runs)."""
+    (the reference, "Alerts"). With no mask at all nothing says where the object is, so the rule
+    holds (the border-band stand-in rose on 8 of 518 control runs whose maps drifted while they
+    learned the digits: a rate nothing states; ``shortcut_confirmed`` judges mask-free runs)."""
     if "object_energy" in agg and "object_energy" in ref:
         return agg["object_energy"] < ref["object_energy"]
     return _user_masks(agg, ref) and agg.get("spurious_rise_p", 1.0) <= MOVED_ONTO_MARKS_LEVEL

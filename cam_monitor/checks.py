@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .alerts import MOVED_ONTO_MARKS_LEVEL
 from .discovery import MIN_DETAIL_GRID, arms_run, window_side
 from .engine import CAMResult
 from .errors import CAMError, InputError
 from .evaluation import EvalSettings, Placement, spurious_regions
+from .evidence import sign_test_p
 from .interventions import cell_size
 from .metrics import energy_fraction_bounds, enrichment_ceiling, pointing_always_hits
 from .probes import ProbeSet
@@ -48,6 +50,7 @@ def dry_run_findings(result: CAMResult, probes: ProbeSet, settings: EvalSettings
                                               enrichment_threshold, prefix))
     found.warnings.extend(discovery_findings(result.grid_size, result.layer_name, probes, settings, prefix))
     found.notes.extend(local_reach_notes(result.grid_size, result.layer_name, probes, settings))
+    found.warnings.extend(drift_sign_findings(probes, prefix))
     if result.layer_calls > 1:
         found.warnings.append(
             f"layer {result.layer_name!r} runs {result.layer_calls} times in one forward (a shared module); its maps "
@@ -96,6 +99,30 @@ def inert_setting_findings(alerting: dict[str, object], min_effect: float | None
         out.append(f"DiscoverySettings: min_effect={min_effect!r} can never alert: it is the margin of mask-free "
                    "discovery's test, and discovery is off (enabled=False); turn discovery on")
     return out
+
+
+def marked_probes_needed(level: float = MOVED_ONTO_MARKS_LEVEL) -> int:
+    """The fewest probes whose rises can make the sign test of ``spurious_rise_p`` reach ``level``
+    (every one of them up)."""
+    n = 1
+    while sign_test_p(n, 0) > level:
+        n += 1
+    return n
+
+
+def drift_sign_findings(probes: ProbeSet, prefix: str) -> list[str]:
+    """Without object masks, ``drift_off_object`` asks whether the energy on the user's marks rose
+    on more of the marked probes than chance allows; with too few marked probes no rise can pass."""
+    if probes.object_masks is not None or probes.spurious_masks is None:
+        return []
+    marked = int(probes.spurious_masks.flatten(1).any(1).sum())
+    need = marked_probes_needed()
+    if marked == 0 or marked >= need:
+        return []
+    return [f"only {marked} probe(s) carry a spurious mask of their own and none an object mask, so drift_off_object "
+            f"can never fire: whether the maps moved onto your marks is a sign test over those probes "
+            f"({prefix}/spurious_rise_p), which needs at least {need} of them to reach {MOVED_ONTO_MARKS_LEVEL:g}; "
+            "mark the cue on more probes, or give object masks"]
 
 
 def immobile_metric_findings(grid: tuple[int, int], layer: str, probes: ProbeSet, border_fraction: float,

@@ -24,13 +24,32 @@ def probes(n: int = 2, size: int = 64, masks: bool = False) -> cm.ProbeSet:
 
 
 def test_a_healthy_pass_says_nothing() -> None:
-    found = dry_run_findings(result(torch.rand(2, 8, 8)), probes(masks=True), EvalSettings(), 4.0, "cam")
+    found = dry_run_findings(result(torch.rand(12, 8, 8)), probes(12, masks=True), EvalSettings(), 4.0, "cam")
     assert found.warnings == [] and found.notes == []
 
 
+def test_too_few_marked_probes_for_the_drift_rules_sign_test_are_warned_with_the_fix() -> None:
+    """Without object masks the drift rule's sign test over the marked probes needs 10 of them to
+    reach 1e-3 (2 ** -10); with 9 it can never fire, and fit start says so; object masks lift it."""
+    from cam_monitor.checks import marked_probes_needed
+
+    assert marked_probes_needed() == 10 and marked_probes_needed(0.01) == 7
+    few = dry_run_findings(result(torch.rand(9, 8, 8)), probes(9, masks=True), EvalSettings(), 4.0, "cam")
+    (warning,) = [w for w in few.warnings if "drift_off_object" in w]
+    assert "only 9 probe(s)" in warning and "cam/spurious_rise_p" in warning and "at least 10" in warning
+    assert "mark the cue on more probes, or give object masks" in warning
+    with_objects = probes(9, masks=True)
+    with_objects = cm.ProbeSet(with_objects.images, with_objects.labels, spurious_masks=with_objects.spurious_masks,
+                               object_masks=~with_objects.spurious_masks)
+    found = dry_run_findings(result(torch.rand(9, 8, 8)), with_objects, EvalSettings(), 4.0, "cam")
+    assert not any("drift_off_object" in w for w in found.warnings)
+    enough = dry_run_findings(result(torch.rand(10, 8, 8)), probes(10, masks=True), EvalSettings(), 4.0, "cam")
+    assert not any("drift_off_object" in w for w in enough.warnings)
+
+
 def test_zero_maps_name_the_cause() -> None:
-    zero = dry_run_findings(result(torch.zeros(2, 8, 8), zero_gradient=True), probes(masks=True), EvalSettings(), 4.0,
-                            "cam/x")
+    zero = dry_run_findings(result(torch.zeros(12, 8, 8), zero_gradient=True), probes(12, masks=True), EvalSettings(),
+                            4.0, "cam/x")
     assert len(zero.warnings) == 1 and "zero-initialises ViT heads" in zero.warnings[0]
     assert "counted in cam/x/degenerate" in zero.warnings[0]
     negative = dry_run_findings(result(torch.zeros(2, 8, 8)), probes(masks=True), EvalSettings(), 4.0, "cam")
