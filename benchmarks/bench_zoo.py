@@ -79,7 +79,7 @@ def merge(paths: list[str]) -> tuple[list[SavedRun], list[dict]]:
     """The runs of several result files (seeds or tasks split over processes), and the files."""
     results = [json.loads(Path(p).read_text()) for p in paths]
     for key, default in (("arch", "cnn"), ("base", "digits"), ("epochs", None), ("global_test", False),
-                         ("record_pairs", None)):
+                         ("record_pairs", None), ("masks", False)):
         values = {str(r.get(key, default)) for r in results}  # older files lack base and global_test
         if len(values) > 1:
             raise SystemExit(f"--merge: the files differ in {key} ({', '.join(sorted(values))}); one table holds runs "
