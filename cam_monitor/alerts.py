@@ -186,25 +186,38 @@ class Check:
     evidence_by_test: dict[str, float] | None = None
 
 
+def at_chance(agg: dict[str, float], skill_level: float) -> bool:
+    """Whether this evaluation's model does not beat chance on the probes: its ``skill_p``
+    (:func:`~cam_monitor.discovery.skill_p`) is above ``skill_level`` (1.0: never at chance)."""
+    return skill_level < 1 and agg.get("skill_p", 0.0) > skill_level
+
+
 def check_rules(rules: tuple[Rule, ...], agg: dict[str, float], per_probe: dict[str, torch.Tensor], ids: list[str],
                 reference: dict[str, float] | None, hysteresis: float = 0.1,
                 regions: dict[str, list[ShortcutRegion]] | None = None,
-                evidence_by_test: dict[str, dict[str, float]] | None = None) -> list[Check]:
+                evidence_by_test: dict[str, dict[str, float]] | None = None,
+                skill_level: float = 1.0) -> list[Check]:
     """Every rule whose metric this evaluation has (and whose reference exists), judged.
 
     ``agg`` and ``per_probe`` are keyed by bare metric names; ``reference`` is the reference
     evaluation's aggregates, or None before there is one; ``regions`` maps a metric to the regions
     an alert on it describes (the discovered shortcut regions), ``evidence_by_test`` to the evidence
-    of each test behind it (the discovery arms').
+    of each test behind it (the discovery arms'). Every rule holds (neither fires nor clears) while
+    the model is :func:`at_chance` at ``skill_level``: its maps explain no decision yet (a freshly
+    initialised model's maps put 7.1 times a control's corner stamp's area share on it), so they are no evidence
+    of what it uses, nor that it stopped.
     """
     if not 0 <= hysteresis < 1:
         raise ValueError(f"hysteresis must be in [0, 1), got {hysteresis!r}")
+    if not 0 < skill_level <= 1:
+        raise ValueError(f"skill_level must be in (0, 1], got {skill_level!r}")
+    unskilled = at_chance(agg, skill_level)
     checks = []
     for rule in rules:
         if rule.metric not in agg or (rule.needs_reference and reference is None):
             continue
         value = agg[rule.metric]
-        level = rule.level(value, hysteresis)
+        level = HOLD if unskilled else rule.level(value, hysteresis)
         if level == FIRE and rule.guard is not None and not rule.guard(agg, reference or {}):
             level = HOLD
         series, past = rule.offenders_from or (rule.metric, None)

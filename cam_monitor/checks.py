@@ -115,7 +115,7 @@ def drift_sign_findings(probes: ProbeSet, prefix: str) -> list[str]:
     on more of the marked probes than chance allows; with too few marked probes no rise can pass."""
     if probes.object_masks is not None or probes.spurious_masks is None:
         return []
-    marked = int(probes.spurious_masks.flatten(1).any(1).sum())
+    marked = int(probes.marked.sum())
     need = marked_probes_needed()
     if marked == 0 or marked >= need:
         return []

@@ -199,6 +199,7 @@ class DiscoverySettings:
             (the first steps of a run) classifies by whatever crude statistic its initial weights
             read, and the colour test took that for a cue on controls (measured: see the
             reference); a model that uses a shortcut is well above chance. 1.0 tests from the start.
+            The alert rules wait for the same test (:func:`~cam_monitor.alerts.at_chance`).
         per_class: also keep the local arm's evidence per candidate class, and send half its pairs
             where each class's evidence grows (:mod:`evidence`): a cue in one class of ten (a ruler
             beside one lesion type) is confirmed instead of diluted, at a cost for cues in every
@@ -478,20 +479,26 @@ def cells_to_pixels(box: torch.Tensor, grid: tuple[int, int], image_size: tuple[
             min(image_size[0], int(math.ceil(y1 * sy))), min(image_size[1], int(math.ceil(x1 * sx))))
 
 
-def beats_chance(targets: torch.Tensor, preds: torch.Tensor, level: float) -> bool:
-    """Whether the predictions ``preds`` of the probes' ``targets`` beat chance: the one-sided exact
-    binomial p-value of their correct count, against the share of the most common class (what a
-    model that always predicts it scores), is at most ``level``. Every rank holds the same gathered
-    predictions, so every rank decides the same."""
+def skill_p(targets: torch.Tensor, preds: torch.Tensor) -> float:
+    """How likely a model at chance gets as many of the probes right as ``preds`` do: the one-sided
+    exact binomial p-value of their correct count against the share of the most common class (what
+    a model that always predicts it scores). 1.0 with no probes or a single class (nothing to beat).
+    Every rank holds the same gathered predictions, so every rank computes the same."""
     n = len(targets)
-    if level >= 1 or n == 0:
-        return level >= 1
+    if n == 0:
+        return 1.0
     correct = int((preds == targets).sum())
     share = float(torch.bincount(targets).max()) / n
     if share >= 1:
-        return False
+        return 1.0
     tail = torch.distributions.Binomial(n, probs=torch.tensor(share, dtype=torch.float64))
-    return float(tail.log_prob(torch.arange(correct, n + 1, dtype=torch.float64)).logsumexp(0)) <= math.log(level)
+    return min(1.0, math.exp(float(tail.log_prob(torch.arange(correct, n + 1, dtype=torch.float64)).logsumexp(0))))
+
+
+def beats_chance(targets: torch.Tensor, preds: torch.Tensor, level: float) -> bool:
+    """Whether the predictions ``preds`` of the probes' ``targets`` beat chance: :func:`skill_p` is
+    at most ``level`` (a level of 1.0 counts every model as skilled)."""
+    return level >= 1 or (len(targets) > 0 and skill_p(targets, preds) <= level)
 
 
 def find_suspects(maps: torch.Tensor, targets: torch.Tensor, preds: torch.Tensor, image_size: tuple[int, int],

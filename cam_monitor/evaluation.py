@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import metrics as M
-from .discovery import DiscoverySettings, discover
+from .discovery import DiscoverySettings, discover, skill_p
 from .evidence import EvidenceState, sign_test_p
 from .engine import CAMResult, OutputTransform, cam_pass, masked_scores, predict_classes
 from .errors import NonFiniteOutputError
@@ -196,7 +196,7 @@ def spurious_regions(probes: ProbeSet, border_fraction: float) -> torch.Tensor:
     masks = probes.spurious_masks
     if masks is None:
         return border.expand(len(probes), -1, -1)
-    empty = ~masks.flatten(1).any(1)
+    empty = ~probes.marked
     return torch.where(empty[:, None, None], border, masks) if empty.any() else masks
 
 
@@ -222,8 +222,7 @@ def aggregate(per_probe: dict[str, torch.Tensor], maps: torch.Tensor, probes: Pr
     agg = {k: M.nanmean(v)[0] for k, v in per_probe.items() if k != "shortcut_flip"}
     agg["quality"] = quality_score(agg)
     agg["degenerate"] = float((maps.flatten(1).amax(1) <= 0).sum())
-    masks = probes.spurious_masks
-    own = None if masks is None else masks.flatten(1).any(1)
+    own = probes.marked
     agg["spurious_masked"] = 0.0 if own is None else float(own.sum())
     if own is not None and own.any():
         agg["spurious_rise_p"] = rise_sign_p(per_probe["spurious_energy_rise"][own])
@@ -266,7 +265,9 @@ def evaluate(model: nn.Module, probes: ProbeSet, settings: EvalSettings, placeme
 
     ``previous`` are the last evaluation's maps (for ``drift_prev``), ``reference`` the evaluation
     drift and rise are measured against, ``evidence`` the shortcut evidence accumulated so far
-    (the result carries it updated, and its value as ``shortcut_evidence``).
+    (the result carries it updated, and its value as ``shortcut_evidence``). ``skill_p`` says how
+    likely a model at chance scores the probes as well (:func:`~cam_monitor.discovery.skill_p`):
+    the rules judge no maps until it is small.
     """
     placement = placement or Placement(device=next(model.parameters()).device)
     index = shard_indices(len(probes), placement.rank, placement.world)
@@ -292,6 +293,7 @@ def evaluate(model: nn.Module, probes: ProbeSet, settings: EvalSettings, placeme
         accumulated = prior.update(found.diffs(by_class=per_class), found_settings.bets, found_settings.margins,
                                    pool=found.arms)
     aggregates = aggregate(per_probe, maps, probes)
+    aggregates["skill_p"] = skill_p(targets, preds)
     if found is not None and accumulated is not None:
         aggregates.update(found.aggregates())
         classes = probe_classes(probes) if found_settings.per_class else ()

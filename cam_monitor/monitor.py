@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .alerts import AlertBook, check_rules, default_rules, describe_alert, resolve_action, rule_threshold
+from .alerts import AlertBook, at_chance, check_rules, default_rules, describe_alert, resolve_action, rule_threshold
 from .checks import dry_run, dry_run_findings, first_pass, inert_setting_findings
 from .console import Voice
 from .discovery import DiscoverySettings
@@ -293,16 +293,17 @@ class Monitor:
                         reference=self.series.reference, evidence=self.evidence)
 
     def _say_if_waiting(self, ev: Evaluation) -> None:
-        """Say once that discovery tested nothing because the model is at chance on the probes
-        (:func:`~cam_monitor.discovery.beats_chance`), and what to do if it stays there."""
-        if ev.discovery is None or not ev.discovery.waiting or self._waiting_said:
+        """Say once that the rules judged nothing and discovery tested nothing because the model is
+        at chance on the probes (:func:`~cam_monitor.alerts.at_chance`), and what to do if it stays there."""
+        if self._waiting_said or not at_chance(ev.aggregates, self.settings.discovery.skill_level):
             return
         right = int((ev.preds == self.probes.labels.to(ev.preds.device)).sum())
-        self.voice.info(f"CAMMonitor{self.tag}: shortcut discovery waits: the model gets {right} of "
-                        f"{len(self.probes)} probes right, no better than always predicting their most common "
-                        "class (DiscoverySettings.skill_level), and tests from the first evaluation that beats "
-                        "chance. A model that reads only a cue your probes lack is at chance on them too: draw "
-                        "the probes from data like your training data")
+        who = "the alert rules and shortcut discovery wait" if self.settings.discovery.enabled else "the alert rules wait"
+        self.voice.info(f"CAMMonitor{self.tag}: {who}: the model gets {right} of {len(self.probes)} probes right, "
+                        "no better than always predicting their most common class (cam/skill_p above "
+                        "DiscoverySettings.skill_level), so its maps explain no decision yet; they judge from the "
+                        "first evaluation that beats chance. A model that reads only a cue your probes lack is at "
+                        "chance on them too: draw the probes from data like your training data")
         self._waiting_said = True
 
     def _settle_layer(self, model: nn.Module, runner: nn.Module, result: CAMResult) -> None:
@@ -331,7 +332,8 @@ class Monitor:
         by_test = None if ev.evidence is None or ev.discovery is None else {
             "shortcut_evidence": {arm: ev.evidence.detector(arm) for arm in (*ev.discovery.arms, ALL)}}
         checks = check_rules(self.rules, ev.aggregates, ev.per_probe, self.probes.ids,
-                             None if ref is None else ref.aggregates, self.alerting.hysteresis, regions, by_test)
+                             None if ref is None else ref.aggregates, self.alerting.hysteresis, regions, by_test,
+                             self.settings.discovery.skill_level)
         events = self.book.update(checks, ev.epoch, ev.global_step, self.prefix)
         self.evidence = ev.evidence or self.evidence
         self.shown_regions = self._regions_to_show(ev, backed)

@@ -122,6 +122,9 @@ class AlertSettings:
         hysteresis: a fired rule clears only this share of its threshold past it.
         action: "log", "warn", "stop" (every rank stops at the same step), "raise"
             (CAMAlertError), or an import path "package.module:function" called with the alert.
+
+    No rule fires or clears while the model is at chance on the probes (``cam/skill_p`` above
+    ``DiscoverySettings.skill_level``, :func:`alerts.at_chance`): its maps explain no decision yet.
     """
 
     spurious_enrichment: float = 4.0

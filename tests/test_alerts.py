@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from cam_monitor.alerts import (AlertBook, Rule, check_rules, default_rules, describe_alert, describe_alert_markdown,
+from cam_monitor.alerts import (AlertBook, Rule, at_chance, check_rules, default_rules, describe_alert, describe_alert_markdown,
                                 resolve_action, strongest_test)
 
 IDS = ["a", "b", "c"]
@@ -105,6 +105,35 @@ def test_the_object_rule_is_relative_to_chance_so_diffuse_maps_on_a_small_object
     (c,) = [c for c in check_rules(RULES, avoiding, per(), IDS, None) if c.rule == "object_enrichment_floor"]
     assert c.level == "fire" and c.probe_ids == ["b"]
     assert "object_energy_floor" not in {r.name for r in RULES}  # the absolute floor is opt-in
+
+
+def test_no_rule_fires_or_clears_while_the_model_is_at_chance_on_the_probes() -> None:
+    """At chance (``skill_p`` above ``skill_level``) the maps explain no decision: every rule holds,
+    whichever side of its threshold; at or below the level the rules judge as before."""
+    ref = agg()
+    past, back = agg(enr=9.0, obj=0.1, drift=0.9), agg(enr=1.0, obj=0.8)
+    past["spurious_rise_p"] = 1e-6
+    for values, verdict in ((past, "fire"), (back, "clear")):
+        judged = levels(check_rules(RULES, {**values, "skill_p": 0.01}, per(), IDS, ref, skill_level=0.01))
+        held = levels(check_rules(RULES, {**values, "skill_p": 0.02}, per(), IDS, ref, skill_level=0.01))
+        assert judged["spurious_enrichment"] == verdict and judged["object_enrichment_floor"] == verdict
+        assert set(held) == set(judged) and set(held.values()) == {"hold"}
+    # skill_level 1.0 never waits; without a skill_p (an evaluation of an older version) nothing waits either
+    assert levels(check_rules(RULES, {**past, "skill_p": 1.0}, per(), IDS, ref, skill_level=1.0))["spurious_enrichment"] == "fire"
+    assert not at_chance(past, 0.01) and at_chance({"skill_p": 0.5}, 0.01) and not at_chance({"skill_p": 0.5}, 1.0)
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="skill_level"):
+            check_rules(RULES, past, per(), IDS, ref, skill_level=bad)
+
+
+def test_an_active_alert_stays_active_while_the_model_falls_back_to_chance() -> None:
+    book = AlertBook(patience=1)
+    fired = book.update(check_rules(RULES, {**agg(enr=9.0), "skill_p": 1e-9}, per(), IDS, None, skill_level=0.01), 0, 0)
+    assert [e["event"] for e in fired] == ["fired"]
+    assert book.update(check_rules(RULES, {**agg(enr=1.0), "skill_p": 0.5}, per(), IDS, None, skill_level=0.01), 1, 1) == []
+    assert book.n_active == 1
+    cleared = book.update(check_rules(RULES, {**agg(enr=1.0), "skill_p": 1e-9}, per(), IDS, None, skill_level=0.01), 2, 2)
+    assert [e["event"] for e in cleared] == ["cleared"] and book.n_active == 0
 
 
 def test_the_enrichment_rule_judges_only_regions_the_user_outlined() -> None:

@@ -71,7 +71,7 @@ def test_demo_rejects_bad_arguments(argv) -> None:
 def test_lightning_cli_config_wires_the_callback(tmp_path) -> None:
     config = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
     with pytest.warns(UserWarning, match="CAMMonitor alert"):
-        main(["fit", "--config", str(config), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "8",
+        main(["fit", "--config", str(config), "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "8",
               "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path),
               "--trainer.logger.init_args.save_dir", str(tmp_path)])
     alerts = list(tmp_path.rglob("cam_monitor/alerts.jsonl"))

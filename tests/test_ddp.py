@@ -67,5 +67,5 @@ def test_ddp_metrics_equal_single_process_and_every_rank_agrees(tmp_path) -> Non
 
 def test_ddp_stop_action_stops_every_rank_at_the_same_step(tmp_path) -> None:
     ranks = run_ddp(tmp_path, "stop")
-    assert ranks[0]["global_step"] == ranks[1]["global_step"] == 4  # stopped after the first epoch
-    assert ranks[0]["epoch"] == ranks[1]["epoch"] == 1
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] == 12  # stopped after the third epoch of four
+    assert ranks[0]["epoch"] == ranks[1]["epoch"] == 3

@@ -698,6 +698,19 @@ def test_the_pairs_an_exhausted_arm_cannot_use_go_to_the_arms_with_pairs_left() 
     assert len(found.paired["detail"].pairs) == 2 and len(found.tests) == total - 2
 
 
+def test_skill_p_is_the_binomial_tail_of_the_correct_count_at_the_most_common_share() -> None:
+    from cam_monitor.discovery import skill_p
+
+    targets = torch.arange(20) % 10  # 2 a class: always predicting one class scores 0.1
+    preds = targets.clone()
+    preds[7:] = (preds[7:] + 1) % 10  # 7 right
+    tail = sum(math.comb(20, k) * 0.1 ** k * 0.9 ** (20 - k) for k in range(7, 21))
+    assert skill_p(targets, preds) == pytest.approx(tail, rel=1e-9)
+    assert skill_p(targets, (targets + 1) % 10) == pytest.approx(1.0)  # none right: the whole tail
+    assert skill_p(torch.zeros(5, dtype=torch.long), torch.zeros(5, dtype=torch.long)) == 1.0  # one class: nothing to beat
+    assert skill_p(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)) == 1.0
+
+
 def test_beats_chance_is_an_exact_binomial_test_against_the_most_common_class() -> None:
     from cam_monitor.discovery import beats_chance
 

@@ -99,7 +99,8 @@ def test_the_stop_action_is_reported_to_the_loop_and_raise_raises() -> None:
     data = make_decoy_digits(0)
     probes = cm.ProbeSet.from_dataset(data.val, per_class=2, seed=0)
     model = SmallCNN()
-    train_one_epoch(model, data.train_shortcut.images, data.train_shortcut.labels, 0)
+    for seed in (0, 1):  # one pass leaves it at chance on the probes, when no rule judges its maps
+        train_one_epoch(model, data.train_shortcut.images, data.train_shortcut.labels, seed)
     stop = plain_monitor(probes=probes, alerting=cm.AlertSettings(action="stop", spurious_enrichment=1.5))
     stop.prepare(model)
     outcome = stop.evaluate(model, epoch=0, step=1)
@@ -109,6 +110,24 @@ def test_the_stop_action_is_reported_to_the_loop_and_raise_raises() -> None:
     with pytest.raises(cm.CAMAlertError, match="spurious_enrichment"):
         loud.evaluate(model, epoch=0, step=1)
     assert loud.history  # the evaluation was recorded before the action raised
+
+
+def test_the_rules_wait_for_a_model_that_beats_chance_on_the_probes() -> None:
+    """One pass over 512 decoy images puts the maps on the marked corner before the model beats
+    chance on the probes: no alert (cam/skill_p says why); skill_level=1.0 judges it at once."""
+    data = make_decoy_digits(0)
+    probes = cm.ProbeSet.from_dataset(data.val, per_class=2, seed=0)
+    model = SmallCNN()
+    train_one_epoch(model, data.train_shortcut.images, data.train_shortcut.labels, 0)
+    strict = cm.AlertSettings(action="log", spurious_enrichment=1.5)
+    waits = plain_monitor(probes=probes, alerting=strict, discovery=cm.DiscoverySettings(enabled=False))
+    waits.prepare(model)
+    ev = waits.evaluate(model, epoch=0, step=1).evaluation
+    assert ev.aggregates["skill_p"] > 0.01 and ev.aggregates["spurious_enrichment"] > 1.5
+    assert waits.alerts == [] and waits.history[-1]["cam/skill_p"] == pytest.approx(ev.aggregates["skill_p"])
+    eager = plain_monitor(probes=probes, alerting=strict, discovery=cm.DiscoverySettings(enabled=False, skill_level=1.0))
+    eager.prepare(model)
+    assert [a["rule"] for a in eager.evaluate(model, epoch=0, step=1).fired] == ["spurious_enrichment"]
 
 
 def test_a_failing_evaluation_is_a_fault_reported_once(monkeypatch) -> None:
@@ -242,7 +261,8 @@ def test_discovery_says_once_that_it_waits_for_a_model_that_beats_chance() -> No
     for step in range(2):
         outcome = mon.evaluate(model, epoch=step, step=step)
         assert outcome.evaluation.discovery.waiting and outcome.evaluation.discovery.pasted == 0
-    assert len([n for n in notes if "discovery waits" in n]) == 1 and "2 of 20 probes right" in " ".join(notes)
+    assert len([n for n in notes if "rules and shortcut discovery wait" in n]) == 1
+    assert "2 of 20 probes right" in " ".join(notes)
     with torch.no_grad():
         model.head.bias[0] = 0.0
     for epoch in range(3):

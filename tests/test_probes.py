@@ -32,6 +32,13 @@ def test_masks_of_another_size_are_resized_nearest_and_binary_ints_accepted() ->
     assert p.spurious_masks[:, :4, :4].all() and not p.spurious_masks[:, 4:, :].any()
 
 
+def test_marked_names_the_probes_with_a_spurious_mask_of_their_own() -> None:
+    assert make().marked is None
+    m = torch.zeros(4, 8, 8, dtype=torch.bool)
+    m[1, 0, 0] = m[3, 4:, 4:] = True
+    assert make(spurious_masks=m).marked.tolist() == [False, True, False, True]
+
+
 def test_boxes_become_masks() -> None:
     p = make(n=2, object_masks=[[(1, 2, 4, 5)], None])
     expected = boxes_to_masks([[(1, 2, 4, 5)], []], 8, 8)

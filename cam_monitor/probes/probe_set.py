@@ -90,6 +90,12 @@ class ProbeSet:
         """(H, W) of the probe images."""
         return int(self.images.shape[-2]), int(self.images.shape[-1])
 
+    @property
+    def marked(self) -> torch.Tensor | None:
+        """(N,) bool: which probes carry a spurious mask of their own (a non-empty one); None
+        without spurious masks. The others are measured against the border band."""
+        return None if self.spurious_masks is None else self.spurious_masks.flatten(1).any(1)
+
     def display_images(self) -> torch.Tensor:
         """Images un-normalised with ``mean``/``std`` and clamped to [0, 1], for overlays."""
         x = self.images.float()
