@@ -149,12 +149,15 @@ def main() -> None:
         masked = {bool(r.get("masks")) for r in results}
         if len(masked) > 1:
             raise SystemExit("--merge: some files were run with --masks and some without: merge each separately")
+        outlined = {bool(r.get("object_masks")) for r in results}
+        if len(outlined) > 1:
+            raise SystemExit("--merge: some files were run with --object-masks and some without: merge each separately")
         runs = [r for result in results for r in result["runs"]]
         summary = summarise(runs, alpha)
         print_table(summary)
         epochs = sorted({r["epochs"] for r in results})  # groups of several architectures may train for different epochs
         write_json({"machine": results[0]["machine"], "epochs": epochs[0] if len(epochs) == 1 else epochs,
-                    "record_pairs": recorded.pop(), "masks": masked.pop(), **summary,
+                    "record_pairs": recorded.pop(), "masks": masked.pop(), "object_masks": outlined.pop(), **summary,
                     "merged_from": [Path(f).name for f in args.merge], "runs": runs}, out)
         return
     warnings.filterwarnings("ignore")
@@ -167,11 +170,12 @@ def main() -> None:
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             for cue in args.cues.split(","):
                 run = run_task(cue, "control", seed, args.epochs, f"{root}/{cue}_{seed}", arch=args.arch, base=args.base,
-                               spurious_masks=args.masks, **extra)
+                               spurious_masks=args.masks, object_masks=args.object_masks, **extra)
                 runs.append(record(run, args.base, args.arch))
                 print(f"{args.base:>6} {args.arch:>8} {cue:>18} seed {seed}: evidence max "
                       f"{max(runs[-1]['evidence']):.3g}, alerts {runs[-1]['alerts']}", flush=True)
                 result = {"machine": machine(), "epochs": args.epochs, "record_pairs": args.record_pairs, "masks": args.masks,
+                          "object_masks": args.object_masks,
                           **summarise(runs, alpha), "runs": runs, "wall_s": time.perf_counter() - start}
                 write_json(result, out, say=False)
     print_table(summarise(runs, alpha))

@@ -79,7 +79,7 @@ def merge(paths: list[str]) -> tuple[list[SavedRun], list[dict]]:
     """The runs of several result files (seeds or tasks split over processes), and the files."""
     results = [json.loads(Path(p).read_text()) for p in paths]
     for key, default in (("arch", "cnn"), ("base", "digits"), ("epochs", None), ("global_test", False),
-                         ("record_pairs", None), ("masks", False)):
+                         ("record_pairs", None), ("masks", False), ("object_masks", False)):
         values = {str(r.get(key, default)) for r in results}  # older files lack base and global_test
         if len(values) > 1:
             raise SystemExit(f"--merge: the files differ in {key} ({', '.join(sorted(values))}); one table holds runs "
@@ -176,6 +176,9 @@ def add_fit_arguments(p: argparse.ArgumentParser, seeds: int) -> None:
     p.add_argument("--merge", nargs="+", default=None, help="result files to combine into one table (no runs)")
     p.add_argument("--masks", action="store_true",
                    help="give the monitor the true cue masks as spurious masks (the marked arm and the mask rules run)")
+    p.add_argument("--object-masks", action="store_true",
+                   help="give the monitor the true object masks (the object rules run: object_enrichment_floor, "
+                        "drift_off_object's object branch)")
     p.add_argument("--record-pairs", type=int, default=None, metavar="N",
                    help="every arm draws N pairs an evaluation, in one stage (DiscoverySettings(first_stage=1.0)): "
                         "a recording that bench_allocation.py replays under any sharing of the pairs (its alerts "
@@ -217,6 +220,7 @@ def main() -> None:
         write_json({"machine": first["machine"], "arch": first["arch"], "base": first.get("base", "digits"),
                     "epochs": first["epochs"], "global_test": first.get("global_test", False),
                     "record_pairs": first.get("record_pairs"), "masks": first.get("masks", False),
+                    "object_masks": first.get("object_masks", False),
                     "seeds": sorted({r.seed for r in saved}), "tasks": rows,
                     "cost": cost, "merged_from": [Path(p).name for p in args.merge],
                     "replayed_under": args.replay,
@@ -235,6 +239,7 @@ def main() -> None:
     def result(cost: dict | None) -> dict:
         return {"machine": machine(), "arch": args.arch, "base": args.base, "epochs": args.epochs,
                 "global_test": args.global_test, "record_pairs": args.record_pairs, "masks": args.masks,
+                "object_masks": args.object_masks,
                 "seeds": sorted({r.seed for r in runs}), "tasks": summarise(runs), "cost": cost,
                 "runs": [{"task": r.cue, "variant": r.variant, "seed": r.seed, "alerts": r.alerts, "epochs": r.rows,
                           "active_at_end": r.active_at_end} for r in runs],
@@ -247,7 +252,8 @@ def main() -> None:
             for cue in args.cues.split(","):
                 for variant in ("shortcut", "control"):
                     run = run_task(cue, variant, seed, args.epochs, f"{root}/{cue}_{variant}_{seed}", arch=args.arch,
-                                   base=args.base, spurious_masks=args.masks, **extra)
+                                   base=args.base, spurious_masks=args.masks, object_masks=args.object_masks,
+                                   **extra)
                     runs.append(run)
                     print(f"{cue:>18} {variant:>8} seed {seed}: gap > 0.2 at epoch {run.gap_epoch}, alerts "
                           f"{[(a['epoch'], a['rule']) for a in run.alerts]}", flush=True)

@@ -96,19 +96,26 @@ class Rule:
 #: How unlikely, by chance, the energy on the user's spurious masks must have risen on as many of the
 #: probes as it did (``spurious_rise_p``) for drift without object masks to count as moving onto them.
 MOVED_ONTO_MARKS_LEVEL = 1e-3
+#: How much of the maps' energy must have left the user's object masks since the reference
+#: (``object_energy``) for drift to count as moving off the object: the share the
+#: ``spurious_energy_rise`` rule asks of a rise onto spurious regions by default.
+MOVED_OFF_OBJECT_FALL = 0.15
 
 
 def _moved_off_object(agg: dict[str, float], ref: dict[str, float]) -> bool:
     """Drift counts only when the maps moved away from the object, or, without object masks, onto
     the spurious regions the user outlined: a model learning to look *at* the object drifts too,
-    and that is good. Onto the marks means on most probes, by a sign test at
+    and that is good. Off the object means the object energy fell by :data:`MOVED_OFF_OBJECT_FALL`
+    or more: any fall fired on 4 of 175 zoo control runs given the object masks, whose maps
+    sharpened as they learned (the energy on the object fell 0.0001 to 0.044; the reference,
+    "Alerts"). Onto the marks means on most probes, by a sign test at
     :data:`MOVED_ONTO_MARKS_LEVEL` (``spurious_rise_p``): a mean rise above 0 fired on zoo control
     runs given the true cue masks where the energy had risen on 33 probes of 64 and fallen on 31
     (the reference, "Alerts"). With no mask at all nothing says where the object is, so the rule
     holds (the border-band stand-in rose on 8 of 518 control runs whose maps drifted while they
     learned the digits: a rate nothing states; ``shortcut_confirmed`` judges mask-free runs)."""
     if "object_energy" in agg and "object_energy" in ref:
-        return agg["object_energy"] < ref["object_energy"]
+        return agg["object_energy"] <= ref["object_energy"] - MOVED_OFF_OBJECT_FALL
     return agg.get("spurious_rise_p", 1.0) <= MOVED_ONTO_MARKS_LEVEL  # logged only where the user gave masks
 
 

@@ -64,6 +64,18 @@ def test_drift_toward_the_object_is_not_an_alert() -> None:
     assert lv["drift_off_object"] == "hold"
 
 
+def test_drift_off_the_object_needs_a_material_fall_of_the_object_energy() -> None:
+    """A control's maps sharpening as it learns lose a few points of the object's energy while
+    they drift: not a move off the object. A fall of MOVED_OFF_OBJECT_FALL or more is."""
+    from cam_monitor.alerts import MOVED_OFF_OBJECT_FALL
+
+    for fall, verdict in ((0.02, "hold"), (MOVED_OFF_OBJECT_FALL - 0.01, "hold"), (MOVED_OFF_OBJECT_FALL + 1e-6, "fire"),
+                          (0.4, "fire")):
+        lv = levels(check_rules(RULES, agg(obj=0.8 - fall, drift=0.9), per(), IDS, agg(obj=0.8)))
+        assert lv["drift_off_object"] == verdict, fall
+    assert levels(check_rules(RULES, agg(obj=0.1, drift=0.3), per(), IDS, agg(obj=0.8)))["drift_off_object"] == "clear"
+
+
 def test_drift_without_object_masks_counts_only_when_the_marks_energy_rose_on_most_probes() -> None:
     """Without object masks the rule needs the sign test that the energy on the user's marks rose on
     more probes than chance allows (``spurious_rise_p``), not a mean rise: 33 probes up and 31 down

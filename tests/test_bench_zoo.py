@@ -57,7 +57,7 @@ def test_the_false_alarm_rate_per_evaluation_pools_every_tasks_control_evaluatio
 
 
 @pytest.mark.parametrize("key, value", [("base", "shapes"), ("arch", "resnet18"), ("epochs", 4), ("global_test", True),
-                                        ("masks", True)])
+                                        ("masks", True), ("object_masks", True)])
 def test_files_of_different_settings_are_refused_rather_than_labelled_as_the_first(tmp_path, key, value) -> None:
     a, b = result_file(tmp_path / "a.json", 0), result_file(tmp_path / "b.json", 1, **{key: value})
     with pytest.raises(SystemExit, match=f"differ in {key}"):

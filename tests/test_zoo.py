@@ -155,6 +155,17 @@ def test_with_the_cues_marked_no_alert_on_a_floating_cue_control(cue, tmp_path) 
     assert run.alerts == [], run.alerts
 
 
+def test_with_the_objects_outlined_the_object_rules_judge_and_a_control_stays_quiet(tmp_path) -> None:
+    """The probes carry the true object masks, as a user who outlined the objects gives them: the
+    object metrics are logged, and a control model, which reads the digit, raises no alert."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run = run_task("corner_patch", "control", 0, 3, str(tmp_path), object_masks=True)
+    assert run.monitor.probes.object_masks is not None and run.monitor.probes.spurious_masks is None
+    assert all(r["cam/object_enrichment"] > 1 for r in run.rows[1:])  # past the first epoch: on the digit
+    assert run.alerts == [], run.alerts
+
+
 @pytest.mark.slow
 def test_with_the_tag_marked_the_tag_shortcut_is_confirmed_by_the_marked_arm(tmp_path) -> None:
     """The text tag, which the mask-free arms miss (wider than a cell), marked: confirmed, the

@@ -115,10 +115,11 @@ def mask_free_probes(cue: str, seed: int, num_probes: int = 64, base: str = "dig
 
 def run_task(cue: str, variant: str, seed: int, epochs: int, root: str, *, num_probes: int = 64,
              limit_train_batches: int | float | None = None, arch: str = "cnn", base: str = "digits",
-             spurious_masks: bool = False, **monitor_kwargs: Any) -> ZooRun:
+             spurious_masks: bool = False, object_masks: bool = False, **monitor_kwargs: Any) -> ZooRun:
     """Train the demo CNN (or ``arch="resnet18"``) on one zoo task (``cue`` over the ``base`` task)
     with a mask-free :class:`CAMMonitor` on every epoch; with ``spurious_masks`` its probes carry
-    the true cue masks (as a user who marked the cue would give them; no object masks)."""
+    the true cue masks (as a user who marked the cue would give them), with ``object_masks`` the
+    true object masks (as a user who outlined the objects would)."""
     L.seed_everything(seed, verbose=False)
     data = DecoyDigitsDataModule(variant, seed=seed, cue=cue, base=base)
     data.setup()
@@ -126,8 +127,10 @@ def run_task(cue: str, variant: str, seed: int, epochs: int, root: str, *, num_p
     kwargs = {"target_layer": ARCHS[arch], "alerting": AlertSettings(action="log"),
               "pictures": PictureSettings(every_n_evals=0), **monitor_kwargs}
     probes = mask_free_probes(cue, seed, num_probes, base)
-    if spurious_masks:
-        probes = replace(probes, spurious_masks=truth_probes(cue, seed, num_probes, base).spurious_masks)
+    if spurious_masks or object_masks:
+        truth = truth_probes(cue, seed, num_probes, base)
+        probes = replace(probes, spurious_masks=truth.spurious_masks if spurious_masks else None,
+                         object_masks=truth.object_masks if object_masks else None)
     monitor = CAMMonitor(probes=probes, log_dir=f"{root}/cam_monitor", **kwargs)
     trace = EvidenceTrace(monitor)
     trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, deterministic=True, logger=False,
