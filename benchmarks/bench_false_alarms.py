@@ -146,18 +146,18 @@ def main() -> None:
         if len(recorded) > 1:
             raise SystemExit(f"--merge: the files differ in record_pairs ({sorted(map(str, recorded))}): a recording "
                              "shares its pairs unlike the default monitor; merge each separately")
-        masked = {bool(r.get("masks")) for r in results}
-        if len(masked) > 1:
-            raise SystemExit("--merge: some files were run with --masks and some without: merge each separately")
-        outlined = {bool(r.get("object_masks")) for r in results}
-        if len(outlined) > 1:
-            raise SystemExit("--merge: some files were run with --object-masks and some without: merge each separately")
+        given = {}
+        for key, flag in (("masks", "--masks"), ("object_masks", "--object-masks")):
+            values = {bool(r.get(key)) for r in results}
+            if len(values) > 1:
+                raise SystemExit(f"--merge: some files were run with {flag} and some without: merge each separately")
+            given[key] = values.pop()
         runs = [r for result in results for r in result["runs"]]
         summary = summarise(runs, alpha)
         print_table(summary)
         epochs = sorted({r["epochs"] for r in results})  # groups of several architectures may train for different epochs
         write_json({"machine": results[0]["machine"], "epochs": epochs[0] if len(epochs) == 1 else epochs,
-                    "record_pairs": recorded.pop(), "masks": masked.pop(), "object_masks": outlined.pop(), **summary,
+                    "record_pairs": recorded.pop(), **given, **summary,
                     "merged_from": [Path(f).name for f in args.merge], "runs": runs}, out)
         return
     warnings.filterwarnings("ignore")

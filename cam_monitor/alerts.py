@@ -16,7 +16,7 @@ from typing import Any, Callable, Literal
 
 import torch
 
-from .discovery import TEST_NAMES
+from .discovery import TEST_NAMES, skilled
 from .evidence import ALL
 from .imports import import_callable
 from .records import Alert, AlertEvent, ShortcutRegion
@@ -195,8 +195,9 @@ class Check:
 
 def at_chance(agg: dict[str, float], skill_level: float) -> bool:
     """Whether this evaluation's model does not beat chance on the probes: its ``skill_p``
-    (:func:`~cam_monitor.discovery.skill_p`) is above ``skill_level`` (1.0: never at chance)."""
-    return skill_level < 1 and agg.get("skill_p", 0.0) > skill_level
+    (:func:`~cam_monitor.discovery.skill_p`) fails :func:`~cam_monitor.discovery.skilled` at
+    ``skill_level`` (1.0: never at chance). An evaluation without a ``skill_p`` counts as skilled."""
+    return not skilled(agg.get("skill_p", 0.0), skill_level)
 
 
 def check_rules(rules: tuple[Rule, ...], agg: dict[str, float], per_probe: dict[str, torch.Tensor], ids: list[str],

@@ -495,10 +495,16 @@ def skill_p(targets: torch.Tensor, preds: torch.Tensor) -> float:
     return min(1.0, math.exp(float(tail.log_prob(torch.arange(correct, n + 1, dtype=torch.float64)).logsumexp(0))))
 
 
+def skilled(p: float, level: float) -> bool:
+    """Whether a model whose :func:`skill_p` is ``p`` beats chance at ``level``: ``p`` is at most
+    ``level`` (a level of 1.0 counts every model as skilled). Discovery and the alert rules both
+    decide by it."""
+    return level >= 1 or p <= level
+
+
 def beats_chance(targets: torch.Tensor, preds: torch.Tensor, level: float) -> bool:
-    """Whether the predictions ``preds`` of the probes' ``targets`` beat chance: :func:`skill_p` is
-    at most ``level`` (a level of 1.0 counts every model as skilled)."""
-    return level >= 1 or (len(targets) > 0 and skill_p(targets, preds) <= level)
+    """Whether the predictions ``preds`` of the probes' ``targets`` beat chance at ``level`` (:func:`skilled`)."""
+    return skilled(skill_p(targets, preds), level)
 
 
 def find_suspects(maps: torch.Tensor, targets: torch.Tensor, preds: torch.Tensor, image_size: tuple[int, int],
