@@ -96,10 +96,12 @@ class Rule:
 #: How unlikely, by chance, the energy on the user's spurious masks must have risen on as many of the
 #: probes as it did (``spurious_rise_p``) for drift without object masks to count as moving onto them.
 MOVED_ONTO_MARKS_LEVEL = 1e-3
+#: The share of the maps' energy that counts as a move since the reference: ``spurious_energy_rise``'s
+#: default rise onto spurious regions.
+MOVED_SHARE = 0.15
 #: How much of the maps' energy must have left the user's object masks since the reference
-#: (``object_energy``) for drift to count as moving off the object: the share the
-#: ``spurious_energy_rise`` rule asks of a rise onto spurious regions by default.
-MOVED_OFF_OBJECT_FALL = 0.15
+#: (``object_energy``) for drift to count as moving off the object: the same share as a rise.
+MOVED_OFF_OBJECT_FALL = MOVED_SHARE
 
 
 def _moved_off_object(agg: dict[str, float], ref: dict[str, float]) -> bool:
@@ -131,7 +133,7 @@ RULES: tuple[Rule, ...] = (
     Rule("spurious_enrichment", "spurious_enrichment", "above", 4.0, guard=_user_masks,
          setting="spurious_enrichment", group="AlertSettings", valid="> 0",
          accepts=lambda v: v > 0),
-    Rule("spurious_energy_rise", "spurious_energy_rise", "above", 0.15, needs_reference=True,
+    Rule("spurious_energy_rise", "spurious_energy_rise", "above", MOVED_SHARE, needs_reference=True,
          setting="spurious_energy_rise", group="AlertSettings", valid="in (0, 1]",
          accepts=lambda v: 0 < v <= 1),
     Rule("object_enrichment_floor", "object_enrichment", "below", 0.5,

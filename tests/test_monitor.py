@@ -130,6 +130,24 @@ def test_the_rules_wait_for_a_model_that_beats_chance_on_the_probes() -> None:
     assert [a["rule"] for a in eager.evaluate(model, epoch=0, step=1).fired] == ["spurious_enrichment"]
 
 
+def test_the_drift_reference_is_the_first_evaluation_even_when_its_model_is_at_chance() -> None:
+    """The rules wait for skill, the reference does not: the reference rules need maps from before
+    the shortcut is learned, and a shortcut model first beats chance on the probes by its cue
+    (taking the first skilled evaluation instead lost a zoo detection: the reference, "Alerts")."""
+    data = make_decoy_digits(0)
+    probes = cm.ProbeSet.from_dataset(data.val, per_class=2, seed=0)
+    model = SmallCNN()
+    mon = plain_monitor(probes=probes, alerting=cm.AlertSettings(action="log"),
+                        discovery=cm.DiscoverySettings(enabled=False))
+    mon.prepare(model)
+    for step in (1, 2):
+        train_one_epoch(model, data.train_shortcut.images, data.train_shortcut.labels, step)
+        mon.evaluate(model, epoch=step, step=step)
+    skills = [row["cam/skill_p"] for row in mon.history]
+    assert skills[0] > 0.01 and skills[1] <= 0.01  # one pass leaves it at chance, two do not
+    assert mon.reference.global_step == 1 and mon.history[1]["cam/drift_ref"] > 0
+
+
 def test_a_failing_evaluation_is_a_fault_reported_once(monkeypatch) -> None:
     data = make_decoy_digits(0)
     model = SmallCNN()
