@@ -62,12 +62,12 @@ from cam_monitor.demo.model import ARCHS, DecoyDigitsDataModule, DigitClassifier
 from cam_monitor.demo.zoo import mask_free_probes, truth_probes  # noqa: E402
 from cam_monitor.engine import compute_cams, predict_classes  # noqa: E402
 from cam_monitor.evidence import sign_test_p  # noqa: E402
-from cam_monitor.interventions import blurred_cells, cell_size, filled, pasted_images  # noqa: E402
+from cam_monitor.interventions import Box, Paste, blurred_cells, cell_size, filled, pasted_images  # noqa: E402
 from cam_monitor.maps import upsample  # noqa: E402
 from cam_monitor.probes import ProbeSet  # noqa: E402
 
-ControlFn = Callable[[D.Windows, int, D.Box, tuple[int, int], tuple[int, int], torch.Generator], D.Box]
-PlaceFn = Callable[[D.Windows, int, D.Box, tuple[int, int], tuple[int, int]], D.Box]
+ControlFn = Callable[[D.Windows, int, Box, tuple[int, int], tuple[int, int], torch.Generator], Box]
+PlaceFn = Callable[[D.Windows, int, Box, tuple[int, int], tuple[int, int]], Box]
 
 
 @dataclass(frozen=True)
@@ -96,14 +96,14 @@ class Spec:
         return DigitClassifier(arch=self.arch, in_channels=probes.images.shape[1], image_size=probes.image_size[0])
 
 
-def control_next(windows: D.Windows, source: int, avoid: D.Box, size: tuple[int, int], image_size: tuple[int, int],
-                 gen: torch.Generator) -> D.Box:
+def control_next(windows: D.Windows, source: int, avoid: Box, size: tuple[int, int], image_size: tuple[int, int],
+                 gen: torch.Generator) -> Box:
     """The monitor's control: the source's next most-credited window."""
     return D.control_box(windows, source, avoid, size, image_size)
 
 
-def control_random(windows: D.Windows, source: int, avoid: D.Box, size: tuple[int, int], image_size: tuple[int, int],
-                   gen: torch.Generator) -> D.Box:
+def control_random(windows: D.Windows, source: int, avoid: Box, size: tuple[int, int], image_size: tuple[int, int],
+                   gen: torch.Generator) -> Box:
     """The earlier design: a free window drawn in proportion to the source map's energy."""
     free = windows.clear_of(avoid)
     weights = windows.energy[source].double() * free
@@ -111,8 +111,8 @@ def control_random(windows: D.Windows, source: int, avoid: D.Box, size: tuple[in
     return D.fit_box(windows.boxes[int(torch.multinomial(weights, 1, generator=gen))], size, image_size)
 
 
-def control_guard(windows: D.Windows, source: int, avoid: D.Box, size: tuple[int, int], image_size: tuple[int, int],
-                  gen: torch.Generator) -> D.Box:
+def control_guard(windows: D.Windows, source: int, avoid: Box, size: tuple[int, int], image_size: tuple[int, int],
+                  gen: torch.Generator) -> Box:
     """The source's best window at least one window's width away from the candidate."""
     h, w = avoid[2] - avoid[0], avoid[3] - avoid[1]
     free = windows.clear_of((avoid[0] - h, avoid[1] - w, avoid[2] + h, avoid[3] + w))
@@ -121,8 +121,8 @@ def control_guard(windows: D.Windows, source: int, avoid: D.Box, size: tuple[int
     return D.fit_box(windows.boxes[int(energy.argmax())], size, image_size)
 
 
-def control_blurred(windows: D.Windows, source: int, avoid: D.Box, size: tuple[int, int], image_size: tuple[int, int],
-                    gen: torch.Generator) -> D.Box:
+def control_blurred(windows: D.Windows, source: int, avoid: Box, size: tuple[int, int], image_size: tuple[int, int],
+                    gen: torch.Generator) -> Box:
     """The candidate's own window with its detail blurred away (half a cell, the detail arm's
     blur): :func:`score` reads this control's pixels from the blurred source. The same content
     and arrangement as the test, so a window of any size holds as much of an object in both; a
@@ -130,8 +130,8 @@ def control_blurred(windows: D.Windows, source: int, avoid: D.Box, size: tuple[i
     return avoid
 
 
-def control_swap(windows: D.Windows, source: int, avoid: D.Box, size: tuple[int, int], image_size: tuple[int, int],
-                 gen: torch.Generator) -> D.Box:
+def control_swap(windows: D.Windows, source: int, avoid: Box, size: tuple[int, int], image_size: tuple[int, int],
+                 gen: torch.Generator) -> Box:
     """The swap: the control is the *source* with the recipient's window (from the test's place)
     pasted over the candidate's, and it counts when the source keeps its class (:func:`score`).
     A win is a pair whose class follows the window (the recipient takes the candidate's class and
@@ -194,7 +194,7 @@ def trained_models(specs: Iterable[Spec], epochs: int, cache: str) -> Iterator[t
             yield spec, probes, epoch, model
 
 
-def on_cue(masks: torch.Tensor, probe: int, box: D.Box) -> bool:
+def on_cue(masks: torch.Tensor, probe: int, box: Box) -> bool:
     """Whether ``box`` (image pixels) touches probe ``probe``'s true cue."""
     return bool(masks[probe, box[0]:box[2], box[1]:box[3]].any())
 
@@ -277,7 +277,7 @@ def score(model: torch.nn.Module, probes: ProbeSet, pairs: int, designs: list[De
             if control == "blurred":  # the controls' pixels from the blurred sources (the third block)
                 shifted = shifted[:len(tests)] + [p._replace(source=p.source + 2 * n) for p in shifted[len(tests):]]
             if control == "swap":  # the source, as it is, with the recipient's window over the candidate's
-                shifted = shifted[:len(tests)] + [D.Paste(t.recipient + n, t.place, suspects[t.suspect].probe,
+                shifted = shifted[:len(tests)] + [Paste(t.recipient + n, t.place, suspects[t.suspect].probe,
                                                           suspects[t.suspect].box) for t in tests]
             out = predict_classes(model, pasted_images(both, shifted))
             cls = torch.tensor([suspects[t.suspect].cls for t in tests])

@@ -1,0 +1,152 @@
+"""What one evaluation's discovery found: each arm's paired outcomes, their sign tests and
+excesses, the per-probe flips, the regions the local test confirmed and their masks.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..evidence import EvidenceState, holm, sign_test_p, stream
+from ..records import ShortcutRegion
+from .candidates import Pair, PasteTest, Suspect
+from .settings import LOCAL
+
+
+@dataclass
+class PairedArm:
+    """A paired arm's tests (global, colour, border, detail, texture, marked): its pairs, and whether each test image and each
+    control turned the recipient's prediction into the suspect's class."""
+
+    pairs: list[Pair]
+    flips: torch.Tensor
+    control_flips: torch.Tensor
+
+
+@dataclass
+class Discovery:
+    """What one evaluation's discovery found and its confirmation measured.
+
+    ``flips[i]`` / ``control_flips[i]`` say whether local test ``i`` (and its control) turned the
+    recipient's prediction into the suspect's class; ``paired`` holds the same for the whole-image
+    arms that ran (``global``, ``colour``, ``border``, ``detail``, ``texture``, ``marked``). ``waiting``: the
+    model did not beat chance on the probes (``DiscoverySettings.skill_level``), so nothing was tested.
+    ``arms``: the arms that run for these probes on this layer (:func:`arms_run`, fixed for a run),
+    whose mean the evidence takes.
+    """
+
+    suspects: list[Suspect]
+    tests: list[PasteTest]
+    flips: torch.Tensor
+    control_flips: torch.Tensor
+    paired: dict[str, PairedArm]
+    waiting: bool = False
+    arms: tuple[str, ...] = ()
+
+    @property
+    def pasted(self) -> int:
+        """How many images this discovery classified (tests and controls, every arm)."""
+        return 2 * (len(self.tests) + sum(len(a.pairs) for a in self.paired.values()))
+
+    def diffs(self, by_class: bool = False) -> dict[str, torch.Tensor]:
+        """Per arm, the paired differences flip - control flip (in {-1, 0, 1}) of its tests; with
+        ``by_class`` also the local arm's per candidate class (streams ``local/<class>``,
+        :func:`stream`). The whole-image arms stay pooled: a class can be told by its statistics
+        alone (a "1" is a vertical bar: its spectrum is its orientation), which is no shortcut, and
+        a per-class stream would find it (measured with the whole-image amplitude swap: a control
+        model's ``global/1`` reached 4e3)."""
+        out = {LOCAL: self.flips.long() - self.control_flips.long()}
+        out.update({arm: a.flips.long() - a.control_flips.long() for arm, a in self.paired.items() if a.pairs})
+        if by_class:
+            cls = torch.tensor([self.suspects[t.suspect].cls for t in self.tests], dtype=torch.long)
+            for k in cls.unique().tolist():
+                out[stream(LOCAL, k)] = out[LOCAL][cls == k]
+        return out
+
+    def p_value(self) -> float:
+        """This evaluation alone: the smallest Holm-adjusted exact sign-test p-value over the arms
+        tested (1.0 when nothing was tested)."""
+        ps = {arm: sign_test_p(int((d > 0).sum()), int((d < 0).sum())) for arm, d in self.diffs().items() if d.numel()}
+        return min(holm(ps).values(), default=1.0)
+
+    def aggregates(self) -> dict[str, float]:
+        """Flip rates of every arm that ran, their controls and excesses (NaN for an arm without
+        tests: ``shortcut_*`` for the local arm, ``global_*``, ``colour_*``, ``border_*``, ``detail_*``,
+        ``texture_*``, ``marked_*``), the evaluation's
+        ``shortcut_p`` and the count of ``shortcut_suspects`` (candidates)."""
+        out = {"shortcut_suspects": float(len(self.suspects)), "shortcut_p": self.p_value()}
+        arms = [("shortcut", self.flips, self.control_flips)]
+        arms += [(arm, a.flips, a.control_flips) for arm, a in self.paired.items()]
+        for name, flips, control in arms:
+            rate = float(flips.float().mean()) if flips.numel() else math.nan
+            base = float(control.float().mean()) if control.numel() else math.nan
+            out.update({f"{name}_flip_rate": rate, f"{name}_flip_control": base, f"{name}_flip_excess": rate - base})
+        return out
+
+    def excess(self) -> dict[int, float]:
+        """Probe index -> its local flip rate minus its control rate, for every suspect that was tested."""
+        out = {}
+        for s, suspect in enumerate(self.suspects):
+            mine = torch.tensor([t.suspect == s for t in self.tests], dtype=torch.bool)
+            if mine.any():
+                out[suspect.probe] = (self.flips[mine].float().mean() - self.control_flips[mine].float().mean()).item()
+        return out
+
+    def per_probe(self, n: int) -> dict[str, torch.Tensor]:
+        """``shortcut_flip`` (n,): each tested suspect's flip rate minus its control rate, NaN for other probes."""
+        out = torch.full((n,), math.nan)
+        for probe, value in self.excess().items():
+            out[probe] = value
+        return {"shortcut_flip": out}
+
+    def backed_classes(self, evidence: EvidenceState | None) -> tuple[int, ...]:
+        """The candidate classes whose boxes may be shown as found regions: those whose local-arm
+        pairs are, on balance, for a cue (:meth:`~cam_monitor.evidence.EvidenceState.backed_classes`).
+        None before there is evidence; none either when an alert rests on the whole-image arms,
+        whose cue has no box (a cast, a texture, a frame)."""
+        if evidence is None:
+            return ()
+        return evidence.backed_classes(LOCAL, tuple(sorted({s.cls for s in self.suspects})))
+
+    def regions(self, ids: list[str], class_names: list[str] | None = None,
+                classes: tuple[int, ...] | None = None) -> list[ShortcutRegion]:
+        """Per class of the tested suspects (of ``classes`` only, when given), strongest first: the
+        local flip and control rates, the number of tests, and each suspect's probe id and box
+        (``[y0, x0, y1, x1]`` image pixels)."""
+        by_class: dict[int, dict[str, Any]] = {}
+        for s, suspect in enumerate(self.suspects):
+            mine = [i for i, t in enumerate(self.tests) if t.suspect == s]
+            if not mine or (classes is not None and suspect.cls not in classes):
+                continue
+            row = by_class.setdefault(suspect.cls, {"class": suspect.cls, "flips": 0, "control_flips": 0, "tests": 0,
+                                                    "probe_ids": [], "boxes": []})
+            row["flips"] += int(self.flips[mine].sum())
+            row["control_flips"] += int(self.control_flips[mine].sum())
+            row["tests"] += len(mine)
+            row["probe_ids"].append(ids[suspect.probe])
+            row["boxes"].append(list(suspect.box))
+        out = []
+        for row in by_class.values():
+            row["flip_rate"] = row["flips"] / row["tests"]
+            row["control_rate"] = row["control_flips"] / row["tests"]
+            if class_names is not None and 0 <= row["class"] < len(class_names):
+                row["class_name"] = class_names[row["class"]]
+            out.append(row)
+        return sorted(out, key=lambda r: (r["control_rate"] - r["flip_rate"], r["class"]))
+
+    def masks(self, n: int, image_size: tuple[int, int], min_excess: float = 0.0,
+              classes: tuple[int, ...] | None = None) -> torch.Tensor:
+        """(n, H, W) bool for the first ``n`` probes: the box of every tested suspect (of ``classes``
+        only, when given) whose own flip excess is above ``min_excess`` (the inferred spurious
+        regions), empty elsewhere."""
+        out = torch.zeros(n, *image_size, dtype=torch.bool)
+        excess = self.excess()
+        for suspect in self.suspects:
+            if classes is not None and suspect.cls not in classes:
+                continue
+            if suspect.probe < n and excess.get(suspect.probe, -math.inf) > min_excess:
+                y0, x0, y1, x1 = suspect.box
+                out[suspect.probe, y0:y1, x0:x1] = True
+        return out
