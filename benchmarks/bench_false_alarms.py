@@ -21,7 +21,6 @@ again after every run, so a long campaign stopped part-way keeps what it ran.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import sys
@@ -34,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine import default_result_path, machine, write_json  # noqa: E402
-from bench_zoo import add_fit_arguments, recording  # noqa: E402
+from bench_zoo import add_fit_arguments, load_alike, recording  # noqa: E402
 
 from cam_monitor.demo.zoo import run_task  # noqa: E402
 from cam_monitor.discovery import DiscoverySettings  # noqa: E402
@@ -141,23 +140,14 @@ def main() -> None:
     alpha = DiscoverySettings().alpha
     out = args.out or default_result_path("false_alarms", torch.device("cpu"))
     if args.merge:
-        results = [json.loads(Path(f).read_text()) for f in args.merge]
-        recorded = {r.get("record_pairs") for r in results}
-        if len(recorded) > 1:
-            raise SystemExit(f"--merge: the files differ in record_pairs ({sorted(map(str, recorded))}): a recording "
-                             "shares its pairs unlike the default monitor; merge each separately")
-        given = {}
-        for key, flag in (("masks", "--masks"), ("object_masks", "--object-masks")):
-            values = {bool(r.get(key)) for r in results}
-            if len(values) > 1:
-                raise SystemExit(f"--merge: some files were run with {flag} and some without: merge each separately")
-            given[key] = values.pop()
+        results = load_alike(args.merge, (("record_pairs", None), ("masks", False), ("object_masks", False)))
+        given = {key: bool(results[0].get(key, False)) for key in ("masks", "object_masks")}
         runs = [r for result in results for r in result["runs"]]
         summary = summarise(runs, alpha)
         print_table(summary)
         epochs = sorted({r["epochs"] for r in results})  # groups of several architectures may train for different epochs
         write_json({"machine": results[0]["machine"], "epochs": epochs[0] if len(epochs) == 1 else epochs,
-                    "record_pairs": recorded.pop(), **given, **summary,
+                    "record_pairs": results[0].get("record_pairs"), **given, **summary,
                     "merged_from": [Path(f).name for f in args.merge], "runs": runs}, out)
         return
     warnings.filterwarnings("ignore")

@@ -75,15 +75,27 @@ class SavedRun(ZooRecord):
     active_at_end: bool = False
 
 
-def merge(paths: list[str]) -> tuple[list[SavedRun], list[dict]]:
-    """The runs of several result files (seeds or tasks split over processes), and the files."""
+#: What every file ``--merge`` joins must share, with the value of a file that predates the key.
+SETTINGS = (("arch", "cnn"), ("base", "digits"), ("epochs", None), ("global_test", False), ("record_pairs", None),
+            ("masks", False), ("object_masks", False))
+
+
+def load_alike(paths: list[str], settings: tuple[tuple[str, object], ...]) -> list[dict]:
+    """The result files at ``paths``, refused (SystemExit) unless they agree on every key of
+    ``settings`` (key, value of a file without it): one table holds runs of one setting, and a
+    merged file would otherwise carry the first file's label for all."""
     results = [json.loads(Path(p).read_text()) for p in paths]
-    for key, default in (("arch", "cnn"), ("base", "digits"), ("epochs", None), ("global_test", False),
-                         ("record_pairs", None), ("masks", False), ("object_masks", False)):
-        values = {str(r.get(key, default)) for r in results}  # older files lack base and global_test
+    for key, default in settings:
+        values = {str(r.get(key, default)) for r in results}
         if len(values) > 1:
             raise SystemExit(f"--merge: the files differ in {key} ({', '.join(sorted(values))}); one table holds runs "
                              f"of one setting: merge each {key} separately")
+    return results
+
+
+def merge(paths: list[str]) -> tuple[list[SavedRun], list[dict]]:
+    """The runs of several result files (seeds or tasks split over processes), and the files."""
+    results = load_alike(paths, SETTINGS)
     runs = [SavedRun(r["task"], r["variant"], r["seed"], r["epochs"], r["alerts"], r["active_at_end"])
             for result in results for r in result["runs"]]
     return runs, results

@@ -74,15 +74,15 @@ def test_a_recording_and_a_default_campaign_are_not_merged(tmp_path, monkeypatch
         bench.main()
 
 
-@pytest.mark.parametrize("key, flag", [("masks", "--masks"), ("object_masks", "--object-masks")])
-def test_a_campaign_with_masks_and_one_without_are_not_merged(tmp_path, monkeypatch, key, flag) -> None:
+@pytest.mark.parametrize("key", ["masks", "object_masks"])
+def test_a_campaign_with_masks_and_one_without_are_not_merged(tmp_path, monkeypatch, key) -> None:
     files = []
     for name, masks in (("a.json", False), ("b.json", True)):
         (tmp_path / name).write_text(json.dumps({"machine": "test", "epochs": 6, "record_pairs": None, key: masks,
                                                  "runs": []}))
         files.append(str(tmp_path / name))
     monkeypatch.setattr(sys, "argv", ["bench_false_alarms.py", "--merge", *files, "--out", str(tmp_path / "m.json")])
-    with pytest.raises(SystemExit, match=f"with {flag} and some without"):
+    with pytest.raises(SystemExit, match=f"differ in {key}"):
         bench.main()
     monkeypatch.setattr(sys, "argv", ["bench_false_alarms.py", "--merge", files[1], files[1], "--out", str(tmp_path / "m.json")])
     bench.main()
