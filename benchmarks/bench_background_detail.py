@@ -27,17 +27,14 @@ Weights are shared with ``bench_local_test.py`` through ``--cache``.
 """
 from __future__ import annotations
 
-import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import default_result_path, machine, write_json  # noqa: E402
-from bench_local_test import Spec, design_summary, trained_models  # noqa: E402
+from bench_engine import machine, write_json  # noqa: E402
+from bench_local_test import cached_models_parser, design_summary, trained_models  # noqa: E402
 
 from cam_monitor.demo.model import ARCHS  # noqa: E402
 from cam_monitor.engine import compute_cams, predict_classes  # noqa: E402
@@ -93,17 +90,12 @@ def score(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, la
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--specs", required=True, help="comma-separated base:cue:variant:seed[:arch]")
-    p.add_argument("--epochs", type=int, default=6)
+    p = cached_models_parser(__doc__, "background_detail")
     p.add_argument("--pairs", type=int, default=200, help="(candidate, recipient) pairs per model and epoch")
-    p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "cam_monitor_zoo_states"))
-    p.add_argument("--out", default=default_result_path("background_detail", torch.device("cpu")))
     args = p.parse_args()
-    os.makedirs(args.cache, exist_ok=True)
     print("| model | epoch | accuracy | " + " | ".join(TESTS) + " |\n|---|---|---|" + "---|" * len(TESTS))
     records = []
-    for spec, probes, epoch, model in trained_models(map(Spec.parse, args.specs.split(",")), args.epochs, args.cache):
+    for spec, probes, epoch, model in trained_models(args.specs, args.epochs, args.cache):
         accuracy, scored = score(model, probes.images, probes.labels, ARCHS[spec.arch], args.pairs, epoch)
         records += [{"model": spec.name, "variant": spec.variant, "epoch": epoch, "accuracy": accuracy,
                      "test": name, **row} for name, row in scored.items()]

@@ -39,12 +39,9 @@ Weights are shared with ``bench_local_test.py`` through ``--cache``.
 """
 from __future__ import annotations
 
-import argparse
 import functools
-import os
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -52,8 +49,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_background_detail import draw_pairs, outcome  # noqa: E402
-from bench_engine import default_result_path, machine, write_json  # noqa: E402
-from bench_local_test import Spec, trained_models  # noqa: E402
+from bench_engine import machine, write_json  # noqa: E402
+from bench_local_test import Spec, cached_models_parser, trained_models  # noqa: E402
 
 from cam_monitor.demo.model import ARCHS  # noqa: E402
 from cam_monitor.discovery import DiscoverySettings, beats_chance  # noqa: E402
@@ -170,19 +167,14 @@ def summary(records: list[dict], margin: float) -> list[dict]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--specs", required=True, help="comma-separated base:cue:variant:seed[:arch]")
+    p = cached_models_parser(__doc__, "colour_test")
     p.add_argument("--designs", default=",".join(DESIGNS), help=f"comma-separated, of {', '.join(DESIGNS)}")
-    p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--pairs", type=int, default=200, help="(candidate, recipient) pairs per model and epoch")
-    p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "cam_monitor_zoo_states"))
-    p.add_argument("--out", default=default_result_path("colour_test", torch.device("cpu")))
     args = p.parse_args()
     designs = args.designs.split(",")
     unknown = sorted(set(designs) - set(DESIGNS))
     if unknown:
         p.error(f"unknown designs {unknown}; choose from {sorted(DESIGNS)}")
-    os.makedirs(args.cache, exist_ok=True)
     print("| model | epoch | accuracy | beats chance | " + " | ".join(designs) + " |\n|---|---|---|---|"
           + "---|" * len(designs))
     records = []

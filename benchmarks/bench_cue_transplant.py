@@ -27,17 +27,14 @@ benchmark's cache).
 """
 from __future__ import annotations
 
-import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import default_result_path, machine, write_json  # noqa: E402
-from bench_local_test import Spec, trained_models  # noqa: E402
+from bench_engine import machine, write_json  # noqa: E402
+from bench_local_test import cached_models_parser, trained_models  # noqa: E402
 
 from cam_monitor.demo.zoo import truth_probes  # noqa: E402
 from cam_monitor.engine import predict_classes  # noqa: E402
@@ -112,17 +109,10 @@ def measure(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, 
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--specs", required=True, help="comma-separated base:cue:variant:seed[:arch] of local cues, e.g. "
-                   "digits:text_tag:shortcut:0,digits:text_tag:control:0")
-    p.add_argument("--epochs", type=int, default=6)
+    p = cached_models_parser(__doc__, "cue_transplant")
     p.add_argument("--pairs", type=int, default=200, help="swaps per model and epoch")
-    p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "cam_monitor_zoo_states"),
-                   help="where each model's per-epoch weights are kept")
-    p.add_argument("--out", default=default_result_path("cue_transplant", torch.device("cpu")))
     args = p.parse_args()
-    specs = [Spec.parse(s) for s in args.specs.split(",")]
-    os.makedirs(args.cache, exist_ok=True)
+    specs = args.specs
     records = []
     print("| model | epoch | accuracy | pairs | recipient follows the cue | keeps its class | source keeps its class "
           "| follows the cue | oracle wins:losses | p |\n|---|---|---|---|---|---|---|---|---|---|")

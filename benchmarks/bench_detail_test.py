@@ -26,19 +26,17 @@ losses above 0.2 of the pairs) and the shortcut models' median wins; writes
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import default_result_path, machine, write_json  # noqa: E402
-from bench_local_test import Spec, design_summary, trained_models  # noqa: E402
+from bench_engine import machine, write_json  # noqa: E402
+from bench_local_test import cached_models_parser, design_summary, trained_models  # noqa: E402
 
 from cam_monitor.demo.model import ARCHS  # noqa: E402
 from cam_monitor.discovery import DiscoverySettings  # noqa: E402
@@ -129,17 +127,12 @@ def summarise(records: list[dict]) -> list[dict]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--specs", required=True, help="comma-separated base:cue:variant:seed[:arch]")
-    p.add_argument("--epochs", type=int, default=6)
+    p = cached_models_parser(__doc__, "detail_test")
     p.add_argument("--tiles", default="1,2", help="shuffled tiles' side in grid cells (the monitor: 1)")
     p.add_argument("--blurs", default="0.25,0.5,1.0", help="the blur's standard deviation in cells (the monitor: 0.5)")
     p.add_argument("--controls", default="blur", help=f"comma-separated, of {', '.join(CONTROLS)} (the monitor: blur)")
-    p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "cam_monitor_zoo_states"),
-                   help="where each model's per-epoch weights are kept (shared with bench_local_test.py)")
-    p.add_argument("--out", default=default_result_path("detail_test", torch.device("cpu")))
     args = p.parse_args()
-    specs = [Spec.parse(s) for s in args.specs.split(",")]
+    specs = args.specs
     designs = list(itertools.product([int(t) for t in args.tiles.split(",")], [float(b) for b in args.blurs.split(",")]))
     controls = tuple(args.controls.split(","))
     if unknown := set(controls) - set(CONTROLS):

@@ -156,8 +156,32 @@ RECIPIENTS = ("probe", "erased", "flat", "blurred")
 Design = tuple[float, str, str, str, str]  # box (cells), control, place, window, recipient
 
 
+#: Where the benchmarks on cached zoo models keep each model's weights after every epoch.
+CACHE = os.path.join(tempfile.gettempdir(), "cam_monitor_zoo_states")
+
+
+def specs_of(text: str) -> list[Spec]:
+    """``--specs``: comma-separated :meth:`Spec.parse` texts."""
+    return [Spec.parse(s) for s in text.split(",")]
+
+
+def cached_models_parser(doc: str, result: str) -> argparse.ArgumentParser:
+    """The arguments every benchmark on cached zoo models (:func:`trained_models`) takes:
+    ``--specs`` (parsed into :class:`Spec`), ``--epochs``, ``--cache`` and ``--out`` (the
+    ``result`` file under ``benchmarks/results/``); the benchmark adds its own."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--specs", required=True, type=specs_of, help="comma-separated base:cue:variant:seed[:arch], e.g. "
+                   "shapes:corner_patch:control:0 or digits:background_texture:control:0:resnet18")
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--cache", default=CACHE, help="where each model's per-epoch weights are kept (shared by the "
+                   "benchmarks on cached zoo models)")
+    p.add_argument("--out", default=default_result_path(result, torch.device("cpu")))
+    return p
+
+
 def trained_states(spec: Spec, epochs: int, cache: str) -> list[dict[str, torch.Tensor]]:
     """The model's weights after each epoch of ``spec``'s zoo task (trained once, then cached)."""
+    os.makedirs(cache, exist_ok=True)
     path = os.path.join(cache, f"{spec.name}_{epochs}.pt")
     if os.path.exists(path):
         return torch.load(path, weights_only=True)
@@ -326,21 +350,15 @@ def summarise(records: list[dict]) -> list[dict]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--specs", required=True, help="comma-separated base:cue:variant:seed[:arch], e.g. "
-                   "shapes:corner_patch:control:0 or digits:background_texture:control:0:resnet18")
-    p.add_argument("--epochs", type=int, default=6)
+    p = cached_models_parser(__doc__, "local_test")
     p.add_argument("--pairs", type=int, default=200, help="paste tests per model, epoch and design")
     p.add_argument("--boxes", default="1,2", help="window sides in grid cells (fractions need --windows pixel)")
     p.add_argument("--controls", default=",".join(CONTROLS), help=f"from {tuple(CONTROLS)}")
     p.add_argument("--places", default=",".join(PLACES), help=f"from {tuple(PLACES)}")
     p.add_argument("--windows", default="cell", help=f"from {WINDOWS} (the monitor: cell)")
     p.add_argument("--recipients", default="probe", help=f"from {RECIPIENTS} (the monitor: probe)")
-    p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "cam_monitor_zoo_states"),
-                   help="where each model's per-epoch weights are kept")
-    p.add_argument("--out", default=default_result_path("local_test", torch.device("cpu")))
     args = p.parse_args()
-    specs = [Spec.parse(s) for s in args.specs.split(",")]
+    specs = args.specs
     boxes = [float(b) if "." in b else int(b) for b in args.boxes.split(",")]
     designs = list(itertools.product(boxes, args.controls.split(","), args.places.split(","),
                                      args.windows.split(","), args.recipients.split(",")))

@@ -22,18 +22,15 @@ test benchmark's cache).
 """
 from __future__ import annotations
 
-import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import default_result_path, machine, write_json  # noqa: E402
-from bench_local_test import Spec, trained_states  # noqa: E402
+from bench_engine import machine, write_json  # noqa: E402
+from bench_local_test import Spec, cached_models_parser, trained_states  # noqa: E402
 
 from cam_monitor.demo.model import ARCHS  # noqa: E402
 from cam_monitor.demo.zoo import truth_probes  # noqa: E402
@@ -106,16 +103,11 @@ def measure(model: torch.nn.Module, spec: Spec, box: int, copy: float) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--specs", required=True, help="comma-separated base:cue:variant:seed[:arch]")
-    p.add_argument("--epochs", type=int, default=6)
+    p = cached_models_parser(__doc__, "recurrence")
     p.add_argument("--box", type=int, default=2, help="window side in grid cells")
     p.add_argument("--copy", type=float, default=0.9, help="correlation above which a window counts as a copy")
-    p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "cam_monitor_zoo_states"))
-    p.add_argument("--out", default=default_result_path("recurrence", torch.device("cpu")))
     args = p.parse_args()
-    specs = [Spec.parse(s) for s in args.specs.split(",")]
-    os.makedirs(args.cache, exist_ok=True)
+    specs = args.specs
     print("| model | epoch | probes | windows on cue | pixel corr. same / other | copies same / other | "
           "feature cos. same / other | close same / other |\n|---|---|---|---|---|---|---|---|")
     records = []

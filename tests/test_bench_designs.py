@@ -261,3 +261,25 @@ def test_a_cue_moved_whole_carries_its_class_on_a_model_that_reads_it_and_not_on
     row = bt.measure(_Dim(), images, labels, masks, 50, 0)
     assert row["accuracy"] == 1.0 and row["recipient_follows"] == 0.0 and row["recipient_keeps"] == 1.0
     assert row["oracle_wins"] == 0
+
+
+def test_the_cached_models_parser_reads_the_specs_and_the_shared_defaults() -> None:
+    args = bench_local_test.cached_models_parser("A benchmark.\n\nMore.", "local_test").parse_args(
+        ["--specs", "digits:text_tag:shortcut:0,shapes:ruler:control:2:resnet18"])
+    Spec = bench_local_test.Spec
+    assert args.specs == [Spec("digits", "text_tag", "shortcut", 0), Spec("shapes", "ruler", "control", 2, "resnet18")]
+    assert args.epochs == 6 and args.cache == bench_local_test.CACHE
+    assert Path(args.out).name == "local_test_cpu.json"
+
+
+@pytest.mark.parametrize("name", ["bench_local_test", "bench_cue_transplant", "bench_colour_test", "bench_detail_test",
+                                  "bench_background_detail", "bench_recurrence"])
+def test_every_benchmark_on_cached_models_takes_the_shared_arguments(name, monkeypatch, capsys) -> None:
+    import importlib
+    module = importlib.import_module(name)
+    monkeypatch.setattr(sys, "argv", [f"{name}.py", "--help"])
+    with pytest.raises(SystemExit) as done:
+        module.main()
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    assert all(flag in text for flag in ("--specs", "--epochs", "--cache", "--out"))
