@@ -55,7 +55,7 @@ from bench_local_test import Spec, cached_models_parser, trained_models  # noqa:
 from cam_monitor.demo.model import ARCHS  # noqa: E402
 from cam_monitor.discovery import DiscoverySettings, beats_chance  # noqa: E402
 from cam_monitor.engine import compute_cams, predict_classes  # noqa: E402
-from cam_monitor.interventions import (colour_images, colour_statistics, matched_colours,  # noqa: E402
+from cam_monitor.interventions import (colour_images, colour_statistics, matched_levels,  # noqa: E402
                                       matched_statistics, object_regions)
 
 Maker = Callable[[torch.Tensor, torch.Tensor, list[int], list[int]], torch.Tensor]
@@ -74,11 +74,8 @@ def matched_to(images: torch.Tensor, own: torch.Tensor, targets: torch.Tensor, o
                scale: bool) -> torch.Tensor:
     """``images`` shifted (and with ``scale`` scaled) per channel so that their ``own`` region takes
     the statistics ``targets`` have inside ``other``."""
-    m, s = region_statistics(images, own)
-    mt, st = region_statistics(targets, other)
-    if not scale:
-        return images - m + mt
-    return (images - m) * torch.where(s > 0, st / s.clamp(min=1e-12), torch.ones_like(s)) + mt
+    mine, theirs = region_statistics(images, own), region_statistics(targets, other)
+    return matched_levels(images, mine, theirs) if scale else images - mine[0] + theirs[0]
 
 
 def swapped(match: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> Maker:
@@ -112,7 +109,7 @@ def quantile_images(tail: float | None) -> Maker:
     def matched(images: torch.Tensor, own: torch.Tensor, targets: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         if tail is None:
             return images - colour_statistics(images)[0] + colour_statistics(targets)[0]
-        return matched_colours(images, colour_statistics(images, tail), colour_statistics(targets, tail))
+        return matched_levels(images, colour_statistics(images, tail), colour_statistics(targets, tail))
     return swapped(matched)
 
 

@@ -87,10 +87,10 @@ def spectrum_images(images: torch.Tensor, objects: torch.Tensor, sources: list[i
 
 def matched_statistics(images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """``images`` (B, C, H, W) shifted and scaled per channel to the mean and standard deviation of
-    ``targets`` (same shape); a flat channel is only shifted."""
-    mx, sx = images.mean((2, 3), keepdim=True), images.std((2, 3), keepdim=True)
-    mt, st = targets.mean((2, 3), keepdim=True), targets.std((2, 3), keepdim=True)
-    return (images - mx) * torch.where(sx > 0, st / sx.clamp(min=1e-12), torch.ones_like(sx)) + mt
+    ``targets`` (same shape; :func:`matched_levels`); a flat channel is only shifted."""
+    def mean_std(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x.mean((2, 3), keepdim=True), x.std((2, 3), keepdim=True)
+    return matched_levels(images, mean_std(images), mean_std(targets))
 
 
 def colour_statistics(images: torch.Tensor, tail: float = COLOUR_TAIL) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,10 +106,12 @@ def colour_statistics(images: torch.Tensor, tail: float = COLOUR_TAIL) -> tuple[
     return picked[0][..., None, None], (picked[2] - picked[1])[..., None, None]
 
 
-def matched_colours(images: torch.Tensor, own: tuple[torch.Tensor, torch.Tensor],
-                    target: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """``images`` shifted per channel from their ``own`` median to the ``target``'s and scaled from
-    their spread to its (:func:`colour_statistics`); a channel where either spread is zero is only shifted."""
+def matched_levels(images: torch.Tensor, own: tuple[torch.Tensor, torch.Tensor],
+                   target: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """``images`` shifted per channel from their ``own`` level to the ``target``'s and scaled from
+    their spread to its (each a (B, C, 1, 1) pair: the median and percentile spread of
+    :func:`colour_statistics`, or a mean and a standard deviation); a channel where either spread is
+    zero is only shifted."""
     (m, s), (mt, st) = own, target
     scale = torch.where((s > 0) & (st > 0), st / s.clamp(min=1e-12), torch.ones_like(s))
     return (images - m) * scale + mt
@@ -125,8 +127,8 @@ def colour_images(images: torch.Tensor, sources: list[int], recipients: list[int
     median, spread = colour_statistics(images[used])
     n = len(sources)
     of_sources, of_recipients = (median[at[:n]], spread[at[:n]]), (median[at[n:]], spread[at[n:]])
-    return torch.cat([matched_colours(images[recipients], of_recipients, of_sources),
-                      matched_colours(images[sources], of_sources, of_recipients)])
+    return torch.cat([matched_levels(images[recipients], of_recipients, of_sources),
+                      matched_levels(images[sources], of_sources, of_recipients)])
 
 
 @functools.lru_cache(maxsize=16)

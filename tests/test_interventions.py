@@ -9,7 +9,7 @@ from torchvision.transforms.v2.functional import gaussian_blur
 
 from cam_monitor.interventions import (Paste, background_detail_images, banded_images, blurred_cells, border_bands,
                                        COLOUR_CHUNK_ELEMENTS, COLOUR_TAIL, colour_images, colour_statistics, detail_images,
-                                       gaussian_kernel, matched_colours, matched_statistics,
+                                       gaussian_kernel, matched_levels, matched_statistics,
                                        object_regions, pasted_images, reflected_blur_matrix, shuffled_cells,
                                        spectrum_images)
 from cam_monitor.metrics import border_mask
@@ -193,7 +193,7 @@ def test_the_colour_statistics_move_with_a_cast_and_not_with_the_size_of_a_small
     cast, spread = colour_statistics(small + tint)
     assert torch.allclose(cast - m_small, tint, atol=1e-6) and torch.allclose(spread, s_small, atol=1e-6)
     flat = torch.full((1, 3, 8, 8), 0.5)
-    assert torch.equal(matched_colours(flat, colour_statistics(flat), (m_small, s_small)), flat - 0.5 + m_small)
+    assert torch.equal(matched_levels(flat, colour_statistics(flat), (m_small, s_small)), flat - 0.5 + m_small)
 
 
 def test_matched_statistics_give_each_channel_the_targets_mean_and_spread() -> None:
