@@ -38,6 +38,9 @@ from bench_zoo import add_fit_arguments, load_alike, recording  # noqa: E402
 from cam_monitor.demo.zoo import run_task  # noqa: E402
 from cam_monitor.discovery import DiscoverySettings  # noqa: E402
 
+#: What every file ``--merge`` joins must share (:func:`bench_zoo.load_alike`), with the value of a
+#: file that predates the key; architectures and bases may mix (the table groups by them).
+SETTINGS = (("record_pairs", None), ("masks", False), ("object_masks", False))
 #: The confidence of the stated bounds.
 CONFIDENCE = 0.95
 
@@ -140,14 +143,13 @@ def main() -> None:
     alpha = DiscoverySettings().alpha
     out = args.out or default_result_path("false_alarms", torch.device("cpu"))
     if args.merge:
-        results = load_alike(args.merge, (("record_pairs", None), ("masks", False), ("object_masks", False)))
-        given = {key: bool(results[0].get(key, False)) for key in ("masks", "object_masks")}
+        results = load_alike(args.merge, SETTINGS)
         runs = [r for result in results for r in result["runs"]]
         summary = summarise(runs, alpha)
         print_table(summary)
         epochs = sorted({r["epochs"] for r in results})  # groups of several architectures may train for different epochs
         write_json({"machine": results[0]["machine"], "epochs": epochs[0] if len(epochs) == 1 else epochs,
-                    "record_pairs": results[0].get("record_pairs"), **given, **summary,
+                    **{key: results[0].get(key, default) for key, default in SETTINGS}, **summary,
                     "merged_from": [Path(f).name for f in args.merge], "runs": runs}, out)
         return
     warnings.filterwarnings("ignore")

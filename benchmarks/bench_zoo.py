@@ -229,10 +229,7 @@ def main() -> None:
         first, rows = results[0], summarise(saved)
         cost = next((r["cost"] for r in results if r.get("cost")), None)  # a file stopped part-way has none
         print_table(rows, cost)
-        write_json({"machine": first["machine"], "arch": first["arch"], "base": first.get("base", "digits"),
-                    "epochs": first["epochs"], "global_test": first.get("global_test", False),
-                    "record_pairs": first.get("record_pairs"), "masks": first.get("masks", False),
-                    "object_masks": first.get("object_masks", False),
+        write_json({"machine": first["machine"], **{key: first.get(key, default) for key, default in SETTINGS},
                     "seeds": sorted({r.seed for r in saved}), "tasks": rows,
                     "cost": cost, "merged_from": [Path(p).name for p in args.merge],
                     "replayed_under": args.replay,
