@@ -107,7 +107,7 @@ def main() -> None:
     for r in summary:
         print(f"| {r['test']} | {r['control_evaluations']} | {r['control_p_below_0.01']} | {r['worst_control']} | "
               f"{r['shortcut_median_wins']} |")
-    write_json({"machine": machine(), "epochs": args.epochs, "pairs": args.pairs, "specs": args.specs.split(","),
+    write_json({"machine": machine(), "epochs": args.epochs, "pairs": args.pairs, "specs": [s.text for s in args.specs],
                 "summary": summary, "records": records}, args.out)
 
 

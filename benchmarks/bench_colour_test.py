@@ -50,7 +50,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_background_detail import draw_pairs, outcome  # noqa: E402
 from bench_engine import machine, write_json  # noqa: E402
-from bench_local_test import Spec, cached_models_parser, trained_models  # noqa: E402
+from bench_local_test import cached_models_parser, trained_models  # noqa: E402
 
 from cam_monitor.demo.model import ARCHS  # noqa: E402
 from cam_monitor.discovery import DiscoverySettings, beats_chance  # noqa: E402
@@ -175,7 +175,7 @@ def main() -> None:
     print("| model | epoch | accuracy | beats chance | " + " | ".join(designs) + " |\n|---|---|---|---|"
           + "---|" * len(designs))
     records = []
-    for spec, probes, epoch, model in trained_models(map(Spec.parse, args.specs.split(",")), args.epochs, args.cache):
+    for spec, probes, epoch, model in trained_models(args.specs, args.epochs, args.cache):
         accuracy, ready, scored = score(model, probes.images, probes.labels, ARCHS[spec.arch], args.pairs, epoch,
                                         designs)
         records += [{"model": spec.name, "variant": spec.variant, "epoch": epoch, "accuracy": accuracy,
@@ -192,7 +192,7 @@ def main() -> None:
         print(f"| {r['design']} | {r['control_evaluations']} | {r['control_broken']} | {r['worst_control']} | "
               f"{r['shortcut_evaluations']} | {r['shortcut_median_wins']} | "
               f"{'-' if excess is None else f'{excess:.2f}'} |")
-    write_json({"machine": machine(), "epochs": args.epochs, "pairs": args.pairs, "specs": args.specs.split(","),
+    write_json({"machine": machine(), "epochs": args.epochs, "pairs": args.pairs, "specs": [s.text for s in args.specs],
                 "summary": rows, "records": records}, args.out)
 
 

@@ -126,7 +126,7 @@ def main() -> None:
         print(f"| {spec.name} | {epoch} | {row['accuracy']:.2f} | {row['pairs']} | {fmt(row['recipient_follows'])} | "
               f"{fmt(row['recipient_keeps'])} | {fmt(row['source_keeps'])} | {fmt(row['source_follows'])} | "
               f"{row['oracle_wins']}:{row['oracle_losses']} | {row['oracle_p']:.2g} |", flush=True)
-    write_json({"machine": machine(), "epochs": args.epochs, "pairs": args.pairs, "specs": args.specs.split(","),
+    write_json({"machine": machine(), "epochs": args.epochs, "pairs": args.pairs, "specs": [s.text for s in args.specs],
                 "records": records}, args.out)
 
 

@@ -155,7 +155,7 @@ def main() -> None:
         print(f"| {r['tile_cells']} | {r['blur_cells']} | {r['control']} | {r['control_evaluations']} | "
               f"{r['control_p_below_0.01']} | {r['control_above_margin']} | {r['worst_control']} | "
               f"{r['shortcut_median_wins']} |")
-    write_json({"machine": machine(), "epochs": args.epochs, "specs": args.specs.split(","), "summary": summary,
+    write_json({"machine": machine(), "epochs": args.epochs, "specs": [s.text for s in args.specs], "summary": summary,
                 "records": records}, args.out)
 
 

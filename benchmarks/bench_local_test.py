@@ -87,6 +87,12 @@ class Spec:
         return cls(base, cue, variant, int(seed), *arch)
 
     @property
+    def text(self) -> str:
+        """The ``base:cue:variant:seed[:arch]`` form :meth:`parse` reads (what result files record)."""
+        suffix = "" if self.arch == "cnn" else f":{self.arch}"
+        return f"{self.base}:{self.cue}:{self.variant}:{self.seed}{suffix}"
+
+    @property
     def name(self) -> str:
         suffix = "" if self.arch == "cnn" else f"_{self.arch}"
         return f"{self.base}_{self.cue}_{self.variant}_{self.seed}{suffix}"
@@ -389,7 +395,7 @@ def main() -> None:
               f"{r['control_evaluations']} | "
               f"{r['control_p_below_0.01']} | {r['worst_control']} | {r['shortcut_median_wins']} | "
               + ("-" if r["shortcut_control_on_cue"] is None else f"{r['shortcut_control_on_cue']:.0%}") + " |")
-    write_json({"machine": machine(), "epochs": args.epochs, "pairs": args.pairs, "specs": args.specs.split(","),
+    write_json({"machine": machine(), "epochs": args.epochs, "pairs": args.pairs, "specs": [s.text for s in args.specs],
                 "summary": summary, "records": records}, args.out)
 
 

@@ -122,7 +122,7 @@ def main() -> None:
                   f"{r['feature_same']:.2f} / {r['feature_other']:.2f} | {r['feature_close_same']:.2f} / "
                   f"{r['feature_close_other']:.2f} |", flush=True)
     write_json({"machine": machine(), "epochs": args.epochs, "box": args.box, "copy": args.copy,
-                "specs": args.specs.split(","), "records": records}, args.out)
+                "specs": [s.text for s in args.specs], "records": records}, args.out)
 
 
 if __name__ == "__main__":

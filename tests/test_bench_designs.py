@@ -283,3 +283,25 @@ def test_every_benchmark_on_cached_models_takes_the_shared_arguments(name, monke
     assert done.value.code == 0
     text = capsys.readouterr().out
     assert all(flag in text for flag in ("--specs", "--epochs", "--cache", "--out"))
+
+
+@pytest.mark.parametrize(("name", "extra"), [
+    ("bench_local_test", ["--pairs", "4", "--boxes", "1"]), ("bench_cue_transplant", ["--pairs", "4"]),
+    ("bench_colour_test", ["--pairs", "4"]), ("bench_detail_test", ["--tiles", "1", "--blurs", "0.5"]),
+    ("bench_background_detail", ["--pairs", "4"]), ("bench_recurrence", [])])
+def test_every_benchmark_on_cached_models_runs_to_its_result_file(name, extra, tmp_path, monkeypatch) -> None:
+    """Each benchmark runs end to end on one cached model (its untrained weights stand for one
+    epoch, so nothing is trained) and writes the specs as they were given."""
+    import importlib
+    import json
+    spec = bench_local_test.Spec.parse("digits:corner_patch:control:0")
+    probes = bench.truth_probes(spec.cue, spec.seed, 64, spec.base)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        torch.save([spec.model(probes).state_dict()], tmp_path / f"{spec.name}_1.pt")
+    out = tmp_path / "result.json"
+    module = importlib.import_module(name)
+    monkeypatch.setattr(sys, "argv", [f"{name}.py", "--specs", spec.text, "--epochs", "1", "--cache", str(tmp_path),
+                                      "--out", str(out), *extra])
+    module.main()
+    assert json.loads(out.read_text())["specs"] == ["digits:corner_patch:control:0"]
