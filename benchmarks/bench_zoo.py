@@ -200,7 +200,9 @@ def add_fit_arguments(p: argparse.ArgumentParser, seeds: int) -> None:
 def recording(pairs: int | None, num_probes: int = 64, **settings: bool) -> DiscoverySettings | None:
     """The discovery settings of a ``--record-pairs`` run: one stage, a budget that gives each arm
     ``pairs`` pairs (:func:`~cam_monitor.discovery.arm_shares` shares them equally) on ``num_probes``
-    probes; None without a recording, and only the other ``settings`` when there are some."""
+    probes (the arms :attr:`~cam_monitor.discovery.DiscoverySettings.arms` names; where the
+    recurring or the marked arm runs too, it takes an equal share and each arm gets fewer); None
+    without a recording, and only the other ``settings`` when there are some."""
     if pairs is None:
         return DiscoverySettings(**settings) if settings else None
     if pairs < 1:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .alerts import MOVED_ONTO_MARKS_LEVEL
-from .discovery import MIN_DETAIL_GRID, arms_run, window_side
+from .discovery import MIN_DETAIL_GRID, RECURRING, arms_run, window_side
 from .engine import CAMResult
 from .errors import CAMError, InputError
 from .evaluation import EvalSettings, Placement, spurious_regions
@@ -21,6 +21,7 @@ from .evidence import sign_test_p
 from .interventions import cell_size
 from .metrics import energy_fraction_bounds, enrichment_ceiling, pointing_always_hits
 from .probes import ProbeSet
+from .probes.recurrence import recurring_of
 
 #: Distinct spurious regions the resolution check looks at (it is exact per region, so bounded).
 RESOLUTION_REGIONS = 16
@@ -212,15 +213,28 @@ def local_reach_notes(grid: tuple[int, int], layer: str, probes: ProbeSet, setti
         return []
     cells = window_side(grid, found.box_cells)
     ch, cw = cell_size(probes.image_size, grid)
-    others = [arm for arm in arms_run(found, grid, probes) if arm != "local"]
+    runs = arms_run(found, grid, probes)
+    others = [arm for arm in runs if arm not in ("local", RECURRING)]
     named = " and ".join([", ".join(others[:-1]), others[-1]] if len(others) > 1 else others)
     still = f" (the {named} test{'s' if len(others) > 1 else ''} still run{'' if len(others) > 1 else 's'})"
     window = "one cell" if cells == (1, 1) else f"{cells[0]}x{cells[1]} cells"
     return [f"without masks, discovery's local test sees a cue that fits in {window} of layer {layer!r} "
             f"({cells[0] * ch}x{cells[1] * cw} px of the "
             f"{probes.image_size[0]}x{probes.image_size[1]} probes); a stamp, tag or ruler larger than that is "
-            f"missed{still if others else ''}: give spurious masks for a cue you know, or target a layer whose cells "
-            "are at least as large as the cue and smaller than your objects"]
+            f"missed by it{still if others else ''}{recurring_note(probes, runs) if found.recurring_test else ''}: "
+            "give spurious masks for a cue you know, or target a layer whose cells are at least as large as the cue "
+            "and smaller than your objects"]
+
+
+def recurring_note(probes: ProbeSet, runs: tuple[str, ...]) -> str:
+    """What the recurrence finder found in the probes, for the local-reach note: the recurring arm
+    tests a cue of any size whole, but only one drawn pixel for pixel the same in several probes."""
+    if RECURRING in runs:
+        holding = int(recurring_of(probes.images).flatten(1).any(1).sum())
+        return (f"; the recurring test found content drawn pixel for pixel the same in {holding} of {len(probes)} "
+                "probes and tests it whole")
+    return ("; nothing recurs pixel for pixel across the probes, so the recurring test, which would test such a "
+            "cue whole, does not run (a cue resized, compressed or drawn with noise differs from probe to probe)")
 
 
 #: Probes the check before training runs through the model.

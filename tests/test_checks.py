@@ -122,5 +122,24 @@ def test_without_masks_fit_start_says_how_large_a_cue_the_local_test_can_see_and
     (alone,) = dry_run_findings(result(torch.rand(2, 8, 8)), probes(), two, 4.0, "cam").notes
     assert "fits in 2x2 cells of layer 'body' (16x16 px" in alone and "still run" not in alone
     assert dry_run_findings(result(torch.rand(2, 8, 8)), probes(masks=True), EvalSettings(), 4.0, "cam").notes == []
+    assert "nothing recurs pixel for pixel across the probes, so the recurring test" in note
     off = EvalSettings(discovery=DiscoverySettings(enabled=False))
     assert dry_run_findings(result(torch.rand(2, 8, 8)), probes(), off, 4.0, "cam").notes == []
+
+
+def test_fit_start_says_in_how_many_probes_the_recurring_test_found_content_drawn_the_same() -> None:
+    """Four of six probes carry the same 8 x 8 stamp at their own places: the note counts them, and says
+    the recurring test tests it whole; with the test off it says nothing of it."""
+    from cam_monitor.discovery import DiscoverySettings
+
+    gen = torch.Generator().manual_seed(0)
+    images = 0.1 * torch.rand(6, 3, 1, 1, generator=gen).expand(6, 3, 64, 64).clone()
+    stamp = (torch.rand(8, 8, generator=gen) < 0.5).float()
+    for i, (y, x) in enumerate([(3, 5), (40, 12), (20, 50), (50, 50)]):
+        images[i, :, y:y + 8, x:x + 8] = stamp
+    stamped = cm.ProbeSet(images, torch.zeros(6, dtype=torch.long))
+    (note,) = dry_run_findings(result(torch.rand(6, 8, 8)), stamped, EvalSettings(), 4.0, "cam").notes
+    assert "the recurring test found content drawn pixel for pixel the same in 4 of 6 probes and tests it whole" in note
+    off = EvalSettings(discovery=DiscoverySettings(recurring_test=False))
+    (quiet,) = dry_run_findings(result(torch.rand(6, 8, 8)), stamped, off, 4.0, "cam").notes
+    assert "recurring" not in quiet and "is missed by it" in quiet

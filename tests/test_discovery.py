@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import cam_monitor as cm
-from cam_monitor.discovery import (DiscoverySettings, cells_to_pixels, discover, find_suspects, fit_box, pastes,
-                                   plan_tests)
+from cam_monitor.discovery import (DiscoverySettings, arms_run, cells_to_pixels, discover, find_suspects, fit_box,
+                                   pastes, plan_tests)
 from cam_monitor.evaluation import EvalSettings, evaluate
 from cam_monitor.evidence import EvidenceState, log_evalue
 from cam_monitor.interventions import MAX_BORDER_BAND, pasted_images
@@ -92,7 +92,7 @@ def test_a_model_using_the_tag_flips_wherever_it_is_pasted_and_the_control_windo
         predict = lambda x, m=model: m(x).argmax(1)  # noqa: E731
         found = discover(maps, probes, probes.labels, preds, predict,
                          replace_settings(ONE_CELL, global_test=False, colour_test=False, border_test=False, detail_test=False,
-                                          texture_test=False))
+                                          texture_test=False, recurring_test=False))
         if not use_tag:  # the control model predicts class 0 for all: no recipient can flip, no evidence
             assert not found.flips.any() and found.p_value() == 1.0
             continue
@@ -419,11 +419,13 @@ def test_bad_settings_are_refused(kwargs, text) -> None:
 
 
 def test_the_detail_and_marked_arms_have_their_own_margins_and_every_other_arm_the_common_one() -> None:
+    """The recurring arm runs the marked arm's test on found pixels, so it takes the marked margin."""
     margins = DiscoverySettings(min_effect=0.1, detail_min_effect=0.25, marked_min_effect=0.02).margins
     assert margins == {"local": 0.1, "global": 0.1, "colour": 0.1, "border": 0.1, "detail": 0.25, "texture": 0.1,
-                       "marked": 0.02}
+                       "recurring": 0.02, "marked": 0.02}
     defaults = DiscoverySettings()
     assert defaults.margins["detail"] > defaults.min_effect > defaults.margins["marked"] == 0.0
+    assert defaults.margins["recurring"] == 0.0
 
 
 def test_the_marked_arms_ties_cost_it_nothing_and_its_wins_count_in_full() -> None:
@@ -440,7 +442,7 @@ def test_the_marked_arms_ties_cost_it_nothing_and_its_wins_count_in_full() -> No
 def test_the_detail_arm_has_its_own_stake_and_every_other_arm_the_common_one() -> None:
     bets = DiscoverySettings(bet=0.6, detail_bet=0.25).bets
     assert bets == {"local": 0.6, "global": 0.6, "colour": 0.6, "border": 0.6, "detail": 0.25, "texture": 0.6,
-                    "marked": 0.6}
+                    "recurring": 0.6, "marked": 0.6}
     assert DiscoverySettings().bets["detail"] < DiscoverySettings().bet  # the least exact null stakes less
 
 
@@ -487,7 +489,7 @@ def test_evaluate_runs_every_arm_within_two_probe_sets_of_extra_images_and_accum
                for t in found.tests}
     assert classes <= set(later.evidence.log_detector) and not any(
         k.startswith(("colour/", "border/", "detail/", "texture/")) for k in later.evidence.log_detector)  # pooled
-    arms = ("local", "colour", "border", "detail", "texture")
+    arms = arms_run(per_class, tuple(later.maps.shape[-2:]), probes)
     arms_mean = sum(later.evidence.detector(a) for a in arms) / len(arms)
     pooled = 0.5 * arms_mean + 0.5 * later.evidence.detector("all")
     mean_class = sum(later.evidence.detector(f"local/{k}") for k in (0, 1)) / 2
@@ -503,7 +505,9 @@ def test_discovery_under_inference_mode_matches_grad_mode() -> None:
     plain = discover(maps, probes, probes.labels, preds, lambda x: model(x).argmax(1), ONE_CELL)
     with torch.inference_mode():
         inside = discover(maps, probes, probes.labels, preds, lambda x: model(x).argmax(1), ONE_CELL)
-    assert inside.aggregates() == plain.aggregates() and inside.aggregates()["shortcut_flip_excess"] > 0
+    both = inside.aggregates(), plain.aggregates()
+    assert both[0].keys() == both[1].keys() and inside.aggregates()["shortcut_flip_excess"] > 0
+    assert all(a == b or (math.isnan(a) and math.isnan(b)) for a, b in zip(*(d.values() for d in both)))
 
 
 def test_the_monitor_takes_discovery_settings_and_refuses_other_types() -> None:
@@ -850,3 +854,48 @@ def test_with_marks_the_evidence_is_the_mean_over_the_mask_free_arms_and_the_mar
     assert ev.evidence.detector("marked") > 1 and ev.aggregates["marked_flip_excess"] > 0.5
     mean = sum(ev.evidence.detector(a) for a in arms) / len(arms)
     assert ev.aggregates["shortcut_evidence"] == pytest.approx(0.5 * mean + 0.5 * ev.evidence.detector("all"))
+
+
+def unmarked_tag_probes(n: int = 16, seed: int = 0) -> cm.ProbeSet:
+    """32 x 32 px. Half class 1: a bright 8 x 8 tag at a random place clear of the centre
+    (``TagModel`` reads it anywhere, :data:`~cam_monitor.probes.recurrence.MIN_PIXELS` keyed pixels
+    and more at its edge), and a centre of its own brightness (objects differ from image to
+    image); half class 0 (dim noise). No masks."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(n, 1, 2 * SIZE, 2 * SIZE, generator=g) * 0.1
+    labels = torch.tensor([1, 0] * (n // 2))
+    for i in (labels == 1).nonzero()[:, 0].tolist():
+        images[i, 0, 6:10, 6:10] = 0.4 + 0.3 * torch.rand(1, generator=g)
+        y, x = (int(v) for v in torch.randint(12, 2 * SIZE - 8, (2,), generator=g))
+        images[i, 0, y:y + 8, x:x + 8] = 1.0
+    return cm.ProbeSet(images, labels)
+
+
+def test_without_masks_the_recurring_arm_tests_a_tag_drawn_the_same_in_several_probes() -> None:
+    """The tag is the same pixels wherever it sits, so the recurrence finder marks it and the
+    recurring arm pastes it whole, with no masks and with maps on the centre: a model told by the
+    tag flips on its tests and not on their controls; a model told by the centre flips on neither."""
+    from cam_monitor.discovery import arms_run
+
+    probes = unmarked_tag_probes()
+    assert "recurring" in arms_run(DiscoverySettings(), (4, 4), probes)
+    assert "recurring" not in arms_run(DiscoverySettings(recurring_test=False), (4, 4), probes)
+    maps = one_cell_maps(len(probes), (1, 1))
+    for model, expected in ((TagModel(True), 1.0), (CentreOnly(), 0.0)):
+        preds = model(probes.images).argmax(1)
+        assert torch.equal(preds, probes.labels)
+        found = discover(maps, probes, probes.labels, preds, lambda x, m=model: m(x).argmax(1), MARKED_ONLY)
+        recurring = found.paired["recurring"]
+        assert recurring.pairs and all(found.suspects[p.suspect].cls == 1 for p in recurring.pairs)
+        assert float(recurring.flips.float().mean()) == expected and not recurring.control_flips.any()
+
+
+def test_the_recurring_arm_does_not_run_where_nothing_recurs() -> None:
+    """Dim noise and centres of their own brightness: nothing is drawn the same twice."""
+    from cam_monitor.discovery import arms_run
+
+    probes = unmarked_tag_probes()
+    images = probes.images.clone()
+    images[:, :, :, :] = torch.where(images == 1.0, torch.rand(images.shape, generator=torch.Generator().manual_seed(1))
+                                     * 0.1, images)
+    assert "recurring" not in arms_run(DiscoverySettings(), (4, 4), cm.ProbeSet(images, probes.labels))

@@ -98,11 +98,12 @@ from ..evidence import EvidenceState
 from ..interventions import (background_detail_images, banded_images, border_bands, colour_images, detail_images,
                              marked_images, object_regions, pasted_images, spectrum_images)
 from ..probes import ProbeSet
+from ..probes.recurrence import recurring_of
 from .allocation import arm_shares, open_shares, second_stage_weights
 from .candidates import (Pair, Windows, find_suspects, marked_pairs, pastes, plan_tests, recipients_of,
                          sources_of, window_side)
 from .outcome import Discovery, PairedArm
-from .settings import LOCAL, MARKED, DiscoverySettings, arms_run
+from .settings import LOCAL, MARKED, RECURRING, DiscoverySettings, arms_run
 from .skill import beats_chance
 
 Predict = Callable[[torch.Tensor], torch.Tensor]  # (B, C, H, W) CPU images -> (B,) predicted classes
@@ -126,8 +127,8 @@ def discover(maps: torch.Tensor, probes: ProbeSet, targets: torch.Tensor, preds:
     ready = beats_chance(targets, preds, settings.skill_level)
     suspects = find_suspects(maps, targets, preds, image_size, settings, windows) if ready else []
     gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
-    marks = probes.spurious_masks
     runs = arms_run(settings, grid, probes)
+    marks = {MARKED: probes.spurious_masks, RECURRING: recurring_of(probes.images) if RECURRING in runs else None}
     images = probes.images
     src = lambda pairs: [suspects[p.suspect].probe for p in pairs]  # noqa: E731
     dst = lambda pairs: [p.recipient for p in pairs]  # noqa: E731
@@ -144,9 +145,10 @@ def discover(maps: torch.Tensor, probes: ProbeSet, targets: torch.Tensor, preds:
         makers["detail"] = lambda pairs: detail_images(images, src(pairs), grid, gen)
     if "texture" in runs:
         makers["texture"] = lambda pairs: background_detail_images(images, objects, grid, src(pairs), dst(pairs))
-    if MARKED in runs:  # its own generator: the other arms draw as they would without masks
-        places = torch.Generator().manual_seed(settings.seed * 1_000_003 + step + 1)
-        makers[MARKED] = lambda pairs: marked_images(images, marks, src(pairs), dst(pairs), places)
+    for arm, offset in ((RECURRING, 2), (MARKED, 1)):  # own generators: the other arms draw as they would without
+        if arm in runs:
+            places = torch.Generator().manual_seed(settings.seed * 1_000_003 + step + offset)
+            makers[arm] = lambda pairs, m=marks[arm], g=places: marked_images(images, m, src(pairs), dst(pairs), g)
     follow = evidence is not None and bool(evidence.log_detector)  # from the second evaluation on
     arms = (LOCAL, *makers)
     total = int(settings.budget * len(probes)) // 2
@@ -154,7 +156,7 @@ def discover(maps: torch.Tensor, probes: ProbeSet, targets: torch.Tensor, preds:
     tests = plan_tests(suspects, maps, targets, preds, image_size, total, settings.box_cells, gen, windows,
                        evidence.class_weights(LOCAL, classes) if follow and settings.per_class else None)
     planned = {arm: sources_of(suspects, total) if arm == "detail" else
-               marked_pairs(suspects, marks, targets, preds, total, gen) if arm == MARKED else
+               marked_pairs(suspects, marks[arm], targets, preds, total, gen) if arm in marks else
                [Pair(s, r) for s, r in recipients_of(suspects, targets, preds, total, gen)] for arm in makers}
     plans: dict[str, list[Any]] = {LOCAL: tests, **planned}
 

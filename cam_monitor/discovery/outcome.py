@@ -17,8 +17,9 @@ from .settings import LOCAL
 
 @dataclass
 class PairedArm:
-    """A paired arm's tests (global, colour, border, detail, texture, marked): its pairs, and whether each test image and each
-    control turned the recipient's prediction into the suspect's class."""
+    """A paired arm's tests (global, colour, border, detail, texture, recurring, marked): its pairs,
+    and whether each test image and each control turned the recipient's prediction into the
+    suspect's class."""
 
     pairs: list[Pair]
     flips: torch.Tensor

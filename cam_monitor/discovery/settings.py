@@ -10,12 +10,15 @@ import torch
 from ..evidence import check_bet
 from ..interventions import MAX_BORDER_BAND, border_bands, markable
 from ..probes import ProbeSet
+from ..probes.recurrence import recurring_of
 
 #: The confirmation arms: local paste, background spectrum swap, colour statistics swap, border band
-#: swap, cell shuffle against blur, background fine detail against the object's, and (where the
-#: probes carry spurious masks) the marked region against one from elsewhere.
-ARMS = ("local", "global", "colour", "border", "detail", "texture", "marked")
+#: swap, cell shuffle against blur, background fine detail against the object's, content that recurs
+#: identically across probes against content from elsewhere (where there is any), and (where the probes
+#: carry spurious masks) the marked region against one from elsewhere.
+ARMS = ("local", "global", "colour", "border", "detail", "texture", "recurring", "marked")
 MARKED = ARMS[-1]
+RECURRING = ARMS[-2]
 LOCAL = ARMS[0]
 #: What each arm tests, in the words an alert uses.
 TEST_NAMES = {"local": "a local region (paste test)", "global": "the background's texture (spectrum swap)",
@@ -23,6 +26,7 @@ TEST_NAMES = {"local": "a local region (paste test)", "global": "the background'
               "border": "the border band (band swap)",
               "detail": "fine detail within cells (cell shuffle against a blur)",
               "texture": "the background's fine detail (background detail against the object's)",
+              "recurring": "content drawn identically in several probes (pasted against content from elsewhere)",
               "marked": "your marked regions (the marked region pasted against one from elsewhere)"}
 #: The default share of an evaluation's pairs the arms draw equally, before the rest follow what that
 #: stage found (:func:`second_stage_weights`); measured against a half and against one stage in the reference.
@@ -53,7 +57,7 @@ class DiscoverySettings:
             at least ``1 / alpha`` evaluations on average to cross its threshold ``1 / alpha``.
         min_effect: the null hypothesis' margin: how much more often the candidate may flip
             predictions than its control and still not count (parts of a real object are a little
-            more potent than other parts). Every arm's but the detail and marked arms'.
+            more potent than other parts). Every arm's but the detail, recurring and marked arms'.
         detail_min_effect: the detail arm's margin. Its control (a blur at half a cell) takes more
             of a thin-stroked object than its test (a shuffle of the cells) does, so a model that
             still reads pieces of strokes keeps its class on the shuffle more often than on the
@@ -64,7 +68,8 @@ class DiscoverySettings:
             pixels against the source's from elsewhere), so for a model that does not read the mark
             neither is the more potent, save that the control may hold part of the object, which
             only makes it the stronger: this null needs no margin (measured on controls: see the
-            reference).
+            reference). The recurring arm runs the same test on the pixels it finds, and takes
+            the same margin.
         first_stage: the share of the pairs the arms draw equally, in the first batch; the rest
             follow what those pairs found (:func:`second_stage_weights`). 1.0 draws every pair
             equally in one batch (one forward round trip instead of two; each arm's pairs then
@@ -92,6 +97,13 @@ class DiscoverySettings:
             fine detail from outside its credited share against from inside it, on a blurred probe
             of another class), on grids of at least :data:`MIN_DETAIL_GRID` cells a side. Turn it
             off where the classes are textures.
+        recurring_test: run the recurring arm where some probes share content drawn pixel for pixel
+            the same at any place (a stamp, a burnt-in tag, a ruler, a watermark:
+            :func:`~cam_monitor.probes.recurrence.recurring_masks`, which reads the probes only,
+            once per probe set): the marked arm's test on the pixels found, so a cue wider than a
+            cell of the layer is tested whole without masks. Finds nothing where objects never
+            repeat pixel for pixel (photographs, scans); see the reference for what it finds on
+            synthetic objects.
         marked_test: where the probes carry spurious masks, run the marked arm: a probe's marked
             pixels put into a probe of another class (its own marked region filled first),
             against the same pixels from a box of the mark's size elsewhere in the source. It asks
@@ -128,6 +140,7 @@ class DiscoverySettings:
     border_band: float = 0.1
     detail_test: bool = True
     texture_test: bool = True
+    recurring_test: bool = True
     marked_test: bool = True
     seed: int = 0
     skill_level: float = 0.01
@@ -157,7 +170,7 @@ class DiscoverySettings:
     @property
     def margins(self) -> dict[str, float]:
         """Each arm's null margin (:func:`~cam_monitor.evidence.arm_value` reads it per stream)."""
-        special = {"detail": self.detail_min_effect, MARKED: self.marked_min_effect}
+        special = {"detail": self.detail_min_effect, RECURRING: self.marked_min_effect, MARKED: self.marked_min_effect}
         return {arm: special.get(arm, self.min_effect) for arm in ARMS}
 
     @property
@@ -167,23 +180,26 @@ class DiscoverySettings:
 
     @property
     def arms(self) -> tuple[str, ...]:
-        """The mask-free arms this evaluation runs, in :data:`ARMS` order (the marked arm joins them
-        where the probes carry masks: :meth:`arms_on`)."""
+        """The mask-free arms this evaluation runs, in :data:`ARMS` order (the recurring and marked
+        arms join them where the probes give them something to test: :meth:`arms_on`)."""
         on = {LOCAL: True, "global": self.global_test, "colour": self.colour_test, "border": self.border_test,
               "detail": self.detail_test, "texture": self.texture_test}
         return tuple(a for a in ARMS if on.get(a, False))
 
-    def arms_on(self, grid: tuple[int, int], image_size: tuple[int, int], marked: bool = False) -> tuple[str, ...]:
+    def arms_on(self, grid: tuple[int, int], image_size: tuple[int, int], marked: bool = False,
+                recurring: bool = False) -> tuple[str, ...]:
         """The arms that run on a layer of ``grid`` cells and images of ``image_size``: :attr:`arms`
         less the border arm where the images have no inner band as large as the border band
         (:func:`~cam_monitor.interventions.border_bands`) and the detail and texture arms on a grid
-        too coarse (:func:`detail_runs`), plus the marked arm where ``marked`` (some probe has a
-        mark it can test: :func:`marks_testable`) and ``marked_test``. Fixed for a run, so the
-        evidence is the mean of the arms that can gather any: an arm that cannot run would hold
-        its detector at 1 and dilute the others'."""
+        too coarse (:func:`detail_runs`), plus the recurring arm where ``recurring`` (some probe
+        holds recurring content it can test) and ``recurring_test``, and the marked arm where
+        ``marked`` (some probe has a mark it can test: :func:`marks_testable`) and ``marked_test``.
+        Fixed for a run, so the evidence is the mean of the arms that can gather any: an arm that
+        cannot run would hold its detector at 1 and dilute the others'."""
         fine = detail_runs(grid)
         can = {"border": border_bands(image_size, self.border_band) is not None, "detail": fine, "texture": fine}
-        extra = (MARKED,) if marked and self.marked_test else ()
+        extra = (((RECURRING,) if recurring and self.recurring_test else ())
+                 + ((MARKED,) if marked and self.marked_test else ()))
         return tuple(a for a in self.arms if can.get(a, True)) + extra
 
 
@@ -195,8 +211,10 @@ def marks_testable(masks: torch.Tensor | None) -> bool:
 
 def arms_run(settings: DiscoverySettings, grid: tuple[int, int], probes: ProbeSet) -> tuple[str, ...]:
     """The arms that run for ``probes`` on a layer of ``grid`` cells (:meth:`DiscoverySettings.arms_on`,
-    the marked arm where their masks give it something to test): fixed for a run."""
-    return settings.arms_on(grid, probes.image_size, marks_testable(probes.spurious_masks))
+    the recurring arm where content recurs in them, the marked arm where their masks give it
+    something to test): fixed for a run."""
+    recurring = settings.recurring_test and marks_testable(recurring_of(probes.images))
+    return settings.arms_on(grid, probes.image_size, marks_testable(probes.spurious_masks), recurring)
 
 
 def detail_runs(grid: tuple[int, int]) -> bool:

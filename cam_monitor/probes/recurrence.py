@@ -1,0 +1,181 @@
+"""Content that recurs pixel for pixel across probes, wherever it sits: a finder of burnt-in cues
+that reads the probes only, never the model.
+
+A stamp, a burnt-in text tag, a ruler or a watermark is drawn by a machine: the same pixels in
+every image that carries it, at whatever place. An object is not: two photographs, scans or
+drawings of the same kind of thing never agree pixel for pixel over a patch of any size. So a
+patch of one probe that reappears, identical and shifted as one piece, in several other probes
+is a candidate cue, found without the model's credit, which on any model points at the most
+class-bearing part of the object (the reason the mask-free paste test cannot size a window for a
+cue wider than one cell: see the reference, "Mask-free shortcut discovery", item 2). The marked
+arm then tests the found pixels as it tests a user's marks.
+
+Each structured pixel (one whose 3 x 3 neighbourhood spans at least :data:`STRUCTURE` of the
+probes' value range) gets a key: its own colour, and for each pixel of its 5 x 5 neighbourhood
+that colour where it is within :data:`CLOSE` of the centre, else only whether it is brighter or
+darker. An overlay on a varied background (a white tag over blotches) keeps its keys, because the
+background shows through only as "darker"; an object's edge does not, because its own colour
+differs from image to image. Two probes agree at a shift where at least ``min_pixels`` pixels
+have equal keys at that shift; a pixel is found where it agrees so with at least ``partners``
+other probes (a pair of images can share a piece by chance; a cue recurs wherever it is used).
+Each piece found is then boxed (:func:`boxed`).
+
+Only shifts of at least :data:`MIN_SHIFT` pixels (along either axis) count. Content at the same
+place in several probes is what aligned images share: centred digits, registered scans, the
+same anatomy in the same place, whose pieces can agree pixel for pixel where the images are
+quantised (the zoo's digits, 16 grey levels, did: a digits control whose probes' backgrounds
+all took their class's cast level raised a false alarm on its strokes before this guard, see
+the reference). A burnt-in cue that moves recurs at other places; one at a fixed place (a
+corner stamp, a frame) is the local and border tests' to find.
+
+A probe whose boxes cover more than :data:`MAX_SHARE` of it keeps none: what recurs there is
+background (a texture, a pattern), which lies around and under the object, so no box of its
+size elsewhere in the probe can be its control (on a digits texture control the boxes took in
+the digit and the arm raised a false alarm, see the reference); the detail and texture tests
+are for those. The zoo's stamps, tags and rulers covered at most 9 % of their probes, its
+textures a median of 19 % to 43 %.
+
+The least agreement is a count of pixels, not a share of the image: a tag is as many pixels in
+a large image as in a small one. :data:`MIN_PIXELS` is measured on the zoo's two bases (the
+reference, "Mask-free shortcut discovery", item 2): drawn shapes on varied backgrounds never
+agree by chance, even at 8 pixels; the digits, 8 x 8 scans with 16 grey levels upsampled to
+blocks, share pieces of strokes of up to about 20 pixels in a few probes of 64.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+#: Quantisation of colours in the keys, levels per channel over the probes' value range.
+LEVELS = 32
+#: The least range of a 3 x 3 neighbourhood, as a share of the probes' value range, for its centre
+#: to be keyed: flat regions (a background, a filled object) match everywhere and place nothing.
+STRUCTURE = 0.1
+#: A neighbour within this share of the value range of the centre (every channel) is keyed by its
+#: colour; one further away only by whether it is brighter.
+CLOSE = 0.1
+#: Side of the keyed neighbourhood, pixels.
+NEIGHBOURHOOD = 5
+#: Keys seen more often than this many times per probe place nothing and are skipped.
+COMMON = 4
+#: The least number of pixels two probes must agree on at one shift (see the module's docstring).
+MIN_PIXELS = 24
+#: The most of a probe its boxes may cover; beyond it the probe's recurring content is background.
+MAX_SHARE = 1 / 8
+#: The least shift, pixels along either axis, at which two probes' agreement counts: one
+#: neighbourhood, so the two places do not share a keyed pixel (see the module's docstring).
+MIN_SHIFT = NEIGHBOURHOOD
+
+
+def pixel_keys(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, H*W) int64 keys of every pixel of ``images`` (N, C, H, W), and (N, H*W) whether the
+    pixel is structured enough to key (:mod:`this module <cam_monitor.probes.recurrence>`)."""
+    n, c, h, w = images.shape
+    low, high = images.amin(), images.amax()
+    x = (images - low) / (high - low).clamp_min(1e-12)
+    near = F.unfold(x, NEIGHBOURHOOD, padding=NEIGHBOURHOOD // 2).view(n, c, NEIGHBOURHOOD ** 2, h * w)
+    centre = x.flatten(2)[:, :, None]
+    levels = (near * (LEVELS - 1)).round().long()
+    colour = sum(levels[:, ch] * LEVELS ** ch for ch in range(c))
+    close = ((near - centre).abs() <= CLOSE).all(1)
+    brighter = (near.mean(1) > centre.mean(1)).long()
+    own = (x.flatten(2) * (LEVELS - 1)).round().long()
+    features = torch.cat([torch.where(close, colour + 2, brighter), own], 1)
+    weights = torch.randint(1, 2 ** 62, (features.shape[1],), generator=torch.Generator().manual_seed(0))
+    keys = (features * weights[None, :, None]).sum(1)
+    spread = F.max_pool2d(x, 3, 1, 1) + F.max_pool2d(-x, 3, 1, 1)
+    return keys, (spread.amax(1) >= STRUCTURE).flatten(1)
+
+
+def _pairs_within_groups(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For items sorted into consecutive groups of ``counts``, every ordered pair (a, b) of two
+    items of the same group, as two index tensors."""
+    starts = torch.cumsum(counts, 0) - counts
+    size = counts.repeat_interleave(counts)
+    first = torch.arange(int(counts.sum())).repeat_interleave(size)
+    group_start = starts.repeat_interleave(counts).repeat_interleave(size)
+    offset = torch.arange(len(first)) - (torch.cumsum(size, 0) - size).repeat_interleave(size)
+    return first, group_start + offset
+
+
+def boxed(found: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) bool: every connected piece of ``found`` (8-neighbours) replaced by its bounding
+    box. The finder keys structured pixels only, so the flat inside of a solid logo or the
+    background between a tag's glyphs is not found itself; the box holds the whole mark, as a
+    user's box around it would."""
+    n, h, w = found.shape
+    ids = torch.arange(1, n * h * w + 1, dtype=torch.float64).view(n, h, w)
+    labels = torch.where(found, ids, torch.zeros((), dtype=torch.float64))
+    while True:  # every pixel of a piece takes the piece's largest id
+        grown = F.max_pool2d(labels[:, None], 3, 1, 1)[:, 0] * found
+        if torch.equal(grown, labels):
+            break
+        labels = grown
+    out = torch.zeros_like(found)
+    pieces, piece = labels[found].long().unique(return_inverse=True)
+    ys, xs = found.nonzero()[:, 1], found.nonzero()[:, 2]
+    lows = [torch.full((len(pieces),), big).scatter_reduce(0, piece, v, "amin") for v, big in ((ys, h), (xs, w))]
+    highs = [torch.zeros(len(pieces), dtype=torch.long).scatter_reduce(0, piece, v, "amax") for v in (ys, xs)]
+    for label, y0, x0, y1, x1 in zip(pieces.tolist(), *(t.tolist() for t in (*lows, *highs))):
+        out[(label - 1) // (h * w), y0:y1 + 1, x0:x1 + 1] = True
+    return out
+
+
+def recurring_masks(images: torch.Tensor, min_pixels: int = MIN_PIXELS, partners: int = 2) -> torch.Tensor:
+    """(N, H, W) bool: the boxes (:func:`boxed`) around the pixels of each of ``images`` (N, C, H,
+    W) whose keyed neighbourhood recurs, at one shift of at least :data:`MIN_SHIFT` pixels, with at
+    least ``min_pixels`` pixels of agreement, in at least ``partners`` other images (:mod:`this module
+    <cam_monitor.probes.recurrence>`), none in a probe where they would cover more than
+    :data:`MAX_SHARE` of it. Reads the images only; deterministic."""
+    if min_pixels < 1 or partners < 1:
+        raise ValueError(f"min_pixels and partners must be at least 1, got {min_pixels} and {partners}")
+    n, _, h, w = images.shape
+    found = torch.zeros(n, h * w, dtype=torch.bool)
+    keys, structured = pixel_keys(images.detach().float().cpu())
+    where = structured.nonzero()
+    keys = keys[where[:, 0], where[:, 1]]
+    order = keys.argsort(stable=True)
+    where, keys = where[order], keys[order]
+    _, inverse, counts = keys.unique_consecutive(return_inverse=True, return_counts=True)
+    usable = (counts >= 2) & (counts <= COMMON * n)
+    keep = usable[inverse]
+    where, counts = where[keep], counts[usable]
+    if not len(where):
+        return found.view(n, h, w)
+    a, b = _pairs_within_groups(counts)
+    img_a, img_b = where[a, 0], where[b, 0]
+    other = img_a != img_b
+    a, b, img_a, img_b = a[other], b[other], img_a[other], img_b[other]
+    pos_a, pos_b = where[a, 1], where[b, 1]
+    dy, dx = pos_b // w - pos_a // w, pos_b % w - pos_a % w
+    moved = (dy.abs() >= MIN_SHIFT) | (dx.abs() >= MIN_SHIFT)
+    img_a, img_b, pos_a, dy, dx = img_a[moved], img_b[moved], pos_a[moved], dy[moved], dx[moved]
+    shift = (dy + h) * (2 * w) + (dx + w)
+    agreement = (img_a * n + img_b) * (4 * h * w) + shift
+    _, which, votes = agreement.unique(return_inverse=True, return_counts=True)
+    strong = votes[which] >= min_pixels
+    pixel = img_a[strong] * (h * w) + pos_a[strong]
+    distinct = torch.unique(pixel * n + img_b[strong])
+    found_pixel, partner_count = torch.unique(distinct // n, return_counts=True)
+    hits = found_pixel[partner_count >= partners]
+    found.view(-1)[hits] = True
+    boxes = boxed(found.view(n, h, w))
+    return boxes & (boxes.flatten(1).float().mean(1) <= MAX_SHARE)[:, None, None]
+
+
+_FOUND: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+
+
+def recurring_of(images: torch.Tensor) -> torch.Tensor:
+    """:func:`recurring_masks` of a probe set's ``images`` with the defaults, computed once per
+    images tensor (the probes are fixed for a run; the finder reads nothing else) and forgotten
+    when the tensor is."""
+    key = id(images)
+    held = _FOUND.get(key)
+    if held is not None and held[0]() is images:
+        return held[1]
+    masks = recurring_masks(images)
+    _FOUND[key] = (weakref.ref(images, lambda _, k=key: _FOUND.pop(k, None)), masks)
+    return masks

@@ -1,0 +1,148 @@
+"""The recurrence finder: content drawn pixel for pixel the same in several probes, at any place,
+is found; objects that vary from image to image, and a piece two images share by chance, are not."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cam_monitor.probes.recurrence import recurring_masks, recurring_of
+
+SIZE = 32
+
+
+def blotchy(n: int, gen: torch.Generator, channels: int = 3) -> torch.Tensor:
+    """Dark, smooth, varied backgrounds (a base colour and upsampled noise): no two alike."""
+    base = 0.05 + 0.2 * torch.rand(n, channels, 1, 1, generator=gen)
+    noise = torch.nn.functional.interpolate(torch.rand(n, channels, 4, 4, generator=gen), size=(SIZE, SIZE),
+                                            mode="bicubic", align_corners=False)
+    return (base + 0.12 * noise).clamp(0, 0.45)
+
+
+def tag() -> torch.Tensor:
+    """A 5 x 9 glyph-like pattern of lit pixels (True: lit)."""
+    g = torch.Generator().manual_seed(7)
+    lit = torch.rand(5, 9, generator=g) < 0.5
+    lit[:, 0] = lit[:, -1] = True
+    return lit
+
+
+def with_tags(n: int, tagged: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` blotchy images, each of ``tagged`` with the white tag at its own random place (only
+    the lit pixels drawn, the background showing through), and where each tag is."""
+    gen = torch.Generator().manual_seed(seed)
+    images = blotchy(n, gen)
+    where = torch.zeros(n, SIZE, SIZE, dtype=torch.bool)
+    lit = tag()
+    for i in tagged:
+        y, x = (int(v) for v in torch.randint(1, SIZE - 10, (2,), generator=gen))
+        images[i, :, y:y + 5, x:x + 9] = torch.where(lit, torch.ones(()), images[i, :, y:y + 5, x:x + 9])
+        where[i, y:y + 5, x:x + 9] = True
+    return images, where
+
+
+def objects(n: int, seed: int = 0) -> torch.Tensor:
+    """Blotchy images each with a filled square of its own bright colour and size at its own place."""
+    gen = torch.Generator().manual_seed(seed)
+    images = blotchy(n, gen)
+    for i in range(n):
+        side = int(torch.randint(8, 14, (1,), generator=gen))
+        y, x = (int(v) for v in torch.randint(1, SIZE - side - 1, (2,), generator=gen))
+        images[i, :, y:y + side, x:x + side] = (0.55 + 0.45 * torch.rand(3, 1, 1, generator=gen))
+    return images
+
+
+def test_a_tag_drawn_at_random_places_over_varied_backgrounds_is_found_where_it_is() -> None:
+    images, where = with_tags(12, tagged=[0, 2, 4, 6, 8, 10])
+    found = recurring_masks(images)
+    for i in range(12):
+        if i % 2 == 0:
+            assert found[i].any() and (found[i] & where[i]).sum() >= 0.5 * tag().sum()
+        else:
+            assert not found[i].any()  # untagged images hold nothing that recurs
+
+
+def test_objects_that_vary_from_image_to_image_are_not_found() -> None:
+    assert not recurring_masks(objects(12)).any()
+
+
+def test_a_piece_two_images_share_by_chance_needs_more_partners() -> None:
+    """Two images that share the tag: found with one partner, not with the default two."""
+    images, _ = with_tags(8, tagged=[1, 5])
+    assert not recurring_masks(images).any()
+    assert recurring_masks(images, partners=1)[[1, 5]].flatten(1).any(1).all()
+
+
+def test_a_piece_smaller_than_the_least_share_is_not_found() -> None:
+    images, _ = with_tags(8, tagged=[0, 1, 2, 3])
+    assert recurring_masks(images).any()
+    assert not recurring_masks(images, min_pixels=100).any()  # more than the tag's 45 pixels and their edges
+
+
+def test_the_finder_reads_values_relative_to_the_probes_range() -> None:
+    """Normalised probes (any offset and scale) give the same pixels."""
+    images, _ = with_tags(10, tagged=[0, 3, 6, 9])
+    assert torch.equal(recurring_masks(images), recurring_masks((images - 0.45) / 0.22))
+
+
+def test_bad_settings_are_refused_with_the_range() -> None:
+    images, _ = with_tags(4, tagged=[0, 1])
+    with pytest.raises(ValueError, match="min_pixels"):
+        recurring_masks(images, min_pixels=0)
+    with pytest.raises(ValueError, match="partners"):
+        recurring_masks(images, partners=0)
+
+
+def test_the_masks_of_a_probe_set_are_computed_once_per_images_tensor() -> None:
+    images, _ = with_tags(10, tagged=[0, 3, 6, 9])
+    first = recurring_of(images)
+    assert recurring_of(images) is first and torch.equal(first, recurring_masks(images))
+    assert recurring_of(images.clone()) is not first  # another tensor: its own masks
+
+
+def test_each_found_piece_becomes_its_bounding_box() -> None:
+    """A ring (a solid logo's keyed edge) is filled; two pieces apart stay two boxes."""
+    from cam_monitor.probes.recurrence import boxed
+
+    found = torch.zeros(2, 12, 12, dtype=torch.bool)
+    found[0, 2:6, 2] = found[0, 2:6, 5] = found[0, 2, 2:6] = found[0, 5, 2:6] = True
+    found[0, 9, 9:11] = True
+    expected = torch.zeros_like(found)
+    expected[0, 2:6, 2:6] = expected[0, 9, 9:11] = True
+    assert torch.equal(boxed(found), expected)
+
+
+def test_content_at_the_same_place_in_every_probe_is_not_found_and_moved_it_is() -> None:
+    """Aligned images share pieces at their place (centred digits, registered scans): only
+    agreement at a shift of at least MIN_SHIFT pixels counts, so a stamp at one place in every probe
+    is left to the local and border tests, and the same stamp at places far apart is found."""
+    from cam_monitor.probes.recurrence import MIN_SHIFT
+
+    gen = torch.Generator().manual_seed(3)
+    images = blotchy(6, gen)
+    stamp = (torch.rand(8, 8, generator=gen) < 0.5).float()
+    aligned = images.clone()
+    aligned[:, :, 12:20, 12:20] = stamp
+    assert not recurring_masks(aligned).any()
+    nudged = images.clone()
+    for i in range(6):
+        nudged[i, :, 12 + i % 2:20 + i % 2, 12:20] = stamp  # shifts of one pixel: still one place
+    assert MIN_SHIFT > 1 and not recurring_masks(nudged).any()
+    moved = images.clone()
+    for i, (y, x) in enumerate([(1, 1), (1, 22), (22, 1), (22, 22), (12, 12), (2, 12)]):
+        moved[i, :, y:y + 8, x:x + 8] = stamp
+    assert recurring_masks(moved).flatten(1).any(1).all()
+
+
+def test_a_probe_whose_recurring_content_covers_much_of_it_keeps_none() -> None:
+    """A pattern drawn the same over most of several probes is background (a texture), not a mark
+    a box elsewhere could control for: those probes keep no mask, a probe with a small tag keeps it."""
+    from cam_monitor.probes.recurrence import MAX_SHARE
+
+    images, _ = with_tags(8, tagged=[0, 2, 4, 6])
+    gen = torch.Generator().manual_seed(5)
+    pattern = (torch.rand(16, 16, generator=gen) < 0.5).float()
+    for i, (y, x) in enumerate([(0, 0), (16, 8), (8, 16), (10, 2)]):
+        images[1 + 2 * i, :, y:y + 16, x:x + 16] = pattern  # a quarter of the image each
+    found = recurring_masks(images)
+    covered = found.flatten(1).float().mean(1)
+    assert all(covered[i] == 0 for i in (1, 3, 5, 7)) and all(0 < covered[i] <= MAX_SHARE for i in (0, 2, 4, 6))
