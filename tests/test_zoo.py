@@ -11,6 +11,7 @@ import torch
 from cam_monitor.alerts import describe_alert
 from cam_monitor.demo.data import BASES, CUES, PATCH, class_rulers, class_tags, make_decoy_digits
 from cam_monitor.demo.zoo import ZooRecord, mask_free_probes, run_task, truth_probes
+from cam_monitor.discovery import DiscoverySettings
 
 
 @pytest.mark.parametrize("base", BASES)
@@ -168,15 +169,34 @@ def test_with_the_objects_outlined_the_object_rules_judge_and_a_control_stays_qu
 
 @pytest.mark.slow
 def test_with_the_tag_marked_the_tag_shortcut_is_confirmed_by_the_marked_arm(tmp_path) -> None:
-    """The text tag, which the mask-free arms miss (wider than a cell), marked: confirmed, the
-    marked arm the strongest test (digits, seed 2: at epoch 2 of 4, the gap past 0.2 from epoch 0)."""
+    """The text tag, which the local test misses (wider than a cell), marked: confirmed, the
+    marked arm the strongest test (digits, seed 2: at epoch 2 of 4, the gap past 0.2 from epoch 0).
+    The recurring arm, which finds the same tag without masks, is off here: this is the marked arm's."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        run = run_task("text_tag", "shortcut", 2, 4, str(tmp_path), spurious_masks=True)
+        run = run_task("text_tag", "shortcut", 2, 4, str(tmp_path), spurious_masks=True,
+                       discovery=DiscoverySettings(recurring_test=False))
     confirmed = [a for a in run.alerts if a["rule"] == "shortcut_confirmed"]
     assert confirmed, run.alerts
     tests = confirmed[0]["evidence_by_test"]
     assert max((a for a in tests if a != "all"), key=tests.get) == "marked"
+
+
+@pytest.mark.slow
+def test_without_masks_the_tag_shortcut_is_confirmed_by_the_recurring_arm_and_its_control_is_not(tmp_path) -> None:
+    """The text tag is drawn the same in every probe that carries it, at one of four corners: the
+    recurrence finder boxes it from the probes alone and the recurring arm confirms the shortcut
+    (digits, seed 2: at epoch 2, the gap past 0.2 from epoch 0; the zoo's run); the control, whose
+    model never learnt the tag, raises nothing."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        shortcut = run_task("text_tag", "shortcut", 2, 3, str(tmp_path / "s"))
+        control = run_task("text_tag", "control", 2, 3, str(tmp_path / "c"))
+    confirmed = [a for a in shortcut.alerts if a["rule"] == "shortcut_confirmed"]
+    assert confirmed and confirmed[0]["epoch"] <= 2, shortcut.alerts
+    tests = confirmed[0]["evidence_by_test"]
+    assert max((a for a in tests if a != "all"), key=tests.get) == "recurring"
+    assert control.alerts == [] and any(r["evidence_pairs"].get("recurring") for r in control.rows)
 
 
 @pytest.mark.slow
