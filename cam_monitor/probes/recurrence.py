@@ -37,9 +37,9 @@ textures a median of 19 % to 43 %.
 
 The least agreement is a count of pixels, not a share of the image: a tag is as many pixels in
 a large image as in a small one. :data:`MIN_PIXELS` is measured on the zoo's two bases (the
-reference, "Mask-free shortcut discovery", item 2): drawn shapes on varied backgrounds never
-agree by chance, even at 8 pixels; the digits, 8 x 8 scans with 16 grey levels upsampled to
-blocks, share pieces of strokes of up to about 20 pixels in a few probes of 64.
+reference, "Mask-free shortcut discovery", item 11): drawn shapes on varied backgrounds never
+agree by chance, even at 8 pixels; the digits, 8 x 8 scans of 16 grey levels upsampled three
+times, share pieces of strokes of up to about 20 pixels in a few probes of 64.
 """
 from __future__ import annotations
 
@@ -71,22 +71,28 @@ MIN_SHIFT = NEIGHBOURHOOD
 
 def pixel_keys(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, H*W) int64 keys of every pixel of ``images`` (N, C, H, W), and (N, H*W) whether the
-    pixel is structured enough to key (:mod:`this module <cam_monitor.probes.recurrence>`)."""
-    n, c, h, w = images.shape
+    pixel is structured enough to key (:mod:`this module <cam_monitor.probes.recurrence>`). One
+    image at a time: the neighbourhoods of a whole probe set of 224 px images would take gigabytes."""
     low, high = images.amin(), images.amax()
     x = (images - low) / (high - low).clamp_min(1e-12)
-    near = F.unfold(x, NEIGHBOURHOOD, padding=NEIGHBOURHOOD // 2).view(n, c, NEIGHBOURHOOD ** 2, h * w)
-    centre = x.flatten(2)[:, :, None]
+    weights = torch.randint(1, 2 ** 62, (NEIGHBOURHOOD ** 2 + x.shape[1],), generator=torch.Generator().manual_seed(0))
+    keys, structured = zip(*(_image_keys(one, weights) for one in x))
+    return torch.stack(keys), torch.stack(structured)
+
+
+def _image_keys(x: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H*W,) keys and structure of one (C, H, W) image already scaled to [0, 1] (:func:`pixel_keys`)."""
+    c, h, w = x.shape
+    near = F.unfold(x[None], NEIGHBOURHOOD, padding=NEIGHBOURHOOD // 2).view(c, NEIGHBOURHOOD ** 2, h * w)
+    centre = x.flatten(1)[:, None]
     levels = (near * (LEVELS - 1)).round().long()
-    colour = sum(levels[:, ch] * LEVELS ** ch for ch in range(c))
-    close = ((near - centre).abs() <= CLOSE).all(1)
-    brighter = (near.mean(1) > centre.mean(1)).long()
-    own = (x.flatten(2) * (LEVELS - 1)).round().long()
-    features = torch.cat([torch.where(close, colour + 2, brighter), own], 1)
-    weights = torch.randint(1, 2 ** 62, (features.shape[1],), generator=torch.Generator().manual_seed(0))
-    keys = (features * weights[None, :, None]).sum(1)
+    colour = sum(levels[ch] * LEVELS ** ch for ch in range(c))
+    close = ((near - centre).abs() <= CLOSE).all(0)
+    brighter = (near.mean(0) > centre.mean(0)).long()
+    own = (x.flatten(1) * (LEVELS - 1)).round().long()
+    features = torch.cat([torch.where(close, colour + 2, brighter), own], 0)
     spread = F.max_pool2d(x, 3, 1, 1) + F.max_pool2d(-x, 3, 1, 1)
-    return keys, (spread.amax(1) >= STRUCTURE).flatten(1)
+    return (features * weights[:, None]).sum(0), (spread.amax(0) >= STRUCTURE).flatten()
 
 
 def _pairs_within_groups(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
