@@ -94,8 +94,8 @@ class Spec:
 
     @property
     def name(self) -> str:
-        suffix = "" if self.arch == "cnn" else f"_{self.arch}"
-        return f"{self.base}_{self.cue}_{self.variant}_{self.seed}{suffix}"
+        """:attr:`text` with underscores: the model's name in tables and its cache file's."""
+        return self.text.replace(":", "_")
 
     def model(self, probes: ProbeSet) -> DigitClassifier:
         """A fresh model of this spec's architecture for ``probes``' channels and size."""

@@ -1,6 +1,7 @@
 """Mask-free shortcut discovery and its causal confirmation, from maps already computed.
 
-Seven interventions (the global one opt-in, the marked one where the probes carry spurious masks),
+Eight interventions (the global one opt-in, the recurring one where content recurs across the
+probes, the marked one where the probes carry spurious masks),
 each a paired test against a control (:mod:`evidence` turns the pairs into a decision with a
 stated false-alarm rate); forward passes only, no backward.
 
@@ -70,6 +71,12 @@ null is the spectrum arm's assumption, that the map covers the object (measured 
 of both zoo bases: see the reference). It runs where the detail arm does (a cell must be smaller
 than an object for the blur to keep the recipient's shapes). Floating cues sit in the credited
 share and are not its to find.
+
+**Recurring cues** (a floating stamp, a burnt-in tag, a ruler drawn the same wherever it sits). The
+marked arm's test, on the boxes :func:`~cam_monitor.probes.recurrence.recurring_masks` finds from
+the probes alone (content that recurs pixel for pixel in other probes at another place), with its
+own generator: the cue's place comes from the data, not from the model's credit, so a cue wider
+than a cell is tested whole without masks.
 
 **Marked cues** (where the probes carry spurious masks: a region you suspect, of any size or
 shape). The recipient, its own marked region filled with the mean of the rest, gets the source's

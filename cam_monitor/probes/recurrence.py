@@ -121,7 +121,7 @@ def boxed(found: torch.Tensor) -> torch.Tensor:
         labels = grown
     out = torch.zeros_like(found)
     pieces, piece = labels[found].long().unique(return_inverse=True)
-    ys, xs = found.nonzero()[:, 1], found.nonzero()[:, 2]
+    _, ys, xs = found.nonzero().unbind(1)
     lows = [torch.full((len(pieces),), big).scatter_reduce(0, piece, v, "amin") for v, big in ((ys, h), (xs, w))]
     highs = [torch.zeros(len(pieces), dtype=torch.long).scatter_reduce(0, piece, v, "amax") for v in (ys, xs)]
     for label, y0, x0, y1, x1 in zip(pieces.tolist(), *(t.tolist() for t in (*lows, *highs))):
