@@ -21,7 +21,7 @@ from .evidence import sign_test_p
 from .interventions import cell_size
 from .metrics import energy_fraction_bounds, enrichment_ceiling, pointing_always_hits
 from .probes import ProbeSet
-from .probes.recurrence import recurring_of
+from .probes.recurrence import MAX_SHARE, background_of, recurring_of
 
 #: Distinct spurious regions the resolution check looks at (it is exact per region, so bounded).
 RESOLUTION_REGIONS = 16
@@ -233,6 +233,12 @@ def recurring_note(probes: ProbeSet, runs: tuple[str, ...]) -> str:
         holding = int(recurring_of(probes.images).flatten(1).any(1).sum())
         return (f"; the recurring test found content drawn pixel for pixel the same in {holding} of {len(probes)} "
                 "probes and tests it whole")
+    background = background_of(probes.images)
+    if background:
+        return (f"; what recurs pixel for pixel across the probes is background (it covers more than "
+                f"{MAX_SHARE:.1%} of {background} of {len(probes)} probes: a texture, a pattern, a frame), which the "
+                "texture, detail and border tests are for, so the recurring test, which tests a mark against a box "
+                "elsewhere in its probe, does not run")
     return ("; nothing recurs pixel for pixel across the probes, so the recurring test, which would test such a "
             "cue whole, does not run (a cue resized, compressed or drawn with noise differs from probe to probe)")
 

@@ -143,3 +143,18 @@ def test_fit_start_says_in_how_many_probes_the_recurring_test_found_content_draw
     off = EvalSettings(discovery=DiscoverySettings(recurring_test=False))
     (quiet,) = dry_run_findings(result(torch.rand(6, 8, 8)), stamped, off, 4.0, "cam").notes
     assert "recurring" not in quiet and "is missed by it" in quiet
+
+
+def test_fit_start_says_when_what_recurs_is_background_and_the_recurring_test_does_not_run() -> None:
+    """The same pattern over a quarter of four of six probes, at their own places, recurs but is
+    background: the note says so, with the count, instead of saying that nothing recurs."""
+    gen = torch.Generator().manual_seed(0)
+    images = 0.1 * torch.rand(6, 3, 1, 1, generator=gen).expand(6, 3, 64, 64).clone()
+    pattern = (torch.rand(32, 32, generator=gen) < 0.5).float()
+    for i, (y, x) in enumerate([(0, 0), (30, 10), (12, 30), (32, 32)]):
+        images[i, :, y:y + 32, x:x + 32] = pattern
+    textured = cm.ProbeSet(images, torch.zeros(6, dtype=torch.long))
+    (note,) = dry_run_findings(result(torch.rand(6, 8, 8)), textured, EvalSettings(), 4.0, "cam").notes
+    assert "what recurs pixel for pixel across the probes is background (it covers more than 12.5% of 4 of 6" in note
+    assert "the recurring test, which tests a mark against a box elsewhere in its probe, does not run" in note
+    assert "nothing recurs" not in note

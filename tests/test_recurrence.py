@@ -146,3 +146,34 @@ def test_a_probe_whose_recurring_content_covers_much_of_it_keeps_none() -> None:
     found = recurring_masks(images)
     covered = found.flatten(1).float().mean(1)
     assert all(covered[i] == 0 for i in (1, 3, 5, 7)) and all(0 < covered[i] <= MAX_SHARE for i in (0, 2, 4, 6))
+
+
+def test_where_most_probes_with_a_find_are_background_none_keeps_a_box() -> None:
+    """Small boxes in a probe set whose finds are mostly background-sized are the same pattern
+    seen through gaps (a grating behind objects): none is kept. Where background probes are not
+    most, the small boxes stay."""
+    from cam_monitor.probes.recurrence import without_background
+
+    boxes = torch.zeros(6, SIZE, SIZE, dtype=torch.bool)
+    boxes[:3, :, :20] = True  # background-sized: most of three probes
+    boxes[3:5, 2:8, 2:8] = True  # small pieces in two
+    assert not without_background(boxes).any()
+    boxes[2] = False
+    boxes[2, 10:16, 10:16] = True  # now two background probes beside three small
+    kept = without_background(boxes).flatten(1).any(1)
+    assert kept.tolist() == [False, False, True, True, True, False]
+
+
+def test_a_pattern_behind_most_probes_is_dropped_where_it_shows_in_small_pieces() -> None:
+    """A pattern drawn large in five probes and in small pieces in three, each at its own place:
+    the pieces recur and are dropped, because most probes with a find carry the pattern as
+    background. With the large ones gone the same pieces are kept."""
+    images = blotchy(8, torch.Generator().manual_seed(3))
+    pattern = (torch.rand(16, 16, generator=torch.Generator().manual_seed(5)) < 0.5).float()
+    for i, (y, x) in enumerate([(0, 0), (16, 8), (8, 16), (10, 2), (4, 12)]):
+        images[i, :, y:y + 16, x:x + 16] = pattern  # a quarter of the image
+    for i, (y, x) in enumerate([(2, 2), (20, 18), (12, 4)]):
+        images[5 + i, :, y:y + 10, x:x + 12] = pattern[3:13, 2:14]  # under an eighth
+    assert not recurring_masks(images).any()
+    images[:5] = blotchy(5, torch.Generator().manual_seed(4))
+    assert recurring_masks(images)[5:].flatten(1).any(1).all()
