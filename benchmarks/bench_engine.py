@@ -172,6 +172,13 @@ def measure_memory_here(model: str, variant: str, batch: int, size: int, device:
         fn()
         torch.cuda.synchronize(device)
         return float(torch.cuda.max_memory_allocated(device) - base)
+    return peak_rss_growth(fn)
+
+
+def peak_rss_growth(fn: Callable[[], object]) -> float:
+    """Bytes the process's peak resident memory grows by during ``fn()`` (Linux: VmHWM, reset to
+    the current RSS first). Run it in a fresh process: memory the allocator kept from earlier work
+    would otherwise be reused and hide the growth."""
     import gc
     gc.collect()
     base = _status_kb("VmRSS")

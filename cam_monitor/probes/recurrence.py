@@ -48,6 +48,7 @@ times, share pieces of strokes of up to about 20 pixels in a few probes of 64.
 from __future__ import annotations
 
 import weakref
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -99,15 +100,10 @@ def _image_keys(x: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, t
     return (features * weights[:, None]).sum(0), (spread.amax(0) >= STRUCTURE).flatten()
 
 
-def _pairs_within_groups(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For items sorted into consecutive groups of ``counts``, every ordered pair (a, b) of two
-    items of the same group, as two index tensors."""
-    starts = torch.cumsum(counts, 0) - counts
-    size = counts.repeat_interleave(counts)
-    first = torch.arange(int(counts.sum())).repeat_interleave(size)
-    group_start = starts.repeat_interleave(counts).repeat_interleave(size)
-    offset = torch.arange(len(first)) - (torch.cumsum(size, 0) - size).repeat_interleave(size)
-    return first, group_start + offset
+def _ranks(sizes: torch.Tensor) -> torch.Tensor:
+    """0, 1, ..., size - 1 for each of ``sizes``, concatenated."""
+    total = int(sizes.sum())
+    return torch.arange(total) - (torch.cumsum(sizes, 0) - sizes).repeat_interleave(sizes, output_size=total)
 
 
 def boxed(found: torch.Tensor) -> torch.Tensor:
@@ -158,26 +154,44 @@ def recurring_boxes(images: torch.Tensor, min_pixels: int = MIN_PIXELS, partners
     usable = (counts >= 2) & (counts <= COMMON * n)
     keep = usable[inverse]
     where, counts = where[keep], counts[usable]
-    if not len(where):
-        return found.view(n, h, w)
-    a, b = _pairs_within_groups(counts)
-    img_a, img_b = where[a, 0], where[b, 0]
-    other = img_a != img_b
-    a, b, img_a, img_b = a[other], b[other], img_a[other], img_b[other]
-    pos_a, pos_b = where[a, 1], where[b, 1]
-    dy, dx = pos_b // w - pos_a // w, pos_b % w - pos_a % w
-    moved = (dy.abs() >= MIN_SHIFT) | (dx.abs() >= MIN_SHIFT)
-    img_a, img_b, pos_a, dy, dx = img_a[moved], img_b[moved], pos_a[moved], dy[moved], dx[moved]
-    shift = (dy + h) * (2 * w) + (dx + w)
-    agreement = (img_a * n + img_b) * (4 * h * w) + shift
+    keyed = Keyed(where, torch.arange(len(counts)).repeat_interleave(counts), torch.cumsum(counts, 0) - counts, counts)
+    for probe in where[:, 0].unique().tolist():
+        found[probe, _agreeing(keyed, probe, (n, h, w), min_pixels, partners)] = True
+    return boxed(found.view(n, h, w))
+
+
+class Keyed(NamedTuple):
+    """The keyed pixels of a probe set sorted into groups of equal keys: ``where`` (M, 2) each
+    one's (probe, flat position), ``group`` (M,) its group, and per group its first index
+    (``starts``) and size (``counts``)."""
+
+    where: torch.Tensor
+    group: torch.Tensor
+    starts: torch.Tensor
+    counts: torch.Tensor
+
+
+def _agreeing(keyed: Keyed, probe: int, shape: tuple[int, int, int], min_pixels: int, partners: int) -> torch.Tensor:
+    """The flat positions of ``probe``'s keyed pixels that agree with at least ``partners`` other
+    probes, each at one shift of at least :data:`MIN_SHIFT` pixels carrying at least
+    ``min_pixels`` equal keys. One probe at a time: the pairs of a whole probe set of 224 px
+    images took gigabytes at once."""
+    n, h, w = shape
+    where = keyed.where
+    mine = (where[:, 0] == probe).nonzero()[:, 0]
+    sizes = keyed.counts[keyed.group[mine]]
+    other = keyed.starts[keyed.group[mine]].repeat_interleave(sizes) + _ranks(sizes)
+    own = where[mine, 1].repeat_interleave(sizes)
+    partner, at = where[other, 0], where[other, 1]
+    dy, dx = at // w - own // w, at % w - own % w
+    keep = (partner != probe) & ((dy.abs() >= MIN_SHIFT) | (dx.abs() >= MIN_SHIFT))
+    own, partner, dy, dx = own[keep], partner[keep], dy[keep], dx[keep]
+    agreement = partner * (4 * h * w) + (dy + h) * (2 * w) + (dx + w)
     _, which, votes = agreement.unique(return_inverse=True, return_counts=True)
     strong = votes[which] >= min_pixels
-    pixel = img_a[strong] * (h * w) + pos_a[strong]
-    distinct = torch.unique(pixel * n + img_b[strong])
-    found_pixel, partner_count = torch.unique(distinct // n, return_counts=True)
-    hits = found_pixel[partner_count >= partners]
-    found.view(-1)[hits] = True
-    return boxed(found.view(n, h, w))
+    distinct = torch.unique(own[strong] * n + partner[strong])
+    position, partner_count = torch.unique(distinct // n, return_counts=True)
+    return position[partner_count >= partners]
 
 
 def without_background(boxes: torch.Tensor) -> torch.Tensor:
