@@ -16,7 +16,7 @@ from typing import Any, Callable, Literal
 
 import torch
 
-from .discovery import TEST_NAMES, skilled
+from .discovery import LOCAL, TEST_NAMES, skilled
 from .evidence import ALL
 from .imports import import_callable
 from .records import Alert, AlertEvent, ShortcutRegion
@@ -296,9 +296,16 @@ def describe_alert(alert: Alert) -> str:
     regions = [r for r in alert.get("regions", []) if r["flip_rate"] > r["control_rate"]][:3]
     if regions:
         text += "; regions: " + "; ".join(
-            f"class {r.get('class_name', r['class'])} at box (y0, x0, y1, x1) {tuple(r['boxes'][0])} "
+            f"class {r.get('class_name', r['class'])}{_found_by(r)} at box (y0, x0, y1, x1) {tuple(r['boxes'][0])} "
             f"flips {r['flips']}/{r['tests']} vs control {r['control_flips']}/{r['tests']}" for r in regions)
     return text
+
+
+def _found_by(region: ShortcutRegion) -> str:
+    """`` (recurring test)`` for a region a mark test found; nothing for the local test's boxes,
+    which every region was before the mark tests had regions (and files written then lack the key)."""
+    test = region.get("test", LOCAL)
+    return "" if test == LOCAL else f" ({test} test)"
 
 
 def strongest_test(alert: Alert) -> str | None:
@@ -327,9 +334,10 @@ def describe_alert_markdown(event: AlertEvent) -> str:
                   + ", ".join(f"{arm} {e:.3g}" for arm, e in event["evidence_by_test"].items() if arm != ALL)]
     regions = [r for r in event.get("regions", []) if r["flip_rate"] > r["control_rate"]][:5]
     if regions:
-        lines += ["", "| class | box (y0, x0, y1, x1) | flips | control flips | tests |", "|---|---|---|---|---|"]
-        lines += [f"| {r.get('class_name', r['class'])} | {tuple(r['boxes'][0])} | {r['flips']} | {r['control_flips']} "
-                  f"| {r['tests']} |" for r in regions]
+        lines += ["", "| class | test | box (y0, x0, y1, x1) | flips | control flips | tests |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r.get('class_name', r['class'])} | {r.get('test', LOCAL)} | {tuple(r['boxes'][0])} "
+                  f"| {r['flips']} | {r['control_flips']} | {r['tests']} |" for r in regions]
     probes = event.get("probe_ids", [])
     if probes:
         lines += ["", "Probes: " + ", ".join(f"`{p}`" for p in probes[:10]) + (" ..." if len(probes) > 10 else "")]

@@ -161,15 +161,17 @@ class Monitor:
     def inferred_probes(self, min_excess: float = 0.0) -> ProbeSet:
         """The probe set with the regions the last evaluation's discovery found as its
         ``spurious_masks``, for review, correction and gating: ``monitor.inferred_probes().save("probes.pt")``.
-        A region is a box whose flips beat its control by more than ``min_excess``, in a class whose
-        local-arm evidence is for a cue (:meth:`~cam_monitor.discovery.Discovery.backed_classes`);
+        A region is a box of the local test whose flips beat its control by more than ``min_excess``,
+        in a class whose local-arm evidence is for a cue
+        (:meth:`~cam_monitor.discovery.Discovery.backed_classes`), or the pixels a mark test
+        (recurring, marked) carried from a probe whose pairs beat their controls so, where that
+        test's evidence is for a cue (:meth:`~cam_monitor.discovery.Discovery.backed_marks`);
         probes without one get an empty mask (i.e. the border band), and so does every probe when
         the evidence rests on the whole-image tests (a cast, a texture, a frame has no box)."""
         ev = self.last_evaluation
         if ev is None or ev.discovery is None or self.probes is None:
             raise CAMError("no discovery yet: the monitor infers regions at its evaluations (with discovery=True)")
-        masks = ev.discovery.masks(len(self.probes), self.probes.image_size, min_excess,
-                                   ev.discovery.backed_classes(ev.evidence))
+        masks = ev.discovery.found_masks(ev.evidence, len(self.probes), self.probes.image_size, min_excess)
         return replace(self.probes, spurious_masks=masks)
 
     # ---- outputs ---------------------------------------------------------------------------------
@@ -326,9 +328,8 @@ class Monitor:
     def _record(self, ev: Evaluation, stage: str, rank_zero: bool) -> list[AlertEvent]:
         """Rules, history, then (rank 0) pictures and the alert log; the events it raised or cleared."""
         ref = self.series.reference
-        backed = () if ev.discovery is None else ev.discovery.backed_classes(ev.evidence)
-        regions = None if ev.discovery is None else {"shortcut_evidence": ev.discovery.regions(
-            self.probes.ids, self.probes.class_names, backed)}
+        regions = None if ev.discovery is None else {"shortcut_evidence": ev.discovery.found_regions(
+            ev.evidence, self.probes.ids, self.probes.class_names)}
         by_test = None if ev.evidence is None or ev.discovery is None else {
             "shortcut_evidence": {arm: ev.evidence.detector(arm) for arm in (*ev.discovery.arms, ALL)}}
         checks = check_rules(self.rules, ev.aggregates, ev.per_probe, self.probes.ids,
@@ -336,7 +337,7 @@ class Monitor:
                              self.settings.discovery.skill_level)
         events = self.book.update(checks, ev.epoch, ev.global_step, self.prefix)
         self.evidence = ev.evidence or self.evidence
-        self.shown_regions = self._regions_to_show(ev, backed)
+        self.shown_regions = self._regions_to_show(ev)
         self.series.record(ev, stage, {"alerts": float(self.book.n_active)})
         self.alerts.extend(alert_of(e) for e in events if e["event"] == "fired")
         if rank_zero and self.outputs is not None:
@@ -356,16 +357,20 @@ class Monitor:
         self.outputs.publish(ev, lambda trends: build_panel(probes, ev, history, settings, trends=trends,
                                                             inferred_masks=regions))
 
-    def _regions_to_show(self, ev: Evaluation, backed: tuple[int, ...]) -> torch.Tensor | None:
+    def _regions_to_show(self, ev: Evaluation) -> torch.Tensor | None:
         """The inferred shortcut regions the pictures outline: none unless ``shortcut_confirmed`` is
-        active and the local arm's evidence backs some class (``backed``:
-        :meth:`~cam_monitor.discovery.Discovery.backed_classes`); then this evaluation's boxes of
-        those classes, or, where it drew none, the last ones shown. Without an alert a box
-        may be one chance win of one pair, not a region found; with an alert that rests on the
-        whole-image tests alone, an earlier box is a region the local pairs no longer back."""
-        if not backed or not self.book.active.get("shortcut_confirmed"):  # no discovery backs nothing
+        active and the evidence backs some region (a class of the local test or a mark test:
+        :meth:`~cam_monitor.discovery.Discovery.backs_regions`); then this evaluation's regions
+        (:meth:`~cam_monitor.discovery.Discovery.found_masks`), or, where it drew none, the last
+        ones shown. Without an alert a box may be one chance win of one pair, not a region found;
+        with an alert that rests on the whole-image tests alone, an earlier box is a region the
+        pairs no longer back."""
+        discovery = ev.discovery
+        if discovery is None or not self.book.active.get("shortcut_confirmed"):
             return None
-        now = ev.discovery.masks(len(self.probes), self.probes.image_size, classes=backed)
+        if not discovery.backs_regions(ev.evidence):
+            return None
+        now = discovery.found_masks(ev.evidence, len(self.probes), self.probes.image_size)
         return now if bool(now.any()) else self.shown_regions
 
     def _act(self, outcome: Outcome, rank_zero: bool) -> None:

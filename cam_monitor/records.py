@@ -24,12 +24,14 @@ except ImportError:  # Python < 3.11
     from typing_extensions import NotRequired
 
 
-#: One class's confirmed local shortcut candidates in one evaluation: the paste tests' flips
-#: against their controls' (and the rates), the probes tested and each one's box (``[y0, x0, y1,
-#: x1]`` image pixels, half-open). Spelled as a call because ``class`` is one of its keys.
+#: One class's confirmed shortcut candidates of one test in one evaluation: the ``test`` that
+#: found them (``local``: the paste test's boxes; ``recurring`` or ``marked``: the pixels that test
+#: carried, boxed), its flips against their controls' (and the rates), the probes tested and each
+#: one's box (``[y0, x0, y1, x1]`` image pixels, half-open). Spelled as a call because ``class`` is
+#: one of its keys.
 ShortcutRegion = TypedDict("ShortcutRegion", {
-    "class": int, "flips": int, "control_flips": int, "tests": int, "flip_rate": float, "control_rate": float,
-    "probe_ids": list[str], "boxes": list[list[int]], "class_name": NotRequired[str]})
+    "class": int, "test": str, "flips": int, "control_flips": int, "tests": int, "flip_rate": float,
+    "control_rate": float, "probe_ids": list[str], "boxes": list[list[int]], "class_name": NotRequired[str]})
 
 
 class Alert(TypedDict):

@@ -127,17 +127,23 @@ def test_without_masks_fit_start_says_how_large_a_cue_the_local_test_can_see_and
     assert dry_run_findings(result(torch.rand(2, 8, 8)), probes(), off, 4.0, "cam").notes == []
 
 
+def drawn_probes(side: int, places: list[tuple[int, int]]) -> cm.ProbeSet:
+    """Six 64 x 64 probes of one flat colour each, the first ``len(places)`` with the same random
+    ``side`` x ``side`` pattern drawn at their place."""
+    gen = torch.Generator().manual_seed(0)
+    images = 0.1 * torch.rand(6, 3, 1, 1, generator=gen).expand(6, 3, 64, 64).clone()
+    pattern = (torch.rand(side, side, generator=gen) < 0.5).float()
+    for i, (y, x) in enumerate(places):
+        images[i, :, y:y + side, x:x + side] = pattern
+    return cm.ProbeSet(images, torch.zeros(6, dtype=torch.long))
+
+
 def test_fit_start_says_in_how_many_probes_the_recurring_test_found_content_drawn_the_same() -> None:
     """Four of six probes carry the same 8 x 8 stamp at their own places: the note counts them, and says
     the recurring test tests it whole; with the test off it says nothing of it."""
     from cam_monitor.discovery import DiscoverySettings
 
-    gen = torch.Generator().manual_seed(0)
-    images = 0.1 * torch.rand(6, 3, 1, 1, generator=gen).expand(6, 3, 64, 64).clone()
-    stamp = (torch.rand(8, 8, generator=gen) < 0.5).float()
-    for i, (y, x) in enumerate([(3, 5), (40, 12), (20, 50), (50, 50)]):
-        images[i, :, y:y + 8, x:x + 8] = stamp
-    stamped = cm.ProbeSet(images, torch.zeros(6, dtype=torch.long))
+    stamped = drawn_probes(8, [(3, 5), (40, 12), (20, 50), (50, 50)])
     (note,) = dry_run_findings(result(torch.rand(6, 8, 8)), stamped, EvalSettings(), 4.0, "cam").notes
     assert "the recurring test found content drawn pixel for pixel the same in 4 of 6 probes and tests it whole" in note
     off = EvalSettings(discovery=DiscoverySettings(recurring_test=False))
@@ -148,12 +154,7 @@ def test_fit_start_says_in_how_many_probes_the_recurring_test_found_content_draw
 def test_fit_start_says_when_what_recurs_is_background_and_the_recurring_test_does_not_run() -> None:
     """The same pattern over a quarter of four of six probes, at their own places, recurs but is
     background: the note says so, with the count, instead of saying that nothing recurs."""
-    gen = torch.Generator().manual_seed(0)
-    images = 0.1 * torch.rand(6, 3, 1, 1, generator=gen).expand(6, 3, 64, 64).clone()
-    pattern = (torch.rand(32, 32, generator=gen) < 0.5).float()
-    for i, (y, x) in enumerate([(0, 0), (30, 10), (12, 30), (32, 32)]):
-        images[i, :, y:y + 32, x:x + 32] = pattern
-    textured = cm.ProbeSet(images, torch.zeros(6, dtype=torch.long))
+    textured = drawn_probes(32, [(0, 0), (30, 10), (12, 30), (32, 32)])
     (note,) = dry_run_findings(result(torch.rand(6, 8, 8)), textured, EvalSettings(), 4.0, "cam").notes
     assert "what recurs pixel for pixel across the probes is background (it covers more than 12.5% of 4 of 6" in note
     assert "the recurring test, which tests a mark against a box elsewhere in its probe, does not run" in note

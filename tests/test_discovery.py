@@ -890,6 +890,38 @@ def test_without_masks_the_recurring_arm_tests_a_tag_drawn_the_same_in_several_p
         assert float(recurring.flips.float().mean()) == expected and not recurring.control_flips.any()
 
 
+def test_the_recurring_arms_regions_are_the_found_tags_where_its_evidence_backs_them() -> None:
+    """Where the recurring arm's pairs are for a cue, its regions (class, box around what it carried,
+    flips against controls) and masks are the found regions beside the local test's; where they are
+    not (a model told by the centre), it has none."""
+    from cam_monitor.probes.recurrence import recurring_of
+
+    probes = unmarked_tag_probes()
+    maps = one_cell_maps(len(probes), (1, 1))
+    tagged = probes.images[:, 0] == 1.0
+    for model in (TagModel(True), CentreOnly()):
+        preds = model(probes.images).argmax(1)
+        found = discover(maps, probes, probes.labels, preds, lambda x, m=model: m(x).argmax(1), MARKED_ONLY)
+        assert found.marks["recurring"] is recurring_of(probes.images)
+        evidence = EvidenceState().update(found.diffs(), 0.7, 0.05)
+        masks = found.found_masks(evidence, len(probes), probes.image_size)
+        recurring = [r for r in found.found_regions(evidence, probes.ids) if r["test"] == "recurring"]
+        if isinstance(model, CentreOnly):
+            assert found.backed_marks(evidence) == () and not recurring
+            assert not (masks & tagged).any()
+            continue
+        assert found.backed_marks(evidence) == ("recurring",) and found.backs_regions(evidence)
+        (region,) = recurring
+        assert region["class"] == 1 and region["flip_rate"] == 1.0 and region["control_rate"] == 0.0
+        for pid, (y0, x0, y1, x1) in zip(region["probe_ids"], region["boxes"]):
+            tag = tagged[probes.ids.index(pid)]
+            assert tag[y0:y1, x0:x1].sum() == tag.sum() == 64 and (y1 - y0) * (x1 - x0) <= 12 * 12
+        sources = {probes.ids.index(pid) for pid in region["probe_ids"]}
+        assert all(bool((masks[i] & tagged[i]).sum() == 64) for i in sources)
+        assert not masks[probes.labels == 0].any() and found.backed_marks(None) == ()
+        assert not found.found_masks(EvidenceState(), len(probes), probes.image_size)[list(sources)].any()
+
+
 def test_the_recurring_arm_does_not_run_where_nothing_recurs() -> None:
     """Dim noise and centres of their own brightness: nothing is drawn the same twice."""
     from cam_monitor.discovery import arms_run

@@ -221,7 +221,7 @@ def test_hyperparameters_are_flat_with_groups_spelled_out() -> None:
     assert given["cam_monitor.probes"] == "ProbeSet(3 probes)"  # a probe set is named, not flattened
 
 
-def test_inferred_regions_are_drawn_only_while_their_alert_is_active_and_the_local_evidence_backs_them() -> None:
+def test_inferred_regions_are_drawn_only_while_their_alert_is_active_and_the_evidence_backs_them() -> None:
     from types import SimpleNamespace
 
     mon = plain_monitor()
@@ -229,20 +229,22 @@ def test_inferred_regions_are_drawn_only_while_their_alert_is_active_and_the_loc
     box = torch.zeros(2, 8, 8, dtype=torch.bool)
     box[0, :2, :2] = True
 
-    def evaluation(masks: torch.Tensor) -> SimpleNamespace:
-        keep = lambda n, size, min_excess=0.0, classes=None: masks[:n] if classes is None or 0 in classes else 0 * masks[:n]  # noqa: E731
-        return SimpleNamespace(evidence=None, discovery=SimpleNamespace(masks=keep))
+    def evaluation(masks: torch.Tensor, backed: bool) -> SimpleNamespace:
+        found = SimpleNamespace(backs_regions=lambda evidence: backed,
+                                found_masks=lambda evidence, n, size, min_excess=0.0: masks[:n])
+        return SimpleNamespace(evidence=None, discovery=found)
 
-    found, nothing = evaluation(box), evaluation(torch.zeros_like(box))
-    assert mon._regions_to_show(found, (0, 1)) is None  # no alert: a box is a chance win, not a region found
+    assert mon._regions_to_show(evaluation(box, True)) is None  # no alert: a box is a chance win, not a region found
     mon.book.active["shortcut_confirmed"] = True
-    assert mon._regions_to_show(found, ()) is None  # the alert rests on whole-image tests: no box
-    mon.shown_regions = mon._regions_to_show(found, (0, 1))
+    assert mon._regions_to_show(evaluation(box, False)) is None  # the alert rests on whole-image tests: no box
+    mon.shown_regions = mon._regions_to_show(evaluation(box, True))
     assert torch.equal(mon.shown_regions, box)
-    assert torch.equal(mon._regions_to_show(nothing, (0, 1)), box)  # still backed: the last regions stay drawn
-    assert mon._regions_to_show(nothing, ()) is None  # the local pairs no longer back a cue: the old box goes
+    nothing = torch.zeros_like(box)
+    assert torch.equal(mon._regions_to_show(evaluation(nothing, True)), box)  # still backed: the last regions stay
+    assert mon._regions_to_show(evaluation(nothing, False)) is None  # the pairs no longer back a cue: the box goes
+    assert mon._regions_to_show(SimpleNamespace(evidence=None, discovery=None)) is None
     mon.book.active["shortcut_confirmed"] = False
-    assert mon._regions_to_show(nothing, (0, 1)) is None  # cleared: nothing drawn
+    assert mon._regions_to_show(evaluation(nothing, True)) is None  # cleared: nothing drawn
 
 
 def test_the_shortcut_evidence_is_part_of_the_state_and_old_states_still_load(tmp_path) -> None:

@@ -154,7 +154,7 @@ def test_tensorboard_sink_writes_its_own_event_file_with_a_native_checksum(tmp_p
     markdown = text.tensor_proto.string_val[0].decode()  # what the Text tab renders as Markdown
     assert text.step == 7 and markdown.startswith("**shortcut_confirmed fired** at epoch 2, step 7: "
                                                   "`shortcut_flip_excess` = 0.31 (threshold 0.1)")
-    assert "| three | (0, 0, 4, 4) | 9 | 1 | 12 |" in markdown and "{" not in markdown
+    assert "| three | local | (0, 0, 4, 4) | 9 | 1 | 12 |" in markdown and "{" not in markdown
     assert set(acc.Tags()["scalars"]) == {"cam_late_probes/spurious_energy/a", "cam_late_probes/spurious_energy/b"}
     (point,) = acc.Scalars("cam_late_probes/spurious_energy/b")
     assert (point.step, point.value) == (7, 0.5)

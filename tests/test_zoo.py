@@ -197,6 +197,14 @@ def test_without_masks_the_tag_shortcut_is_confirmed_by_the_recurring_arm_and_it
     tests = confirmed[0]["evidence_by_test"]
     assert max((a for a in tests if a != "all"), key=tests.get) == "recurring"
     assert control.alerts == [] and any(r["evidence_pairs"].get("recurring") for r in control.rows)
+    # the alert names the tags it found, and the export marks them, though nobody marked them
+    truth = truth_probes("text_tag", 2).spurious_masks
+    ids = {pid: i for i, pid in enumerate(shortcut.monitor.probes.ids)}
+    found = [r for r in confirmed[0]["regions"] if r["test"] == "recurring" and r["flip_rate"] > r["control_rate"]]
+    boxes = [(ids[pid], box) for r in found for pid, box in zip(r["probe_ids"], r["boxes"])]
+    assert boxes and all(truth[i, y0:y1, x0:x1].any() for i, (y0, x0, y1, x1) in boxes)
+    exported = shortcut.monitor.inferred_probes().spurious_masks
+    assert exported.any() and (exported & truth).sum() >= 0.5 * exported.sum()
 
 
 @pytest.mark.slow

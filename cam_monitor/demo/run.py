@@ -175,8 +175,8 @@ def summary_figure(results: dict[str, dict[str, Any]], probes: ProbeSet, thresho
     grid = fig.add_gridspec(2, 2, height_ratios=[1.25, 1])
     for col, run in enumerate(RUNS):
         ev = results[run]["shown"]
-        inferred = None if ev.discovery is None else ev.discovery.masks(
-            len(probes), probes.image_size, classes=ev.discovery.backed_classes(ev.evidence))[pick]
+        inferred = None if ev.discovery is None else ev.discovery.found_masks(
+            ev.evidence, len(probes), probes.image_size)[pick]
         tiles = probe_tiles(sub.display_images(), ev.maps[pick], ids=[str(int(c)) for c in sub.labels],
                             labels=sub.labels.tolist(), preds=ev.preds[pick].tolist(),
                             spurious_masks=sub.spurious_masks, inferred_masks=inferred, tile_size=96)

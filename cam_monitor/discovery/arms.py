@@ -193,4 +193,5 @@ def discover(maps: torch.Tensor, probes: ProbeSet, targets: torch.Tensor, preds:
     both = {arm: (torch.cat([found[arm][0], more[arm][0]]), torch.cat([found[arm][1], more[arm][1]])) for arm in arms}
     ran = {arm: spans[arm][1] for arm in arms}
     paired = {arm: PairedArm(plans[arm][:ran[arm]], *both[arm]) for arm in makers}
-    return Discovery(suspects, tests[:ran[LOCAL]], *both[LOCAL], paired, waiting=not ready, arms=runs)
+    return Discovery(suspects, tests[:ran[LOCAL]], *both[LOCAL], paired, waiting=not ready, arms=runs,
+                     marks={arm: mask for arm, mask in marks.items() if arm in makers})

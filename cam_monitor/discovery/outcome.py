@@ -1,15 +1,17 @@
 """What one evaluation's discovery found: each arm's paired outcomes, their sign tests and
-excesses, the per-probe flips, the regions the local test confirmed and their masks.
+excesses, the per-probe flips, the regions the local test and the mark tests (recurring, marked)
+confirmed and their masks.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ..evidence import EvidenceState, holm, sign_test_p, stream
+from ..interventions import mask_boxes
 from ..records import ShortcutRegion
 from .candidates import Pair, PasteTest, Suspect
 from .settings import LOCAL
@@ -35,7 +37,8 @@ class Discovery:
     arms that ran (``global``, ``colour``, ``border``, ``detail``, ``texture``, ``marked``). ``waiting``: the
     model did not beat chance on the probes (``DiscoverySettings.skill_level``), so nothing was tested.
     ``arms``: the arms that run for these probes on this layer (:func:`arms_run`, fixed for a run),
-    whose mean the evidence takes.
+    whose mean the evidence takes. ``marks``: per mark arm that ran (``recurring``, ``marked``),
+    the (N, H, W) masks its pairs carried from their source probe.
     """
 
     suspects: list[Suspect]
@@ -45,6 +48,7 @@ class Discovery:
     paired: dict[str, PairedArm]
     waiting: bool = False
     arms: tuple[str, ...] = ()
+    marks: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def pasted(self) -> int:
@@ -111,31 +115,55 @@ class Discovery:
             return ()
         return evidence.backed_classes(LOCAL, tuple(sorted({s.cls for s in self.suspects})))
 
+    def backed_marks(self, evidence: EvidenceState | None) -> tuple[str, ...]:
+        """The mark arms that ran (:attr:`marks`) whose pairs are, on balance, for a cue: their
+        pooled e-detector above 1, as :meth:`backed_classes` reads the local arm's (they keep no
+        per-class stream). Their masks are the found regions of every class they tested."""
+        if evidence is None:
+            return ()
+        return tuple(arm for arm in self.marks if arm in self.paired and evidence.detector(stream(arm)) > 1.0)
+
     def regions(self, ids: list[str], class_names: list[str] | None = None,
                 classes: tuple[int, ...] | None = None) -> list[ShortcutRegion]:
         """Per class of the tested suspects (of ``classes`` only, when given), strongest first: the
         local flip and control rates, the number of tests, and each suspect's probe id and box
         (``[y0, x0, y1, x1]`` image pixels)."""
-        by_class: dict[int, dict[str, Any]] = {}
+        tested = []
         for s, suspect in enumerate(self.suspects):
             mine = [i for i, t in enumerate(self.tests) if t.suspect == s]
-            if not mine or (classes is not None and suspect.cls not in classes):
-                continue
-            row = by_class.setdefault(suspect.cls, {"class": suspect.cls, "flips": 0, "control_flips": 0, "tests": 0,
-                                                    "probe_ids": [], "boxes": []})
-            row["flips"] += int(self.flips[mine].sum())
-            row["control_flips"] += int(self.control_flips[mine].sum())
-            row["tests"] += len(mine)
-            row["probe_ids"].append(ids[suspect.probe])
-            row["boxes"].append(list(suspect.box))
-        out = []
-        for row in by_class.values():
-            row["flip_rate"] = row["flips"] / row["tests"]
-            row["control_rate"] = row["control_flips"] / row["tests"]
-            if class_names is not None and 0 <= row["class"] < len(class_names):
-                row["class_name"] = class_names[row["class"]]
-            out.append(row)
+            if mine and (classes is None or suspect.cls in classes):
+                tested.append((suspect.cls, suspect.probe, list(suspect.box), int(self.flips[mine].sum()),
+                               int(self.control_flips[mine].sum()), len(mine)))
+        return _by_class(tested, LOCAL, ids, class_names)
+
+    def mark_regions(self, arm: str, ids: list[str], class_names: list[str] | None = None) -> list[ShortcutRegion]:
+        """The regions of mark arm ``arm`` (``recurring`` or ``marked``), per class of its source
+        probes, strongest first: its flip and control rates, its pairs, and each source probe's id
+        and the box around its mask."""
+        boxes = mask_boxes(self.marks[arm]).tolist()
+        return _by_class([(cls, probe, boxes[probe], *counts) for probe, (cls, *counts) in self._sources(arm).items()],
+                         arm, ids, class_names)
+
+    def found_regions(self, evidence: EvidenceState | None, ids: list[str],
+                      class_names: list[str] | None = None) -> list[ShortcutRegion]:
+        """Every region this evaluation's evidence backs, strongest first: the local test's in
+        :meth:`backed_classes`, and every class's of each mark arm in :meth:`backed_marks`."""
+        out = self.regions(ids, class_names, self.backed_classes(evidence))
+        for arm in self.backed_marks(evidence):
+            out += self.mark_regions(arm, ids, class_names)
         return sorted(out, key=lambda r: (r["control_rate"] - r["flip_rate"], r["class"]))
+
+    def _sources(self, arm: str) -> dict[int, tuple[int, int, int, int]]:
+        """Source probe -> (its class, flips, control flips, pairs) over mark arm ``arm``'s pairs."""
+        out: dict[int, list[int]] = {}
+        paired = self.paired[arm]
+        for i, pair in enumerate(paired.pairs):
+            suspect = self.suspects[pair.suspect]
+            row = out.setdefault(suspect.probe, [suspect.cls, 0, 0, 0])
+            row[1] += int(paired.flips[i])
+            row[2] += int(paired.control_flips[i])
+            row[3] += 1
+        return {probe: (cls, f, c, t) for probe, (cls, f, c, t) in out.items()}
 
     def masks(self, n: int, image_size: tuple[int, int], min_excess: float = 0.0,
               classes: tuple[int, ...] | None = None) -> torch.Tensor:
@@ -151,3 +179,49 @@ class Discovery:
                 y0, x0, y1, x1 = suspect.box
                 out[suspect.probe, y0:y1, x0:x1] = True
         return out
+
+    def mark_masks(self, arm: str, n: int, min_excess: float = 0.0) -> torch.Tensor:
+        """(n, H, W) bool for the first ``n`` probes: mark arm ``arm``'s mask on every source probe
+        whose own pairs' flip excess is above ``min_excess``, empty elsewhere."""
+        marks = self.marks[arm]
+        out = torch.zeros(n, *marks.shape[1:], dtype=torch.bool)
+        for probe, (_, flips, control, pairs) in self._sources(arm).items():
+            if probe < n and (flips - control) / pairs > min_excess:
+                out[probe] = marks[probe]
+        return out
+
+    def found_masks(self, evidence: EvidenceState | None, n: int, image_size: tuple[int, int],
+                    min_excess: float = 0.0) -> torch.Tensor:
+        """(n, H, W) bool: the masks of :meth:`found_regions` (the local boxes of the backed classes
+        and the backed mark arms' masks) on the probes whose own excess is above ``min_excess``."""
+        out = self.masks(n, image_size, min_excess, self.backed_classes(evidence))
+        for arm in self.backed_marks(evidence):
+            out |= self.mark_masks(arm, n, min_excess)
+        return out
+
+    def backs_regions(self, evidence: EvidenceState | None) -> bool:
+        """Whether the evidence backs any region: a class of the local test or a mark arm."""
+        return bool(self.backed_classes(evidence) or self.backed_marks(evidence))
+
+
+def _by_class(tested: list[tuple[int, int, list[int], int, int, int]], test: str, ids: list[str],
+              class_names: list[str] | None) -> list[ShortcutRegion]:
+    """One region per class from ``tested`` (class, probe, box, flips, control flips, tests), each
+    named by its ``test``, strongest first (by control rate minus flip rate, then class)."""
+    by_class: dict[int, dict[str, Any]] = {}
+    for cls, probe, box, flips, control, tests in tested:
+        row = by_class.setdefault(cls, {"class": cls, "test": test, "flips": 0, "control_flips": 0, "tests": 0,
+                                        "probe_ids": [], "boxes": []})
+        row["flips"] += flips
+        row["control_flips"] += control
+        row["tests"] += tests
+        row["probe_ids"].append(ids[probe])
+        row["boxes"].append(box)
+    out = []
+    for row in by_class.values():
+        row["flip_rate"] = row["flips"] / row["tests"]
+        row["control_rate"] = row["control_flips"] / row["tests"]
+        if class_names is not None and 0 <= row["class"] < len(class_names):
+            row["class_name"] = class_names[row["class"]]
+        out.append(row)
+    return sorted(out, key=lambda r: (r["control_rate"] - r["flip_rate"], r["class"]))
