@@ -33,9 +33,10 @@ class Discovery:
     """What one evaluation's discovery found and its confirmation measured.
 
     ``flips[i]`` / ``control_flips[i]`` say whether local test ``i`` (and its control) turned the
-    recipient's prediction into the suspect's class; ``paired`` holds the same for the whole-image
-    arms that ran (``global``, ``colour``, ``border``, ``detail``, ``texture``, ``marked``). ``waiting``: the
-    model did not beat chance on the probes (``DiscoverySettings.skill_level``), so nothing was tested.
+    recipient's prediction into the suspect's class; ``paired`` holds the same for the other arms
+    that ran (``global``, ``colour``, ``border``, ``detail``, ``texture``, ``recurring``, ``marked``).
+    ``waiting``: the model did not beat chance on the probes (``DiscoverySettings.skill_level``), so
+    nothing was tested.
     ``arms``: the arms that run for these probes on this layer (:func:`arms_run`, fixed for a run),
     whose mean the evidence takes. ``marks``: per mark arm that ran (``recurring``, ``marked``),
     the (N, H, W) masks its pairs carried from their source probe.
@@ -79,7 +80,7 @@ class Discovery:
     def aggregates(self) -> dict[str, float]:
         """Flip rates of every arm that ran, their controls and excesses (NaN for an arm without
         tests: ``shortcut_*`` for the local arm, ``global_*``, ``colour_*``, ``border_*``, ``detail_*``,
-        ``texture_*``, ``marked_*``), the evaluation's
+        ``texture_*``, ``recurring_*``, ``marked_*``), the evaluation's
         ``shortcut_p`` and the count of ``shortcut_suspects`` (candidates)."""
         out = {"shortcut_suspects": float(len(self.suspects)), "shortcut_p": self.p_value()}
         arms = [("shortcut", self.flips, self.control_flips)]
