@@ -200,9 +200,15 @@ def measure_memory(model: str, variant: str, args: argparse.Namespace) -> float 
     """Run :func:`measure_memory_here` in a fresh subprocess; None if it failed."""
     cmd = [sys.executable, __file__, "--_memory-of", model, variant, "--batch", str(args.batch),
            "--size", str(args.size), "--device", args.device, "--threads", str(args.threads)]
+    return number_from_subprocess(cmd, f"memory of {variant}")
+
+
+def number_from_subprocess(cmd: list[str], what: str) -> float | None:
+    """Run ``cmd`` and read the number its last line of output prints; None, said on stderr with
+    ``what`` and the command's last error line, where it failed."""
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        print(f"  memory of {variant} failed: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        print(f"  {what} failed: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
         return None
     return float(proc.stdout.strip().splitlines()[-1])
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -32,7 +31,8 @@ import torch.nn.functional as F
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import default_result_path, machine, peak_rss_growth, time_interleaved, write_json  # noqa: E402
+from bench_engine import (default_result_path, machine, number_from_subprocess, peak_rss_growth,  # noqa: E402
+                          time_interleaved, write_json)
 
 from cam_monitor.probes.recurrence import recurring_masks  # noqa: E402
 
@@ -78,11 +78,10 @@ def memory(kind: str, size: int, args: argparse.Namespace) -> float | None:
            "--threads", str(args.threads)]
     grown = []
     for _ in range(args.repeats):
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            print(f"  memory of {kind} at {size} px failed: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        value = number_from_subprocess(cmd, f"memory of {kind} at {size} px")
+        if value is None:
             return None
-        grown.append(float(proc.stdout.strip().splitlines()[-1]))
+        grown.append(value)
     return statistics.median(grown)
 
 
