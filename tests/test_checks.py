@@ -127,6 +127,11 @@ def test_without_masks_fit_start_says_how_large_a_cue_the_local_test_can_see_and
     assert dry_run_findings(result(torch.rand(2, 8, 8)), probes(), off, 4.0, "cam").notes == []
 
 
+def seeded_maps(n: int) -> torch.Tensor:
+    """(n, 8, 8) maps from their own seeded generator (the notes below do not read their values)."""
+    return torch.rand(n, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
 def drawn_probes(side: int, places: list[tuple[int, int]]) -> cm.ProbeSet:
     """Six 64 x 64 probes of one flat colour each, the first ``len(places)`` with the same random
     ``side`` x ``side`` pattern drawn at their place."""
@@ -144,10 +149,10 @@ def test_fit_start_says_in_how_many_probes_the_recurring_test_found_content_draw
     from cam_monitor.discovery import DiscoverySettings
 
     stamped = drawn_probes(8, [(3, 5), (40, 12), (20, 50), (50, 50)])
-    (note,) = dry_run_findings(result(torch.rand(6, 8, 8)), stamped, EvalSettings(), 4.0, "cam").notes
+    (note,) = dry_run_findings(result(seeded_maps(6)), stamped, EvalSettings(), 4.0, "cam").notes
     assert "the recurring test found content drawn pixel for pixel the same in 4 of 6 probes and tests it whole" in note
     off = EvalSettings(discovery=DiscoverySettings(recurring_test=False))
-    (quiet,) = dry_run_findings(result(torch.rand(6, 8, 8)), stamped, off, 4.0, "cam").notes
+    (quiet,) = dry_run_findings(result(seeded_maps(6)), stamped, off, 4.0, "cam").notes
     assert "recurring" not in quiet and "is missed by it" in quiet
 
 
@@ -155,7 +160,7 @@ def test_fit_start_says_when_what_recurs_is_background_and_the_recurring_test_do
     """The same pattern over a quarter of four of six probes, at their own places, recurs but is
     background: the note says so, with the count, instead of saying that nothing recurs."""
     textured = drawn_probes(32, [(0, 0), (30, 10), (12, 30), (32, 32)])
-    (note,) = dry_run_findings(result(torch.rand(6, 8, 8)), textured, EvalSettings(), 4.0, "cam").notes
+    (note,) = dry_run_findings(result(seeded_maps(6)), textured, EvalSettings(), 4.0, "cam").notes
     assert "what recurs pixel for pixel across the probes is background (it covers more than 12.5% of 4 of 6" in note
     assert "the recurring test, which tests a mark against a box elsewhere in its probe, does not run" in note
     assert "nothing recurs" not in note
