@@ -37,7 +37,7 @@ from bench_engine import default_result_path, machine, sync, time_interleaved, w
 import cam_monitor as cm  # noqa: E402
 from cam_monitor.history import History  # noqa: E402
 from cam_monitor.discovery import DiscoverySettings, discover  # noqa: E402
-from cam_monitor.engine import predict_classes  # noqa: E402
+from cam_monitor.engine import class_scores  # noqa: E402
 from cam_monitor.evaluation import EvalSettings, Placement, evaluate  # noqa: E402
 from cam_monitor.publisher import Publisher  # noqa: E402
 from cam_monitor.report import ReportSettings, build_panel  # noqa: E402
@@ -107,7 +107,7 @@ def monitor_evaluation(repeats: int, device: torch.device, n: int = 64, size: in
         ev = state["last"] = state.get("last") or evaluate(model, probes, EvalSettings("layer4", batch_size=n),
                                                               placement)
         classes = torch.arange(n) % 10
-        found = discover(ev.maps, probes, classes, classes, lambda x: predict_classes(model, x.to(device)),
+        found = discover(ev.maps, probes, classes, classes, lambda x: class_scores(model, x.to(device)),
                          DiscoverySettings())
         budget = DiscoverySettings().budget * n
         assert budget - 2 * len(DiscoverySettings().arms) < found.pasted <= budget

@@ -41,7 +41,7 @@ from bench_engine import default_result_path, machine, time_interleaved, write_j
 from cam_monitor.demo.data import BASES, CUES  # noqa: E402
 from cam_monitor.demo.zoo import ZooRecord, ZooRun, replayed, run_task  # noqa: E402
 from cam_monitor.discovery import DiscoverySettings, discover  # noqa: E402
-from cam_monitor.engine import predict_classes  # noqa: E402
+from cam_monitor.engine import class_scores  # noqa: E402
 
 
 def discovery_cost(run: ZooRun, repeats: int) -> dict:
@@ -53,7 +53,7 @@ def discovery_cost(run: ZooRun, repeats: int) -> dict:
     settings, chunk = monitor.settings.discovery, monitor.settings.batch_size
 
     def predict(x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([predict_classes(model, x[i:i + chunk]) for i in range(0, len(x), chunk)])
+        return torch.cat([class_scores(model, x[i:i + chunk]) for i in range(0, len(x), chunk)])
 
     def forward() -> None:
         predict(probes.images)

@@ -293,12 +293,24 @@ def describe_alert(alert: Alert) -> str:
     strongest = strongest_test(alert)
     if strongest:
         text += f"; strongest test: {strongest}"
-    regions = [r for r in alert.get("regions", []) if r["flip_rate"] > r["control_rate"]][:3]
+    regions = [r for r in alert.get("regions", []) if _for_cue(r)][:3]
     if regions:
         text += "; regions: " + "; ".join(
             f"class {r.get('class_name', r['class'])}{_found_by(r)} at box (y0, x0, y1, x1) {tuple(r['boxes'][0])} "
-            f"flips {r['flips']}/{r['tests']} vs control {r['control_flips']}/{r['tests']}" for r in regions)
+            f"flips {r['flips']}/{r['tests']} vs control {r['control_flips']}/{r['tests']}, "
+            f"mean outcome {_outcome(r):+.2f}" for r in regions)
     return text
+
+
+def _outcome(region: ShortcutRegion) -> float:
+    """The region's mean paired outcome; its flip excess in files written before regions kept it."""
+    return region.get("outcome", region["flip_rate"] - region["control_rate"])
+
+
+def _for_cue(region: ShortcutRegion) -> bool:
+    """Whether a region's pairs were, on balance, for a cue (its mean paired outcome above 0): a
+    recurring test's graded pairs can be without a single flip more than their controls."""
+    return _outcome(region) > 0
 
 
 def _found_by(region: ShortcutRegion) -> str:
@@ -324,7 +336,7 @@ def strongest_test(alert: Alert) -> str | None:
 
 def describe_alert_markdown(event: AlertEvent) -> str:
     """An alert event (fired or cleared) as Markdown for a dashboard's text panel: what happened in a
-    sentence, then the regions (class, box, flips against the control) and the probes."""
+    sentence, then the regions (class, box, flips against the control, mean paired outcome) and the probes."""
     what = "cleared" if event.get("event") == "cleared" else "fired"
     lines = [f"**{event['rule']} {what}** at epoch {event['epoch']}, step {event['global_step']}: "
              f"`{event['metric']}` = {event['value']:.4g} (threshold {event['threshold']:.4g})"]
@@ -332,12 +344,12 @@ def describe_alert_markdown(event: AlertEvent) -> str:
     if strongest:
         lines += ["", f"Strongest test: {strongest}; each test: "
                   + ", ".join(f"{arm} {e:.3g}" for arm, e in event["evidence_by_test"].items() if arm != ALL)]
-    regions = [r for r in event.get("regions", []) if r["flip_rate"] > r["control_rate"]][:5]
+    regions = [r for r in event.get("regions", []) if _for_cue(r)][:5]
     if regions:
-        lines += ["", "| class | test | box (y0, x0, y1, x1) | flips | control flips | tests |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["", "| class | test | box (y0, x0, y1, x1) | flips | control flips | tests | mean outcome |",
+                  "|---|---|---|---|---|---|---|"]
         lines += [f"| {r.get('class_name', r['class'])} | {r.get('test', LOCAL)} | {tuple(r['boxes'][0])} "
-                  f"| {r['flips']} | {r['control_flips']} | {r['tests']} |" for r in regions]
+                  f"| {r['flips']} | {r['control_flips']} | {r['tests']} | {_outcome(r):+.2f} |" for r in regions]
     probes = event.get("probe_ids", [])
     if probes:
         lines += ["", "Probes: " + ", ".join(f"`{p}`" for p in probes[:10]) + (" ..." if len(probes) > 10 else "")]

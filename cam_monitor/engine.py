@@ -393,12 +393,18 @@ def compute_cams(
     return maps[method] if isinstance(method, str) else maps
 
 
-def predict_classes(model: nn.Module, images: torch.Tensor, output_transform: OutputTransform | None = None) -> torch.Tensor:
-    """(B,) predicted classes of ``images``: one inference forward, same state guarantees as :func:`cam_pass`."""
+def class_scores(model: nn.Module, images: torch.Tensor, output_transform: OutputTransform | None = None) -> torch.Tensor:
+    """(B, K) float32 class scores (logits) of ``images``: one inference forward, same state
+    guarantees as :func:`cam_pass`."""
     check_images(images)
     inner = unwrap_compiled(model)
     with preserved_model_state(inner, images.device), torch.no_grad():
-        return (output_transform or default_output_transform)(inner(images)).argmax(dim=1)
+        return (output_transform or default_output_transform)(inner(images)).float()
+
+
+def predict_classes(model: nn.Module, images: torch.Tensor, output_transform: OutputTransform | None = None) -> torch.Tensor:
+    """(B,) predicted classes of ``images`` (:func:`class_scores`' largest)."""
+    return class_scores(model, images, output_transform).argmax(dim=1)
 
 
 def masked_scores(

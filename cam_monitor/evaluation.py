@@ -20,7 +20,7 @@ from torch import nn
 from . import metrics as M
 from .discovery import DiscoverySettings, discover, skill_p
 from .evidence import EvidenceState, sign_test_p
-from .engine import CAMResult, OutputTransform, cam_pass, masked_scores, predict_classes
+from .engine import CAMResult, OutputTransform, cam_pass, class_scores, masked_scores
 from .errors import NonFiniteOutputError
 from .layers import LayerSpec, ReshapeSpec
 from .layout import check_layout
@@ -243,19 +243,20 @@ def probe_classes(probes: ProbeSet) -> tuple[int, ...]:
     return tuple(sorted(set(probes.labels.tolist())))
 
 
-def sharded_predict(model: nn.Module, settings: EvalSettings, placement: Placement) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Classify a CPU batch with ``model`` in chunks, each rank an equal-length shard (every rank
-    runs the same forwards, so a sharded model's collectives pair up); returns CPU classes."""
-    def predict(images: torch.Tensor) -> torch.Tensor:
+def sharded_scores(model: nn.Module, settings: EvalSettings, placement: Placement) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Score a CPU batch with ``model`` in chunks, each rank an equal-length shard (every rank
+    runs the same forwards, so a sharded model's collectives pair up); returns (B, K) CPU class
+    scores (:func:`~cam_monitor.engine.class_scores`)."""
+    def scores(images: torch.Tensor) -> torch.Tensor:
         index = shard_indices(len(images), placement.rank, placement.world)
         parts = []
         for start in range(0, len(index), settings.batch_size):
             batch = placement.to_model(images[index[start:start + settings.batch_size]])
             with placement.forward_context():
-                parts.append(predict_classes(model, batch, settings.output_transform).cpu())
-        return gather_shards({"classes": torch.cat(parts)}, len(images), placement)["classes"]
+                parts.append(class_scores(model, batch, settings.output_transform).cpu())
+        return gather_shards({"scores": torch.cat(parts)}, len(images), placement)["scores"]
 
-    return predict
+    return scores
 
 
 def evaluate(model: nn.Module, probes: ProbeSet, settings: EvalSettings, placement: Placement | None = None, *,
@@ -287,7 +288,7 @@ def evaluate(model: nn.Module, probes: ProbeSet, settings: EvalSettings, placeme
     if found_settings.enabled:
         prior = evidence or EvidenceState(cap=2 * math.log(1 / found_settings.alpha))
         per_class = found_settings.per_class
-        found = discover(maps, probes, targets, preds, sharded_predict(model, settings, placement), found_settings,
+        found = discover(maps, probes, targets, preds, sharded_scores(model, settings, placement), found_settings,
                          step=global_step, evidence=prior)
         per_probe.update(found.per_probe(len(probes)))
         accumulated = prior.update(found.diffs(by_class=per_class), found_settings.bets, found_settings.margins,

@@ -1,16 +1,18 @@
 """Evidence for a shortcut with a stated false-alarm rate: an exact test per evaluation and an
 e-detector that accumulates across evaluations.
 
-Every confirmation test of :mod:`discovery` is a *paired* binary outcome on one recipient image:
-``x`` = the intervention carrying the candidate cue turned the prediction into the cue's class,
-``y`` = its control did. The null hypothesis of an arm is "the candidate is at most ``min_effect``
-more potent than its control": ``E[x - y] <= min_effect``, with a margin per arm where the arms'
-controls match their tests less or more closely (:data:`Margins`).
+Every confirmation test of :mod:`discovery` is a *paired* outcome on one recipient image, ``d``
+in [-1, 1]: ``x - y`` where ``x`` = the intervention carrying the candidate cue turned the
+prediction into the cue's class and ``y`` = its control did, or (the recurring arm) the gain in the
+cue's class's probability of the test over its control, scaled and clipped
+(:func:`~cam_monitor.discovery.settings.graded`). The null hypothesis of an arm is "the candidate
+is at most ``min_effect`` more potent than its control": ``E[d] <= min_effect``, with a margin per
+arm where the arms' controls match their tests less or more closely (:data:`Margins`).
 
 - Per evaluation, :func:`sign_test_p` is the exact one-sided sign (McNemar) test on the discordant
   pairs (valid for ``min_effect = 0``), Holm-adjusted over the arms (:func:`holm`).
 - Across evaluations, each stream of pairs bets a fixed fraction ``bet`` on every pair:
-  ``e = prod(1 + bet * (x - y - min_effect))``, an e-value under the null (a product of factors of
+  ``e = prod(1 + bet * (d - min_effect))``, an e-value under the null (a product of factors of
   mean at most 1). The stake is fixed per arm (:data:`Bets`), like the margin: an arm whose control
   matches its test least (the widest margin) stakes less, so that a few evaluations where its null
   is strained carry the statistic less far. :class:`EvidenceState` keeps, per stream, the CUSUM
@@ -76,20 +78,20 @@ def arm_value(value: PerArm, name: str) -> float:
 
 
 def log_evalue(diffs: torch.Tensor, bet: float, min_effect: float) -> float:
-    """log of ``prod(1 + bet * (d - min_effect))`` over paired differences ``d`` in {-1, 0, 1}."""
+    """log of ``prod(1 + bet * (d - min_effect))`` over paired outcomes ``d`` in [-1, 1]."""
     if diffs.numel() == 0:
         return 0.0
     return float(torch.log1p(bet * (diffs.double() - min_effect)).sum())
 
 
 def log_growth(diffs: torch.Tensor, bet: float, min_effect: float, prior: float = 0.5) -> float:
-    """The expected log factor of one more pair of a stream whose pairs so far are ``diffs``: each
-    outcome's share (wins, ties, losses, each counted ``prior`` times more, so a handful of pairs is
-    not taken at its word) times the log of its factor. Positive where more such pairs grow the
-    e-detector: what an arm is worth testing more, in the units the statistic grows in."""
-    counts = [float((diffs == v).sum()) + prior for v in (1, 0, -1)]
-    logs = [math.log1p(bet * (v - min_effect)) for v in (1, 0, -1)]
-    return sum(c * g for c, g in zip(counts, logs)) / sum(counts)
+    """The expected log factor of one more pair of a stream whose pairs so far are ``diffs`` (in
+    [-1, 1]): the mean log factor of those pairs and of ``prior`` made-up pairs at each of a win, a
+    tie and a loss (so a handful of pairs is not taken at its word). Positive where more such pairs
+    grow the e-detector: what an arm is worth testing more, in the units the statistic grows in."""
+    made_up = prior * sum(math.log1p(bet * (v - min_effect)) for v in (1, 0, -1))
+    seen = float(torch.log1p(bet * (diffs.double() - min_effect)).sum()) if diffs.numel() else 0.0
+    return (seen + made_up) / (diffs.numel() + 3 * prior)
 
 
 def log_evalue_following(pairs: dict[str, torch.Tensor], start: dict[str, float], bet: Bets,

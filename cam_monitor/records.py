@@ -26,12 +26,15 @@ except ImportError:  # Python < 3.11
 
 #: One class's confirmed shortcut candidates of one test in one evaluation: the ``test`` that
 #: found them (``local``: the paste test's boxes; ``recurring`` or ``marked``: the pixels that test
-#: carried, boxed), its flips against their controls' (and the rates), the probes tested and each
-#: one's box (``[y0, x0, y1, x1]`` image pixels, half-open). Spelled as a call because ``class`` is
-#: one of its keys.
+#: carried, boxed), its flips against their controls' (and the rates), the mean paired ``outcome``
+#: its evidence bet on (the flip excess; for the recurring test the graded gain in the class's
+#: probability, :func:`~cam_monitor.discovery.settings.graded`; files written before it lack it),
+#: the probes tested and each one's box (``[y0, x0, y1, x1]`` image pixels, half-open). Spelled as a
+#: call because ``class`` is one of its keys.
 ShortcutRegion = TypedDict("ShortcutRegion", {
     "class": int, "test": str, "flips": int, "control_flips": int, "tests": int, "flip_rate": float,
-    "control_rate": float, "probe_ids": list[str], "boxes": list[list[int]], "class_name": NotRequired[str]})
+    "control_rate": float, "outcome": NotRequired[float], "probe_ids": list[str], "boxes": list[list[int]],
+    "class_name": NotRequired[str]})
 
 
 class Alert(TypedDict):

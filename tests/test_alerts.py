@@ -169,15 +169,19 @@ def test_the_shortcut_rule_names_the_suspect_probes_and_carries_the_regions() ->
     assert event["regions"] == regions and event["regions"] is not regions
     assert event["evidence_by_test"] == by_test and event["evidence_by_test"] is not by_test
     text = describe_alert(event)
-    assert "class 3 at box (y0, x0, y1, x1) (0, 0, 4, 4) flips 6/8 vs control 0/8" in text
+    assert "class 3 at box (y0, x0, y1, x1) (0, 0, 4, 4) flips 6/8 vs control 0/8, mean outcome +0.75" in text
     assert "strongest test: the border band (band swap), evidence 4.5e+04 (every test together 6e+04)" in text
     markdown = describe_alert_markdown(event)
     assert "Strongest test: the border band (band swap), evidence 4.5e+04 (every test together 6e+04); each test: " \
            "local 1.5, global 0.8, border 4.5e+04\n" in markdown
     found = {**regions[0], "test": "recurring", "class": 5}
     assert "class 5 (recurring test) at box (y0, x0, y1, x1) (0, 0, 4, 4)" in describe_alert({**event, "regions": [found]})
-    assert "| 5 | recurring | (0, 0, 4, 4) | 6 | 0 | 8 |" in describe_alert_markdown({**event, "regions": [found]})
-    assert "| 3 | local | (0, 0, 4, 4) | 6 | 0 | 8 |" in markdown  # regions written before the key: the local test's
+    assert "| 5 | recurring | (0, 0, 4, 4) | 6 | 0 | 8 | +0.75 |" in describe_alert_markdown({**event, "regions": [found]})
+    assert "| 3 | local | (0, 0, 4, 4) | 6 | 0 | 8 | +0.75 |" in markdown  # regions written before the keys: the local test's
+    # a mark test's graded pairs: no flip more than the controls, yet each test gave the class more probability
+    graded = {**found, "flips": 0, "flip_rate": 0.0, "outcome": 0.6}
+    assert "flips 0/8 vs control 0/8, mean outcome +0.60" in describe_alert({**event, "regions": [graded]})
+    assert "regions:" not in describe_alert({**event, "regions": [{**graded, "outcome": -0.1}]})
     assert strongest_test({**event, "evidence_by_test": {"all": 6e4}}) is None  # no single test to name
     assert strongest_test({**event, "evidence_by_test": {"colour": 2.0}}) == \
         "colour statistics (per-channel median and spread swap), evidence 2"

@@ -89,7 +89,7 @@ def test_a_model_using_the_tag_flips_wherever_it_is_pasted_and_the_control_windo
     for use_tag in (True, False):
         model = TagModel(use_tag)
         preds = model(probes.images).argmax(1)
-        predict = lambda x, m=model: m(x).argmax(1)  # noqa: E731
+        predict = lambda x, m=model: m(x)  # noqa: E731
         found = discover(maps, probes, probes.labels, preds, predict,
                          replace_settings(ONE_CELL, global_test=False, colour_test=False, border_test=False, detail_test=False,
                                           texture_test=False, recurring_test=False))
@@ -129,7 +129,7 @@ def test_one_discovery_builds_the_maps_windows_once(monkeypatch) -> None:
     probes = tag_probes()
     model = TagModel(True)
     preds = model(probes.images).argmax(1)
-    found = discover(one_cell_maps(len(probes), (0, 0)), probes, probes.labels, preds, lambda x: model(x).argmax(1),
+    found = discover(one_cell_maps(len(probes), (0, 0)), probes, probes.labels, preds, lambda x: model(x),
                      ONE_CELL)
     assert found.tests and len(built) == 1
 
@@ -155,7 +155,7 @@ def test_a_model_reading_the_whole_image_flips_for_the_candidate_and_the_control
     probes = cm.ProbeSet(images, labels)
     model = MeanModel()
     maps = one_cell_maps(16, (1, 1)) + 0.5 * torch.rand(16, 4, 4, generator=g)
-    found = discover(maps, probes, labels, model(images).argmax(1), lambda x: model(x).argmax(1), LOCAL_ONLY)
+    found = discover(maps, probes, labels, model(images).argmax(1), lambda x: model(x), LOCAL_ONLY)
     agg = found.aggregates()
     assert agg["shortcut_flip_rate"] == agg["shortcut_flip_control"] and agg["shortcut_flip_rate"] > 0
     assert agg["shortcut_flip_excess"] == 0.0
@@ -168,7 +168,7 @@ def test_a_brightness_cast_flips_with_the_colour_statistics_and_not_with_the_str
     probes = cm.ProbeSet(images, labels)
     model = BrightnessModel()
     maps = torch.ones(16, 4, 4)  # evenly spread: nothing local to find
-    found = discover(maps, probes, labels, model(images).argmax(1), lambda x: model(x).argmax(1),
+    found = discover(maps, probes, labels, model(images).argmax(1), lambda x: model(x),
                      DiscoverySettings(border_test=False, global_test=False, detail_test=False,
                                        texture_test=False))
     agg = found.aggregates()
@@ -216,7 +216,7 @@ def test_a_texture_flips_with_the_background_spectrum_and_not_with_the_objects()
     model = GratingModel()
     preds = model(probes.images).argmax(1)
     assert torch.equal(preds, probes.labels)
-    found = discover(maps, probes, probes.labels, preds, lambda x: model(x).argmax(1),
+    found = discover(maps, probes, probes.labels, preds, lambda x: model(x),
                      DiscoverySettings(global_test=True, colour_test=False, border_test=False, detail_test=False,
                                        texture_test=False))
     arm = found.paired["global"]
@@ -245,7 +245,7 @@ def test_an_object_told_by_its_spectrum_is_no_global_cue() -> None:
     probes, model = cm.ProbeSet(images, labels), BarModel()
     preds = model(images).argmax(1)
     assert torch.equal(preds, labels)
-    found = discover(maps, probes, labels, preds, lambda x: model(x).argmax(1),
+    found = discover(maps, probes, labels, preds, lambda x: model(x),
                      DiscoverySettings(global_test=True, colour_test=False, border_test=False, detail_test=False,
                                        texture_test=False))
     agg = found.aggregates()
@@ -290,14 +290,14 @@ def test_a_model_reading_the_frame_follows_the_border_band_and_not_the_band_insi
     for model in (frame, centre):
         assert torch.equal(model(probes.images).argmax(1), probes.labels)
     three_arms = DiscoverySettings(detail_test=False, texture_test=False)  # 16 pairs: 5 over three arms, then 11
-    found = discover(maps, probes, probes.labels, probes.labels, lambda x: frame(x).argmax(1), three_arms)
+    found = discover(maps, probes, probes.labels, probes.labels, lambda x: frame(x), three_arms)
     border = found.paired["border"]  # the only arm whose first pairs won: it takes the second stage
     assert len(border.pairs) > 16 // 2 and bool(border.flips.all()) and not bool(border.control_flips.any())
     assert found.aggregates()["border_flip_excess"] == 1.0 and found.p_value() < 0.1
     # the object sits inside the frame: the inner band carries it, the border band does not
-    honest = discover(maps, probes, probes.labels, probes.labels, lambda x: centre(x).argmax(1), three_arms)
+    honest = discover(maps, probes, probes.labels, probes.labels, lambda x: centre(x), three_arms)
     assert honest.aggregates()["border_flip_excess"] <= 0 and not bool(honest.paired["border"].flips.any())
-    off = discover(maps, probes, probes.labels, probes.labels, lambda x: frame(x).argmax(1),
+    off = discover(maps, probes, probes.labels, probes.labels, lambda x: frame(x),
                    DiscoverySettings(border_test=False))
     assert "border" not in off.paired and "border" not in off.diffs()
 
@@ -311,7 +311,7 @@ def test_one_stage_draws_every_arms_pairs_equally_in_one_batch_and_two_stages_dr
 
     def predict(x: torch.Tensor) -> torch.Tensor:
         batches.append(len(x))
-        return frame(x).argmax(1)
+        return frame(x)
 
     three_arms = dict(detail_test=False, texture_test=False)
     staged = discover(maps, probes, probes.labels, probes.labels, predict, DiscoverySettings(**three_arms))
@@ -390,7 +390,7 @@ def test_nothing_to_test_gives_nan_rates_and_costs_no_forward() -> None:
 
     def predict(x: torch.Tensor) -> torch.Tensor:
         calls.append(len(x))
-        return x.new_zeros(len(x), dtype=torch.long)
+        return x.new_zeros(len(x), 2)
 
     wrong = 1 - probes.labels  # every probe misclassified: no candidate
     found = discover(one_cell_maps(4, (0, 0)), probes, probes.labels, wrong, predict, DiscoverySettings())
@@ -412,7 +412,9 @@ def test_nothing_to_test_gives_nan_rates_and_costs_no_forward() -> None:
                                           (dict(border_band=MAX_BORDER_BAND + 0.01), "border_band"),
                                           (dict(marked_min_effect=-0.1), "marked_min_effect"),
                                           (dict(marked_min_effect=0.5), r"1 / \(1 \+ marked_min_effect\)"),
-                                          (dict(first_stage=0), "first_stage"), (dict(first_stage=1.5), "first_stage")])
+                                          (dict(first_stage=0), "first_stage"), (dict(first_stage=1.5), "first_stage"),
+                                          (dict(recurring_gain_scale=0), "recurring_gain_scale"),
+                                          (dict(recurring_gain_scale=1.5), "recurring_gain_scale")])
 def test_bad_settings_are_refused(kwargs, text) -> None:
     with pytest.raises(ValueError, match=text):
         DiscoverySettings(**kwargs)
@@ -502,9 +504,9 @@ def test_discovery_under_inference_mode_matches_grad_mode() -> None:
     maps = one_cell_maps(len(probes), (0, 0))
     model = TagModel(True)
     preds = model(probes.images).argmax(1)
-    plain = discover(maps, probes, probes.labels, preds, lambda x: model(x).argmax(1), ONE_CELL)
+    plain = discover(maps, probes, probes.labels, preds, lambda x: model(x), ONE_CELL)
     with torch.inference_mode():
-        inside = discover(maps, probes, probes.labels, preds, lambda x: model(x).argmax(1), ONE_CELL)
+        inside = discover(maps, probes, probes.labels, preds, lambda x: model(x), ONE_CELL)
     both = inside.aggregates(), plain.aggregates()
     assert both[0].keys() == both[1].keys() and inside.aggregates()["shortcut_flip_excess"] > 0
     assert all(a == b or (math.isnan(a) and math.isnan(b)) for a, b in zip(*(d.values() for d in both)))
@@ -556,7 +558,7 @@ def test_a_model_reading_texture_keeps_its_class_on_the_cell_shuffle_and_not_on_
     images[labels == 1] += 0.4 * (torch.arange(SIZE) % 2).float()
     probes, maps, model = cm.ProbeSet(images, labels), torch.ones(16, 4, 4), StripeModel()
     assert torch.equal(model(images).argmax(1), labels)
-    found = discover(maps, probes, labels, labels, lambda x: model(x).argmax(1), DETAIL_ONLY)
+    found = discover(maps, probes, labels, labels, lambda x: model(x), DETAIL_ONLY)
     detail = found.paired["detail"]
     assert len(detail.pairs) >= 16 // 2 and {p.recipient for p in detail.pairs} == {found.suspects[p.suspect].probe
                                                                                for p in detail.pairs}
@@ -572,12 +574,12 @@ def test_a_model_reading_a_shape_of_several_cells_keeps_its_class_on_the_blur_an
     images[labels == 1, :, 4:12, 4:12] = 0.6  # a bright square of 2 x 2 cells
     probes, model = cm.ProbeSet(images, labels), CentreModel()
     found = discover(torch.ones(len(probes), 4, 4), probes, probes.labels, probes.labels,
-                     lambda x: model(x).argmax(1), DETAIL_ONLY)
+                     lambda x: model(x), DETAIL_ONLY)
     ones = torch.tensor([found.suspects[p.suspect].cls == 1 for p in found.paired["detail"].pairs])
     assert ones.any() and bool(found.paired["detail"].control_flips[ones].all())  # the blurred centre is still bright
     assert found.diffs()["detail"].sum() < 0 and found.aggregates()["detail_flip_excess"] < 0
     assert "detail" not in discover(torch.ones(len(probes), 4, 4), probes, probes.labels, probes.labels,
-                                    lambda x: model(x).argmax(1), DiscoverySettings(detail_test=False)).paired
+                                    lambda x: model(x), DiscoverySettings(detail_test=False)).paired
 
 
 def test_the_detail_test_does_not_run_on_a_grid_whose_cells_hold_whole_objects() -> None:
@@ -588,9 +590,9 @@ def test_the_detail_test_does_not_run_on_a_grid_whose_cells_hold_whole_objects()
     images[labels == 1, :, 4:12, 4:12] = 0.6
     probes, model = cm.ProbeSet(images, labels), CentreModel()
     for side in (1, 3):
-        found = discover(torch.ones(16, side, side), probes, labels, labels, lambda x: model(x).argmax(1), DETAIL_ONLY)
+        found = discover(torch.ones(16, side, side), probes, labels, labels, lambda x: model(x), DETAIL_ONLY)
         assert "detail" not in found.paired
-    assert "detail" in discover(torch.ones(16, 4, 4), probes, labels, labels, lambda x: model(x).argmax(1),
+    assert "detail" in discover(torch.ones(16, 4, 4), probes, labels, labels, lambda x: model(x),
                                 DETAIL_ONLY).paired
 
 
@@ -620,7 +622,7 @@ def texture_arm_on_stripes(striped: str, seed: int, settings: DiscoverySettings 
     probes, maps = object_and_stripes(striped, seed)
     model = StripeModel()
     assert torch.equal(model(probes.images).argmax(1), probes.labels)
-    found = discover(maps, probes, probes.labels, probes.labels, lambda x: model(x).argmax(1), settings)
+    found = discover(maps, probes, probes.labels, probes.labels, lambda x: model(x), settings)
     texture = found.paired.get("texture")
     sources = torch.tensor([found.suspects[p.suspect].cls == 1 for p in texture.pairs]) if texture is not None else None
     return probes, found, texture, sources
@@ -697,7 +699,7 @@ def test_the_pairs_an_exhausted_arm_cannot_use_go_to_the_arms_with_pairs_left() 
     preds = labels.clone()
     preds[2:] = 2  # wrong, and of neither class: every other probe can receive either suspect's region
     at_chance = DiscoverySettings(colour_test=False, border_test=False, texture_test=False, skill_level=1.0)
-    found = discover(torch.ones(16, 4, 4), probes, labels, preds, lambda x: model(x).argmax(1), at_chance)
+    found = discover(torch.ones(16, 4, 4), probes, labels, preds, lambda x: model(x), at_chance)
     total = int(at_chance.budget * 16) // 2
     assert len(found.paired["detail"].pairs) == 2 and len(found.tests) == total - 2
 
@@ -743,10 +745,10 @@ def test_a_model_at_chance_on_the_probes_is_not_tested() -> None:
     labels = probes.labels
     preds = labels.clone()
     preds[8:] = 1 - preds[8:]  # 8 of 16 right, what always predicting one class scores
-    guessing = discover(torch.ones(16, 4, 4), probes, labels, preds, lambda x: model(x).argmax(1), DETAIL_ONLY)
+    guessing = discover(torch.ones(16, 4, 4), probes, labels, preds, lambda x: model(x), DETAIL_ONLY)
     assert not guessing.suspects and not guessing.tests and not guessing.paired["detail"].pairs
     assert all(d.numel() == 0 for d in guessing.diffs().values())
-    learned = discover(torch.ones(16, 4, 4), probes, labels, labels, lambda x: model(x).argmax(1), DETAIL_ONLY)
+    learned = discover(torch.ones(16, 4, 4), probes, labels, labels, lambda x: model(x), DETAIL_ONLY)
     assert learned.suspects and learned.paired["detail"].pairs  # 16 of 16: p = 2 ** -16
 
 
@@ -794,7 +796,7 @@ def test_a_model_that_follows_a_floating_tag_follows_the_marked_region_and_one_t
         model = TagModel(use_tag) if use_tag else CentreOnly()
         preds = model(probes.images).argmax(1)
         assert torch.equal(preds, probes.labels)
-        found = discover(maps, probes, probes.labels, preds, lambda x, m=model: m(x).argmax(1), MARKED_ONLY)
+        found = discover(maps, probes, probes.labels, preds, lambda x, m=model: m(x), MARKED_ONLY)
         marked = found.paired["marked"]
         assert marked.pairs and all(found.suspects[p.suspect].cls == 1 for p in marked.pairs)  # only class 1 is marked
         assert float(marked.flips.float().mean()) == expected and not marked.control_flips.any()
@@ -802,7 +804,7 @@ def test_a_model_that_follows_a_floating_tag_follows_the_marked_region_and_one_t
         assert agg["marked_flip_rate"] == expected and agg["marked_flip_control"] == 0.0
     plain = cm.ProbeSet(probes.images, probes.labels)
     model = TagModel(True)
-    found = discover(maps, plain, plain.labels, model(plain.images).argmax(1), lambda x: model(x).argmax(1), MARKED_ONLY)
+    found = discover(maps, plain, plain.labels, model(plain.images).argmax(1), lambda x: model(x), MARKED_ONLY)
     assert "marked" not in found.paired and "marked_flip_rate" not in found.aggregates()
 
 
@@ -822,8 +824,8 @@ def test_the_marked_arm_leaves_the_other_arms_draws_as_they_are_without_masks() 
     maps = one_cell_maps(len(probes), (1, 1))
     model = TagModel(True)
     one_stage = replace_settings(LOCAL_ONLY, first_stage=1.0)
-    with_marks = discover(maps, probes, probes.labels, probes.labels, lambda x: model(x).argmax(1), one_stage)
-    without = discover(maps, plain, plain.labels, plain.labels, lambda x: model(x).argmax(1), one_stage)
+    with_marks = discover(maps, probes, probes.labels, probes.labels, lambda x: model(x), one_stage)
+    without = discover(maps, plain, plain.labels, plain.labels, lambda x: model(x), one_stage)
     n = len(with_marks.tests)
     assert n and with_marks.tests == without.tests[:n]
 
@@ -884,7 +886,7 @@ def test_without_masks_the_recurring_arm_tests_a_tag_drawn_the_same_in_several_p
     for model, expected in ((TagModel(True), 1.0), (CentreOnly(), 0.0)):
         preds = model(probes.images).argmax(1)
         assert torch.equal(preds, probes.labels)
-        found = discover(maps, probes, probes.labels, preds, lambda x, m=model: m(x).argmax(1), MARKED_ONLY)
+        found = discover(maps, probes, probes.labels, preds, lambda x, m=model: m(x), MARKED_ONLY)
         recurring = found.paired["recurring"]
         assert recurring.pairs and all(found.suspects[p.suspect].cls == 1 for p in recurring.pairs)
         assert float(recurring.flips.float().mean()) == expected and not recurring.control_flips.any()
@@ -901,7 +903,7 @@ def test_the_recurring_arms_regions_are_the_found_tags_where_its_evidence_backs_
     tagged = probes.images[:, 0] == 1.0
     for model in (TagModel(True), CentreOnly()):
         preds = model(probes.images).argmax(1)
-        found = discover(maps, probes, probes.labels, preds, lambda x, m=model: m(x).argmax(1), MARKED_ONLY)
+        found = discover(maps, probes, probes.labels, preds, lambda x, m=model: m(x), MARKED_ONLY)
         assert found.marks["recurring"] is recurring_of(probes.images)
         evidence = EvidenceState().update(found.diffs(), 0.7, 0.05)
         masks = found.found_masks(evidence, len(probes), probes.image_size)
@@ -920,6 +922,56 @@ def test_the_recurring_arms_regions_are_the_found_tags_where_its_evidence_backs_
         assert all(bool((masks[i] & tagged[i]).sum() == 64) for i in sources)
         assert not masks[probes.labels == 0].any() and found.backed_marks(None) == ()
         assert not found.found_masks(EvidenceState(), len(probes), probes.image_size)[list(sources)].any()
+
+
+class LeaningTagModel(nn.Module):
+    """Class 1 by the centre; a bright 4x4 tag anywhere adds to class 1's logit, too little to turn
+    a dim-centred image into class 1 (a model that leans on a cue beside the object it reads)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tag = F.avg_pool2d(x[:, :1], 4, stride=1).flatten(1).amax(1)
+        score1 = 2 * x[:, 0, 6:10, 6:10].mean((1, 2)) + 0.5 * (tag > 0.9).float()
+        return torch.stack([torch.ones_like(score1), score1], 1)
+
+
+def test_the_recurring_arm_scores_the_gain_in_the_cues_class_where_flips_see_nothing() -> None:
+    """A model that leans on the tag raises class 1's probability on every recipient given it
+    (from about 0.29 to 0.40) and turns none: the graded pairs are wins, its evidence grows, its
+    regions are the tags; a model told by the centre alone gains nothing from them."""
+    probes = unmarked_tag_probes()
+    maps = one_cell_maps(len(probes), (1, 1))
+    tagged = probes.images[:, 0] == 1.0
+    for model in (LeaningTagModel(), CentreOnly()):
+        preds = model(probes.images).argmax(1)
+        assert torch.equal(preds, probes.labels)
+        found = discover(maps, probes, probes.labels, preds, lambda x, m=model: m(x), MARKED_ONLY)
+        recurring = found.paired["recurring"]
+        assert recurring.pairs and not recurring.flips.any() and not recurring.control_flips.any()
+        evidence = EvidenceState().update(found.diffs(), DiscoverySettings().bets, DiscoverySettings().margins)
+        agg = found.aggregates()
+        if isinstance(model, CentreOnly):
+            assert recurring.gains.abs().max() < 1e-6 and evidence.detector("recurring") == pytest.approx(1.0)
+            assert agg["recurring_gain"] == pytest.approx(0.0, abs=1e-6) and not found.backed_marks(evidence)
+            continue
+        assert recurring.gains.min() > 0.1 and torch.equal(found.diffs()["recurring"], recurring.outcomes)
+        assert recurring.outcomes.min() == 1.0  # a gain above the scale (0.1) counts as a turned prediction
+        assert agg["recurring_flip_excess"] == 0.0 and 0.1 < agg["recurring_gain"] < 0.12
+        assert evidence.detector("recurring") == pytest.approx(1.7 ** len(recurring.pairs))
+        (region,) = found.found_regions(evidence, probes.ids)
+        assert region["test"] == "recurring" and region["flip_rate"] == 0.0 and region["outcome"] == 1.0
+        masks = found.found_masks(evidence, len(probes), probes.image_size)
+        assert masks.any() and bool(((masks & tagged).sum((1, 2)) == masks.any((1, 2)).long() * 64).all())
+
+
+def test_graded_outcomes_are_the_gain_over_the_scale_clipped_and_the_flips_where_no_scale() -> None:
+    from cam_monitor.discovery import PairedArm, graded
+
+    gains = torch.tensor([-0.5, -0.05, 0.0, 0.02, 0.3])
+    assert torch.allclose(graded(gains, 0.1), torch.tensor([-1.0, -0.5, 0.0, 0.2, 1.0], dtype=torch.float64))
+    flips, controls = torch.tensor([True, False, True, False, False]), torch.tensor([False, True, True, False, False])
+    assert torch.equal(PairedArm([], flips, controls, gains).outcomes, torch.tensor([1, -1, 0, 0, 0]))
+    assert torch.equal(PairedArm([], flips, controls, gains, 0.1).outcomes, graded(gains, 0.1))
+    assert DiscoverySettings(recurring_gain_scale=0.2).gain_scales == {"recurring": 0.2}  # the marked arm counts flips
 
 
 def test_the_recurring_arm_does_not_run_where_nothing_recurs() -> None:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from cam_monitor.evidence import (EvidenceState, arm_value, check_bet, holm, log_evalue, log_evalue_following,
+from cam_monitor.evidence import (EvidenceState, arm_value, check_bet, holm, log_evalue, log_growth, log_evalue_following,
                                   sign_test_p)
 
 
@@ -371,3 +371,17 @@ def test_an_arm_backs_every_class_while_its_pooled_evidence_is_for_a_cue_else_on
     assert EvidenceState({"local": 0.2}).backed_classes("local", classes) == classes
     assert EvidenceState({"local": 0.0, "local/3": 1.5, "local/7": 0.0}).backed_classes("local", classes) == (3,)
     assert EvidenceState({"local": -0.4, "detail": 9.0, "all": 9.0}).backed_classes("local", classes) == ()
+
+
+def test_log_growth_is_the_mean_log_factor_of_the_pairs_and_a_prior_pair_at_each_outcome() -> None:
+    """Flip pairs: each outcome's share (counted ``prior`` times more) times its log factor; graded
+    pairs in between count by their own factor, so a gain half the scale grows half as much."""
+    bet, margin, prior = 0.7, 0.05, 0.5
+    factor = {v: math.log1p(bet * (v - margin)) for v in (1, 0, -1)}
+    flips = torch.tensor([1, 1, 1, 0, -1])
+    expected = ((3 + prior) * factor[1] + (1 + prior) * factor[0] + (1 + prior) * factor[-1]) / (5 + 3 * prior)
+    assert log_growth(flips, bet, margin, prior) == pytest.approx(expected)
+    assert log_growth(torch.zeros(0), bet, margin, prior) == pytest.approx(sum(factor.values()) / 3)
+    half, full = (log_growth(torch.full((40,), v, dtype=torch.float64), bet, 0.0) for v in (0.5, 1.0))
+    assert 0 < half < full and half == pytest.approx((40 * math.log1p(bet * 0.5) + 0.5 * sum(
+        math.log1p(bet * v) for v in (1, 0, -1))) / 41.5)

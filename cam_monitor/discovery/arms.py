@@ -76,7 +76,10 @@ share and are not its to find.
 marked arm's test, on the boxes :func:`~cam_monitor.probes.recurrence.recurring_masks` finds from
 the probes alone (content that recurs pixel for pixel in other probes at another place), with its
 own generator: the cue's place comes from the data, not from the model's credit, so a cue wider
-than a cell is tested whole without masks.
+than a cell is tested whole without masks. Its pairs are graded: the gain in the source class's
+probability of the test over its control, scaled and clipped
+(:func:`~cam_monitor.discovery.settings.graded`), since a model that reads the object first and
+the cue second raises the cue's class on most recipients and turns few of them.
 
 **Marked cues** (where the probes carry spurious masks: a region you suspect, of any size or
 shape). The recipient, its own marked region filled with the mean of the rest, gets the source's
@@ -113,15 +116,16 @@ from .outcome import Discovery, PairedArm
 from .settings import LOCAL, MARKED, RECURRING, DiscoverySettings, arms_run
 from .skill import beats_chance
 
-Predict = Callable[[torch.Tensor], torch.Tensor]  # (B, C, H, W) CPU images -> (B,) predicted classes
+Predict = Callable[[torch.Tensor], torch.Tensor]  # (B, C, H, W) CPU images -> (B, K) class scores (logits)
 
 
 def discover(maps: torch.Tensor, probes: ProbeSet, targets: torch.Tensor, preds: torch.Tensor, predict: Predict,
              settings: DiscoverySettings, step: int = 0, evidence: EvidenceState | None = None) -> Discovery:
     """Find candidates in ``maps`` (N, h, w), plan ``budget`` x N pasted images over the arms, run them.
 
-    ``predict`` classifies a CPU batch of pasted images (it does the device placement, batching and
-    any cross-rank sharding); it is called twice, once per stage, and with an empty batch never.
+    ``predict`` scores a CPU batch of pasted images, (B, K) logits (it does the device placement,
+    batching and any cross-rank sharding); it is called twice, once per stage, and with an empty
+    batch never.
     The first stage's ``settings.first_stage`` share of the pairs goes to the arms equally, the rest in
     proportion to :func:`second_stage_weights` among the arms with planned pairs left
     (:func:`open_shares`; decided before those pairs are classified, so the e-values stay valid),
@@ -167,31 +171,36 @@ def discover(maps: torch.Tensor, probes: ProbeSet, targets: torch.Tensor, preds:
                [Pair(s, r) for s, r in recipients_of(suspects, targets, preds, total, gen)] for arm in makers}
     plans: dict[str, list[Any]] = {LOCAL: tests, **planned}
 
-    def run(spans: dict[str, tuple[int, int]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def run(spans: dict[str, tuple[int, int]]) -> dict[str, PairedArm]:
         """Classify the planned pairs ``plans[arm][a:b]`` of every arm in one batch: per arm, whether
-        each test and each control turned the prediction into the suspect's class."""
+        each test and each control turned the prediction into the suspect's class, and the gain
+        in that class's probability of each test over its control."""
         chosen = {arm: plans[arm][a:b] for arm, (a, b) in spans.items()}
         parts = [pasted_images(images, pastes(suspects, chosen[LOCAL]))]
         parts += [makers[arm](chosen[arm]) for arm in makers]
         batch = torch.cat(parts)
-        out = predict(batch).cpu() if len(batch) else torch.zeros(0, dtype=torch.long)
-        result, start = {}, 0
+        probs = predict(batch).cpu().float().softmax(1) if len(batch) else torch.zeros(0, 1)
+        out, result, start = probs.argmax(1), {}, 0
         for arm in arms:
             n = len(chosen[arm])
             cls = torch.tensor([suspects[i.suspect].cls for i in chosen[arm]], dtype=torch.long)
-            result[arm] = (out[start:start + n] == cls, out[start + n:start + 2 * n] == cls)
+            test, control = slice(start, start + n), slice(start + n, start + 2 * n)
+            gains = probs[test].gather(1, cls[:, None])[:, 0] - probs[control].gather(1, cls[:, None])[:, 0]
+            result[arm] = PairedArm(chosen[arm], out[test] == cls, out[control] == cls, gains, scales.get(arm))
             start += 2 * n
         return result
 
+    scales = settings.gain_scales
     first = int(total * settings.first_stage)
     spans = {arm: (0, min(n, len(plans[arm]))) for arm, n in arm_shares(first, arms).items()}
     found = run(spans)
-    weights = second_stage_weights({arm: f.long() - c.long() for arm, (f, c) in found.items()}, evidence, settings)
+    weights = second_stage_weights({arm: f.outcomes for arm, f in found.items()}, evidence, settings)
     second = open_shares(total - first, {arm: len(plans[arm]) - spans[arm][1] for arm in arms}, weights)
     spans = {arm: (spans[arm][1], min(spans[arm][1] + second[arm], len(plans[arm]))) for arm in arms}
     more = run(spans)
-    both = {arm: (torch.cat([found[arm][0], more[arm][0]]), torch.cat([found[arm][1], more[arm][1]])) for arm in arms}
-    ran = {arm: spans[arm][1] for arm in arms}
-    paired = {arm: PairedArm(plans[arm][:ran[arm]], *both[arm]) for arm in makers}
-    return Discovery(suspects, tests[:ran[LOCAL]], *both[LOCAL], paired, waiting=not ready, arms=runs,
+    both = {arm: PairedArm(found[arm].pairs + more[arm].pairs, torch.cat([found[arm].flips, more[arm].flips]),
+                           torch.cat([found[arm].control_flips, more[arm].control_flips]),
+                           torch.cat([found[arm].gains, more[arm].gains]), scales.get(arm)) for arm in arms}
+    local = both.pop(LOCAL)
+    return Discovery(suspects, local.pairs, local.flips, local.control_flips, both, waiting=not ready, arms=runs,
                      marks={arm: mask for arm, mask in marks.items() if arm in makers})

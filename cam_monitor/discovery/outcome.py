@@ -14,18 +14,30 @@ from ..evidence import EvidenceState, holm, sign_test_p, stream
 from ..interventions import mask_boxes
 from ..records import ShortcutRegion
 from .candidates import Pair, PasteTest, Suspect
-from .settings import LOCAL
+from .settings import LOCAL, graded
 
 
 @dataclass
 class PairedArm:
     """A paired arm's tests (global, colour, border, detail, texture, recurring, marked): its pairs,
-    and whether each test image and each control turned the recipient's prediction into the
-    suspect's class."""
+    whether each test image and each control turned the recipient's prediction into the suspect's
+    class, and how much more probability of that class each test gave than its control
+    (``gains``). ``scale``: where set, the arm's evidence is the graded gains
+    (:func:`~cam_monitor.discovery.settings.graded`), else the flips."""
 
-    pairs: list[Pair]
+    pairs: list[Pair]  # discover's own run of the local arm holds its PasteTests here
     flips: torch.Tensor
     control_flips: torch.Tensor
+    gains: torch.Tensor
+    scale: float | None = None
+
+    @property
+    def outcomes(self) -> torch.Tensor:
+        """The paired outcomes the evidence bets on: graded gains in [-1, 1], or flip minus
+        control flip in {-1, 0, 1}."""
+        if self.scale is not None:
+            return graded(self.gains, self.scale)
+        return self.flips.long() - self.control_flips.long()
 
 
 @dataclass
@@ -57,14 +69,15 @@ class Discovery:
         return 2 * (len(self.tests) + sum(len(a.pairs) for a in self.paired.values()))
 
     def diffs(self, by_class: bool = False) -> dict[str, torch.Tensor]:
-        """Per arm, the paired differences flip - control flip (in {-1, 0, 1}) of its tests; with
+        """Per arm, the paired outcomes of its tests (:attr:`PairedArm.outcomes`; the local arm's
+        flip - control flip, in {-1, 0, 1}); with
         ``by_class`` also the local arm's per candidate class (streams ``local/<class>``,
         :func:`stream`). The whole-image arms stay pooled: a class can be told by its statistics
         alone (a "1" is a vertical bar: its spectrum is its orientation), which is no shortcut, and
         a per-class stream would find it (measured with the whole-image amplitude swap: a control
         model's ``global/1`` reached 4e3)."""
         out = {LOCAL: self.flips.long() - self.control_flips.long()}
-        out.update({arm: a.flips.long() - a.control_flips.long() for arm, a in self.paired.items() if a.pairs})
+        out.update({arm: a.outcomes for arm, a in self.paired.items() if a.pairs})
         if by_class:
             cls = torch.tensor([self.suspects[t.suspect].cls for t in self.tests], dtype=torch.long)
             for k in cls.unique().tolist():
@@ -80,7 +93,8 @@ class Discovery:
     def aggregates(self) -> dict[str, float]:
         """Flip rates of every arm that ran, their controls and excesses (NaN for an arm without
         tests: ``shortcut_*`` for the local arm, ``global_*``, ``colour_*``, ``border_*``, ``detail_*``,
-        ``texture_*``, ``recurring_*``, ``marked_*``), the evaluation's
+        ``texture_*``, ``recurring_*``, ``marked_*``), the mean probability gain of the arms scored
+        by it (``recurring_gain``), the evaluation's
         ``shortcut_p`` and the count of ``shortcut_suspects`` (candidates)."""
         out = {"shortcut_suspects": float(len(self.suspects)), "shortcut_p": self.p_value()}
         arms = [("shortcut", self.flips, self.control_flips)]
@@ -89,6 +103,9 @@ class Discovery:
             rate = float(flips.float().mean()) if flips.numel() else math.nan
             base = float(control.float().mean()) if control.numel() else math.nan
             out.update({f"{name}_flip_rate": rate, f"{name}_flip_control": base, f"{name}_flip_excess": rate - base})
+        for arm, a in self.paired.items():
+            if a.scale is not None:
+                out[f"{arm}_gain"] = float(a.gains.float().mean()) if a.gains.numel() else math.nan
         return out
 
     def excess(self) -> dict[int, float]:
@@ -133,8 +150,9 @@ class Discovery:
         for s, suspect in enumerate(self.suspects):
             mine = [i for i, t in enumerate(self.tests) if t.suspect == s]
             if mine and (classes is None or suspect.cls in classes):
-                tested.append((suspect.cls, suspect.probe, list(suspect.box), int(self.flips[mine].sum()),
-                               int(self.control_flips[mine].sum()), len(mine)))
+                flips, control = int(self.flips[mine].sum()), int(self.control_flips[mine].sum())
+                tested.append((suspect.cls, suspect.probe, list(suspect.box), flips, control, len(mine),
+                               float(flips - control)))
         return _by_class(tested, LOCAL, ids, class_names)
 
     def mark_regions(self, arm: str, ids: list[str], class_names: list[str] | None = None) -> list[ShortcutRegion]:
@@ -142,8 +160,8 @@ class Discovery:
         probes, strongest first: its flip and control rates, its pairs, and each source probe's id
         and the box around its mask."""
         boxes = mask_boxes(self.marks[arm]).tolist()
-        return _by_class([(cls, probe, boxes[probe], *counts) for probe, (cls, *counts) in self._sources(arm).items()],
-                         arm, ids, class_names)
+        return _by_class([(cls, probe, boxes[probe], f, c, t, mean * t)
+                          for probe, (cls, f, c, t, mean) in self._sources(arm).items()], arm, ids, class_names)
 
     def found_regions(self, evidence: EvidenceState | None, ids: list[str],
                       class_names: list[str] | None = None) -> list[ShortcutRegion]:
@@ -152,19 +170,22 @@ class Discovery:
         out = self.regions(ids, class_names, self.backed_classes(evidence))
         for arm in self.backed_marks(evidence):
             out += self.mark_regions(arm, ids, class_names)
-        return sorted(out, key=lambda r: (r["control_rate"] - r["flip_rate"], r["class"]))
+        return sorted(out, key=_strongest_first)
 
-    def _sources(self, arm: str) -> dict[int, tuple[int, int, int, int]]:
-        """Source probe -> (its class, flips, control flips, pairs) over mark arm ``arm``'s pairs."""
-        out: dict[int, list[int]] = {}
+    def _sources(self, arm: str) -> dict[int, tuple[int, int, int, int, float]]:
+        """Source probe -> (its class, flips, control flips, pairs, mean paired outcome) over mark
+        arm ``arm``'s pairs."""
+        out: dict[int, list] = {}
         paired = self.paired[arm]
+        outcomes = paired.outcomes.tolist()
         for i, pair in enumerate(paired.pairs):
             suspect = self.suspects[pair.suspect]
-            row = out.setdefault(suspect.probe, [suspect.cls, 0, 0, 0])
+            row = out.setdefault(suspect.probe, [suspect.cls, 0, 0, 0, 0.0])
             row[1] += int(paired.flips[i])
             row[2] += int(paired.control_flips[i])
             row[3] += 1
-        return {probe: (cls, f, c, t) for probe, (cls, f, c, t) in out.items()}
+            row[4] += outcomes[i]
+        return {probe: (cls, f, c, t, o / t) for probe, (cls, f, c, t, o) in out.items()}
 
     def masks(self, n: int, image_size: tuple[int, int], min_excess: float = 0.0,
               classes: tuple[int, ...] | None = None) -> torch.Tensor:
@@ -183,11 +204,12 @@ class Discovery:
 
     def mark_masks(self, arm: str, n: int, min_excess: float = 0.0) -> torch.Tensor:
         """(n, H, W) bool for the first ``n`` probes: mark arm ``arm``'s mask on every source probe
-        whose own pairs' flip excess is above ``min_excess``, empty elsewhere."""
+        whose own pairs' mean outcome (:attr:`PairedArm.outcomes`: the graded gain, or the flip
+        excess) is above ``min_excess``, empty elsewhere."""
         marks = self.marks[arm]
         out = torch.zeros(n, *marks.shape[1:], dtype=torch.bool)
-        for probe, (_, flips, control, pairs) in self._sources(arm).items():
-            if probe < n and (flips - control) / pairs > min_excess:
+        for probe, (*_, outcome) in self._sources(arm).items():
+            if probe < n and outcome > min_excess:
                 out[probe] = marks[probe]
         return out
 
@@ -205,24 +227,31 @@ class Discovery:
         return bool(self.backed_classes(evidence) or self.backed_marks(evidence))
 
 
-def _by_class(tested: list[tuple[int, int, list[int], int, int, int]], test: str, ids: list[str],
+def _strongest_first(region: dict[str, Any]) -> tuple[float, int]:
+    """Sort key of regions: the largest mean paired outcome first, then the class."""
+    return -region["outcome"], region["class"]
+
+
+def _by_class(tested: list[tuple[int, int, list[int], int, int, int, float]], test: str, ids: list[str],
               class_names: list[str] | None) -> list[ShortcutRegion]:
-    """One region per class from ``tested`` (class, probe, box, flips, control flips, tests), each
-    named by its ``test``, strongest first (by control rate minus flip rate, then class)."""
+    """One region per class from ``tested`` (class, probe, box, flips, control flips, tests, sum of
+    the paired outcomes), each named by its ``test``, strongest first (:func:`_strongest_first`)."""
     by_class: dict[int, dict[str, Any]] = {}
-    for cls, probe, box, flips, control, tests in tested:
+    for cls, probe, box, flips, control, tests, outcome in tested:
         row = by_class.setdefault(cls, {"class": cls, "test": test, "flips": 0, "control_flips": 0, "tests": 0,
-                                        "probe_ids": [], "boxes": []})
+                                        "outcome": 0.0, "probe_ids": [], "boxes": []})
         row["flips"] += flips
         row["control_flips"] += control
         row["tests"] += tests
+        row["outcome"] += outcome
         row["probe_ids"].append(ids[probe])
         row["boxes"].append(box)
     out = []
     for row in by_class.values():
         row["flip_rate"] = row["flips"] / row["tests"]
         row["control_rate"] = row["control_flips"] / row["tests"]
+        row["outcome"] /= row["tests"]
         if class_names is not None and 0 <= row["class"] < len(class_names):
             row["class_name"] = class_names[row["class"]]
         out.append(row)
-    return sorted(out, key=lambda r: (r["control_rate"] - r["flip_rate"], r["class"]))
+    return sorted(out, key=_strongest_first)

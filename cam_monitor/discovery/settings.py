@@ -70,6 +70,15 @@ class DiscoverySettings:
             only makes it the stronger: this null needs no margin (measured on controls: see the
             reference). The recurring arm runs the same test on the pixels it finds, and takes
             the same margin.
+        recurring_gain_scale: how the recurring arm scores a pair: the probability of the source's
+            class that the test gives the recipient minus what its control gives, over this scale,
+            clipped to [-1, 1] (:func:`graded`), where the other arms count only predictions that
+            turn into that class. A model that reads a stamp, a tag or a ruler beside the object
+            raises the cue's class on most recipients without turning many of them; graded, such
+            cues were confirmed up to two evaluations sooner (measured: see the reference), and
+            the null is the flips' (test and control exchangeable, or the control the stronger).
+            0.1: a test that gives 10 points more than its control counts as a turned prediction.
+            The marked arm still counts flips (its false-alarm campaign with masks was measured so).
         first_stage: the share of the pairs the arms draw equally, in the first batch; the rest
             follow what those pairs found (:func:`second_stage_weights`). 1.0 draws every pair
             equally in one batch (one forward round trip instead of two; each arm's pairs then
@@ -131,6 +140,7 @@ class DiscoverySettings:
     min_effect: float = 0.05
     detail_min_effect: float = 0.2
     marked_min_effect: float = 0.0
+    recurring_gain_scale: float = 0.1
     first_stage: float = FIRST_STAGE
     bet: float = 0.7
     detail_bet: float = 0.3
@@ -162,6 +172,9 @@ class DiscoverySettings:
         if not 0 < self.border_band <= MAX_BORDER_BAND:
             raise ValueError(f"discovery border_band must be in (0, {MAX_BORDER_BAND:.3f}] (share of each side; "
                              f"wider leaves no inner band as large for the control), got {self.border_band!r}")
+        if not 0 < self.recurring_gain_scale <= 1:
+            raise ValueError(f"discovery recurring_gain_scale must be in (0, 1] (the gain in the source class's "
+                             f"probability that counts as a turned prediction), got {self.recurring_gain_scale!r}")
         check_bet(self.bet, self.min_effect)
         check_bet(self.bet, self.detail_min_effect, "detail_min_effect")  # the weights compare every arm at it
         check_bet(self.detail_bet, self.detail_min_effect, "detail_min_effect", "detail_bet")
@@ -172,6 +185,11 @@ class DiscoverySettings:
         """Each arm's null margin (:func:`~cam_monitor.evidence.arm_value` reads it per stream)."""
         special = {"detail": self.detail_min_effect, RECURRING: self.marked_min_effect, MARKED: self.marked_min_effect}
         return {arm: special.get(arm, self.min_effect) for arm in ARMS}
+
+    @property
+    def gain_scales(self) -> dict[str, float]:
+        """The arms scored by graded gains (:func:`graded`), each with its scale."""
+        return {RECURRING: self.recurring_gain_scale}
 
     @property
     def bets(self) -> dict[str, float]:
@@ -201,6 +219,13 @@ class DiscoverySettings:
         extra = (((RECURRING,) if recurring and self.recurring_test else ())
                  + ((MARKED,) if marked and self.marked_test else ()))
         return tuple(a for a in self.arms if can.get(a, True)) + extra
+
+
+def graded(gains: torch.Tensor, scale: float) -> torch.Tensor:
+    """Paired outcomes in [-1, 1] from ``gains`` (the source class's probability on each test
+    image minus on its control): ``gains / scale``, clipped. Under the null (test and control
+    exchangeable, or the control the stronger) their mean is at most 0, as the flips' is."""
+    return (gains.double() / scale).clamp(-1.0, 1.0)
 
 
 def marks_testable(masks: torch.Tensor | None) -> bool:
