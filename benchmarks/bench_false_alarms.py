@@ -63,11 +63,15 @@ def upper_bound(events: int, trials: int, confidence: float = CONFIDENCE) -> flo
     return high
 
 
-def pair_string(diffs: list[int]) -> str:
-    """An evaluation's paired differences of one stream, in the order they were bet on, one
-    character each (``+`` the candidate flipped and its control did not, ``-`` the reverse, ``0``
-    tied): what a replay of the evidence under another margin needs, in a compact form."""
-    return "".join("0+-"[d] for d in diffs)
+def pair_string(diffs: list[float]) -> str | list[float]:
+    """An evaluation's paired outcomes of one stream, in the order they were bet on, one character
+    each (``+`` the candidate flipped and its control did not, ``-`` the reverse, ``0`` tied): what
+    a replay of the evidence under another margin needs, in a compact form. A graded stream (the
+    recurring arm's gains, :func:`~cam_monitor.discovery.settings.graded`) with any value in
+    between stays a list of its values, to 4 places."""
+    if all(d in (-1, 0, 1) for d in diffs):
+        return "".join("0+-"[int(d)] for d in diffs)
+    return [round(float(d), 4) for d in diffs]
 
 
 def pair_diffs(encoded: str) -> list[int]:

@@ -41,6 +41,8 @@ def test_the_summary_counts_alerts_per_run_and_sets_the_bound_beside_the_stated_
 
 def test_a_pair_string_spells_each_paired_difference() -> None:
     assert bench.pair_string([1, 0, -1, 1]) == "+0-+" and bench.pair_string([]) == ""
+    assert bench.pair_string([1.0, 0.0, -1.0]) == "+0-"  # a graded stream at the clip reads as flips
+    assert bench.pair_string([1.0, 0.123456, -0.5]) == [1.0, 0.1235, -0.5]  # graded values in between are kept
     assert bench.pair_diffs("+0-+") == [1, 0, -1, 1] and bench.pair_diffs("") == []
 
 
