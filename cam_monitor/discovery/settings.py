@@ -57,7 +57,7 @@ class DiscoverySettings:
             at least ``1 / alpha`` evaluations on average to cross its threshold ``1 / alpha``.
         min_effect: the null hypothesis' margin: how much more often the candidate may flip
             predictions than its control and still not count (parts of a real object are a little
-            more potent than other parts). Every arm's but the detail, recurring and marked arms'.
+            more potent than other parts). Every arm's but the detail and marked arms'.
         detail_min_effect: the detail arm's margin. Its control (a blur at half a cell) takes more
             of a thin-stroked object than its test (a shuffle of the cells) does, so a model that
             still reads pieces of strokes keeps its class on the shuffle more often than on the
@@ -68,8 +68,10 @@ class DiscoverySettings:
             pixels against the source's from elsewhere), so for a model that does not read the mark
             neither is the more potent, save that the control may hold part of the object, which
             only makes it the stronger: this null needs no margin (measured on controls: see the
-            reference). The recurring arm runs the same test on the pixels it finds, and takes
-            the same margin.
+            reference). The recurring arm runs the same test on the pixels it finds but takes the
+            common margin, ``min_effect``: its boxes take in an edge around the cue, which beside
+            an object (a ruler beside a digit) holds a sliver of it, and its graded pairs see that
+            (measured on controls: see the reference).
         recurring_gain_scale: how the recurring arm scores a pair: the probability of the source's
             class that the test gives the recipient minus what its control gives, over this scale,
             clipped to [-1, 1] (:func:`graded`), where the other arms count only predictions that
@@ -183,7 +185,7 @@ class DiscoverySettings:
     @property
     def margins(self) -> dict[str, float]:
         """Each arm's null margin (:func:`~cam_monitor.evidence.arm_value` reads it per stream)."""
-        special = {"detail": self.detail_min_effect, RECURRING: self.marked_min_effect, MARKED: self.marked_min_effect}
+        special = {"detail": self.detail_min_effect, MARKED: self.marked_min_effect}
         return {arm: special.get(arm, self.min_effect) for arm in ARMS}
 
     @property
