@@ -198,9 +198,7 @@ def discover(maps: torch.Tensor, probes: ProbeSet, targets: torch.Tensor, preds:
     second = open_shares(total - first, {arm: len(plans[arm]) - spans[arm][1] for arm in arms}, weights)
     spans = {arm: (spans[arm][1], min(spans[arm][1] + second[arm], len(plans[arm]))) for arm in arms}
     more = run(spans)
-    both = {arm: PairedArm(found[arm].pairs + more[arm].pairs, torch.cat([found[arm].flips, more[arm].flips]),
-                           torch.cat([found[arm].control_flips, more[arm].control_flips]),
-                           torch.cat([found[arm].gains, more[arm].gains]), scales.get(arm)) for arm in arms}
+    both = {arm: found[arm].then(more[arm]) for arm in arms}
     local = both.pop(LOCAL)
     return Discovery(suspects, local.pairs, local.flips, local.control_flips, both, waiting=not ready, arms=runs,
                      marks={arm: mask for arm, mask in marks.items() if arm in makers})

@@ -39,6 +39,12 @@ class PairedArm:
             return graded(self.gains, self.scale)
         return self.flips.long() - self.control_flips.long()
 
+    def then(self, more: "PairedArm") -> "PairedArm":
+        """These pairs followed by ``more``'s (an evaluation's second stage after its first)."""
+        return PairedArm(self.pairs + more.pairs, torch.cat([self.flips, more.flips]),
+                         torch.cat([self.control_flips, more.control_flips]), torch.cat([self.gains, more.gains]),
+                         self.scale)
+
 
 @dataclass
 class Discovery:
