@@ -138,3 +138,19 @@ def test_a_model_already_in_eval_mode_is_not_switched(images: torch.Tensor) -> N
     CountingCNN.calls = 0
     cm.compute_cams(model, images, "features.4")
     assert CountingCNN.calls == 1 and {n: m.training for n, m in model.named_modules()} == before
+
+
+def test_class_scores_are_the_eval_mode_logits_and_leave_the_model_as_it_was(busy_model: nn.Module,
+                                                                             images: torch.Tensor) -> None:
+    """What discovery's pasted images are scored by: one inference forward in eval mode, float32
+    logits, the predicted classes their largest; the training model untouched."""
+    from cam_monitor.engine import class_scores, predict_classes
+
+    reference = copy.deepcopy(busy_model).eval()
+    with torch.no_grad():
+        expected = reference(images)
+    before = snapshot(busy_model)
+    scores = class_scores(busy_model, images)
+    assert_same(before, snapshot(busy_model))
+    assert scores.dtype == torch.float32 and scores.shape == expected.shape and torch.allclose(scores, expected)
+    assert torch.equal(predict_classes(busy_model, images), expected.argmax(1))
