@@ -118,7 +118,7 @@ def replay_run(evaluations: list[Pairs], rule: Rule, record_pairs: int, num_prob
     settings = settings or rule.settings()
     arms = tuple(a for a in ARMS if any(e.get(a) for e in evaluations)) or ("local",)
     total = int(settings.budget * num_probes) // 2
-    state, values, short = EvidenceState(cap=2 * math.log(1 / settings.alpha)), [], 0
+    state, values, short = EvidenceState.capped(settings.alpha), [], 0
     for pairs in evaluations:
         recorded = {a: torch.tensor(pairs.get(a, []), dtype=torch.long) for a in arms}
         first = int(total * rule.first_stage)
@@ -141,9 +141,9 @@ def alert_epochs(values: list[float], alpha: float) -> tuple[int | None, bool]:
     return replayed([{"epoch": e, "value": v} for e, v in enumerate(values)], lambda row: row["value"], alpha)
 
 
-def parse_pairs(encoded: str | list[int]) -> list[int]:
+def parse_pairs(encoded: str | list[float]) -> list[float]:
     """A recorded stream: the false-alarm campaign's ``+0-`` string (:func:`bench_false_alarms.pair_diffs`)
-    or the zoo's list."""
+    or a list (the zoo's, and a graded stream's values: :func:`bench_false_alarms.pair_string`)."""
     return pair_diffs(encoded) if isinstance(encoded, str) else list(encoded)
 
 

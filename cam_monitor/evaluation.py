@@ -286,7 +286,7 @@ def evaluate(model: nn.Module, probes: ProbeSet, settings: EvalSettings, placeme
     found, accumulated = None, None
     found_settings = settings.discovery
     if found_settings.enabled:
-        prior = evidence or EvidenceState(cap=2 * math.log(1 / found_settings.alpha))
+        prior = evidence or EvidenceState.capped(found_settings.alpha)
         per_class = found_settings.per_class
         found = discover(maps, probes, targets, preds, sharded_scores(model, settings, placement), found_settings,
                          step=global_step, evidence=prior)

@@ -138,6 +138,12 @@ class EvidenceState:
     log_detector: dict[str, float] = field(default_factory=dict)
     cap: float = math.inf
 
+    @classmethod
+    def capped(cls, alpha: float) -> "EvidenceState":
+        """A fresh state for a statistic judged at ``1 / alpha``: each stream capped at its square
+        (in log, twice the threshold's), the monitor's choice."""
+        return cls(cap=2 * math.log(1 / alpha))
+
     def update(self, diffs: dict[str, torch.Tensor], bet: Bets, min_effect: Margins,
                pool: tuple[str, ...] = ()) -> "EvidenceState":
         """The state after one evaluation's paired differences per stream (a stream without pairs

@@ -385,3 +385,9 @@ def test_log_growth_is_the_mean_log_factor_of_the_pairs_and_a_prior_pair_at_each
     half, full = (log_growth(torch.full((40,), v, dtype=torch.float64), bet, 0.0) for v in (0.5, 1.0))
     assert 0 < half < full and half == pytest.approx((40 * math.log1p(bet * 0.5) + 0.5 * sum(
         math.log1p(bet * v) for v in (1, 0, -1))) / 41.5)
+
+
+def test_a_capped_state_holds_each_stream_at_the_square_of_the_threshold() -> None:
+    state = EvidenceState.capped(1e-3)
+    assert state.cap == pytest.approx(2 * math.log(1e3)) and state.log_detector == {}
+    assert state.update({"local": torch.ones(100)}, 0.7, 0.0).detector("local") == pytest.approx(1e6)
