@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine import default_result_path, write_json  # noqa: E402
-from bench_false_alarms import pair_diffs  # noqa: E402
+from bench_allocation import parse_pairs  # noqa: E402
 
 from cam_monitor.discovery import RECURRING, DiscoverySettings, graded  # noqa: E402
 from cam_monitor.evidence import EvidenceState  # noqa: E402
@@ -56,19 +56,14 @@ def read_streams(paths: Iterable[str]) -> list[Stream]:
         for r in result["runs"]:
             base = r.get("base", result.get("base", "digits"))
             if "pairs" in r:  # bench_false_alarms: control runs only
-                evaluations = [_decoded(e.get(RECURRING, [])) for e in r["pairs"]]
+                evaluations = [parse_pairs(e.get(RECURRING, [])) for e in r["pairs"]]
                 variant = "control"
             else:
-                evaluations = [_decoded(e["evidence_pairs"].get(RECURRING, [])) for e in r["epochs"]]
+                evaluations = [parse_pairs(e["evidence_pairs"].get(RECURRING, [])) for e in r["epochs"]]
                 variant = r["variant"]
             if any(evaluations):
                 out.append(Stream(f"{base} {r['task']} {r['seed']}", variant, evaluations))
     return out
-
-
-def _decoded(encoded: str | list[float]) -> list[float]:
-    """A recorded stream: the campaign's ``+0-`` string where every pair was at the clip or tied, else the values."""
-    return [float(d) for d in pair_diffs(encoded)] if isinstance(encoded, str) else list(encoded)
 
 
 def rescored(outcomes: list[float], scale: float, dead_zone: float) -> torch.Tensor:
@@ -80,7 +75,7 @@ def rescored(outcomes: list[float], scale: float, dead_zone: float) -> torch.Ten
 
 def replay(stream: Stream, margin: float, dead_zone: float, settings: DiscoverySettings) -> list[float]:
     """The arm's own log e-detector after each evaluation under ``margin`` and ``dead_zone``."""
-    state, out = EvidenceState(cap=2 * math.log(1 / settings.alpha)), []
+    state, out = EvidenceState.capped(settings.alpha), []
     for outcomes in stream.evaluations:
         if outcomes:
             d = rescored(outcomes, settings.recurring_gain_scale, dead_zone)
