@@ -166,8 +166,8 @@ class Discovery:
         probes, strongest first: its flip and control rates, its pairs, and each source probe's id
         and the box around its mask."""
         boxes = mask_boxes(self.marks[arm]).tolist()
-        return _by_class([(cls, probe, boxes[probe], f, c, t, mean * t)
-                          for probe, (cls, f, c, t, mean) in self._sources(arm).items()], arm, ids, class_names)
+        return _by_class([(cls, probe, boxes[probe], *counts) for probe, (cls, *counts) in self._sources(arm).items()],
+                         arm, ids, class_names)
 
     def found_regions(self, evidence: EvidenceState | None, ids: list[str],
                       class_names: list[str] | None = None) -> list[ShortcutRegion]:
@@ -179,8 +179,8 @@ class Discovery:
         return sorted(out, key=_strongest_first)
 
     def _sources(self, arm: str) -> dict[int, tuple[int, int, int, int, float]]:
-        """Source probe -> (its class, flips, control flips, pairs, mean paired outcome) over mark
-        arm ``arm``'s pairs."""
+        """Source probe -> (its class, flips, control flips, pairs, sum of the paired outcomes) over
+        mark arm ``arm``'s pairs."""
         out: dict[int, list] = {}
         paired = self.paired[arm]
         outcomes = paired.outcomes.tolist()
@@ -191,7 +191,7 @@ class Discovery:
             row[2] += int(paired.control_flips[i])
             row[3] += 1
             row[4] += outcomes[i]
-        return {probe: (cls, f, c, t, o / t) for probe, (cls, f, c, t, o) in out.items()}
+        return {probe: tuple(row) for probe, row in out.items()}
 
     def masks(self, n: int, image_size: tuple[int, int], min_excess: float = 0.0,
               classes: tuple[int, ...] | None = None) -> torch.Tensor:
@@ -214,8 +214,8 @@ class Discovery:
         excess) is above ``min_excess``, empty elsewhere."""
         marks = self.marks[arm]
         out = torch.zeros(n, *marks.shape[1:], dtype=torch.bool)
-        for probe, (*_, outcome) in self._sources(arm).items():
-            if probe < n and outcome > min_excess:
+        for probe, (*_, pairs, outcome) in self._sources(arm).items():
+            if probe < n and outcome / pairs > min_excess:
                 out[probe] = marks[probe]
         return out
 
