@@ -10,10 +10,10 @@ from cam_monitor.probes.recurrence import recurring_masks, recurring_of
 SIZE = 32
 
 
-def blotchy(n: int, gen: torch.Generator, channels: int = 3) -> torch.Tensor:
+def blotchy(n: int, gen: torch.Generator, channels: int = 3, size: int = SIZE) -> torch.Tensor:
     """Dark, smooth, varied backgrounds (a base colour and upsampled noise): no two alike."""
     base = 0.05 + 0.2 * torch.rand(n, channels, 1, 1, generator=gen)
-    noise = torch.nn.functional.interpolate(torch.rand(n, channels, 4, 4, generator=gen), size=(SIZE, SIZE),
+    noise = torch.nn.functional.interpolate(torch.rand(n, channels, 4, 4, generator=gen), size=(size, size),
                                             mode="bicubic", align_corners=False)
     return (base + 0.12 * noise).clamp(0, 0.45)
 
@@ -61,6 +61,23 @@ def test_a_tag_drawn_at_random_places_over_varied_backgrounds_is_found_where_it_
             assert not found[i].any()  # untagged images hold nothing that recurs
 
 
+def test_a_ruler_found_in_pieces_is_boxed_whole() -> None:
+    """A ruler's plain bar between its ticks looks the same all along it and is not keyed, so the
+    ruler is found in pieces; pieces a few pixels apart are one mark, and its box is the ruler's."""
+    from cam_monitor.demo.data import class_rulers
+
+    lit = class_rulers(2)[7].T  # upright, ticks every 8 px: gaps of plain bar between them
+    gen = torch.Generator().manual_seed(0)
+    images = blotchy(8, gen, size=64)
+    where = torch.zeros(8, 64, 64, dtype=torch.bool)
+    (h, w), lit_rows, lit_cols = lit.shape, lit.any(1).nonzero()[:, 0], lit.any(0).nonzero()[:, 0]
+    for i in range(8):
+        y, x = int(torch.randint(1, 64 - h, (1,), generator=gen)), int(torch.randint(1, 64 - w, (1,), generator=gen))
+        images[i, :, y:y + h, x:x + w] = torch.where(lit, torch.ones(()), images[i, :, y:y + h, x:x + w])
+        where[i, y + lit_rows.min():y + lit_rows.max() + 1, x + lit_cols.min():x + lit_cols.max() + 1] = True
+    assert torch.equal(recurring_masks(images), where)
+
+
 def test_objects_that_vary_from_image_to_image_are_not_found() -> None:
     assert not recurring_masks(objects(12)).any()
 
@@ -99,16 +116,24 @@ def test_the_masks_of_a_probe_set_are_computed_once_per_images_tensor() -> None:
     assert recurring_of(images.clone()) is not first  # another tensor: its own masks
 
 
-def test_each_found_piece_becomes_its_bounding_box() -> None:
-    """A ring (a solid logo's keyed edge) is filled; two pieces apart stay two boxes."""
-    from cam_monitor.probes.recurrence import boxed
+def test_each_found_mark_becomes_its_bounding_box() -> None:
+    """A ring (a solid logo's keyed edge) is filled; ticks a few pixels apart (a ruler's, found in
+    pieces) are one mark; pieces a neighbourhood apart stay two boxes, and with ``join=0`` so do
+    the ticks."""
+    from cam_monitor.probes.recurrence import NEIGHBOURHOOD, boxed
 
-    found = torch.zeros(2, 12, 12, dtype=torch.bool)
+    found = torch.zeros(3, 16, 16, dtype=torch.bool)
     found[0, 2:6, 2] = found[0, 2:6, 5] = found[0, 2, 2:6] = found[0, 5, 2:6] = True
-    found[0, 9, 9:11] = True
+    far = 5 + NEIGHBOURHOOD + 1
+    found[0, far, 9:11] = True
+    found[1, 3:5, 1:15:NEIGHBOURHOOD - 1] = True  # ticks with gaps of NEIGHBOURHOOD - 2 pixels
+    found[2, 3:5, 1:15:NEIGHBOURHOOD + 1] = True  # with gaps of NEIGHBOURHOOD pixels
     expected = torch.zeros_like(found)
-    expected[0, 2:6, 2:6] = expected[0, 9, 9:11] = True
+    expected[0, 2:6, 2:6] = expected[0, far, 9:11] = True
+    expected[1, 3:5, 1:14] = True
+    expected[2] = found[2]
     assert torch.equal(boxed(found), expected)
+    assert torch.equal(boxed(found, join=0)[1], found[1])
 
 
 def test_content_at_the_same_place_in_every_probe_is_not_found_and_moved_it_is() -> None:
