@@ -18,10 +18,10 @@ background shows through only as "darker"; an object's edge does not, because it
 differs from image to image. Two probes agree at a shift where at least ``min_pixels`` pixels
 have equal keys at that shift; a pixel is found where it agrees so with at least ``partners``
 other probes (a pair of images can share a piece by chance; a cue recurs wherever it is used).
-Each piece found is then boxed (:func:`boxed`), pieces less than a neighbourhood apart as one: a
+Each piece found is then boxed (:func:`boxed`), pieces with gaps narrower than a neighbourhood as one: a
 ruler's ticks, a tag's glyphs and the rim of a stamp are found in pieces (the flat gaps between
 them are not keyed), and a box per piece pasted a ruler with its bar cut between the ticks (on
-Drawn Shapes the boxes held a median of 47 % of a ruler's box and 82 % of a stamp's; joined, 75 %
+Drawn Shapes the boxes held a median of 47 % of a ruler's box and 68-94 % of a stamp's; joined, 75 %
 and 100 %; see the reference, "Mask-free shortcut discovery", item 11).
 
 Only shifts of at least :data:`MIN_SHIFT` pixels (along either axis) count. Content at the same
@@ -71,7 +71,7 @@ NEIGHBOURHOOD = 5
 COMMON = 4
 #: The least number of pixels two probes must agree on at one shift (see the module's docstring).
 MIN_PIXELS = 24
-#: Found pieces closer than this many pixels (gaps of at most ``2 * JOIN`` pixels: narrower than one
+#: Found pieces that gaps of at most ``2 * JOIN`` pixels separate (narrower than one
 #: :data:`NEIGHBOURHOOD`) are one mark and get one box (:func:`boxed`).
 JOIN = NEIGHBOURHOOD // 2
 #: The most of a probe its boxes may cover; beyond it the probe's recurring content is background.
