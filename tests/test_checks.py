@@ -10,6 +10,12 @@ from cam_monitor.engine import CAMResult
 from cam_monitor.evaluation import EvalSettings
 
 
+def rand(*shape: int) -> torch.Tensor:
+    """Uniform values from a fixed seed: no test here reads the global RNG, so none depends on the
+    order the tests run in."""
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(0))
+
+
 def result(maps: torch.Tensor, **kw) -> CAMResult:
     return CAMResult(maps={"gradcam": maps[:, None]}, logits=torch.zeros(len(maps), 3),
                      targets=torch.zeros(len(maps), 1, dtype=torch.long), layer_name="body", squeeze_targets=True, **kw)
@@ -20,11 +26,11 @@ def probes(n: int = 2, size: int = 64, masks: bool = False) -> cm.ProbeSet:
     if masks:
         spur = torch.zeros(n, size, size, dtype=torch.bool)
         spur[:, :8, :8] = True
-    return cm.ProbeSet(torch.rand(n, 3, size, size), torch.zeros(n, dtype=torch.long), spurious_masks=spur)
+    return cm.ProbeSet(rand(n, 3, size, size), torch.zeros(n, dtype=torch.long), spurious_masks=spur)
 
 
 def test_a_healthy_pass_says_nothing() -> None:
-    found = dry_run_findings(result(torch.rand(12, 8, 8)), probes(12, masks=True), EvalSettings(), 4.0, "cam")
+    found = dry_run_findings(result(rand(12, 8, 8)), probes(12, masks=True), EvalSettings(), 4.0, "cam")
     assert found.warnings == [] and found.notes == []
 
 
@@ -34,16 +40,16 @@ def test_too_few_marked_probes_for_the_drift_rules_sign_test_are_warned_with_the
     from cam_monitor.checks import marked_probes_needed
 
     assert marked_probes_needed() == 10 and marked_probes_needed(0.01) == 7
-    few = dry_run_findings(result(torch.rand(9, 8, 8)), probes(9, masks=True), EvalSettings(), 4.0, "cam")
+    few = dry_run_findings(result(rand(9, 8, 8)), probes(9, masks=True), EvalSettings(), 4.0, "cam")
     (warning,) = [w for w in few.warnings if "drift_off_object" in w]
     assert "only 9 probe(s)" in warning and "cam/spurious_rise_p" in warning and "at least 10" in warning
     assert "mark the cue on more probes, or give object masks" in warning
     with_objects = probes(9, masks=True)
     with_objects = cm.ProbeSet(with_objects.images, with_objects.labels, spurious_masks=with_objects.spurious_masks,
                                object_masks=~with_objects.spurious_masks)
-    found = dry_run_findings(result(torch.rand(9, 8, 8)), with_objects, EvalSettings(), 4.0, "cam")
+    found = dry_run_findings(result(rand(9, 8, 8)), with_objects, EvalSettings(), 4.0, "cam")
     assert not any("drift_off_object" in w for w in found.warnings)
-    enough = dry_run_findings(result(torch.rand(10, 8, 8)), probes(10, masks=True), EvalSettings(), 4.0, "cam")
+    enough = dry_run_findings(result(rand(10, 8, 8)), probes(10, masks=True), EvalSettings(), 4.0, "cam")
     assert not any("drift_off_object" in w for w in enough.warnings)
 
 
@@ -60,31 +66,31 @@ def test_a_coarse_grid_the_band_and_a_shared_layer_are_warned_and_channels_last_
     from cam_monitor.discovery import DiscoverySettings
 
     two_cells = EvalSettings(discovery=DiscoverySettings(box_cells=2))
-    found = dry_run_findings(result(torch.rand(2, 2, 2), layer_calls=2, layout="nhwc"), probes(), two_cells, 4.0,
+    found = dry_run_findings(result(rand(2, 2, 2), layer_calls=2, layout="nhwc"), probes(), two_cells, 4.0,
                              "cam")
     text = " | ".join(found.warnings)
     assert "pointing_spurious is 1.0" in text and "runs 2 times in one forward" in text
     # mask-free, the band's enrichment does not alert (nothing to warn about), but discovery cannot work
     assert "no map can put more than" not in text
     assert "covers 100% of the image: the local paste test cannot tell" in text
-    one_cell = dry_run_findings(result(torch.rand(2, 2, 2), layout="nhwc"), probes(), EvalSettings(), 4.0, "cam")
+    one_cell = dry_run_findings(result(rand(2, 2, 2), layout="nhwc"), probes(), EvalSettings(), 4.0, "cam")
     assert not any("local paste test" in w for w in one_cell.warnings)  # one cell of 2x2 is a quarter: allowed
     assert found.notes[0] == "layer 'body' outputs channels-last (B, h, w, C); reading it so (pass layout='nchw' to override)"
 
 
 def test_a_grid_too_coarse_for_the_detail_and_texture_tests_is_warned_with_the_fix() -> None:
-    coarse = dry_run_findings(result(torch.rand(2, 3, 3)), probes(), EvalSettings(), 4.0, "cam")
+    coarse = dry_run_findings(result(rand(2, 3, 3)), probes(), EvalSettings(), 4.0, "cam")
     assert any("detail and texture tests need a grid of at least 4x4" in w and "3x3" in w
                and "detail_test=False, texture_test=False" in w for w in coarse.warnings)
     one = EvalSettings(discovery=DiscoverySettings(detail_test=False))
-    alone = dry_run_findings(result(torch.rand(2, 3, 3)), probes(), one, 4.0, "cam").warnings
+    alone = dry_run_findings(result(rand(2, 3, 3)), probes(), one, 4.0, "cam").warnings
     assert any("texture test needs a grid" in w and "it does not run" in w and "(texture_test=False)" in w for w in alone)
     assert not any("detail test" in w or "texture test" in w for w in dry_run_findings(
-        result(torch.rand(2, 4, 4)), probes(), EvalSettings(), 4.0, "cam").warnings)
+        result(rand(2, 4, 4)), probes(), EvalSettings(), 4.0, "cam").warnings)
 
 
 def test_a_grid_too_coarse_for_the_users_masks_is_warned() -> None:
-    found = dry_run_findings(result(torch.rand(2, 2, 2)), probes(masks=True), EvalSettings(), 4.0, "cam")
+    found = dry_run_findings(result(rand(2, 2, 2)), probes(masks=True), EvalSettings(), 4.0, "cam")
     assert any("no map can put more than" in w and "spurious masks" in w for w in found.warnings)
 
 
@@ -92,15 +98,15 @@ def test_no_masks_and_no_discovery_says_nothing_watches_for_shortcuts() -> None:
     from cam_monitor.discovery import DiscoverySettings
 
     off = EvalSettings(discovery=DiscoverySettings(enabled=False))
-    found = dry_run_findings(result(torch.rand(2, 8, 8)), probes(), off, 4.0, "cam")
+    found = dry_run_findings(result(rand(2, 8, 8)), probes(), off, 4.0, "cam")
     assert any("nothing watches for shortcuts" in w for w in found.warnings)
-    assert dry_run_findings(result(torch.rand(2, 8, 8)), probes(), EvalSettings(), 4.0, "cam").warnings == []
+    assert dry_run_findings(result(rand(2, 8, 8)), probes(), EvalSettings(), 4.0, "cam").warnings == []
 
 
 def test_images_too_small_for_the_border_test_are_warned_with_the_fix() -> None:
-    found = dry_run_findings(result(torch.rand(2, 2, 2)), probes(size=6), EvalSettings(), 4.0, "cam")
+    found = dry_run_findings(result(rand(2, 2, 2)), probes(size=6), EvalSettings(), 4.0, "cam")
     assert any("border test" in w and "6x6 images" in w and "border_test=False" in w for w in found.warnings)
-    assert not any("border test needs" in w for w in dry_run_findings(result(torch.rand(2, 2, 2)), probes(size=7),
+    assert not any("border test needs" in w for w in dry_run_findings(result(rand(2, 2, 2)), probes(size=7),
                                                                  EvalSettings(), 4.0, "cam").warnings)
 
 
@@ -110,21 +116,21 @@ def test_without_masks_fit_start_says_how_large_a_cue_the_local_test_can_see_and
     that still run there and the fixes. With spurious masks, or without the local test, nothing."""
     from cam_monitor.discovery import DiscoverySettings
 
-    (note,) = dry_run_findings(result(torch.rand(2, 8, 8)), probes(), EvalSettings(), 4.0, "cam").notes
+    (note,) = dry_run_findings(result(rand(2, 8, 8)), probes(), EvalSettings(), 4.0, "cam").notes
     assert "fits in one cell of layer 'body' (8x8 px of the 64x64 probes)" in note
     assert "stamp, tag or ruler larger than that is missed" in note
     assert "(the colour, border, detail and texture tests still run)" in note
     assert "give spurious masks" in note and "target a layer whose cells are at least as large as the cue" in note
-    coarse = dry_run_findings(result(torch.rand(2, 2, 2)), probes(), EvalSettings(), 4.0, "cam").notes
+    coarse = dry_run_findings(result(rand(2, 2, 2)), probes(), EvalSettings(), 4.0, "cam").notes
     assert "fits in one cell of layer 'body' (32x32 px" in coarse[0] and "(the colour and border tests still run)" in coarse[0]
     two = EvalSettings(discovery=DiscoverySettings(box_cells=2, colour_test=False, border_test=False,
                                                    detail_test=False, texture_test=False))
-    (alone,) = dry_run_findings(result(torch.rand(2, 8, 8)), probes(), two, 4.0, "cam").notes
+    (alone,) = dry_run_findings(result(rand(2, 8, 8)), probes(), two, 4.0, "cam").notes
     assert "fits in 2x2 cells of layer 'body' (16x16 px" in alone and "still run" not in alone
-    assert dry_run_findings(result(torch.rand(2, 8, 8)), probes(masks=True), EvalSettings(), 4.0, "cam").notes == []
+    assert dry_run_findings(result(rand(2, 8, 8)), probes(masks=True), EvalSettings(), 4.0, "cam").notes == []
     assert "nothing recurs pixel for pixel across the probes, so the recurring test" in note
     off = EvalSettings(discovery=DiscoverySettings(enabled=False))
-    assert dry_run_findings(result(torch.rand(2, 8, 8)), probes(), off, 4.0, "cam").notes == []
+    assert dry_run_findings(result(rand(2, 8, 8)), probes(), off, 4.0, "cam").notes == []
 
 
 def seeded_maps(n: int) -> torch.Tensor:

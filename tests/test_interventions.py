@@ -8,7 +8,7 @@ import torch
 from torchvision.transforms.v2.functional import gaussian_blur
 
 from cam_monitor.interventions import (Paste, background_detail_images, banded_images, blurred_cells, border_bands,
-                                       COLOUR_CHUNK_ELEMENTS, COLOUR_TAIL, colour_images, colour_statistics, detail_images,
+                                       COLOUR_TAIL, colour_images, colour_statistics, detail_images,
                                        gaussian_kernel, matched_levels, matched_statistics,
                                        object_regions, pasted_images, reflected_blur_matrix, shuffled_cells,
                                        spectrum_images)
