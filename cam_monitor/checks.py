@@ -228,19 +228,21 @@ def local_reach_notes(grid: tuple[int, int], layer: str, probes: ProbeSet, setti
 
 def recurring_note(probes: ProbeSet, runs: tuple[str, ...]) -> str:
     """What the recurrence finder found in the probes, for the local-reach note: the recurring arm
-    tests a cue of any size whole, but only one drawn pixel for pixel the same in several probes."""
+    tests a cue of any size whole, but only one drawn the same in several probes (to within noise
+    and compression: :mod:`~cam_monitor.probes.recurrence`)."""
     if RECURRING in runs:
         holding = int(recurring_of(probes.images).flatten(1).any(1).sum())
-        return (f"; the recurring test found content drawn pixel for pixel the same in {holding} of {len(probes)} "
+        return (f"; the recurring test found content drawn the same in {holding} of {len(probes)} "
                 "probes and tests it whole")
     background = background_of(probes.images)
     if background:
-        return (f"; what recurs pixel for pixel across the probes is background (it covers more than "
+        return (f"; what recurs across the probes is background (it covers more than "
                 f"{MAX_SHARE:.1%} of {background} of {len(probes)} probes: a texture, a pattern, a frame), which the "
                 "texture, detail and border tests are for, so the recurring test, which tests a mark against a box "
                 "elsewhere in its probe, does not run")
-    return ("; nothing recurs pixel for pixel across the probes, so the recurring test, which would test such a "
-            "cue whole, does not run (a cue resized, compressed or drawn with noise differs from probe to probe)")
+    return ("; nothing recurs across the probes, so the recurring test, which would test such a cue whole, does "
+            "not run (it finds a cue under sensor noise or JPEG compression, not one resized, rotated or redrawn "
+            "from probe to probe)")
 
 
 #: Probes the check before training runs through the model.

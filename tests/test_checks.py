@@ -128,7 +128,7 @@ def test_without_masks_fit_start_says_how_large_a_cue_the_local_test_can_see_and
     (alone,) = dry_run_findings(result(rand(2, 8, 8)), probes(), two, 4.0, "cam").notes
     assert "fits in 2x2 cells of layer 'body' (16x16 px" in alone and "still run" not in alone
     assert dry_run_findings(result(rand(2, 8, 8)), probes(masks=True), EvalSettings(), 4.0, "cam").notes == []
-    assert "nothing recurs pixel for pixel across the probes, so the recurring test" in note
+    assert "nothing recurs across the probes, so the recurring test" in note
     off = EvalSettings(discovery=DiscoverySettings(enabled=False))
     assert dry_run_findings(result(rand(2, 8, 8)), probes(), off, 4.0, "cam").notes == []
 
@@ -156,7 +156,7 @@ def test_fit_start_says_in_how_many_probes_the_recurring_test_found_content_draw
 
     stamped = drawn_probes(8, [(3, 5), (40, 12), (20, 50), (50, 50)])
     (note,) = dry_run_findings(result(seeded_maps(6)), stamped, EvalSettings(), 4.0, "cam").notes
-    assert "the recurring test found content drawn pixel for pixel the same in 4 of 6 probes and tests it whole" in note
+    assert "the recurring test found content drawn the same in 4 of 6 probes and tests it whole" in note
     off = EvalSettings(discovery=DiscoverySettings(recurring_test=False))
     (quiet,) = dry_run_findings(result(seeded_maps(6)), stamped, off, 4.0, "cam").notes
     assert "recurring" not in quiet and "is missed by it" in quiet
@@ -167,6 +167,6 @@ def test_fit_start_says_when_what_recurs_is_background_and_the_recurring_test_do
     background: the note says so, with the count, instead of saying that nothing recurs."""
     textured = drawn_probes(32, [(0, 0), (30, 10), (12, 30), (32, 32)])
     (note,) = dry_run_findings(result(seeded_maps(6)), textured, EvalSettings(), 4.0, "cam").notes
-    assert "what recurs pixel for pixel across the probes is background (it covers more than 12.5% of 4 of 6" in note
+    assert "what recurs across the probes is background (it covers more than 12.5% of 4 of 6" in note
     assert "the recurring test, which tests a mark against a box elsewhere in its probe, does not run" in note
     assert "nothing recurs" not in note

@@ -1,5 +1,6 @@
-"""The recurrence finder: content drawn pixel for pixel the same in several probes, at any place,
-is found; objects that vary from image to image, and a piece two images share by chance, are not."""
+"""The recurrence finder: content drawn the same in several probes, at any place, is found, also
+under sensor noise and JPEG compression; objects that vary from image to image, and a piece two
+images share by chance, are not."""
 from __future__ import annotations
 
 import pytest
@@ -26,17 +27,20 @@ def tag() -> torch.Tensor:
     return lit
 
 
-def with_tags(n: int, tagged: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` blotchy images, each of ``tagged`` with the white tag at its own random place (only
-    the lit pixels drawn, the background showing through), and where each tag is."""
+def with_tags(n: int, tagged: list[int], seed: int = 0, size: int = SIZE,
+              scale: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` blotchy images of ``size`` px, each of ``tagged`` with the white tag (its pixels
+    ``scale`` x ``scale`` blocks) at its own random place (only the lit pixels drawn, the background
+    showing through), and where each tag is."""
     gen = torch.Generator().manual_seed(seed)
-    images = blotchy(n, gen)
-    where = torch.zeros(n, SIZE, SIZE, dtype=torch.bool)
-    lit = tag()
+    images = blotchy(n, gen, size=size)
+    where = torch.zeros(n, size, size, dtype=torch.bool)
+    lit = tag().repeat_interleave(scale, 0).repeat_interleave(scale, 1)
+    h, w = lit.shape
     for i in tagged:
-        y, x = (int(v) for v in torch.randint(1, SIZE - 10, (2,), generator=gen))
-        images[i, :, y:y + 5, x:x + 9] = torch.where(lit, torch.ones(()), images[i, :, y:y + 5, x:x + 9])
-        where[i, y:y + 5, x:x + 9] = True
+        y, x = (int(v) for v in torch.randint(1, size - w - 1, (2,), generator=gen))
+        images[i, :, y:y + h, x:x + w] = torch.where(lit, torch.ones(()), images[i, :, y:y + h, x:x + w])
+        where[i, y:y + h, x:x + w] = True
     return images, where
 
 
@@ -76,6 +80,98 @@ def test_a_ruler_found_in_pieces_is_boxed_whole() -> None:
         images[i, :, y:y + h, x:x + w] = torch.where(lit, torch.ones(()), images[i, :, y:y + h, x:x + w])
         where[i, y + lit_rows.min():y + lit_rows.max() + 1, x + lit_cols.min():x + lit_cols.max() + 1] = True
     assert torch.equal(recurring_masks(images), where)
+
+
+def noisy(images: torch.Tensor, sd: float = 0.02) -> torch.Tensor:
+    """``images`` under Gaussian sensor noise of ``sd`` (the value range is 0 to 1), seeded."""
+    gen = torch.Generator().manual_seed(1)
+    return (images + sd * torch.randn(images.shape, generator=gen)).clamp(0, 1)
+
+
+def jpeg(images: torch.Tensor, quality: int = 75) -> torch.Tensor:
+    """``images`` (values 0 to 1) through a JPEG encoding at ``quality`` and back."""
+    from torchvision.io import decode_jpeg, encode_jpeg
+
+    eight_bit = (images * 255).round().to(torch.uint8)
+    return torch.stack([decode_jpeg(encode_jpeg(one, quality=quality)) for one in eight_bit]).float() / 255
+
+
+@pytest.mark.parametrize(("degrade", "least"), [(lambda x: noisy(x, 0.03), 6), (lambda x: jpeg(x, 90), 4)],
+                         ids=["noise", "jpeg"])
+def test_a_tag_under_sensor_noise_or_jpeg_compression_is_still_found(degrade, least: int, monkeypatch) -> None:
+    """No two copies of the tag (strokes 2 px wide: JPEG smears single pixels) are the same pixels
+    any more: the exact keys miss them, the tolerant keys still find most (JPEG's 8 x 8 blocks cut
+    each copy differently) and nothing in the untagged images."""
+    from cam_monitor.probes import recurrence
+
+    images, where = with_tags(12, tagged=[0, 2, 4, 6, 8, 10], size=64, scale=2)
+    degraded = degrade(images)
+    assert (degraded - images).abs().amax() > 0.03
+    found = recurring_masks(degraded)
+    held = (found & where).flatten(1).sum(1) >= 0.5 * where.flatten(1).sum(1)
+    assert int(held[0::2].sum()) >= least and not found[1::2].any()
+    monkeypatch.setattr(recurrence, "TOLERANT_TABLES", 0)
+    assert not recurring_masks(degraded).any()
+
+
+def test_copies_on_either_side_of_a_colour_level_agree_in_the_shifted_table(monkeypatch) -> None:
+    """Four grey tags, two a shade above a tolerant colour level's edge and two a shade below (as
+    noise puts them): in the exact keys and in the first tolerant table each has one partner, in
+    the second table three."""
+    from cam_monitor.probes import recurrence
+
+    gen = torch.Generator().manual_seed(3)
+    images = blotchy(8, gen, size=64)
+    images[:, :, 0, 0], images[:, :, 0, 1] = 0.0, 1.0  # the value range, pinned
+    edge = 12 / recurrence.TOLERANT_LEVELS
+    lit = tag().repeat_interleave(2, 0).repeat_interleave(2, 1)
+    for i, shade in zip((0, 2, 4, 6), (0.01, -0.01, 0.01, -0.01)):
+        y, x = (int(v) for v in torch.randint(2, 64 - 20, (2,), generator=gen))
+        window = images[i, :, y:y + 10, x:x + 18]
+        images[i, :, y:y + 10, x:x + 18] = torch.where(lit, torch.tensor(edge + shade), window)
+    assert recurring_masks(images)[[0, 2, 4, 6]].flatten(1).any(1).all()
+    monkeypatch.setattr(recurrence, "TOLERANT_TABLES", 1)
+    assert not recurring_masks(images).any()
+
+
+def test_where_the_exact_keys_find_something_in_a_probe_its_finds_are_theirs() -> None:
+    """On the zoo's digits with a floating stamp, the tolerant keys also agree on the strokes beside
+    some stamps; those probes keep the exact keys' boxes."""
+    from cam_monitor.demo.zoo import mask_free_probes
+
+    images = mask_free_probes("interior_patch", 0).images
+    assert recurring_masks(images).flatten(1).any(1).sum() > 50
+    assert torch.equal(recurring_masks(images), recurring_masks(images, tolerant=False))
+
+
+def test_strokes_that_recur_in_most_digits_are_not_found_by_the_tolerant_keys(monkeypatch) -> None:
+    """Three '1's of a zoo digits probe set (no stamp, tag or ruler) share pieces of strokes that
+    tolerant keys match: the tolerant tables' larger agreement, their cap on common keys and
+    their extra partner each keep them out."""
+    from cam_monitor.demo.zoo import mask_free_probes
+    from cam_monitor.probes import recurrence
+
+    images = mask_free_probes("background_cast", 1).images
+    assert not recurring_masks(images).any()
+    monkeypatch.setattr(recurrence, "TOLERANT_PARTNERS", 0)
+    assert not recurring_masks(images).any()
+    with monkeypatch.context() as patched:
+        patched.setattr(recurrence, "TOLERANT_COMMON", recurrence.COMMON)
+        assert recurring_masks(images).flatten(1).any(1).sum() == 3
+    monkeypatch.setattr(recurrence, "TOLERANT_AGREEMENT", 1.0)
+    assert recurring_masks(images).flatten(1).any(1).sum() == 2
+
+
+def test_edges_of_drawn_shapes_of_one_class_need_the_tolerant_keys_extra_partner(monkeypatch) -> None:
+    """Three drawn shapes of one class in a zoo Drawn Shapes probe set (no stamp, tag or ruler)
+    agree on their edges in the tolerant keys with two partners each, not with three."""
+    from cam_monitor.demo.zoo import mask_free_probes
+    from cam_monitor.probes import recurrence
+
+    images = mask_free_probes("background_cast", 713, base="shapes").images
+    assert not recurring_masks(images).any()
+    monkeypatch.setattr(recurrence, "TOLERANT_PARTNERS", 0)
+    assert recurring_masks(images).flatten(1).any(1).nonzero()[:, 0].tolist() == [8, 28, 58]
 
 
 def test_objects_that_vary_from_image_to_image_are_not_found() -> None:

@@ -74,9 +74,9 @@ share and are not its to find.
 
 **Recurring cues** (a floating stamp, a burnt-in tag, a ruler drawn the same wherever it sits). The
 marked arm's test, on the boxes :func:`~cam_monitor.probes.recurrence.recurring_masks` finds from
-the probes alone (content that recurs pixel for pixel in other probes at another place), with its
-own generator: the cue's place comes from the data, not from the model's credit, so a cue wider
-than a cell is tested whole without masks. Its pairs are graded: the gain in the source class's
+the probes alone (content that recurs, to within noise and compression, in other probes at
+another place), with its own generator: the cue's place comes from the data, not from the model's
+credit, so a cue wider than a cell is tested whole without masks. Its pairs are graded: the gain in the source class's
 probability of the test over its control, scaled and clipped
 (:func:`~cam_monitor.discovery.settings.graded`), since a model that reads the object first and
 the cue second raises the cue's class on most recipients and turns few of them.

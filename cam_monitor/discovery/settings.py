@@ -14,8 +14,9 @@ from ..probes.recurrence import recurring_of
 
 #: The confirmation arms: local paste, background spectrum swap, colour statistics swap, border band
 #: swap, cell shuffle against blur, background fine detail against the object's, content that recurs
-#: identically across probes against content from elsewhere (where there is any), and (where the probes
-#: carry spurious masks) the marked region against one from elsewhere.
+#: across probes (drawn the same, to within noise and compression) against content from elsewhere
+#: (where there is any), and (where the probes carry spurious masks) the marked region against one
+#: from elsewhere.
 ARMS = ("local", "global", "colour", "border", "detail", "texture", "recurring", "marked")
 MARKED = ARMS[-1]
 RECURRING = ARMS[-2]
@@ -26,7 +27,7 @@ TEST_NAMES = {"local": "a local region (paste test)", "global": "the background'
               "border": "the border band (band swap)",
               "detail": "fine detail within cells (cell shuffle against a blur)",
               "texture": "the background's fine detail (background detail against the object's)",
-              "recurring": "content drawn identically in several probes (pasted against content from elsewhere)",
+              "recurring": "content drawn the same in several probes (pasted against content from elsewhere)",
               "marked": "your marked regions (the marked region pasted against one from elsewhere)"}
 #: The default share of an evaluation's pairs the arms draw equally, before the rest follow what that
 #: stage found (:func:`second_stage_weights`); measured against a half and against one stage in the reference.
@@ -108,13 +109,14 @@ class DiscoverySettings:
             fine detail from outside its credited share against from inside it, on a blurred probe
             of another class), on grids of at least :data:`MIN_DETAIL_GRID` cells a side. Turn it
             off where the classes are textures.
-        recurring_test: run the recurring arm where some probes share content drawn pixel for pixel
-            the same at any place (a stamp, a burnt-in tag, a ruler, a watermark:
+        recurring_test: run the recurring arm where some probes share content drawn the same at
+            any place, to within sensor noise and JPEG compression (a stamp, a burnt-in tag, a
+            ruler, a watermark:
             :func:`~cam_monitor.probes.recurrence.recurring_masks`, which reads the probes only,
             once per probe set): the marked arm's test on the pixels found, so a cue wider than a
             cell of the layer is tested whole without masks. Finds nothing where objects never
-            repeat pixel for pixel (photographs, scans); see the reference for what it finds on
-            synthetic objects.
+            repeat (photographs, scans); see the reference for what it finds on synthetic
+            objects.
         marked_test: where the probes carry spurious masks, run the marked arm: a probe's marked
             pixels put into a probe of another class (its own marked region filled first),
             against the same pixels from a box of the mark's size elsewhere in the source. It asks

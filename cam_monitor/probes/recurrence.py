@@ -1,23 +1,41 @@
-"""Content that recurs pixel for pixel across probes, wherever it sits: a finder of burnt-in cues
-that reads the probes only, never the model.
+"""Content that recurs across probes, wherever it sits, to within sensor noise and compression: a
+finder of burnt-in cues that reads the probes only, never the model.
 
 A stamp, a burnt-in text tag, a ruler or a watermark is drawn by a machine: the same pixels in
-every image that carries it, at whatever place. An object is not: two photographs, scans or
-drawings of the same kind of thing never agree pixel for pixel over a patch of any size. So a
-patch of one probe that reappears, identical and shifted as one piece, in several other probes
-is a candidate cue, found without the model's credit, which on any model points at the most
-class-bearing part of the object (the reason the mask-free paste test cannot size a window for a
-cue wider than one cell: see the reference, "Mask-free shortcut discovery", item 2). The marked
-arm then tests the found pixels as it tests a user's marks.
+every image that carries it, at whatever place, up to the noise and the compression the image
+went through afterwards. An object is not: two photographs, scans or drawings of the same kind of
+thing never agree over a patch of any size. So a patch of one probe that reappears, shifted as
+one piece, in several other probes is a candidate cue, found without the model's credit, which on
+any model points at the most class-bearing part of the object (the reason the mask-free paste
+test cannot size a window for a cue wider than one cell: see the reference, "Mask-free shortcut
+discovery", item 2). The marked arm then tests the found pixels as it tests a user's marks.
 
 Each structured pixel (one whose 3 x 3 neighbourhood spans at least :data:`STRUCTURE` of the
-probes' value range) gets a key: its own colour, and for each pixel of its 5 x 5 neighbourhood
-that colour where it is within :data:`CLOSE` of the centre, else only whether it is brighter or
-darker. An overlay on a varied background (a white tag over blotches) keeps its keys, because the
-background shows through only as "darker"; an object's edge does not, because its own colour
-differs from image to image. Two probes agree at a shift where at least ``min_pixels`` pixels
-have equal keys at that shift; a pixel is found where it agrees so with at least ``partners``
-other probes (a pair of images can share a piece by chance; a cue recurs wherever it is used).
+probes' value range) gets an exact key: its own colour, and for each pixel of its 5 x 5
+neighbourhood that colour where it is within :data:`CLOSE` of the centre, else only whether it is
+brighter or darker. An overlay on a varied background (a white tag over blotches) keeps its keys,
+because the background shows through only as "darker"; an object's edge does not, because its
+own colour differs from image to image. Two probes agree at a shift where at least ``min_pixels``
+pixels have equal keys at that shift; a pixel is found where it agrees so with at least
+``partners`` other probes (a pair of images can share a piece by chance; a cue recurs wherever it
+is used). Exact keys need the copies the same to within about half a percent of the value range:
+under Gaussian noise of 1 % (2.5 grey levels of 255) they found the zoo's cues in at most a fifth
+of the probes carrying them, after a JPEG encoding at quality 90 in none. So each pixel also gets tolerant keys, what noise and compression
+leave alone: whether each neighbour is brighter, darker or within :data:`CLOSE` of the centre
+(over the channels' mean, which averages the noise), and the centre's colour on
+:data:`TOLERANT_LEVELS` levels, in :data:`TOLERANT_TABLES` tables whose levels are offset by a
+share of a level (a copy that noise moved across a level's edge in one table shares a level in
+another). A tolerant key says less about its pixel, so pieces of objects agree more often: the
+strokes of three '1's of a digits probe set (16 grey levels) agreed on 24 pixels at a shift, the
+edges of three drawn shapes of one class agreed too, and the strokes beside a stamp joined its
+box. So a tolerant table needs :data:`TOLERANT_AGREEMENT` times ``min_pixels``, skips keys seen
+more than :data:`TOLERANT_COMMON` times per probe (a stroke's keys recur in most digits), and
+counts a pixel found only with :data:`TOLERANT_PARTNERS` more partners; and a probe's finds are
+the exact keys' wherever those find anything in it: the tolerant keys speak only where noise or
+compression left no exact agreement, and clean probes are found as before. Measured on the zoo's
+probes (``benchmarks/bench_finder_tolerance.py``; the reference, "Mask-free shortcut discovery",
+item 11).
+
 Each piece found is then boxed (:func:`boxed`), pieces with gaps narrower than a neighbourhood as one: a
 ruler's ticks, a tag's glyphs and the rim of a stamp are found in pieces (the flat gaps between
 them are not keyed), and a box per piece pasted a ruler with its bar cut between the ticks (on
@@ -51,14 +69,30 @@ times, share pieces of strokes of up to about 20 pixels in a few probes of 64.
 """
 from __future__ import annotations
 
+import math
 import weakref
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-#: Quantisation of colours in the keys, levels per channel over the probes' value range.
+#: Quantisation of colours in the exact keys, levels per channel over the probes' value range.
 LEVELS = 32
+#: Quantisation of a keyed pixel's own colour in the tolerant keys, levels per channel.
+TOLERANT_LEVELS = 16
+#: Tables of tolerant keys, each with the levels moved by ``1 / TOLERANT_TABLES`` of a level: two
+#: copies of a pixel that noise put on either side of a level's edge in one table share a level in
+#: another.
+TOLERANT_TABLES = 2
+#: The least agreement in a table of tolerant keys, as a multiple of ``min_pixels``: a tolerant
+#: key says less about its pixel, and pieces of objects agree on more pixels (see the module's
+#: docstring).
+TOLERANT_AGREEMENT = 4 / 3
+#: Tolerant keys seen more often than this many times per probe place nothing and are skipped.
+TOLERANT_COMMON = 2
+#: How many more partners a pixel needs in the tolerant tables than in the exact one: three
+#: shapes of one class in a Drawn Shapes probe set agreed on their edges in two partners.
+TOLERANT_PARTNERS = 1
 #: The least range of a 3 x 3 neighbourhood, as a share of the probes' value range, for its centre
 #: to be keyed: flat regions (a background, a filled object) match everywhere and place nothing.
 STRUCTURE = 0.1
@@ -81,30 +115,45 @@ MAX_SHARE = 1 / 8
 MIN_SHIFT = NEIGHBOURHOOD
 
 
-def pixel_keys(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, H*W) int64 keys of every pixel of ``images`` (N, C, H, W), and (N, H*W) whether the
-    pixel is structured enough to key (:mod:`this module <cam_monitor.probes.recurrence>`). One
-    image at a time: the neighbourhoods of a whole probe set of 224 px images would take gigabytes."""
+def pixel_keys(images: torch.Tensor, offset: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, H*W) int64 keys of every pixel of ``images`` (N, C, H, W), exact (``offset`` None) or
+    tolerant with the colour levels moved by ``offset`` of a level, and (N, H*W) whether the pixel
+    is structured enough to key (:mod:`this module <cam_monitor.probes.recurrence>`). One image at a
+    time: the neighbourhoods of a whole probe set of 224 px images would take gigabytes."""
     low, high = images.amin(), images.amax()
     x = (images - low) / (high - low).clamp_min(1e-12)
     weights = torch.randint(1, 2 ** 62, (NEIGHBOURHOOD ** 2 + x.shape[1],), generator=torch.Generator().manual_seed(0))
-    keys, structured = zip(*(_image_keys(one, weights) for one in x))
+    keys, structured = zip(*(_image_keys(one, weights, offset) for one in x))
     return torch.stack(keys), torch.stack(structured)
 
 
-def _image_keys(x: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _image_keys(x: torch.Tensor, weights: torch.Tensor, offset: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(H*W,) keys and structure of one (C, H, W) image already scaled to [0, 1] (:func:`pixel_keys`)."""
     c, h, w = x.shape
     near = F.unfold(x[None], NEIGHBOURHOOD, padding=NEIGHBOURHOOD // 2).view(c, NEIGHBOURHOOD ** 2, h * w)
-    centre = x.flatten(1)[:, None]
-    levels = (near * (LEVELS - 1)).round().long()
-    colour = sum(levels[ch] * LEVELS ** ch for ch in range(c))
-    close = ((near - centre).abs() <= CLOSE).all(0)
-    brighter = (near.mean(0) > centre.mean(0)).long()
-    own = (x.flatten(1) * (LEVELS - 1)).round().long()
-    features = torch.cat([torch.where(close, colour + 2, brighter), own], 0)
+    features = _exact_features(near, x.flatten(1)) if offset is None else _tolerant_features(near, x.flatten(1), offset)
     spread = F.max_pool2d(x, 3, 1, 1) + F.max_pool2d(-x, 3, 1, 1)
     return (features * weights[:, None]).sum(0), (spread.amax(0) >= STRUCTURE).flatten()
+
+
+def _exact_features(near: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+    """(K*K + C, P) features of P pixels, ``near`` (C, K*K, P) their neighbourhoods and ``centre``
+    (C, P) their colours: each neighbour's colour on :data:`LEVELS` where it is within
+    :data:`CLOSE` of the centre in every channel, else whether it is brighter; then the centre's."""
+    levels = (near * (LEVELS - 1)).round().long()
+    colour = sum(levels[ch] * LEVELS ** ch for ch in range(near.shape[0]))
+    close = ((near - centre[:, None]).abs() <= CLOSE).all(0)
+    brighter = (near.mean(0) > centre.mean(0)[None]).long()
+    return torch.cat([torch.where(close, colour + 2, brighter), (centre * (LEVELS - 1)).round().long()], 0)
+
+
+def _tolerant_features(near: torch.Tensor, centre: torch.Tensor, offset: float) -> torch.Tensor:
+    """The features of :func:`_exact_features` that noise and compression leave alone: whether each
+    neighbour is brighter, darker or within :data:`CLOSE` of the centre (the mean over channels),
+    then the centre's colour on :data:`TOLERANT_LEVELS` moved by ``offset`` of a level."""
+    step = (near - centre[:, None]).mean(0)
+    relation = torch.where(step > CLOSE, 1, torch.where(step < -CLOSE, 0, 2))
+    return torch.cat([relation, (centre * TOLERANT_LEVELS + offset).floor().long()], 0)
 
 
 def _ranks(sizes: torch.Tensor) -> torch.Tensor:
@@ -138,35 +187,64 @@ def boxed(found: torch.Tensor, join: int = JOIN) -> torch.Tensor:
     return out
 
 
-def recurring_masks(images: torch.Tensor, min_pixels: int = MIN_PIXELS, partners: int = 2) -> torch.Tensor:
+def recurring_masks(images: torch.Tensor, min_pixels: int = MIN_PIXELS, partners: int = 2,
+                    tolerant: bool = True) -> torch.Tensor:
     """(N, H, W) bool: :func:`recurring_boxes` without background (:func:`without_background`):
     none in a probe they would cover more than :data:`MAX_SHARE` of, and none at all where those
     are most of the probes with one. Reads the images only; deterministic."""
-    return without_background(recurring_boxes(images, min_pixels, partners))
+    return without_background(recurring_boxes(images, min_pixels, partners, tolerant))
 
 
-def recurring_boxes(images: torch.Tensor, min_pixels: int = MIN_PIXELS, partners: int = 2) -> torch.Tensor:
+def recurring_boxes(images: torch.Tensor, min_pixels: int = MIN_PIXELS, partners: int = 2,
+                    tolerant: bool = True) -> torch.Tensor:
     """(N, H, W) bool: the boxes (:func:`boxed`) around the pixels of each of ``images`` (N, C, H,
     W) whose keyed neighbourhood recurs, at one shift of at least :data:`MIN_SHIFT` pixels, with at
     least ``min_pixels`` pixels of agreement, in at least ``partners`` other images (:mod:`this module
-    <cam_monitor.probes.recurrence>`), background included."""
+    <cam_monitor.probes.recurrence>`), background included: in the exact keys, and in a probe
+    where they find nothing, unless ``tolerant`` is False, in the tolerant ones (with
+    :data:`TOLERANT_PARTNERS` more partners)."""
     if min_pixels < 1 or partners < 1:
         raise ValueError(f"min_pixels and partners must be at least 1, got {min_pixels} and {partners}")
     n, _, h, w = images.shape
+    images = images.detach().float().cpu()
+    found = _found_in_tables(images, [(None, min_pixels, COMMON)], partners)
+    if tolerant:
+        least = math.ceil(min_pixels * TOLERANT_AGREEMENT)
+        tables = [(t / TOLERANT_TABLES, least, TOLERANT_COMMON) for t in range(TOLERANT_TABLES)]
+        loose = _found_in_tables(images, tables, partners + TOLERANT_PARTNERS)
+        found = torch.where(found.any(1, keepdim=True), found, loose)
+    return boxed(found.view(n, h, w))
+
+
+def _found_in_tables(images: torch.Tensor, tables: list[tuple[float | None, int, float]],
+                     partners: int) -> torch.Tensor:
+    """(N, H*W) bool: the pixels of ``images`` that agree (:func:`_agreeing`) in any of ``tables``,
+    each (the keys' ``offset`` for :func:`pixel_keys`, the least agreement, the most occurrences of
+    a key per probe)."""
+    n, _, h, w = images.shape
     found = torch.zeros(n, h * w, dtype=torch.bool)
-    keys, structured = pixel_keys(images.detach().float().cpu())
+    for offset, least, common in tables:
+        keys, structured = pixel_keys(images, offset)
+        for probe, positions in _found_in_table(keys, structured, (n, h, w), least, partners, common):
+            found[probe, positions] = True
+    return found
+
+
+def _found_in_table(keys: torch.Tensor, structured: torch.Tensor, shape: tuple[int, int, int], min_pixels: int,
+                    partners: int, common: float) -> list[tuple[int, torch.Tensor]]:
+    """Per probe with keyed pixels, the flat positions of those that agree (:func:`_agreeing`) in
+    one table of keys (:func:`pixel_keys`)."""
+    n = shape[0]
     where = structured.nonzero()
     keys = keys[where[:, 0], where[:, 1]]
     order = keys.argsort(stable=True)
     where, keys = where[order], keys[order]
     _, inverse, counts = keys.unique_consecutive(return_inverse=True, return_counts=True)
-    usable = (counts >= 2) & (counts <= COMMON * n)
+    usable = (counts >= 2) & (counts <= common * n)
     keep = usable[inverse]
     where, counts = where[keep], counts[usable]
     keyed = Keyed(where, torch.arange(len(counts)).repeat_interleave(counts), torch.cumsum(counts, 0) - counts, counts)
-    for probe in where[:, 0].unique().tolist():
-        found[probe, _agreeing(keyed, probe, (n, h, w), min_pixels, partners)] = True
-    return boxed(found.view(n, h, w))
+    return [(probe, _agreeing(keyed, probe, shape, min_pixels, partners)) for probe in where[:, 0].unique().tolist()]
 
 
 class Keyed(NamedTuple):
