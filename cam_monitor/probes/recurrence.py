@@ -20,12 +20,12 @@ pixels have equal keys at that shift; a pixel is found where it agrees so with a
 ``partners`` other probes (a pair of images can share a piece by chance; a cue recurs wherever it
 is used). Exact keys need the copies the same to within about half a percent of the value range:
 under Gaussian noise of 1 % (2.5 grey levels of 255) they found the zoo's cues in at most a fifth
-of the probes carrying them, after a JPEG encoding at quality 90 in none. So each pixel also gets tolerant keys, what noise and compression
-leave alone: whether each neighbour is brighter, darker or within :data:`CLOSE` of the centre
-(over the channels' mean, which averages the noise), and the centre's colour on
-:data:`TOLERANT_LEVELS` levels, in :data:`TOLERANT_TABLES` tables whose levels are offset by a
-share of a level (a copy that noise moved across a level's edge in one table shares a level in
-another). A tolerant key says less about its pixel, so pieces of objects agree more often: the
+of the probes carrying them, after a JPEG encoding at quality 90 in none. So each pixel also gets
+tolerant keys, what noise and compression leave alone: whether each neighbour is brighter, darker
+or within :data:`CLOSE` of the centre (over the channels' mean, which averages the noise), and the
+centre's colour on :data:`TOLERANT_LEVELS` levels, in :data:`TOLERANT_TABLES` tables whose levels
+are offset by a share of a level (a copy that noise moved across a level's edge in one table
+shares a level in another). A tolerant key says less about its pixel, so pieces of objects agree more often: the
 strokes of three '1's of a digits probe set (16 grey levels) agreed on 24 pixels at a shift, the
 edges of three drawn shapes of one class agreed too, and the strokes beside a stamp joined its
 box. So a tolerant table needs :data:`TOLERANT_AGREEMENT` times ``min_pixels``, skips keys seen
@@ -207,33 +207,34 @@ def recurring_boxes(images: torch.Tensor, min_pixels: int = MIN_PIXELS, partners
         raise ValueError(f"min_pixels and partners must be at least 1, got {min_pixels} and {partners}")
     n, _, h, w = images.shape
     images = images.detach().float().cpu()
-    found = _found_in_tables(images, [(None, min_pixels, COMMON)], partners)
-    if tolerant:
+    found = _found_in_tables(images, [(None, min_pixels, COMMON)], partners, torch.ones(n, dtype=torch.bool))
+    unfound = ~found.any(1)
+    if tolerant and unfound.any():
         least = math.ceil(min_pixels * TOLERANT_AGREEMENT)
         tables = [(t / TOLERANT_TABLES, least, TOLERANT_COMMON) for t in range(TOLERANT_TABLES)]
-        loose = _found_in_tables(images, tables, partners + TOLERANT_PARTNERS)
-        found = torch.where(found.any(1, keepdim=True), found, loose)
+        found |= _found_in_tables(images, tables, partners + TOLERANT_PARTNERS, unfound)
     return boxed(found.view(n, h, w))
 
 
-def _found_in_tables(images: torch.Tensor, tables: list[tuple[float | None, int, float]],
-                     partners: int) -> torch.Tensor:
-    """(N, H*W) bool: the pixels of ``images`` that agree (:func:`_agreeing`) in any of ``tables``,
-    each (the keys' ``offset`` for :func:`pixel_keys`, the least agreement, the most occurrences of
-    a key per probe)."""
+def _found_in_tables(images: torch.Tensor, tables: list[tuple[float | None, int, float]], partners: int,
+                     probes: torch.Tensor) -> torch.Tensor:
+    """(N, H*W) bool: the pixels of the ``probes`` (N,) bool of ``images`` that agree
+    (:func:`_agreeing`, every probe a possible partner) in any of ``tables``, each (the keys'
+    ``offset`` for :func:`pixel_keys`, the least agreement, the most occurrences of a key per
+    probe)."""
     n, _, h, w = images.shape
     found = torch.zeros(n, h * w, dtype=torch.bool)
     for offset, least, common in tables:
         keys, structured = pixel_keys(images, offset)
-        for probe, positions in _found_in_table(keys, structured, (n, h, w), least, partners, common):
+        for probe, positions in _found_in_table(keys, structured, (n, h, w), least, partners, common, probes):
             found[probe, positions] = True
     return found
 
 
 def _found_in_table(keys: torch.Tensor, structured: torch.Tensor, shape: tuple[int, int, int], min_pixels: int,
-                    partners: int, common: float) -> list[tuple[int, torch.Tensor]]:
-    """Per probe with keyed pixels, the flat positions of those that agree (:func:`_agreeing`) in
-    one table of keys (:func:`pixel_keys`)."""
+                    partners: int, common: float, probes: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """Per one of ``probes`` with keyed pixels, the flat positions of those that agree
+    (:func:`_agreeing`) in one table of keys (:func:`pixel_keys`)."""
     n = shape[0]
     where = structured.nonzero()
     keys = keys[where[:, 0], where[:, 1]]
@@ -244,7 +245,8 @@ def _found_in_table(keys: torch.Tensor, structured: torch.Tensor, shape: tuple[i
     keep = usable[inverse]
     where, counts = where[keep], counts[usable]
     keyed = Keyed(where, torch.arange(len(counts)).repeat_interleave(counts), torch.cumsum(counts, 0) - counts, counts)
-    return [(probe, _agreeing(keyed, probe, shape, min_pixels, partners)) for probe in where[:, 0].unique().tolist()]
+    return [(probe, _agreeing(keyed, probe, shape, min_pixels, partners))
+            for probe in where[:, 0].unique().tolist() if probes[probe]]
 
 
 class Keyed(NamedTuple):
