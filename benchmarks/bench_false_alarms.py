@@ -11,6 +11,7 @@ Clopper-Pearson bound; with no alarm in ``R`` runs that bound is ``1 - 0.05 ** (
 below ``T * alpha`` from about ``3 / (T * alpha)`` runs (500 for six evaluations at 1e-3).
 
     python benchmarks/bench_false_alarms.py --seeds 40 [--first-seed 0] [--base shapes] [--arch resnet18]
+    python benchmarks/bench_false_alarms.py --seeds 40 --degradation noise0.02   # noisy images
     python benchmarks/bench_false_alarms.py --merge a.json b.json --out all.json   # runs split over processes
 
 Prints per cue and base the control runs, their evaluations, the runs with any alert (the drift
@@ -40,7 +41,7 @@ from cam_monitor.discovery import DiscoverySettings  # noqa: E402
 
 #: What every file ``--merge`` joins must share (:func:`bench_zoo.load_alike`), with the value of a
 #: file that predates the key; architectures and bases may mix (the table groups by them).
-SETTINGS = (("record_pairs", None), ("masks", False), ("object_masks", False))
+SETTINGS = (("record_pairs", None), ("masks", False), ("object_masks", False), ("degradation", "clean"))
 #: The confidence of the stated bounds.
 CONFIDENCE = 0.95
 
@@ -166,12 +167,13 @@ def main() -> None:
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             for cue in args.cues.split(","):
                 run = run_task(cue, "control", seed, args.epochs, f"{root}/{cue}_{seed}", arch=args.arch, base=args.base,
-                               spurious_masks=args.masks, object_masks=args.object_masks, **extra)
+                               spurious_masks=args.masks, object_masks=args.object_masks,
+                               degradation=args.degradation, **extra)
                 runs.append(record(run, args.base, args.arch))
                 print(f"{args.base:>6} {args.arch:>8} {cue:>18} seed {seed}: evidence max "
                       f"{max(runs[-1]['evidence']):.3g}, alerts {runs[-1]['alerts']}", flush=True)
                 result = {"machine": machine(), "epochs": args.epochs, "record_pairs": args.record_pairs, "masks": args.masks,
-                          "object_masks": args.object_masks,
+                          "object_masks": args.object_masks, "degradation": args.degradation,
                           **summarise(runs, alpha), "runs": runs, "wall_s": time.perf_counter() - start}
                 write_json(result, out, say=False)
     print_table(summarise(runs, alpha))

@@ -29,34 +29,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torchvision.io import decode_jpeg, encode_jpeg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine import default_result_path, machine, write_json  # noqa: E402
 
-from cam_monitor.demo.data import CUES  # noqa: E402
+from cam_monitor.demo.data import CUES, degraded  # noqa: E402
 from cam_monitor.demo.zoo import truth_probes  # noqa: E402
 from cam_monitor.probes.recurrence import NEIGHBOURHOOD, recurring_masks  # noqa: E402
 
 DEGRADATIONS = ("clean", "noise0.01", "noise0.02", "noise0.03", "jpeg90", "jpeg75")
 FINDERS = {"exact": False, "tolerant": True}
-
-
-def degraded(images: torch.Tensor, how: str, seed: int) -> torch.Tensor:
-    """``images`` after ``how`` (:data:`DEGRADATIONS`): ``noiseS``, Gaussian noise of S times the
-    value range, clipped to it; ``jpegQ``, a JPEG encoding at quality Q of the images put on 8 bits
-    over their range. Deterministic for ``seed``."""
-    low, high = images.amin(), images.amax()
-    if how == "clean":
-        return images
-    if how.startswith("noise"):
-        gen = torch.Generator().manual_seed(seed)
-        return (images + float(how[5:]) * (high - low) * torch.randn(images.shape, generator=gen)).clamp(low, high)
-    if how.startswith("jpeg"):
-        eight_bit = ((images - low) / (high - low) * 255).round().clamp(0, 255).to(torch.uint8)
-        back = torch.stack([decode_jpeg(encode_jpeg(one, quality=int(how[4:]))) for one in eight_bit])
-        return back.float() / 255 * (high - low) + low
-    raise ValueError(f"degradation must be noiseS or jpegQ, got {how!r}")
 
 
 def scored(found: torch.Tensor, cue: torch.Tensor, objects: torch.Tensor | None) -> dict:
@@ -77,7 +59,7 @@ def run_task(base: str, cue: str, seed: int, degradations: tuple[str, ...] = DEG
     objects = probes.object_masks.bool() if torch.is_tensor(probes.object_masks) else None
     rows = []
     for how in degradations:
-        images = degraded(probes.images.float(), how, seed)
+        images = degraded(probes.images.float(), how, torch.Generator().manual_seed(seed))
         masks = {}
         for name, tolerant in FINDERS.items():
             start = time.perf_counter()

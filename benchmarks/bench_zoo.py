@@ -13,6 +13,7 @@ costs per evaluation (pasted images, seconds, ratio to one inference forward of 
 medians of interleaved repeats on the last model).
 
     python benchmarks/bench_zoo.py [--seeds 5] [--epochs 6] [--base shapes] [--global-test]
+    python benchmarks/bench_zoo.py --degradation jpeg90   # every image JPEG-compressed after its cue is drawn
     python benchmarks/bench_zoo.py --merge a.json b.json --out all.json   # runs split over processes
     python benchmarks/bench_zoo.py --merge all.json --replay arm_mean --out old.json  # same runs, older statistic
 
@@ -38,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine import default_result_path, machine, time_interleaved, write_json  # noqa: E402
 
-from cam_monitor.demo.data import BASES, CUES  # noqa: E402
+from cam_monitor.demo.data import BASES, CUES, check_degradation  # noqa: E402
 from cam_monitor.demo.zoo import ZooRecord, ZooRun, replayed, run_task  # noqa: E402
 from cam_monitor.discovery import DiscoverySettings, discover  # noqa: E402
 from cam_monitor.engine import class_scores  # noqa: E402
@@ -77,7 +78,7 @@ class SavedRun(ZooRecord):
 
 #: What every file ``--merge`` joins must share, with the value of a file that predates the key.
 SETTINGS = (("arch", "cnn"), ("base", "digits"), ("epochs", None), ("global_test", False), ("record_pairs", None),
-            ("masks", False), ("object_masks", False))
+            ("masks", False), ("object_masks", False), ("degradation", "clean"))
 
 
 def load_alike(paths: list[str], settings: tuple[tuple[str, object], ...]) -> list[dict]:
@@ -175,9 +176,20 @@ def print_table(rows: list[dict], cost: dict | None) -> None:
           "probe sets)")
 
 
+def checked_degradation(how: str) -> str:
+    """``--degradation`` as given, refused with the forms it takes unless
+    :func:`~cam_monitor.demo.data.check_degradation` reads it."""
+    try:
+        check_degradation(how)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return how
+
+
 def add_fit_arguments(p: argparse.ArgumentParser, seeds: int) -> None:
     """The zoo fits a benchmark runs (``--seeds`` from ``--first-seed``, ``--epochs``, ``--arch``,
-    ``--base``, ``--cues``) and ``--merge``, which joins result files split over processes instead."""
+    ``--base``, ``--cues``, ``--degradation``) and ``--merge``, which joins result files split over
+    processes instead."""
     p.add_argument("--seeds", type=int, default=seeds)
     p.add_argument("--first-seed", type=int, default=0, help="seeds run are first-seed .. first-seed + seeds - 1")
     p.add_argument("--epochs", type=int, default=6)
@@ -185,6 +197,9 @@ def add_fit_arguments(p: argparse.ArgumentParser, seeds: int) -> None:
     p.add_argument("--base", default="digits", choices=BASES, help="the images the cues go over (digits: 32 px grey; "
                    "shapes: drawn shapes on varied backgrounds, 64 px colour)")
     p.add_argument("--cues", default=",".join(CUES), help="comma-separated zoo tasks (default: all)")
+    p.add_argument("--degradation", default="clean", type=checked_degradation,
+                   help="every image (train, validation, probes, test) after its cue is drawn: clean, noiseS "
+                        "(Gaussian noise of S times the value range) or jpegQ (JPEG at quality Q)")
     p.add_argument("--merge", nargs="+", default=None, help="result files to combine into one table (no runs)")
     p.add_argument("--masks", action="store_true",
                    help="give the monitor the true cue masks as spurious masks (the marked arm and the mask rules run)")
@@ -250,7 +265,7 @@ def main() -> None:
     def result(cost: dict | None) -> dict:
         return {"machine": machine(), "arch": args.arch, "base": args.base, "epochs": args.epochs,
                 "global_test": args.global_test, "record_pairs": args.record_pairs, "masks": args.masks,
-                "object_masks": args.object_masks,
+                "object_masks": args.object_masks, "degradation": args.degradation,
                 "seeds": sorted({r.seed for r in runs}), "tasks": summarise(runs), "cost": cost,
                 "runs": [{"task": r.cue, "variant": r.variant, "seed": r.seed, "alerts": r.alerts, "epochs": r.rows,
                           "active_at_end": r.active_at_end} for r in runs],
@@ -264,7 +279,7 @@ def main() -> None:
                 for variant in ("shortcut", "control"):
                     run = run_task(cue, variant, seed, args.epochs, f"{root}/{cue}_{variant}_{seed}", arch=args.arch,
                                    base=args.base, spurious_masks=args.masks, object_masks=args.object_masks,
-                                   **extra)
+                                   degradation=args.degradation, **extra)
                     runs.append(run)
                     print(f"{cue:>18} {variant:>8} seed {seed}: gap > 0.2 at epoch {run.gap_epoch}, alerts "
                           f"{[(a['epoch'], a['rule']) for a in run.alerts]}", flush=True)

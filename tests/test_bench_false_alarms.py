@@ -11,6 +11,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import bench_false_alarms as bench  # noqa: E402
 
+from cam_monitor.demo.zoo import run_task  # noqa: E402
+
 
 def test_the_upper_bound_is_the_exact_one_sided_clopper_pearson_limit() -> None:
     assert bench.upper_bound(0, 500) == pytest.approx(1 - 0.05 ** (1 / 500))  # the rule of three: about 3 / 500
@@ -49,9 +51,17 @@ def test_a_pair_string_spells_each_paired_difference() -> None:
 def test_a_campaign_writes_each_control_run_and_merges(tmp_path, monkeypatch, capsys) -> None:
     out = tmp_path / "fa.json"
     monkeypatch.setattr(sys, "argv", ["bench_false_alarms.py", "--seeds", "1", "--epochs", "1",
-                                      "--cues", "corner_patch", "--out", str(out)])
+                                      "--cues", "corner_patch", "--degradation", "jpeg90", "--out", str(out)])
+    fitted = []
+
+    def spied(*args: object, **kwargs: object) -> object:
+        fitted.append(kwargs["degradation"])
+        return run_task(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "run_task", spied)
     bench.main()
     result = json.loads(out.read_text())
+    assert result["degradation"] == "jpeg90" and fitted == ["jpeg90"]
     (run,) = result["runs"]
     assert (run["task"], run["base"], run["arch"], run["evaluations"]) == ("corner_patch", "digits", "cnn", 1)
     assert result["total"]["runs"] == 1 and math.isfinite(run["evidence"][0])
@@ -63,6 +73,12 @@ def test_a_campaign_writes_each_control_run_and_merges(tmp_path, monkeypatch, ca
     monkeypatch.setattr(sys, "argv", ["bench_false_alarms.py", "--merge", str(out), str(out), "--out", str(merged)])
     bench.main()
     assert json.loads(merged.read_text())["total"]["runs"] == 2
+    assert json.loads(merged.read_text())["degradation"] == "jpeg90"
+    clean = tmp_path / "clean.json"
+    clean.write_text(json.dumps({**result, "degradation": "clean"}))
+    monkeypatch.setattr(sys, "argv", ["bench_false_alarms.py", "--merge", str(out), str(clean), "--out", str(merged)])
+    with pytest.raises(SystemExit, match="differ in degradation"):
+        bench.main()
     assert "control runs" in capsys.readouterr().out
 
 

@@ -10,6 +10,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import bench_zoo as bench  # noqa: E402
 
+from cam_monitor.demo.zoo import run_task  # noqa: E402
+
 
 def result_file(path: Path, seed: int, **setting: object) -> str:
     run = {"task": "corner_patch", "variant": "control", "seed": seed, "epochs": [], "alerts": [],
@@ -57,7 +59,7 @@ def test_the_false_alarm_rate_per_evaluation_pools_every_tasks_control_evaluatio
 
 
 @pytest.mark.parametrize("key, value", [("base", "shapes"), ("arch", "resnet18"), ("epochs", 4), ("global_test", True),
-                                        ("masks", True), ("object_masks", True)])
+                                        ("masks", True), ("object_masks", True), ("degradation", "jpeg90")])
 def test_files_of_different_settings_are_refused_rather_than_labelled_as_the_first(tmp_path, key, value) -> None:
     a, b = result_file(tmp_path / "a.json", 0), result_file(tmp_path / "b.json", 1, **{key: value})
     with pytest.raises(SystemExit, match=f"differ in {key}"):
@@ -81,7 +83,14 @@ def test_a_file_stopped_before_its_cost_was_measured_merges_with_the_cost_of_ano
 def test_a_campaign_keeps_each_fit_as_it_goes_and_records_every_arms_pairs(tmp_path, monkeypatch) -> None:
     out = tmp_path / "zoo.json"
     monkeypatch.setattr(sys, "argv", ["bench_zoo.py", "--seeds", "1", "--epochs", "1", "--cues", "corner_patch",
-                                      "--record-pairs", "8", "--out", str(out)])
+                                      "--record-pairs", "8", "--degradation", "noise0.02", "--out", str(out)])
+    fitted = []
+
+    def spied(*args: object, **kwargs: object) -> object:
+        fitted.append(kwargs["degradation"])
+        return run_task(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "run_task", spied)
 
     def stopped(*args: object) -> dict:
         raise KeyboardInterrupt  # the campaign stopped after its fits, before the cost
@@ -92,7 +101,17 @@ def test_a_campaign_keeps_each_fit_as_it_goes_and_records_every_arms_pairs(tmp_p
     result = json.loads(out.read_text())
     assert [r["variant"] for r in result["runs"]] == ["shortcut", "control"] and result["cost"] is None
     assert result["record_pairs"] == 8
+    assert result["degradation"] == "noise0.02" and fitted == ["noise0.02", "noise0.02"]  # both fits saw noisy images
     for run in result["runs"]:
         (evaluation,) = [e["evidence_pairs"] for e in run["epochs"]]
         assert evaluation and all(len(p) <= 8 for p in evaluation.values())
         assert max(len(p) for p in evaluation.values()) == 8  # one stage, 8 pairs an arm (fewer where a plan ran out)
+
+
+@pytest.mark.parametrize("how", ["blur", "noise0", "jpeg101"])
+def test_a_degradation_it_cannot_read_stops_the_campaign_before_any_fit(how, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(sys, "argv", ["bench_zoo.py", "--degradation", how])
+    monkeypatch.setattr(bench, "run_task", lambda *a, **k: pytest.fail("a fit ran"))
+    with pytest.raises(SystemExit):
+        bench.main()
+    assert "degradation must be 'clean', 'noiseS'" in capsys.readouterr().err

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from cam_monitor.alerts import describe_alert
-from cam_monitor.demo.data import BASES, CUES, PATCH, class_rulers, class_tags, make_decoy_digits
+from cam_monitor.demo.data import (BASES, CUES, PATCH, check_degradation, class_rulers, class_tags, degraded,
+                                   make_decoy_digits)
+from cam_monitor.demo.model import DecoyDigitsDataModule
 from cam_monitor.demo.zoo import ZooRecord, mask_free_probes, run_task, truth_probes
 from cam_monitor.discovery import DiscoverySettings
 
@@ -133,6 +135,50 @@ def test_the_monitor_sees_the_truth_probes_without_their_masks() -> None:
 def test_an_unknown_cue_is_refused() -> None:
     with pytest.raises(ValueError, match="cue must be one of"):
         make_decoy_digits(0, cue="watermark")
+
+
+def test_each_degradation_keeps_the_value_range_and_is_deterministic() -> None:
+    images = 0.2 + 0.6 * torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    seeded = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    assert torch.equal(degraded(images, "clean", seeded()), images)
+    for how in ("noise0.02", "jpeg75"):
+        out = degraded(images, how, seeded())
+        assert out.shape == images.shape and out.dtype == images.dtype and not torch.equal(out, images)
+        assert float(out.min()) >= float(images.min()) - 1e-6 and float(out.max()) <= float(images.max()) + 1e-6
+        assert torch.equal(out, degraded(images, how, seeded()))
+    assert (degraded(images, "noise0.02", seeded()) - images).std() == pytest.approx(0.02 * 0.6, rel=0.3)
+    grey = images[:, :1]  # JPEG encodes one channel as well as three
+    assert (degraded(grey, "jpeg75", seeded()) - grey).abs().amax() > 0
+
+
+@pytest.mark.parametrize("how", ["blur", "noise", "noise0", "noise1.5", "noise-0.1", "jpeg0", "jpeg101", "jpeg9.5",
+                                 "jpegx", "Clean"])
+def test_a_degradation_it_cannot_read_is_refused_with_the_forms_it_takes(how) -> None:
+    with pytest.raises(ValueError, match=r"degradation must be 'clean', 'noiseS'.*'jpegQ'.*got"):
+        check_degradation(how)
+    with pytest.raises(ValueError, match="degradation must be"):
+        make_decoy_digits(0, degradation=how)
+    with pytest.raises(ValueError, match="degradation must be"):
+        DecoyDigitsDataModule(degradation=how)
+
+
+@pytest.mark.parametrize("base", BASES)
+@pytest.mark.parametrize("how", ["noise0.02", "jpeg90"])
+def test_a_degraded_build_is_the_clean_build_through_noise_or_jpeg(base, how) -> None:
+    """Every split's images change, a little; the labels, cues and masks are the clean build's, so
+    the shortcut and its control differ only in what the cue codes, as they do clean."""
+    clean, noisy = make_decoy_digits(4, cue="text_tag", base=base), make_decoy_digits(4, cue="text_tag", base=base,
+                                                                                      degradation=how)
+    for name in ("train_shortcut", "train_control", "val", "test_matched", "test_random", "test_none"):
+        a, b = getattr(clean, name), getattr(noisy, name)
+        assert torch.equal(a.labels, b.labels) and torch.equal(a.decoy_class, b.decoy_class)
+        assert torch.equal(a.spurious_masks, b.spurious_masks) and torch.equal(a.object_masks, b.object_masks)
+        change = (b.images - a.images).abs()
+        assert 0 < float(change.mean()) < 0.03 and float(b.images.min()) >= 0 and float(b.images.max()) <= 1
+    assert torch.equal(noisy.val.images, make_decoy_digits(4, cue="text_tag", base=base, degradation=how).val.images)
+    probes = truth_probes("text_tag", 4, 16, base, how)
+    assert torch.equal(probes.images, mask_free_probes("text_tag", 4, 16, base, how).images)
+    assert not torch.equal(probes.images, truth_probes("text_tag", 4, 16, base).images)
 
 
 @pytest.mark.parametrize("cue", CUES)

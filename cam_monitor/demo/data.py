@@ -26,6 +26,10 @@ The same cues go over a second base task (``base="shapes"``, :mod:`.shapes`): te
 shapes on varied backgrounds, 64 x 64 RGB. Every cue scales with the canvas (a 4 x 4 px patch at
 32 px is 8 x 8 at 64), grey cues are drawn on every channel, and on colour images the cast is a
 class-coded tint of the whole image.
+
+Real images reach a classifier through a sensor and an encoder: ``degradation`` (:func:`degraded`)
+puts every split through Gaussian noise or a JPEG encoding after its cues are drawn, so the copies
+of a burnt-in cue are no longer the same pixels.
 Validation and probes carry matched patterns (the realistic case: validation shares the bias);
 the ground truth comes from three test splits over the same digits, with matched, random and no
 patterns: shortcut use is accuracy(matched) - accuracy(random). Everything is built in memory,
@@ -33,7 +37,7 @@ deterministically from a seed, in well under a second.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import torch
@@ -91,6 +95,42 @@ def check_cue(cue: str) -> None:
     """Refuse a cue that is not one of :data:`CUES`."""
     if cue not in CUES:
         raise ValueError(f"cue must be one of {CUES}, got {cue!r}")
+
+
+def degraded(images: torch.Tensor, how: str, gen: torch.Generator) -> torch.Tensor:
+    """``images`` (N, C, H, W) after ``how``: ``"clean"`` (unchanged), ``"noiseS"`` (Gaussian noise
+    of S times the images' value range, clipped to it; noise drawn from ``gen``) or ``"jpegQ"`` (a
+    JPEG encoding at quality Q, 1 to 100, of the images put on 8 bits over their range, and back)."""
+    kind, amount = check_degradation(how)
+    if kind == "clean":
+        return images
+    low, high = images.amin(), images.amax()
+    if kind == "noise":
+        noise = torch.randn(images.shape, generator=gen, dtype=images.dtype)
+        return (images + amount * (high - low) * noise).clamp(low, high)
+    from torchvision.io import decode_jpeg, encode_jpeg
+
+    eight_bit = ((images - low) / (high - low).clamp_min(1e-12) * 255).round().clamp(0, 255).to(torch.uint8)
+    back = torch.stack([decode_jpeg(encode_jpeg(one, quality=int(amount))) for one in eight_bit])
+    return back.to(images.dtype) / 255 * (high - low) + low
+
+
+def check_degradation(how: str) -> tuple[str, float]:
+    """``how`` read as (``"clean"``, 0), (``"noise"``, S) with 0 < S <= 1, or (``"jpeg"``, Q) with
+    Q an integer from 1 to 100; anything else refused with the forms it takes."""
+    forms = "'clean', 'noiseS' (S of the value range, e.g. noise0.02) or 'jpegQ' (quality 1-100, e.g. jpeg90)"
+    if how == "clean":
+        return "clean", 0.0
+    for kind, low, high in (("noise", 0.0, 1.0), ("jpeg", 1, 100)):
+        if how.startswith(kind):
+            try:
+                amount = float(how[len(kind):]) if kind == "noise" else int(how[len(kind):])
+            except ValueError:
+                break
+            if (low < amount <= high) if kind == "noise" else (low <= amount <= high):
+                return kind, float(amount)
+            break
+    raise ValueError(f"degradation must be {forms}, got {how!r}")
 
 
 def class_textures(contrast: float = TEXTURE_CONTRAST, size: int = CANVAS) -> torch.Tensor:
@@ -371,10 +411,13 @@ class DecoyDigits:
 
 @lru_cache(maxsize=4)
 def make_decoy_digits(seed: int = 0, correlation: float = 1.0, val_fraction: float = 0.15,
-                      test_fraction: float = 0.2, cue: str = "corner_patch", base: str = "digits") -> DecoyDigits:
+                      test_fraction: float = 0.2, cue: str = "corner_patch", base: str = "digits",
+                      degradation: str = "clean") -> DecoyDigits:
     """Build every split from one seed with the class-coded ``cue`` (:data:`CUES`; the default is
-    Decoy Digits) over a ``base`` task (:data:`BASES`: the digits, or Drawn Shapes); the global
-    RNG is never touched.
+    Decoy Digits) over a ``base`` task (:data:`BASES`: the digits, or Drawn Shapes), each image then
+    put through ``degradation`` (:func:`degraded`: ``"clean"``, ``"noiseS"``, ``"jpegQ"``; the
+    noise drawn from a generator of its own, so the images and cues are those of the clean build);
+    the global RNG is never touched.
 
     Cached per arguments (the shortcut and control runs share one build); treat the returned
     tensors as read-only.
@@ -382,14 +425,19 @@ def make_decoy_digits(seed: int = 0, correlation: float = 1.0, val_fraction: flo
     if not 0.0 <= correlation <= 1.0:
         raise ValueError(f"correlation must be in [0, 1], got {correlation}")
     check_cue(cue)
+    check_degradation(degradation)
     images, labels, objects = base_task(base)
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(labels), generator=gen)
     n_val, n_test = int(len(order) * val_fraction), int(len(order) * test_fraction)
     val_idx, test_idx, train_idx = order[:n_val], order[n_val:n_val + n_test], order[n_val + n_test:]
     patterns = decoy_patterns(seed)
-    part = lambda idx, mode, corr=1.0: make_split(images[idx], labels[idx], objects[idx], mode, gen,  # noqa: E731
-                                                  patterns, corr, cue)
+    noise = torch.Generator().manual_seed(seed + 2**32)  # a stream apart from the splits' draws
+
+    def part(idx: torch.Tensor, mode: str, corr: float = 1.0) -> DecoySplit:
+        split = make_split(images[idx], labels[idx], objects[idx], mode, gen, patterns, corr, cue)
+        return replace(split, images=degraded(split.images, degradation, noise))
+
     return DecoyDigits(
         train_shortcut=part(train_idx, "matched", correlation),
         train_control=part(train_idx, "random"),

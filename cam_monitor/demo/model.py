@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
-from .data import BASES, NUM_CLASSES, DecoyDigits, DecoySplit, check_cue, make_decoy_digits
+from .data import BASES, NUM_CLASSES, DecoyDigits, DecoySplit, check_cue, check_degradation, make_decoy_digits
 
 
 class SmallCNN(nn.Module):
@@ -119,7 +119,8 @@ class DecoyDigitsDataModule(L.LightningDataModule):
     """Decoy Digits for Lightning: ``variant="shortcut"`` (the cue codes the label) or ``"control"``;
     ``cue`` picks the zoo task (:data:`~cam_monitor.demo.data.CUES`, default the corner patch) and
     ``base`` the images it goes over (:data:`~cam_monitor.demo.data.BASES`: the digits, or Drawn
-    Shapes in colour at 64 px, which need ``DigitClassifier(in_channels=3)``).
+    Shapes in colour at 64 px, which need ``DigitClassifier(in_channels=3)``); ``degradation``
+    puts every image through sensor noise or JPEG (:func:`~cam_monitor.demo.data.degraded`).
 
     Validation always uses matched decoys (the realistic case where validation shares the bias).
     Batches are dicts (``image``, ``label``, ``spurious_mask``, ``object_mask``), so a monitor
@@ -128,20 +129,24 @@ class DecoyDigitsDataModule(L.LightningDataModule):
     """
 
     def __init__(self, variant: str = "shortcut", batch_size: int = 64, seed: int = 0, correlation: float = 1.0,
-                 num_workers: int = 0, cue: str = "corner_patch", base: str = "digits") -> None:
+                 num_workers: int = 0, cue: str = "corner_patch", base: str = "digits",
+                 degradation: str = "clean") -> None:
         super().__init__()
         if variant not in ("shortcut", "control"):
             raise ValueError(f"variant must be 'shortcut' or 'control', got {variant!r}")
         if base not in BASES:
             raise ValueError(f"base must be one of {BASES}, got {base!r}")
         check_cue(cue)
+        check_degradation(degradation)
         self.variant, self.batch_size, self.seed, self.cue, self.base = variant, batch_size, seed, cue, base
+        self.degradation = degradation
         self.correlation, self.num_workers = correlation, num_workers
         self.data: DecoyDigits | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.data is None:
-            self.data = make_decoy_digits(self.seed, self.correlation, cue=self.cue, base=self.base)
+            self.data = make_decoy_digits(self.seed, self.correlation, cue=self.cue, base=self.base,
+                                          degradation=self.degradation)
 
     def _loader(self, split: DecoySplit, shuffle: bool) -> DataLoader:
         sampler = EpochSeededSampler(len(split), self.seed) if shuffle else None

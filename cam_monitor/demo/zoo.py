@@ -100,35 +100,41 @@ def replayed(rows: list[dict[str, Any]], statistic: Callable[[dict[str, Any]], f
     return first, active
 
 
-def truth_probes(cue: str, seed: int, num_probes: int = 64, base: str = "digits") -> ProbeSet:
-    """Class-balanced probes from the task's validation split with their true cue and object
+def truth_probes(cue: str, seed: int, num_probes: int = 64, base: str = "digits",
+                 degradation: str = "clean") -> ProbeSet:
+    """Class-balanced probes from the task's validation split (put through ``degradation``, as
+    :func:`~cam_monitor.demo.data.make_decoy_digits` takes it) with their true cue and object
     masks: for benchmarks that score where a mask-free test looked, never for the monitor."""
-    data = make_decoy_digits(seed, cue=cue, base=base)
+    data = make_decoy_digits(seed, cue=cue, base=base, degradation=degradation)
     return ProbeSet.from_dataset(data.val, num_probes=num_probes, seed=seed, num_classes=10,
                                  class_names=[str(c) for c in range(10)])
 
 
-def mask_free_probes(cue: str, seed: int, num_probes: int = 64, base: str = "digits") -> ProbeSet:
+def mask_free_probes(cue: str, seed: int, num_probes: int = 64, base: str = "digits",
+                     degradation: str = "clean") -> ProbeSet:
     """The same probes as :func:`truth_probes`, with every mask dropped (what the zoo's monitor sees)."""
-    return replace(truth_probes(cue, seed, num_probes, base), spurious_masks=None, object_masks=None)
+    return replace(truth_probes(cue, seed, num_probes, base, degradation), spurious_masks=None, object_masks=None)
 
 
 def run_task(cue: str, variant: str, seed: int, epochs: int, root: str, *, num_probes: int = 64,
              limit_train_batches: int | float | None = None, arch: str = "cnn", base: str = "digits",
-             spurious_masks: bool = False, object_masks: bool = False, **monitor_kwargs: Any) -> ZooRun:
-    """Train the demo CNN (or ``arch="resnet18"``) on one zoo task (``cue`` over the ``base`` task)
-    with a mask-free :class:`CAMMonitor` on every epoch; with ``spurious_masks`` its probes carry
-    the true cue masks (as a user who marked the cue would give them), with ``object_masks`` the
-    true object masks (as a user who outlined the objects would)."""
+             spurious_masks: bool = False, object_masks: bool = False, degradation: str = "clean",
+             **monitor_kwargs: Any) -> ZooRun:
+    """Train the demo CNN (or ``arch="resnet18"``) on one zoo task (``cue`` over the ``base`` task,
+    every image put through ``degradation``: sensor noise or JPEG, as
+    :func:`~cam_monitor.demo.data.make_decoy_digits` takes it) with a mask-free
+    :class:`CAMMonitor` on every epoch; with ``spurious_masks`` its probes carry the true cue masks
+    (as a user who marked the cue would give them), with ``object_masks`` the true object masks
+    (as a user who outlined the objects would)."""
     L.seed_everything(seed, verbose=False)
-    data = DecoyDigitsDataModule(variant, seed=seed, cue=cue, base=base)
+    data = DecoyDigitsDataModule(variant, seed=seed, cue=cue, base=base, degradation=degradation)
     data.setup()
     accuracy = DecoyAccuracy({"matched": data.data.test_matched, "random": data.data.test_random})
     kwargs = {"target_layer": ARCHS[arch], "alerting": AlertSettings(action="log"),
               "pictures": PictureSettings(every_n_evals=0), **monitor_kwargs}
-    probes = mask_free_probes(cue, seed, num_probes, base)
+    probes = mask_free_probes(cue, seed, num_probes, base, degradation)
     if spurious_masks or object_masks:
-        truth = truth_probes(cue, seed, num_probes, base)
+        truth = truth_probes(cue, seed, num_probes, base, degradation)
         probes = replace(probes, spurious_masks=truth.spurious_masks if spurious_masks else None,
                          object_masks=truth.object_masks if object_masks else None)
     monitor = CAMMonitor(probes=probes, log_dir=f"{root}/cam_monitor", **kwargs)
