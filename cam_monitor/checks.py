@@ -221,25 +221,30 @@ def local_reach_notes(grid: tuple[int, int], layer: str, probes: ProbeSet, setti
     return [f"without masks, discovery's local test sees a cue that fits in {window} of layer {layer!r} "
             f"({cells[0] * ch}x{cells[1] * cw} px of the "
             f"{probes.image_size[0]}x{probes.image_size[1]} probes); a stamp, tag or ruler larger than that is "
-            f"missed by it{still if others else ''}{recurring_note(probes, runs) if found.recurring_test else ''}: "
+            f"missed by it{still if others else ''}{recurring_note(probes, runs, found.recurring_tolerant) if found.recurring_test else ''}: "
             "give spurious masks for a cue you know, or target a layer whose cells are at least as large as the cue "
             "and smaller than your objects"]
 
 
-def recurring_note(probes: ProbeSet, runs: tuple[str, ...]) -> str:
-    """What the recurrence finder found in the probes, for the local-reach note: the recurring arm
-    tests a cue of any size whole, but only one drawn the same in several probes (to within noise
-    and compression: :mod:`~cam_monitor.probes.recurrence`)."""
+def recurring_note(probes: ProbeSet, runs: tuple[str, ...], tolerant: bool = True) -> str:
+    """What the recurrence finder (with its ``tolerant`` keys or without) found in the probes, for
+    the local-reach note: the recurring arm tests a cue of any size whole, but only one drawn the
+    same in several probes (to within noise and compression where ``tolerant``:
+    :mod:`~cam_monitor.probes.recurrence`)."""
     if RECURRING in runs:
-        holding = int(recurring_of(probes.images).flatten(1).any(1).sum())
+        holding = int(recurring_of(probes.images, tolerant).flatten(1).any(1).sum())
         return (f"; the recurring test found content drawn the same in {holding} of {len(probes)} "
                 "probes and tests it whole")
-    background = background_of(probes.images)
+    background = background_of(probes.images, tolerant)
     if background:
         return (f"; what recurs across the probes is background (it covers more than "
                 f"{MAX_SHARE:.1%} of {background} of {len(probes)} probes: a texture, a pattern, a frame), which the "
                 "texture, detail and border tests are for, so the recurring test, which tests a mark against a box "
                 "elsewhere in its probe, does not run")
+    if not tolerant:
+        return ("; nothing recurs pixel for pixel across the probes, so the recurring test, which would test such a "
+                "cue whole, does not run (recurring_tolerant=False: a cue under sensor noise or JPEG compression is "
+                "found only with DiscoverySettings(recurring_tolerant=True), the default)")
     return ("; nothing recurs across the probes, so the recurring test, which would test such a cue whole, does "
             "not run (it finds a cue under sensor noise or JPEG compression, not one resized, rotated or redrawn "
             "from probe to probe)")

@@ -162,6 +162,24 @@ def test_fit_start_says_in_how_many_probes_the_recurring_test_found_content_draw
     assert "recurring" not in quiet and "is missed by it" in quiet
 
 
+def test_fit_start_says_when_only_copies_under_noise_recur_and_the_tolerant_keys_are_off() -> None:
+    """The stamp under sensor noise is no longer the same pixels: with the tolerant keys (the
+    default) the note counts its probes; without them it says nothing recurs pixel for pixel and
+    names the setting that finds it."""
+    from cam_monitor.discovery import DiscoverySettings
+
+    stamped = drawn_probes(12, [(3, 5), (40, 12), (20, 40), (44, 44)])
+    gen = torch.Generator().manual_seed(1)
+    noisy = cm.ProbeSet((stamped.images + 0.03 * torch.randn(stamped.images.shape, generator=gen)).clamp(0, 1),
+                        stamped.labels)
+    (note,) = dry_run_findings(result(seeded_maps(6)), noisy, EvalSettings(), 4.0, "cam").notes
+    assert "the recurring test found content drawn the same in 4 of 6 probes" in note
+    exact = EvalSettings(discovery=DiscoverySettings(recurring_tolerant=False))
+    (blind,) = dry_run_findings(result(seeded_maps(6)), noisy, exact, 4.0, "cam").notes
+    assert "nothing recurs pixel for pixel across the probes" in blind
+    assert "DiscoverySettings(recurring_tolerant=True)" in blind
+
+
 def test_fit_start_says_when_what_recurs_is_background_and_the_recurring_test_does_not_run() -> None:
     """The same pattern over a quarter of four of six probes, at their own places, recurs but is
     background: the note says so, with the count, instead of saying that nothing recurs."""

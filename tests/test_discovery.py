@@ -883,6 +883,11 @@ def test_without_masks_the_recurring_arm_tests_a_tag_drawn_the_same_in_several_p
     probes = unmarked_tag_probes()
     assert "recurring" in arms_run(DiscoverySettings(), (4, 4), probes)
     assert "recurring" not in arms_run(DiscoverySettings(recurring_test=False), (4, 4), probes)
+    noisy = cm.ProbeSet((probes.images + 0.03 * torch.randn(probes.images.shape,
+                                                            generator=torch.Generator().manual_seed(2))).clamp(0, 1),
+                        probes.labels)
+    assert "recurring" in arms_run(DiscoverySettings(), (4, 4), noisy)  # the tag under noise: the tolerant keys'
+    assert "recurring" not in arms_run(DiscoverySettings(recurring_tolerant=False), (4, 4), noisy)
     maps = one_cell_maps(len(probes), (1, 1))
     for model, expected in ((TagModel(True), 1.0), (CentreOnly(), 0.0)):
         preds = model(probes.images).argmax(1)

@@ -114,6 +114,21 @@ def test_a_tag_under_sensor_noise_or_jpeg_compression_is_still_found(degrade, le
     assert not recurring_masks(degraded).any()
 
 
+def test_the_probe_sets_finds_are_kept_apart_with_tolerant_keys_and_without() -> None:
+    """``recurring_of`` keeps one find per images tensor and per choice of keys: a noisy probe set's
+    tags are found with the tolerant keys and not without, whichever is asked first; on clean
+    images both find the same."""
+    from cam_monitor.probes.recurrence import recurring_of
+
+    images, where = with_tags(12, tagged=[0, 2, 4, 6, 8, 10], size=64, scale=2)
+    noisy_images = noisy(images, 0.03)
+    assert not recurring_of(noisy_images, tolerant=False).any()
+    found = recurring_of(noisy_images)
+    assert (found & where).flatten(1).any(1)[0::2].sum() >= 4 and not found[1::2].any()
+    assert recurring_of(noisy_images) is found and not recurring_of(noisy_images, tolerant=False).any()
+    assert torch.equal(recurring_of(images), recurring_of(images, tolerant=False))
+
+
 def test_copies_on_either_side_of_a_colour_level_agree_in_the_shifted_table(monkeypatch) -> None:
     """Four grey tags, two a shade above a tolerant colour level's edge and two a shade below (as
     noise puts them): in the exact keys and in the first tolerant table each has one partner, in

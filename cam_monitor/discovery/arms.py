@@ -139,7 +139,7 @@ def discover(maps: torch.Tensor, probes: ProbeSet, targets: torch.Tensor, preds:
     suspects = find_suspects(maps, targets, preds, image_size, settings, windows) if ready else []
     gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
     runs = arms_run(settings, grid, probes)
-    marks = {MARKED: probes.spurious_masks, RECURRING: recurring_of(probes.images) if RECURRING in runs else None}
+    marks = {MARKED: probes.spurious_masks, RECURRING: recurring_of(probes.images, settings.recurring_tolerant) if RECURRING in runs else None}
     images = probes.images
     src = lambda pairs: [suspects[p.suspect].probe for p in pairs]  # noqa: E731
     dst = lambda pairs: [p.recipient for p in pairs]  # noqa: E731

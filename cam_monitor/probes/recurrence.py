@@ -294,31 +294,31 @@ def without_background(boxes: torch.Tensor) -> torch.Tensor:
     return boxes & ~background[:, None, None]
 
 
-_FOUND: dict[int, tuple[weakref.ref, torch.Tensor, torch.Tensor]] = {}
+_FOUND: dict[tuple[int, bool], tuple[weakref.ref, torch.Tensor, torch.Tensor]] = {}
 
 
-def _found(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`recurring_boxes` of ``images`` with the defaults and the same without background,
-    computed once per images tensor (the probes are fixed for a run; the finder reads nothing else)
-    and forgotten when the tensor is."""
-    key = id(images)
+def _found(images: torch.Tensor, tolerant: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`recurring_boxes` of ``images`` with the defaults (and ``tolerant``) and the same
+    without background, computed once per images tensor (the probes are fixed for a run; the
+    finder reads nothing else) and forgotten when the tensor is."""
+    key = (id(images), tolerant)
     held = _FOUND.get(key)
     if held is not None and held[0]() is images:
         return held[1], held[2]
-    boxes = recurring_boxes(images)
+    boxes = recurring_boxes(images, tolerant=tolerant)
     masks = without_background(boxes)
     _FOUND[key] = (weakref.ref(images, lambda _, k=key: _FOUND.pop(k, None)), boxes, masks)
     return boxes, masks
 
 
-def recurring_of(images: torch.Tensor) -> torch.Tensor:
-    """:func:`recurring_masks` of a probe set's ``images`` with the defaults, computed once per
-    images tensor."""
-    return _found(images)[1]
+def recurring_of(images: torch.Tensor, tolerant: bool = True) -> torch.Tensor:
+    """:func:`recurring_masks` of a probe set's ``images`` with the defaults (and ``tolerant``),
+    computed once per images tensor."""
+    return _found(images, tolerant)[1]
 
 
-def background_of(images: torch.Tensor) -> int:
+def background_of(images: torch.Tensor, tolerant: bool = True) -> int:
     """How many of a probe set's ``images`` hold recurring content that :func:`recurring_of` leaves
     as background (a texture, a pattern, a frame: for the texture, detail and border tests)."""
-    boxes, masks = _found(images)
+    boxes, masks = _found(images, tolerant)
     return int((boxes.flatten(1).any(1) & ~masks.flatten(1).any(1)).sum())
