@@ -218,10 +218,11 @@ def local_reach_notes(grid: tuple[int, int], layer: str, probes: ProbeSet, setti
     named = " and ".join([", ".join(others[:-1]), others[-1]] if len(others) > 1 else others)
     still = f" (the {named} test{'s' if len(others) > 1 else ''} still run{'' if len(others) > 1 else 's'})"
     window = "one cell" if cells == (1, 1) else f"{cells[0]}x{cells[1]} cells"
+    recurring = recurring_note(probes, runs, found.recurring_tolerant) if found.recurring_test else ""
     return [f"without masks, discovery's local test sees a cue that fits in {window} of layer {layer!r} "
             f"({cells[0] * ch}x{cells[1] * cw} px of the "
             f"{probes.image_size[0]}x{probes.image_size[1]} probes); a stamp, tag or ruler larger than that is "
-            f"missed by it{still if others else ''}{recurring_note(probes, runs, found.recurring_tolerant) if found.recurring_test else ''}: "
+            f"missed by it{still if others else ''}{recurring}: "
             "give spurious masks for a cue you know, or target a layer whose cells are at least as large as the cue "
             "and smaller than your objects"]
 

@@ -254,6 +254,28 @@ def test_without_masks_the_tag_shortcut_is_confirmed_by_the_recurring_arm_and_it
 
 
 @pytest.mark.slow
+def test_under_sensor_noise_the_tag_shortcut_is_confirmed_by_the_tolerant_keys_and_its_control_is_not(tmp_path) -> None:
+    """Every image under Gaussian noise of 2 % of the range: no two copies of the tag are the same
+    pixels. The recurring arm still finds and confirms it (digits, seed 0: at epoch 1, the gap past
+    0.2 from epoch 1; the noisy zoo's run); with the exact keys alone it never runs, and nothing
+    confirms the shortcut; the noisy control raises nothing."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        shortcut = run_task("text_tag", "shortcut", 0, 2, str(tmp_path / "s"), degradation="noise0.02")
+        exact = run_task("text_tag", "shortcut", 0, 2, str(tmp_path / "e"), degradation="noise0.02",
+                         discovery=DiscoverySettings(recurring_tolerant=False))
+        control = run_task("text_tag", "control", 0, 2, str(tmp_path / "c"), degradation="noise0.02")
+    assert max(r["accuracy_gap"] for r in exact.rows) > 0.2  # the exact-keys model uses the tag too
+    confirmed = [a for a in shortcut.alerts if a["rule"] == "shortcut_confirmed"]
+    assert confirmed and confirmed[0]["epoch"] <= 1, shortcut.alerts
+    tests = confirmed[0]["evidence_by_test"]
+    assert max((a for a in tests if a != "all"), key=tests.get) == "recurring"
+    assert not any(r["evidence_pairs"].get("recurring") for r in exact.rows)
+    assert not any(a["rule"] == "shortcut_confirmed" for a in exact.alerts), exact.alerts
+    assert control.alerts == [] and any(r["evidence_pairs"].get("recurring") for r in control.rows)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("cue", ["background_cast", "interior_patch"])
 def test_no_alert_on_the_drawn_shapes_controls_whose_objects_fit_a_window(cue, tmp_path) -> None:
     """Drawn Shapes' objects (20-32 px) fit a 2x2-cell window; with that window these two controls

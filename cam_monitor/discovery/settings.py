@@ -121,7 +121,7 @@ class DiscoverySettings:
             that sensor noise or JPEG compression made differ a little (the tolerant keys of
             :func:`~cam_monitor.probes.recurrence.recurring_masks`, used only for probes where no
             exact copy is found). False keeps exact copies only: a finder 1.4 to 2.5 times
-            cheaper, once per probe set, that finds nothing in noisy or compressed images.
+            cheaper, once per probe set, that misses most copies in noisy or compressed images.
         marked_test: where the probes carry spurious masks, run the marked arm: a probe's marked
             pixels put into a probe of another class (its own marked region filled first),
             against the same pixels from a box of the mark's size elsewhere in the source. It asks
