@@ -40,8 +40,10 @@ from cam_monitor.demo.zoo import run_task  # noqa: E402
 from cam_monitor.discovery import DiscoverySettings  # noqa: E402
 
 #: What every file ``--merge`` joins must share (:func:`bench_zoo.load_alike`), with the value of a
-#: file that predates the key; architectures and bases may mix (the table groups by them).
-SETTINGS = (("record_pairs", None), ("masks", False), ("object_masks", False), ("degradation", "clean"))
+#: file that predates the key (runs before the recurring test's turned partners); architectures and
+#: bases may mix (the table groups by them).
+SETTINGS = (("record_pairs", None), ("masks", False), ("object_masks", False), ("degradation", "clean"),
+            ("recurring_turned", False))
 #: The confidence of the stated bounds.
 CONFIDENCE = 0.95
 
@@ -174,6 +176,7 @@ def main() -> None:
                       f"{max(runs[-1]['evidence']):.3g}, alerts {runs[-1]['alerts']}", flush=True)
                 result = {"machine": machine(), "epochs": args.epochs, "record_pairs": args.record_pairs, "masks": args.masks,
                           "object_masks": args.object_masks, "degradation": args.degradation,
+                          "recurring_turned": discovery.recurring_turned if discovery else DiscoverySettings().recurring_turned,
                           **summarise(runs, alpha), "runs": runs, "wall_s": time.perf_counter() - start}
                 write_json(result, out, say=False)
     print_table(summarise(runs, alpha))

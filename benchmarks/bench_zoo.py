@@ -15,6 +15,7 @@ medians of interleaved repeats on the last model).
     python benchmarks/bench_zoo.py [--seeds 5] [--epochs 6] [--base shapes] [--global-test]
     python benchmarks/bench_zoo.py --degradation jpeg90   # every image JPEG-compressed after its cue is drawn
     python benchmarks/bench_zoo.py --degradation noise0.02 --exact-keys   # the recurring test without tolerant keys
+    python benchmarks/bench_zoo.py --cues ruler --unturned   # the recurring test without turned partners
     python benchmarks/bench_zoo.py --merge a.json b.json --out all.json   # runs split over processes
     python benchmarks/bench_zoo.py --merge all.json --replay arm_mean --out old.json  # same runs, older statistic
 
@@ -79,7 +80,8 @@ class SavedRun(ZooRecord):
 
 #: What every file ``--merge`` joins must share, with the value of a file that predates the key.
 SETTINGS = (("arch", "cnn"), ("base", "digits"), ("epochs", None), ("global_test", False), ("record_pairs", None),
-            ("masks", False), ("object_masks", False), ("degradation", "clean"), ("recurring_tolerant", True))
+            ("masks", False), ("object_masks", False), ("degradation", "clean"), ("recurring_tolerant", True),
+            ("recurring_turned", False))
 
 
 def load_alike(paths: list[str], settings: tuple[tuple[str, object], ...]) -> list[dict]:
@@ -235,6 +237,9 @@ def main() -> None:
     p.add_argument("--exact-keys", action="store_true",
                    help="the recurring test finds copies of the same pixels only "
                         "(DiscoverySettings(recurring_tolerant=False)): the tolerant keys' share of a detection")
+    p.add_argument("--unturned", action="store_true",
+                   help="the recurring test finds copies at the same orientation only "
+                        "(DiscoverySettings(recurring_turned=False)): the turned partners' share of a detection")
     p.add_argument("--repeats", type=int, default=20, help="interleaved repeats of the cost measurement")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/zoo_cpu.json)")
     p.add_argument("--replay", choices=sorted(REPLAYS), default=None,
@@ -270,14 +275,16 @@ def main() -> None:
         return {"machine": machine(), "arch": args.arch, "base": args.base, "epochs": args.epochs,
                 "global_test": args.global_test, "record_pairs": args.record_pairs, "masks": args.masks,
                 "object_masks": args.object_masks, "degradation": args.degradation,
-                "recurring_tolerant": not args.exact_keys, "seeds": sorted({r.seed for r in runs}), "tasks": summarise(runs), "cost": cost,
+                "recurring_tolerant": not args.exact_keys, "recurring_turned": not args.unturned,
+                "seeds": sorted({r.seed for r in runs}), "tasks": summarise(runs), "cost": cost,
                 "runs": [{"task": r.cue, "variant": r.variant, "seed": r.seed, "alerts": r.alerts, "epochs": r.rows,
                           "active_at_end": r.active_at_end} for r in runs],
                 "wall_s": time.perf_counter() - start}
 
     with tempfile.TemporaryDirectory(prefix="cam_zoo_") as root:
         chosen = {**({"global_test": True} if args.global_test else {}),
-                  **({"recurring_tolerant": False} if args.exact_keys else {})}
+                  **({"recurring_tolerant": False} if args.exact_keys else {}),
+                  **({"recurring_turned": False} if args.unturned else {})}
         discovery = recording(args.record_pairs, **chosen)
         extra = {"discovery": discovery} if discovery is not None else {}
         for seed in range(args.first_seed, args.first_seed + args.seeds):

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .alerts import MOVED_ONTO_MARKS_LEVEL
-from .discovery import MIN_DETAIL_GRID, RECURRING, arms_run, window_side
+from .discovery import MIN_DETAIL_GRID, RECURRING, DiscoverySettings, arms_run, recurring_in, window_side
 from .engine import CAMResult
 from .errors import CAMError, InputError
 from .evaluation import EvalSettings, Placement, spurious_regions
@@ -21,7 +21,7 @@ from .evidence import sign_test_p
 from .interventions import cell_size
 from .metrics import energy_fraction_bounds, enrichment_ceiling, pointing_always_hits
 from .probes import ProbeSet
-from .probes.recurrence import MAX_SHARE, background_of, recurring_of
+from .probes.recurrence import MAX_SHARE, background_of
 
 #: Distinct spurious regions the resolution check looks at (it is exact per region, so bounded).
 RESOLUTION_REGIONS = 16
@@ -218,7 +218,7 @@ def local_reach_notes(grid: tuple[int, int], layer: str, probes: ProbeSet, setti
     named = " and ".join([", ".join(others[:-1]), others[-1]] if len(others) > 1 else others)
     still = f" (the {named} test{'s' if len(others) > 1 else ''} still run{'' if len(others) > 1 else 's'})"
     window = "one cell" if cells == (1, 1) else f"{cells[0]}x{cells[1]} cells"
-    recurring = recurring_note(probes, runs, found.recurring_tolerant) if found.recurring_test else ""
+    recurring = recurring_note(probes, runs, found) if found.recurring_test else ""
     return [f"without masks, discovery's local test sees a cue that fits in {window} of layer {layer!r} "
             f"({cells[0] * ch}x{cells[1] * cw} px of the "
             f"{probes.image_size[0]}x{probes.image_size[1]} probes); a stamp, tag or ruler larger than that is "
@@ -227,28 +227,29 @@ def local_reach_notes(grid: tuple[int, int], layer: str, probes: ProbeSet, setti
             "and smaller than your objects"]
 
 
-def recurring_note(probes: ProbeSet, runs: tuple[str, ...], tolerant: bool = True) -> str:
-    """What the recurrence finder (with its ``tolerant`` keys or without) found in the probes, for
-    the local-reach note: the recurring arm tests a cue of any size whole, but only one drawn the
-    same in several probes (to within noise and compression where ``tolerant``:
-    :mod:`~cam_monitor.probes.recurrence`)."""
+def recurring_note(probes: ProbeSet, runs: tuple[str, ...], found: DiscoverySettings) -> str:
+    """What the recurrence finder (with the keys and turns ``found`` chooses) found in the probes,
+    for the local-reach note: the recurring arm tests a cue of any size whole, but only one drawn
+    the same in several probes (to within noise and compression with its tolerant keys, turned
+    with its turns: :mod:`~cam_monitor.probes.recurrence`)."""
     if RECURRING in runs:
-        holding = int(recurring_of(probes.images, tolerant).flatten(1).any(1).sum())
+        holding = int(recurring_in(probes, found).flatten(1).any(1).sum())
         return (f"; the recurring test found content drawn the same in {holding} of {len(probes)} "
                 "probes and tests it whole")
-    background = background_of(probes.images, tolerant)
+    background = background_of(probes.images, found.recurring_tolerant, found.recurring_turned)
     if background:
         return (f"; what recurs across the probes is background (it covers more than "
                 f"{MAX_SHARE:.1%} of {background} of {len(probes)} probes: a texture, a pattern, a frame), which the "
                 "texture, detail and border tests are for, so the recurring test, which tests a mark against a box "
                 "elsewhere in its probe, does not run")
-    if not tolerant:
+    if not found.recurring_tolerant:
         return ("; nothing recurs pixel for pixel across the probes, so the recurring test, which would test such a "
                 "cue whole, does not run (recurring_tolerant=False: a cue under sensor noise or JPEG compression is "
                 "found only with DiscoverySettings(recurring_tolerant=True), the default)")
+    turns = ", turned by quarter turns or mirrored" if found.recurring_turned else ""
     return ("; nothing recurs across the probes, so the recurring test, which would test such a cue whole, does "
-            "not run (it finds a cue under sensor noise or JPEG compression, not one resized, rotated or redrawn "
-            "from probe to probe)")
+            f"not run (it finds a cue under sensor noise or JPEG compression{turns}, not one resized, "
+            "turned by other angles or redrawn from probe to probe)")
 
 
 #: Probes the check before training runs through the model.

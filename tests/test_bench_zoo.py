@@ -60,7 +60,7 @@ def test_the_false_alarm_rate_per_evaluation_pools_every_tasks_control_evaluatio
 
 @pytest.mark.parametrize("key, value", [("base", "shapes"), ("arch", "resnet18"), ("epochs", 4), ("global_test", True),
                                         ("masks", True), ("object_masks", True), ("degradation", "jpeg90"),
-                                        ("recurring_tolerant", False)])
+                                        ("recurring_tolerant", False), ("recurring_turned", True)])
 def test_files_of_different_settings_are_refused_rather_than_labelled_as_the_first(tmp_path, key, value) -> None:
     a, b = result_file(tmp_path / "a.json", 0), result_file(tmp_path / "b.json", 1, **{key: value})
     with pytest.raises(SystemExit, match=f"differ in {key}"):
@@ -84,12 +84,12 @@ def test_a_file_stopped_before_its_cost_was_measured_merges_with_the_cost_of_ano
 def test_a_campaign_keeps_each_fit_as_it_goes_and_records_every_arms_pairs(tmp_path, monkeypatch) -> None:
     out = tmp_path / "zoo.json"
     monkeypatch.setattr(sys, "argv", ["bench_zoo.py", "--seeds", "1", "--epochs", "1", "--cues", "corner_patch",
-                                      "--record-pairs", "8", "--degradation", "noise0.02", "--exact-keys",
+                                      "--record-pairs", "8", "--degradation", "noise0.02", "--exact-keys", "--unturned",
                                       "--out", str(out)])
     fitted = []
 
     def spied(*args: object, **kwargs: object) -> object:
-        fitted.append((kwargs["degradation"], kwargs["discovery"].recurring_tolerant))
+        fitted.append((kwargs["degradation"], kwargs["discovery"].recurring_tolerant, kwargs["discovery"].recurring_turned))
         return run_task(*args, **kwargs)
 
     monkeypatch.setattr(bench, "run_task", spied)
@@ -104,7 +104,8 @@ def test_a_campaign_keeps_each_fit_as_it_goes_and_records_every_arms_pairs(tmp_p
     assert [r["variant"] for r in result["runs"]] == ["shortcut", "control"] and result["cost"] is None
     assert result["record_pairs"] == 8
     assert result["degradation"] == "noise0.02" and result["recurring_tolerant"] is False
-    assert fitted == [("noise0.02", False)] * 2  # both fits saw noisy images, with the exact keys alone
+    assert result["recurring_turned"] is False
+    assert fitted == [("noise0.02", False, False)] * 2  # both fits saw noisy images, exact keys alone, no turns
     for run in result["runs"]:
         (evaluation,) = [e["evidence_pairs"] for e in run["epochs"]]
         assert evaluation and all(len(p) <= 8 for p in evaluation.values())

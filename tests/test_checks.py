@@ -180,6 +180,26 @@ def test_fit_start_says_when_only_copies_under_noise_recur_and_the_tolerant_keys
     assert "DiscoverySettings(recurring_tolerant=True)" in blind
 
 
+def test_fit_start_counts_a_stamp_drawn_turned_and_without_turns_says_nothing_recurs() -> None:
+    """Four probes carry one stamp, each turned a different way (a quarter, a half, mirrored): only
+    the other probes turned are its partners. The note counts them; with
+    ``recurring_turned=False`` the recurring test does not run and the note says nothing recurs."""
+    from cam_monitor.discovery import DiscoverySettings
+    from cam_monitor.probes.recurrence import turn
+
+    stamped = drawn_probes(8, [(3, 5), (40, 12), (20, 50), (50, 50)])
+    for i, way in enumerate((0, 1, 2, 4)):
+        y, x = [(3, 5), (40, 12), (20, 50), (50, 50)][i]
+        stamped.images[i, :, y:y + 8, x:x + 8] = turn(stamped.images[0, :, 3:11, 5:13], way)
+    (note,) = dry_run_findings(result(seeded_maps(6)), stamped, EvalSettings(), 4.0, "cam").notes
+    assert "the recurring test found content drawn the same in 4 of 6 probes and tests it whole" in note
+    upright = EvalSettings(discovery=DiscoverySettings(recurring_turned=False))
+    (blind,) = dry_run_findings(result(seeded_maps(6)), stamped, upright, 4.0, "cam").notes
+    assert "nothing recurs across the probes, so the recurring test" in blind
+    assert "turned by quarter turns or mirrored" not in blind and "turned by quarter turns or mirrored" in dry_run_findings(
+        result(seeded_maps(6)), drawn_probes(8, [(3, 5)]), EvalSettings(), 4.0, "cam").notes[0]
+
+
 def test_fit_start_says_when_what_recurs_is_background_and_the_recurring_test_does_not_run() -> None:
     """The same pattern over a quarter of four of six probes, at their own places, recurs but is
     background: the note says so, with the count, instead of saying that nothing recurs."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cam_monitor.probes.recurrence import recurring_masks, recurring_of
+from cam_monitor.probes.recurrence import TURNS, pixel_keys, recurring_masks, recurring_of, turn
 
 SIZE = 32
 
@@ -27,18 +27,20 @@ def tag() -> torch.Tensor:
     return lit
 
 
-def with_tags(n: int, tagged: list[int], seed: int = 0, size: int = SIZE,
-              scale: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def with_tags(n: int, tagged: list[int], seed: int = 0, size: int = SIZE, scale: int = 1,
+              turned: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` blotchy images of ``size`` px, each of ``tagged`` with the white tag (its pixels
-    ``scale`` x ``scale`` blocks) at its own random place (only the lit pixels drawn, the background
-    showing through), and where each tag is."""
+    ``scale`` x ``scale`` blocks; the k-th of them turned by the k-th symmetry of a square where
+    ``turned``) at its own random place (only the lit pixels drawn, the background showing
+    through), and where each tag is."""
     gen = torch.Generator().manual_seed(seed)
     images = blotchy(n, gen, size=size)
     where = torch.zeros(n, size, size, dtype=torch.bool)
-    lit = tag().repeat_interleave(scale, 0).repeat_interleave(scale, 1)
-    h, w = lit.shape
-    for i in tagged:
-        y, x = (int(v) for v in torch.randint(1, size - w - 1, (2,), generator=gen))
+    upright = tag().repeat_interleave(scale, 0).repeat_interleave(scale, 1)
+    for k, i in enumerate(tagged):
+        lit = turn(upright, k % TURNS) if turned else upright
+        h, w = lit.shape
+        y, x = (int(v) for v in torch.randint(1, size - max(h, w) - 1, (2,), generator=gen))
         images[i, :, y:y + h, x:x + w] = torch.where(lit, torch.ones(()), images[i, :, y:y + h, x:x + w])
         where[i, y:y + h, x:x + w] = True
     return images, where
@@ -63,6 +65,33 @@ def test_a_tag_drawn_at_random_places_over_varied_backgrounds_is_found_where_it_
             assert found[i].any() and (found[i] & where[i]).sum() >= 0.5 * tag().sum()
         else:
             assert not found[i].any()  # untagged images hold nothing that recurs
+
+
+def test_a_tag_drawn_turned_or_mirrored_is_found_against_the_other_probes_turned() -> None:
+    """Eight probes carry the tag in each of the square's eight symmetries, once: no two copies at
+    the same orientation, so only the other probes turned are partners; found where it is, and
+    nothing in the untagged probes; without turns, nothing."""
+    images, where = with_tags(16, tagged=list(range(0, 16, 2)), turned=True)
+    found = recurring_masks(images)
+    held = (found & where).flatten(1).sum(1) >= 0.5 * tag().sum()
+    assert held[0::2].all() and not found[1::2].any()
+    assert not recurring_masks(images, turned=False).any()
+    again = recurring_of(images, turned=False)
+    assert not again.any() and recurring_of(images) is not again and torch.equal(recurring_of(images), found)
+
+
+@pytest.mark.parametrize("width", [32, 27], ids=["square", "oblong"])
+@pytest.mark.parametrize("offset", [None, 0.5], ids=["exact", "tolerant"])
+def test_the_turned_keys_are_the_keys_of_the_turned_images(width: int, offset: float | None) -> None:
+    """Each image is unfolded once for all eight ways of seeing it: the keys and structure of each
+    way are those of the image turned that way (an oblong one turned a quarter is W x H)."""
+    images = with_tags(4, tagged=[0, 1, 2, 3])[0][..., :width]
+    ways = pixel_keys(images, offset, turned=True)
+    assert len(ways) == TURNS and len(pixel_keys(images, offset)) == 1
+    for way, (keys, structured) in enumerate(ways):
+        (expected_keys, expected_structured), = pixel_keys(turn(images, way), offset)
+        assert torch.equal(keys, expected_keys) and torch.equal(structured, expected_structured)
+    assert not torch.equal(ways[0][0], ways[4][0].view(4, SIZE, width).flip(-1).flatten(1))  # a key reads its layout
 
 
 def test_a_ruler_found_in_pieces_is_boxed_whole() -> None:
@@ -169,12 +198,12 @@ def test_strokes_that_recur_in_most_digits_are_not_found_by_the_tolerant_keys(mo
     images = mask_free_probes("background_cast", 1).images
     assert not recurring_masks(images).any()
     monkeypatch.setattr(recurrence, "TOLERANT_PARTNERS", 0)
-    assert not recurring_masks(images).any()
+    assert not recurring_masks(images, turned=False).any()
     with monkeypatch.context() as patched:
         patched.setattr(recurrence, "TOLERANT_COMMON", recurrence.COMMON)
-        assert recurring_masks(images).flatten(1).any(1).sum() == 3
+        assert recurring_masks(images, turned=False).flatten(1).any(1).sum() == 3
     monkeypatch.setattr(recurrence, "TOLERANT_AGREEMENT", 1.0)
-    assert recurring_masks(images).flatten(1).any(1).sum() == 2
+    assert recurring_masks(images, turned=False).flatten(1).any(1).sum() == 2
 
 
 def test_edges_of_drawn_shapes_of_one_class_need_the_tolerant_keys_extra_partner(monkeypatch) -> None:

@@ -108,12 +108,11 @@ from ..evidence import EvidenceState
 from ..interventions import (background_detail_images, banded_images, border_bands, colour_images, detail_images,
                              marked_images, object_regions, pasted_images, spectrum_images)
 from ..probes import ProbeSet
-from ..probes.recurrence import recurring_of
 from .allocation import arm_shares, open_shares, second_stage_weights
 from .candidates import (Pair, Windows, find_suspects, marked_pairs, pastes, plan_tests, recipients_of,
                          sources_of, window_side)
 from .outcome import Discovery, PairedArm
-from .settings import LOCAL, MARKED, RECURRING, DiscoverySettings, arms_run
+from .settings import LOCAL, MARKED, RECURRING, DiscoverySettings, arms_run, recurring_in
 from .skill import beats_chance
 
 Predict = Callable[[torch.Tensor], torch.Tensor]  # (B, C, H, W) CPU images -> (B, K) class scores (logits)
@@ -139,7 +138,7 @@ def discover(maps: torch.Tensor, probes: ProbeSet, targets: torch.Tensor, preds:
     suspects = find_suspects(maps, targets, preds, image_size, settings, windows) if ready else []
     gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
     runs = arms_run(settings, grid, probes)
-    marks = {MARKED: probes.spurious_masks, RECURRING: recurring_of(probes.images, settings.recurring_tolerant) if RECURRING in runs else None}
+    marks = {MARKED: probes.spurious_masks, RECURRING: recurring_in(probes, settings) if RECURRING in runs else None}
     images = probes.images
     src = lambda pairs: [suspects[p.suspect].probe for p in pairs]  # noqa: E731
     dst = lambda pairs: [p.recipient for p in pairs]  # noqa: E731

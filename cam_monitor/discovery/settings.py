@@ -122,6 +122,10 @@ class DiscoverySettings:
             :func:`~cam_monitor.probes.recurrence.recurring_masks`, used only for probes where no
             exact copy is found). False keeps exact copies only: a finder 1.4 to 2.5 times
             cheaper, once per probe set, that misses most copies in noisy or compressed images.
+        recurring_turned: let the recurring arm also find copies turned by quarter turns or
+            mirrored (a ruler or a scale bar laid along whichever side of the object, a marker on
+            a mirrored scan: each probe's content against the other probes turned by the square's
+            eight symmetries). False finds copies at the same orientation only.
         marked_test: where the probes carry spurious masks, run the marked arm: a probe's marked
             pixels put into a probe of another class (its own marked region filled first),
             against the same pixels from a box of the mark's size elsewhere in the source. It asks
@@ -161,6 +165,7 @@ class DiscoverySettings:
     texture_test: bool = True
     recurring_test: bool = True
     recurring_tolerant: bool = True
+    recurring_turned: bool = True
     marked_test: bool = True
     seed: int = 0
     skill_level: float = 0.01
@@ -248,8 +253,15 @@ def arms_run(settings: DiscoverySettings, grid: tuple[int, int], probes: ProbeSe
     """The arms that run for ``probes`` on a layer of ``grid`` cells (:meth:`DiscoverySettings.arms_on`,
     the recurring arm where content recurs in them, the marked arm where their masks give it
     something to test): fixed for a run."""
-    recurring = settings.recurring_test and marks_testable(recurring_of(probes.images, settings.recurring_tolerant))
+    recurring = settings.recurring_test and marks_testable(recurring_in(probes, settings))
     return settings.arms_on(grid, probes.image_size, marks_testable(probes.spurious_masks), recurring)
+
+
+def recurring_in(probes: ProbeSet, settings: DiscoverySettings) -> torch.Tensor:
+    """The recurring arm's marks in ``probes``: what the recurrence finder, with the keys and turns
+    ``settings`` choose, finds in them (computed once per probe set,
+    :func:`~cam_monitor.probes.recurrence.recurring_of`)."""
+    return recurring_of(probes.images, settings.recurring_tolerant, settings.recurring_turned)
 
 
 def detail_runs(grid: tuple[int, int]) -> bool:

@@ -5,7 +5,7 @@ A stamp, a burnt-in text tag, a ruler or a watermark is drawn by a machine: the 
 every image that carries it, at whatever place, up to the noise and the compression the image
 went through afterwards. An object is not: two photographs, scans or drawings of the same kind of
 thing never agree over a patch of any size. So a patch of one probe that reappears, shifted as
-one piece, in several other probes is a candidate cue, found without the model's credit, which on
+one piece, in several other probes (or turned: see below) is a candidate cue, found without the model's credit, which on
 any model points at the most class-bearing part of the object (the reason the mask-free paste
 test cannot size a window for a cue wider than one cell: see the reference, "Mask-free shortcut
 discovery", item 2). The marked arm then tests the found pixels as it tests a user's marks.
@@ -41,6 +41,17 @@ ruler's ticks, a tag's glyphs and the rim of a stamp are found in pieces (the fl
 them are not keyed), and a box per piece pasted a ruler with its bar cut between the ticks (on
 Drawn Shapes the boxes held a median of 47 % of a ruler's box and 68-94 % of a stamp's; joined, 75 %
 and 100 %; see the reference, "Mask-free shortcut discovery", item 11).
+
+A machine may also lay its drawing turned: a ruler along whichever side of the object, a scale
+bar upright or flat, a marker on a scan stored mirrored. So each probe is matched against the
+others as they are and turned by each other symmetry of a square (:data:`TURNS`: quarter turns,
+each mirrored or not; :func:`turn`); one unfold per image keys all eight, a turned image's keys
+being its neighbourhoods' features in turned places. A turned partner's key counts only where
+it is not seen more often than the table's cap per probe and way (an object's edges are common
+in every direction), and the cap and the finds of the probes' own orientation are as without
+turns, so turns only add finds. On the zoo's rulers (drawn along one of four sides, so of the six
+or so probes of a class few share a side) they raised the probes found from 56 to 224 of 256 on
+clean digits and from 3 to 119 under noise (``benchmarks/bench_finder_tolerance.py``).
 
 Only shifts of at least :data:`MIN_SHIFT` pixels (along either axis) count. Content at the same
 place in several probes is what aligned images share: centred digits, registered scans, the
@@ -99,6 +110,8 @@ STRUCTURE = 0.1
 #: A neighbour within this share of the value range of the centre (every channel) is keyed by its
 #: colour; one further away only by whether it is brighter.
 CLOSE = 0.1
+#: The symmetries of a square (quarter turns, each mirrored or not) a recurring drawing may take.
+TURNS = 8
 #: Side of the keyed neighbourhood, pixels.
 NEIGHBOURHOOD = 5
 #: Keys seen more often than this many times per probe place nothing and are skipped.
@@ -115,25 +128,44 @@ MAX_SHARE = 1 / 8
 MIN_SHIFT = NEIGHBOURHOOD
 
 
-def pixel_keys(images: torch.Tensor, offset: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, H*W) int64 keys of every pixel of ``images`` (N, C, H, W), exact (``offset`` None) or
-    tolerant with the colour levels moved by ``offset`` of a level, and (N, H*W) whether the pixel
-    is structured enough to key (:mod:`this module <cam_monitor.probes.recurrence>`). One image at a
-    time: the neighbourhoods of a whole probe set of 224 px images would take gigabytes."""
+def pixel_keys(images: torch.Tensor, offset: float | None = None,
+               turned: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per way of seeing ``images`` (N, C, H, W), as they are and, with ``turned``, as each of the
+    other symmetries of a square turns them (:func:`turn`): (N, H'*W') int64 keys of every pixel,
+    exact (``offset`` None) or tolerant with the colour levels moved by ``offset`` of a level, and
+    (N, H'*W') whether the pixel is structured enough to key (:mod:`this module
+    <cam_monitor.probes.recurrence>`). A turned image's keys are its neighbourhoods' features
+    in turned places, so each image is unfolded once for all eight. One image at a time: the
+    neighbourhoods of a whole probe set of 224 px images would take gigabytes."""
     low, high = images.amin(), images.amax()
     x = (images - low) / (high - low).clamp_min(1e-12)
-    weights = torch.randint(1, 2 ** 62, (NEIGHBOURHOOD ** 2 + x.shape[1],), generator=torch.Generator().manual_seed(0))
-    keys, structured = zip(*(_image_keys(one, weights, offset) for one in x))
-    return torch.stack(keys), torch.stack(structured)
+    n, c, h, w = x.shape
+    weights = torch.randint(1, 2 ** 62, (NEIGHBOURHOOD ** 2 + c,), generator=torch.Generator().manual_seed(0))
+    ways = range(TURNS if turned else 1)
+    places = torch.arange(NEIGHBOURHOOD ** 2).view(NEIGHBOURHOOD, NEIGHBOURHOOD)
+    mixes = torch.stack([weights.index_put((turn(places, t).flatten(),), weights[:NEIGHBOURHOOD ** 2]) for t in ways])
+    keys, structured = zip(*(_image_keys(one, mixes, offset) for one in x))
+    keys, structured = torch.stack(keys).view(n, len(ways), h, w), torch.stack(structured).view(n, h, w)
+    return [(turn(keys[:, t], t).flatten(1), turn(structured, t).flatten(1)) for t in ways]
 
 
-def _image_keys(x: torch.Tensor, weights: torch.Tensor, offset: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(H*W,) keys and structure of one (C, H, W) image already scaled to [0, 1] (:func:`pixel_keys`)."""
+def turn(x: torch.Tensor, way: int) -> torch.Tensor:
+    """``x`` with its last two axes (an image, a map) turned by one of the :data:`TURNS`
+    symmetries of a square: ``way % 4`` quarter turns, then mirrored left to right from 4 on (an
+    oblong image turned a quarter is W x H)."""
+    turned = torch.rot90(x, way % 4, (-2, -1))
+    return turned.flip(-1) if way >= 4 else turned
+
+
+def _image_keys(x: torch.Tensor, mixes: torch.Tensor, offset: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T, H*W) keys, one row per weighting of ``mixes`` (T, K*K + C), and (H*W,) structure of one
+    (C, H, W) image already scaled to [0, 1] (:func:`pixel_keys`)."""
     c, h, w = x.shape
     near = F.unfold(x[None], NEIGHBOURHOOD, padding=NEIGHBOURHOOD // 2).view(c, NEIGHBOURHOOD ** 2, h * w)
     features = _exact_features(near, x.flatten(1)) if offset is None else _tolerant_features(near, x.flatten(1), offset)
     spread = F.max_pool2d(x, 3, 1, 1) + F.max_pool2d(-x, 3, 1, 1)
-    return (features * weights[:, None]).sum(0), (spread.amax(0) >= STRUCTURE).flatten()
+    keys = torch.stack([(features * mix[:, None]).sum(0) for mix in mixes])
+    return keys, (spread.amax(0) >= STRUCTURE).flatten()
 
 
 def _exact_features(near: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
@@ -188,70 +220,89 @@ def boxed(found: torch.Tensor, join: int = JOIN) -> torch.Tensor:
 
 
 def recurring_masks(images: torch.Tensor, min_pixels: int = MIN_PIXELS, partners: int = 2,
-                    tolerant: bool = True) -> torch.Tensor:
+                    tolerant: bool = True, turned: bool = True) -> torch.Tensor:
     """(N, H, W) bool: :func:`recurring_boxes` without background (:func:`without_background`):
     none in a probe they would cover more than :data:`MAX_SHARE` of, and none at all where those
     are most of the probes with one. Reads the images only; deterministic."""
-    return without_background(recurring_boxes(images, min_pixels, partners, tolerant))
+    return without_background(recurring_boxes(images, min_pixels, partners, tolerant, turned))
 
 
 def recurring_boxes(images: torch.Tensor, min_pixels: int = MIN_PIXELS, partners: int = 2,
-                    tolerant: bool = True) -> torch.Tensor:
+                    tolerant: bool = True, turned: bool = True) -> torch.Tensor:
     """(N, H, W) bool: the boxes (:func:`boxed`) around the pixels of each of ``images`` (N, C, H,
     W) whose keyed neighbourhood recurs, at one shift of at least :data:`MIN_SHIFT` pixels, with at
     least ``min_pixels`` pixels of agreement, in at least ``partners`` other images (:mod:`this module
     <cam_monitor.probes.recurrence>`), background included: in the exact keys, and in a probe
     where they find nothing, unless ``tolerant`` is False, in the tolerant ones (with
-    :data:`TOLERANT_PARTNERS` more partners)."""
+    :data:`TOLERANT_PARTNERS` more partners). A partner counts as it is and, unless ``turned`` is
+    False, turned or mirrored by each of the other symmetries of a square (:func:`turn`)."""
     if min_pixels < 1 or partners < 1:
         raise ValueError(f"min_pixels and partners must be at least 1, got {min_pixels} and {partners}")
     n, _, h, w = images.shape
     images = images.detach().float().cpu()
-    found = _found_in_tables(images, [(None, min_pixels, COMMON)], partners, torch.ones(n, dtype=torch.bool))
+    found = _found_in_tables(images, [(None, min_pixels, COMMON)], partners, turned, torch.ones(n, dtype=torch.bool))
     unfound = ~found.any(1)
     if tolerant and unfound.any():
         least = math.ceil(min_pixels * TOLERANT_AGREEMENT)
         tables = [(t / TOLERANT_TABLES, least, TOLERANT_COMMON) for t in range(TOLERANT_TABLES)]
-        found |= _found_in_tables(images, tables, partners + TOLERANT_PARTNERS, unfound)
+        found |= _found_in_tables(images, tables, partners + TOLERANT_PARTNERS, turned, unfound)
     return boxed(found.view(n, h, w))
 
 
 def _found_in_tables(images: torch.Tensor, tables: list[tuple[float | None, int, float]], partners: int,
-                     probes: torch.Tensor) -> torch.Tensor:
+                     turned: bool, probes: torch.Tensor) -> torch.Tensor:
     """(N, H*W) bool: the pixels of the ``probes`` (N,) bool of ``images`` that agree
-    (:func:`_agreeing`, every probe a possible partner) in any of ``tables``, each (the keys'
-    ``offset`` for :func:`pixel_keys`, the least agreement, the most occurrences of a key per
-    probe)."""
+    (:func:`_agreeing`, every probe a possible partner, as it is and, with ``turned``, turned) in
+    any of ``tables``, each (the keys' ``offset`` for :func:`pixel_keys`, the least agreement, the
+    most occurrences of a key per probe: :func:`_found_in_table`)."""
     n, _, h, w = images.shape
     found = torch.zeros(n, h * w, dtype=torch.bool)
     for offset, least, common in tables:
-        keys, structured = pixel_keys(images, offset)
-        for probe, positions in _found_in_table(keys, structured, (n, h, w), least, partners, common, probes):
+        ways = pixel_keys(images, offset, turned)
+        keys = torch.cat([k[s] for k, s in ways])
+        where = torch.cat([_places(s, t * n, (h, w), t) for t, (_, s) in enumerate(ways)])
+        for probe, positions in _found_in_table(keys, where, (len(ways), n, h, w), least, partners, common, probes):
             found[probe, positions] = True
     return found
 
 
-def _found_in_table(keys: torch.Tensor, structured: torch.Tensor, shape: tuple[int, int, int], min_pixels: int,
+def _places(structured: torch.Tensor, first: int, shape: tuple[int, int], way: int) -> torch.Tensor:
+    """(M, 5) (probe numbered from ``first``, row, column, and the row and column it came from)
+    of the keyed pixels of ``structured`` (N, H'*W') bool, the pixels of H x W images turned the
+    ``way`` of :func:`turn`."""
+    probe, flat = structured.nonzero().unbind(1)
+    rows, cols = (turn(grid, way).flatten()[flat] for grid in torch.meshgrid(*map(torch.arange, shape), indexing="ij"))
+    width = shape[1] if way % 2 == 0 else shape[0]
+    return torch.stack([probe + first, flat // width, flat % width, rows, cols], 1)
+
+
+def _found_in_table(keys: torch.Tensor, where: torch.Tensor, shape: tuple[int, int, int, int], min_pixels: int,
                     partners: int, common: float, probes: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
     """Per one of ``probes`` with keyed pixels, the flat positions of those that agree
-    (:func:`_agreeing`) in one table of keys (:func:`pixel_keys`)."""
-    n = shape[0]
-    where = structured.nonzero()
-    keys = keys[where[:, 0], where[:, 1]]
+    (:func:`_agreeing`) in one table of ``keys`` (M,) of the keyed pixels at ``where`` (M, 5)
+    (:func:`_places`) of ``shape`` (ways of seeing the N probes, N, H, W: probes from N on are
+    the first N turned, partners only). A key seen more than ``common`` times per probe as the
+    probes are places nothing, and a turned copy's key counts only where it is not seen more
+    often than that per probe and way: an object's edges are common in every direction."""
+    ways, n = shape[:2]
     order = keys.argsort(stable=True)
     where, keys = where[order], keys[order]
     _, inverse, counts = keys.unique_consecutive(return_inverse=True, return_counts=True)
-    usable = (counts >= 2) & (counts <= common * n)
-    keep = usable[inverse]
+    as_is = torch.zeros_like(counts).index_add_(0, inverse, (where[:, 0] < n).long())
+    turned = counts <= common * n * ways
+    counts = torch.where(turned, counts, as_is)
+    usable = (counts >= 2) & (as_is >= 1) & (as_is <= common * n)
+    keep = usable[inverse] & ((where[:, 0] < n) | turned[inverse])
     where, counts = where[keep], counts[usable]
     keyed = Keyed(where, torch.arange(len(counts)).repeat_interleave(counts), torch.cumsum(counts, 0) - counts, counts)
-    return [(probe, _agreeing(keyed, probe, shape, min_pixels, partners))
-            for probe in where[:, 0].unique().tolist() if probes[probe]]
+    own = where[:, 0]
+    return [(probe, _agreeing(keyed, probe, shape[1:], min_pixels, partners))
+            for probe in own[own < n].unique().tolist() if probes[probe]]
 
 
 class Keyed(NamedTuple):
-    """The keyed pixels of a probe set sorted into groups of equal keys: ``where`` (M, 2) each
-    one's (probe, flat position), ``group`` (M,) its group, and per group its first index
+    """The keyed pixels of a probe set sorted into groups of equal keys: ``where`` (M, 5) each
+    one's (probe, row, column, row and column before turning) (:func:`_places`), ``group`` (M,) its group, and per group its first index
     (``starts``) and size (``counts``)."""
 
     where: torch.Tensor
@@ -263,22 +314,30 @@ class Keyed(NamedTuple):
 def _agreeing(keyed: Keyed, probe: int, shape: tuple[int, int, int], min_pixels: int, partners: int) -> torch.Tensor:
     """The flat positions of ``probe``'s keyed pixels that agree with at least ``partners`` other
     probes, each at one shift of at least :data:`MIN_SHIFT` pixels carrying at least
-    ``min_pixels`` equal keys. One probe at a time: the pairs of a whole probe set of 224 px
-    images took gigabytes at once."""
+    ``min_pixels`` equal keys, as it is or turned (probes numbered from N on; the probe's own
+    turns are not partners). A pair of pixels counts where they sit at least :data:`MIN_SHIFT`
+    apart both in their images as they are and after the partner's turn: aligned images share
+    content at the same place (a turned partner's too, whatever its shift after turning), and
+    an aligned object that the turn leaves alike (a centred '0' turned a half) at the same place
+    after turning. One probe at a time: the pairs of a whole probe set of 224 px images took
+    gigabytes at once."""
     n, h, w = shape
+    side = max(h, w)
     where = keyed.where
     mine = (where[:, 0] == probe).nonzero()[:, 0]
     sizes = keyed.counts[keyed.group[mine]]
     other = keyed.starts[keyed.group[mine]].repeat_interleave(sizes) + _ranks(sizes)
-    own = where[mine, 1].repeat_interleave(sizes)
-    partner, at = where[other, 0], where[other, 1]
-    dy, dx = at // w - own // w, at % w - own % w
-    keep = (partner != probe) & ((dy.abs() >= MIN_SHIFT) | (dx.abs() >= MIN_SHIFT))
-    own, partner, dy, dx = own[keep], partner[keep], dy[keep], dx[keep]
-    agreement = partner * (4 * h * w) + (dy + h) * (2 * w) + (dx + w)
+    own = where[mine].repeat_interleave(sizes, 0)
+    partner = where[other]
+    dy, dx = partner[:, 1] - own[:, 1], partner[:, 2] - own[:, 2]
+    apart = ((partner[:, 3] - own[:, 3]).abs() >= MIN_SHIFT) | ((partner[:, 4] - own[:, 4]).abs() >= MIN_SHIFT)
+    keep = (partner[:, 0] % n != probe) & apart & ((dy.abs() >= MIN_SHIFT) | (dx.abs() >= MIN_SHIFT))
+    own, seen, dy, dx = own[keep], partner[keep, 0], dy[keep], dx[keep]
+    agreement = seen * (4 * side * side) + (dy + side) * (2 * side) + (dx + side)
     _, which, votes = agreement.unique(return_inverse=True, return_counts=True)
     strong = votes[which] >= min_pixels
-    distinct = torch.unique(own[strong] * n + partner[strong])
+    position = own[strong, 1] * w + own[strong, 2]
+    distinct = torch.unique(position * n + seen[strong] % n)
     position, partner_count = torch.unique(distinct // n, return_counts=True)
     return position[partner_count >= partners]
 
@@ -294,31 +353,31 @@ def without_background(boxes: torch.Tensor) -> torch.Tensor:
     return boxes & ~background[:, None, None]
 
 
-_FOUND: dict[tuple[int, bool], tuple[weakref.ref, torch.Tensor, torch.Tensor]] = {}
+_FOUND: dict[tuple[int, bool, bool], tuple[weakref.ref, torch.Tensor, torch.Tensor]] = {}
 
 
-def _found(images: torch.Tensor, tolerant: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`recurring_boxes` of ``images`` with the defaults (and ``tolerant``) and the same
-    without background, computed once per images tensor (the probes are fixed for a run; the
-    finder reads nothing else) and forgotten when the tensor is."""
-    key = (id(images), tolerant)
+def _found(images: torch.Tensor, tolerant: bool = True, turned: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`recurring_boxes` of ``images`` with the defaults (and ``tolerant``, ``turned``) and
+    the same without background, computed once per images tensor (the probes are fixed for a run;
+    the finder reads nothing else) and forgotten when the tensor is."""
+    key = (id(images), tolerant, turned)
     held = _FOUND.get(key)
     if held is not None and held[0]() is images:
         return held[1], held[2]
-    boxes = recurring_boxes(images, tolerant=tolerant)
+    boxes = recurring_boxes(images, tolerant=tolerant, turned=turned)
     masks = without_background(boxes)
     _FOUND[key] = (weakref.ref(images, lambda _, k=key: _FOUND.pop(k, None)), boxes, masks)
     return boxes, masks
 
 
-def recurring_of(images: torch.Tensor, tolerant: bool = True) -> torch.Tensor:
-    """:func:`recurring_masks` of a probe set's ``images`` with the defaults (and ``tolerant``),
-    computed once per images tensor."""
-    return _found(images, tolerant)[1]
+def recurring_of(images: torch.Tensor, tolerant: bool = True, turned: bool = True) -> torch.Tensor:
+    """:func:`recurring_masks` of a probe set's ``images`` with the defaults (and ``tolerant``,
+    ``turned``), computed once per images tensor."""
+    return _found(images, tolerant, turned)[1]
 
 
-def background_of(images: torch.Tensor, tolerant: bool = True) -> int:
+def background_of(images: torch.Tensor, tolerant: bool = True, turned: bool = True) -> int:
     """How many of a probe set's ``images`` hold recurring content that :func:`recurring_of` leaves
     as background (a texture, a pattern, a frame: for the texture, detail and border tests)."""
-    boxes, masks = _found(images, tolerant)
+    boxes, masks = _found(images, tolerant, turned)
     return int((boxes.flatten(1).any(1) & ~masks.flatten(1).any(1)).sum())
