@@ -9,8 +9,10 @@ side by a quarter) at its own place in every other probe:
 - ``textured``: noise at five scales (many structured pixels: natural texture);
 - ``noise``: uniform noise in every pixel (every pixel keyed: the worst case).
 
-Beside each, the exact keys alone (``recurring_masks(..., tolerant=False)``: the finder before
-its tolerant keys, which cost two more tables) and one inference forward of a torchvision
+Beside each, the finder without turned partners (``recurring_masks(..., turned=False)``: the
+finder before them, which key each image's seven turns and match against them), the exact keys
+alone (``tolerant=False, turned=False``: the finder before its tolerant keys, which cost two more
+tables) and one inference forward of a torchvision
 ResNet-18 (``weights=None``) over the same probes, the cost a user knows. Seconds: medians of
 interleaved repeats in this process. Peak memory: how much the process's peak resident memory
 grows while the finder runs, the median of ``--repeats`` fresh processes per case (Linux; the
@@ -92,7 +94,9 @@ def run_size(size: int, args: argparse.Namespace) -> list[dict]:
     model = torchvision.models.resnet18(weights=None).eval()
     sets = {kind: probes(kind, size, args.probes) for kind in args.kinds}
     fns = {f"find {kind}": (lambda images=images: recurring_masks(images)) for kind, images in sets.items()}
-    fns |= {f"exact {kind}": (lambda images=images: recurring_masks(images, tolerant=False))
+    fns |= {f"unturned {kind}": (lambda images=images: recurring_masks(images, turned=False))
+            for kind, images in sets.items()}
+    fns |= {f"exact {kind}": (lambda images=images: recurring_masks(images, tolerant=False, turned=False))
             for kind, images in sets.items()}
 
     def forward() -> None:
@@ -107,6 +111,7 @@ def run_size(size: int, args: argparse.Namespace) -> list[dict]:
         rows.append({"size": size, "kind": kind, "probes": args.probes, "marked": (args.probes + 1) // 2,
                      "found": int(found[0::2].sum()), "found_unmarked": int(found[1::2].sum()),
                      "find_s": statistics.median(times[f"find {kind}"]),
+                     "unturned_s": statistics.median(times[f"unturned {kind}"]),
                      "exact_s": statistics.median(times[f"exact {kind}"]),
                      "forward_s": statistics.median(times["forward"]),
                      "peak_memory_mb": None if grown is None else grown / 2 ** 20})
@@ -115,12 +120,12 @@ def run_size(size: int, args: argparse.Namespace) -> list[dict]:
 
 def print_table(rows: list[dict]) -> None:
     print("\n| size | content | marked probes with a find | unmarked probes with a find | find (s) | "
-          "exact keys alone (s) | ResNet-18 forward (s) | x forward | peak memory growth (MB) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "without turns (s) | exact keys alone (s) | ResNet-18 forward (s) | x forward | peak memory growth (MB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         mem = "-" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}"
         print(f"| {r['size']} | {r['kind']} | {r['found']} of {r['marked']} | {r['found_unmarked']} | "
-              f"{r['find_s']:.2f} | {r['exact_s']:.2f} | {r['forward_s']:.3f} | "
+              f"{r['find_s']:.2f} | {r.get('unturned_s', float('nan')):.2f} | {r['exact_s']:.2f} | {r['forward_s']:.3f} | "
               f"{r['find_s'] / r['forward_s']:.0f} | {mem} |")
 
 

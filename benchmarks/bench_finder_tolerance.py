@@ -1,5 +1,6 @@
 """Does the recurrence finder still find the zoo's cues under sensor noise and JPEG compression,
-and what else does it find? The exact keys alone against exact and tolerant keys, side by side.
+and what else does it find? The exact keys alone, with the tolerant keys, and with turned
+partners too, side by side.
 
 A burnt-in cue is drawn the same in every image that carries it, but the images then go through a
 sensor's noise or a JPEG encoder, and its copies are no longer the same pixels. For every zoo task
@@ -8,15 +9,19 @@ sensor's noise or a JPEG encoder, and its copies are no longer the same pixels. 
 only) are degraded: Gaussian noise of a share of the probes' value range (``noise0.02``), or a
 JPEG encoding at a quality (``jpeg75``; 8 bits a channel). Per task and degradation, for each
 finder (``exact``: :func:`~cam_monitor.probes.recurrence.recurring_masks` with
-``tolerant=False``; ``tolerant``: the default):
+``tolerant=False, turned=False``; ``tolerant``: ``turned=False``, the finder before turned
+partners; ``turned``: the default, tolerant keys and the partners turned by the square's
+symmetries):
 
 - ``found``: probes carrying the cue whose masks hold at least half of it, of ``cue probes``;
 - ``off the cue``: probes with found pixels more than half a neighbourhood from the cue (an
   object, a background) and, of those, ``on an object``;
-- ``clean changed``: (clean images only) probes whose masks differ between the two finders.
+- ``clean changed``: (clean images only) probes whose masks differ between the exact and the
+  tolerant finder.
 
     python benchmarks/bench_finder_tolerance.py [--bases digits,shapes] [--seeds 4]
     python benchmarks/bench_finder_tolerance.py --degradations clean --first-seed 1100 --seeds 89
+    python benchmarks/bench_finder_tolerance.py --cues ruler --degradations clean,noise0.02 --out rulers.json
 
 Prints a Markdown table and writes ``benchmarks/results/finder_tolerance_cpu.json``.
 """
@@ -38,7 +43,7 @@ from cam_monitor.demo.zoo import truth_probes  # noqa: E402
 from cam_monitor.probes.recurrence import NEIGHBOURHOOD, recurring_masks  # noqa: E402
 
 DEGRADATIONS = ("clean", "noise0.01", "noise0.02", "noise0.03", "jpeg90", "jpeg75")
-FINDERS = {"exact": False, "tolerant": True}
+FINDERS = {"exact": {"tolerant": False, "turned": False}, "tolerant": {"turned": False}, "turned": {}}
 
 
 def scored(found: torch.Tensor, cue: torch.Tensor, objects: torch.Tensor | None) -> dict:
@@ -61,13 +66,13 @@ def run_task(base: str, cue: str, seed: int, degradations: tuple[str, ...] = DEG
     for how in degradations:
         images = degraded(probes.images.float(), how, torch.Generator().manual_seed(seed))
         masks = {}
-        for name, tolerant in FINDERS.items():
+        for name, finder in FINDERS.items():
             start = time.perf_counter()
-            masks[name] = recurring_masks(images, tolerant=tolerant)
+            masks[name] = recurring_masks(images, **finder)
             rows.append({"base": base, "cue": cue, "seed": seed, "degradation": how, "finder": name,
                          "seconds": time.perf_counter() - start, **scored(masks[name], truth, objects)})
         changed = int((masks["exact"] ^ masks["tolerant"]).flatten(1).any(1).sum())
-        rows[-1]["clean_changed"] = changed if how == "clean" else None
+        {r["finder"]: r for r in rows[-len(FINDERS):]}["tolerant"]["clean_changed"] = changed if how == "clean" else None
     return rows
 
 
@@ -88,17 +93,18 @@ def summary(rows: list[dict]) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    print("\n| base | cue | degradation | cue probes | found: exact | found: tolerant | off the cue (on an object): "
-          "exact | tolerant | clean changed |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| base | cue | degradation | cue probes | found: exact | tolerant | turned | off the cue (on an object): "
+          "exact | tolerant | turned | clean changed |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     pairs: dict[tuple, dict] = {}
     for r in rows:
         pairs.setdefault((r["base"], r["cue"], r["degradation"]), {})[r["finder"]] = r
     for (base, cue, how), p in pairs.items():
-        e, t = p["exact"], p["tolerant"]
+        e, t, u = p["exact"], p["tolerant"], p["turned"]
         changed = "" if t["clean_changed"] is None else str(t["clean_changed"])
-        print(f"| {base} | {cue} | {how} | {e['cue_probes']} | {e['found']} | {t['found']} | "
-              f"{e['off_cue']} ({e['off_on_object']}) | {t['off_cue']} ({t['off_on_object']}) | {changed} |")
+        print(f"| {base} | {cue} | {how} | {e['cue_probes']} | {e['found']} | {t['found']} | {u['found']} | "
+              f"{e['off_cue']} ({e['off_on_object']}) | {t['off_cue']} ({t['off_on_object']}) | "
+              f"{u['off_cue']} ({u['off_on_object']}) | {changed} |")
 
 
 def main(argv: list[str] | None = None) -> None:

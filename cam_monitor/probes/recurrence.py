@@ -259,11 +259,27 @@ def _found_in_tables(images: torch.Tensor, tables: list[tuple[float | None, int,
     found = torch.zeros(n, h * w, dtype=torch.bool)
     for offset, least, common in tables:
         ways = pixel_keys(images, offset, turned)
-        keys = torch.cat([k[s] for k, s in ways])
-        where = torch.cat([_places(s, t * n, (h, w), t) for t, (_, s) in enumerate(ways)])
+        keys, where = _keyed_places(ways, (n, h, w))
         for probe, positions in _found_in_table(keys, where, (len(ways), n, h, w), least, partners, common, probes):
             found[probe, positions] = True
     return found
+
+
+def _keyed_places(ways: list[tuple[torch.Tensor, torch.Tensor]],
+                  shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M,) keys and (M, 5) places (:func:`_places`) of the keyed pixels of every way of seeing
+    the N x H x W probes (:func:`pixel_keys`): all of the probes as they are, and of their turned
+    copies those whose key the probes as they are hold too (no other can agree with theirs), so
+    the eight ways of a 224 px probe set do not take eight times the memory."""
+    n, h, w = shape
+    as_is = ways[0][0][ways[0][1]]
+    keys, places = [as_is], [_places(ways[0][1], 0, (h, w), 0)]
+    for way, (turned_keys, structured) in enumerate(ways[1:], 1):
+        kept = structured.clone()
+        kept[structured] = torch.isin(turned_keys[structured], as_is)
+        keys.append(turned_keys[kept])
+        places.append(_places(kept, way * n, (h, w), way))
+    return torch.cat(keys), torch.cat(places)
 
 
 def _places(structured: torch.Tensor, first: int, shape: tuple[int, int], way: int) -> torch.Tensor:
