@@ -125,7 +125,8 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         mem = "-" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}"
         print(f"| {r['size']} | {r['kind']} | {r['found']} of {r['marked']} | {r['found_unmarked']} | "
-              f"{r['find_s']:.2f} | {r.get('unturned_s', float('nan')):.2f} | {r['exact_s']:.2f} | {r['forward_s']:.3f} | "
+              f"{r['find_s']:.2f} | {r.get('unturned_s', float('nan')):.2f} | {r['exact_s']:.2f} | "
+              f"{r['forward_s']:.3f} | "
               f"{r['find_s'] / r['forward_s']:.0f} | {mem} |")
 
 

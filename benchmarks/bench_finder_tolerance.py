@@ -72,7 +72,8 @@ def run_task(base: str, cue: str, seed: int, degradations: tuple[str, ...] = DEG
             rows.append({"base": base, "cue": cue, "seed": seed, "degradation": how, "finder": name,
                          "seconds": time.perf_counter() - start, **scored(masks[name], truth, objects)})
         changed = int((masks["exact"] ^ masks["tolerant"]).flatten(1).any(1).sum())
-        {r["finder"]: r for r in rows[-len(FINDERS):]}["tolerant"]["clean_changed"] = changed if how == "clean" else None
+        tolerant = next(r for r in rows[-len(FINDERS):] if r["finder"] == "tolerant")
+        tolerant["clean_changed"] = changed if how == "clean" else None
     return rows
 
 

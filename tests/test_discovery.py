@@ -890,7 +890,8 @@ def test_without_masks_the_recurring_arm_tests_a_tag_drawn_the_same_in_several_p
     # around this flat square too, and its box (12 x 12 of 32 x 32) is over MAX_SHARE: background
     upright = DiscoverySettings(recurring_turned=False)
     assert "recurring" in arms_run(upright, (4, 4), noisy)
-    assert "recurring" not in arms_run(DiscoverySettings(recurring_tolerant=False, recurring_turned=False), (4, 4), noisy)
+    exact = DiscoverySettings(recurring_tolerant=False, recurring_turned=False)
+    assert "recurring" not in arms_run(exact, (4, 4), noisy)
     maps = one_cell_maps(len(probes), (1, 1))
     for model, expected in ((TagModel(True), 1.0), (CentreOnly(), 0.0)):
         preds = model(probes.images).argmax(1)

@@ -16,5 +16,5 @@ from .skill import beats_chance, skill_p, skilled
 __all__ = ["ARMS", "FIRST_STAGE", "LOCAL", "MARKED", "MIN_DETAIL_GRID", "RECURRING", "TEST_NAMES", "Discovery",
            "DiscoverySettings", "Pair", "PairedArm", "PasteTest", "Predict", "Suspect", "Windows", "arm_shares",
            "arms_run", "beats_chance", "cells_to_pixels", "control_box", "credited_place", "detail_runs", "discover",
-           "find_suspects", "fit_box", "graded", "marks_testable", "open_shares", "pastes", "plan_tests", "recipients_of",
-           "recurring_in", "second_stage_weights", "share_out", "skill_p", "skilled", "window_side"]
+           "find_suspects", "fit_box", "graded", "marks_testable", "open_shares", "pastes", "plan_tests",
+           "recipients_of", "recurring_in", "second_stage_weights", "share_out", "skill_p", "skilled", "window_side"]

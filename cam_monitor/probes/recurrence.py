@@ -5,8 +5,9 @@ A stamp, a burnt-in text tag, a ruler or a watermark is drawn by a machine: the 
 every image that carries it, at whatever place, up to the noise and the compression the image
 went through afterwards. An object is not: two photographs, scans or drawings of the same kind of
 thing never agree over a patch of any size. So a patch of one probe that reappears, shifted as
-one piece, in several other probes (or turned: see below) is a candidate cue, found without the model's credit, which on
-any model points at the most class-bearing part of the object (the reason the mask-free paste
+one piece (or turned: see below), in several other probes is a candidate cue, found without the
+model's credit, which on any model points at the most class-bearing part of the object (the
+reason the mask-free paste
 test cannot size a window for a cue wider than one cell: see the reference, "Mask-free shortcut
 discovery", item 2). The marked arm then tests the found pixels as it tests a user's marks.
 
@@ -48,8 +49,8 @@ others as they are and turned by each other symmetry of a square (:data:`TURNS`:
 each mirrored or not; :func:`turn`); one unfold per image keys all eight, a turned image's keys
 being its neighbourhoods' features in turned places. A turned partner's key counts only where
 it is not seen more often than the table's cap per probe and way (an object's edges are common
-in every direction), and the cap and the finds of the probes' own orientation are as without
-turns, so turns only add finds. On the zoo's rulers (drawn along one of four sides, so of the six
+in every direction); the cap and the pairs at the probes' own orientation are as without turns,
+so turns only add agreeing pairs. On the zoo's rulers (drawn along one of four sides, so of the six
 or so probes of a class few share a side) they raised the probes found from 56 to 224 of 256 on
 clean digits and from 3 to 119 under noise (``benchmarks/bench_finder_tolerance.py``).
 
@@ -318,8 +319,8 @@ def _found_in_table(keys: torch.Tensor, where: torch.Tensor, shape: tuple[int, i
 
 class Keyed(NamedTuple):
     """The keyed pixels of a probe set sorted into groups of equal keys: ``where`` (M, 5) each
-    one's (probe, row, column, row and column before turning) (:func:`_places`), ``group`` (M,) its group, and per group its first index
-    (``starts``) and size (``counts``)."""
+    one's (probe, row, column, row and column before turning) (:func:`_places`), ``group`` (M,)
+    its group, and per group its first index (``starts``) and size (``counts``)."""
 
     where: torch.Tensor
     group: torch.Tensor
