@@ -255,31 +255,75 @@ def _found_in_tables(images: torch.Tensor, tables: list[tuple[float | None, int,
     """(N, H*W) bool: the pixels of the ``probes`` (N,) bool of ``images`` that agree
     (:func:`_agreeing`, every probe a possible partner, as it is and, with ``turned``, turned) in
     any of ``tables``, each (the keys' ``offset`` for :func:`pixel_keys`, the least agreement, the
-    most occurrences of a key per probe: :func:`_found_in_table`)."""
+    most occurrences of a key per probe: :func:`_usable_keys`). The turned partners are paired
+    one way at a time, so a 224 px probe set's eight ways are never listed at once."""
     n, _, h, w = images.shape
     found = torch.zeros(n, h * w, dtype=torch.bool)
     for offset, least, common in tables:
         ways = pixel_keys(images, offset, turned)
-        keys, where = _keyed_places(ways, (n, h, w))
-        for probe, positions in _found_in_table(keys, where, (len(ways), n, h, w), least, partners, common, probes):
-            found[probe, positions] = True
+        usable = _usable_keys(ways, n, common)
+        agreed: dict[int, list[torch.Tensor]] = {}
+        for way in range(len(ways)):
+            keys, where = _listed(ways, way, usable, (n, h, w))
+            for probe, pairs in _found_in_table(keys, where, (n, h, w), least, probes, way > 0):
+                agreed.setdefault(probe, []).append(pairs)
+        for probe, pairs in agreed.items():
+            position, partner_count = torch.unique(torch.unique(torch.cat(pairs)) // n, return_counts=True)
+            found[probe, position[partner_count >= partners]] = True
     return found
 
 
-def _keyed_places(ways: list[tuple[torch.Tensor, torch.Tensor]],
-                  shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(M,) keys and (M, 5) places (:func:`_places`) of the keyed pixels of every way of seeing
-    the N x H x W probes (:func:`pixel_keys`): all of the probes as they are, and of their turned
-    copies those whose key the probes as they are hold too (no other can agree with theirs), so
-    the eight ways of a 224 px probe set do not take eight times the memory."""
+class Usable(NamedTuple):
+    """The keys of one table that can place anything (:func:`_usable_keys`): ``keys`` (K,) the
+    probes' own keys, sorted; ``as_is`` (K,) bool, usable by the probes as they are; ``turned``
+    (K,) bool, usable by their turned copies too; ``own`` each keyed pixel's of the probes as
+    they are, its key's index in ``keys``."""
+
+    keys: torch.Tensor
+    as_is: torch.Tensor
+    turned: torch.Tensor
+    own: torch.Tensor
+
+
+def _usable_keys(ways: list[tuple[torch.Tensor, torch.Tensor]], n: int, common: float) -> Usable:
+    """Which keys of :func:`pixel_keys`'s ``ways`` of seeing ``n`` probes can place anything. A key
+    seen once, or more than ``common`` times per probe as the probes are, places nothing; a
+    turned copy's pixel counts only where its key is one of the probes' own and is not seen more
+    than ``common`` times per probe and way over every way (an object's edges are common in
+    every direction). Counted way by way against the probes' own keys."""
+    keys, own, as_is = ways[0][0][ways[0][1]].unique(return_inverse=True, return_counts=True)
+    every = as_is.clone()
+    for turned_keys, structured in ways[1:]:
+        at, hit = _lookup(keys, turned_keys[structured])
+        every += torch.bincount(at[hit], minlength=len(keys))
+    turned = every <= common * n * len(ways)
+    usable = (torch.where(turned, every, as_is) >= 2) & (as_is <= common * n)
+    return Usable(keys, usable, usable & turned, own)
+
+
+def _lookup(keys: torch.Tensor, wanted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each of ``wanted`` sits in the sorted ``keys``, and whether it is there."""
+    at = torch.searchsorted(keys, wanted).clamp_max(max(len(keys) - 1, 0))
+    return at, keys[at] == wanted if len(keys) else torch.zeros_like(wanted, dtype=torch.bool)
+
+
+def _listed(ways: list[tuple[torch.Tensor, torch.Tensor]], way: int, usable: Usable,
+            shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M,) keys and (M, 5) places (:func:`_places`) of the keyed pixels one pairing lists: the
+    probes as they are with a key ``usable`` by them (``way`` 0), or with a key usable by turned
+    copies, and the probes turned the ``way`` of :func:`turn` with such a key."""
     n, h, w = shape
-    as_is = ways[0][0][ways[0][1]]
-    keys, places = [as_is], [_places(ways[0][1], 0, (h, w), 0)]
-    for way, (turned_keys, structured) in enumerate(ways[1:], 1):
-        kept = structured.clone()
-        kept[structured] = torch.isin(turned_keys[structured], as_is)
-        keys.append(turned_keys[kept])
-        places.append(_places(kept, way * n, (h, w), way))
+    listed = [(0, usable.as_is)] if way == 0 else [(0, usable.turned), (way, usable.turned)]
+    keys, places = [], []
+    for at_way, allowed in listed:
+        way_keys, structured = ways[at_way]
+        flat = way_keys[structured]
+        at, hit = (usable.own, True) if at_way == 0 else _lookup(usable.keys, flat)
+        kept = hit & allowed[at]
+        chosen = structured.clone()
+        chosen[structured] = kept
+        keys.append(flat[kept])
+        places.append(_places(chosen, at_way * n, (h, w), at_way))
     return torch.cat(keys), torch.cat(places)
 
 
@@ -293,34 +337,35 @@ def _places(structured: torch.Tensor, first: int, shape: tuple[int, int], way: i
     return torch.stack([probe + first, flat // width, flat % width, rows, cols], 1)
 
 
-def _found_in_table(keys: torch.Tensor, where: torch.Tensor, shape: tuple[int, int, int, int], min_pixels: int,
-                    partners: int, common: float, probes: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
-    """Per one of ``probes`` with keyed pixels, the flat positions of those that agree
-    (:func:`_agreeing`) in one table of ``keys`` (M,) of the keyed pixels at ``where`` (M, 5)
-    (:func:`_places`) of ``shape`` (ways of seeing the N probes, N, H, W: probes from N on are
-    the first N turned, partners only). A key seen more than ``common`` times per probe as the
-    probes are places nothing, and a turned copy's key counts only where it is not seen more
-    often than that per probe and way: an object's edges are common in every direction."""
-    ways, n = shape[:2]
+def _found_in_table(keys: torch.Tensor, where: torch.Tensor, shape: tuple[int, int, int], min_pixels: int,
+                    probes: torch.Tensor, turned_only: bool) -> list[tuple[int, torch.Tensor]]:
+    """Per one of ``probes`` with keyed pixels, its pixels' agreements (:func:`_agreeing`) in one
+    pairing of ``keys`` (M,) of the keyed pixels at ``where`` (M, 5) (:func:`_listed`; probes
+    from N on are the N probes of ``shape`` (N, H, W) turned, partners only, the only partners
+    where ``turned_only``)."""
+    n = shape[0]
     order = keys.argsort(stable=True)
     where, keys = where[order], keys[order]
-    _, inverse, counts = keys.unique_consecutive(return_inverse=True, return_counts=True)
-    as_is = torch.zeros_like(counts).index_add_(0, inverse, (where[:, 0] < n).long())
-    turned = counts <= common * n * ways
-    counts = torch.where(turned, counts, as_is)
-    usable = (counts >= 2) & (as_is >= 1) & (as_is <= common * n)
-    keep = usable[inverse] & ((where[:, 0] < n) | turned[inverse])
-    where, counts = where[keep], counts[usable]
-    keyed = Keyed(where, torch.arange(len(counts)).repeat_interleave(counts), torch.cumsum(counts, 0) - counts, counts)
-    own = where[:, 0]
-    return [(probe, _agreeing(keyed, probe, shape[1:], min_pixels, partners))
-            for probe in own[own < n].unique().tolist() if probes[probe]]
+    counts = keys.unique_consecutive(return_counts=True)[1]
+    group = torch.arange(len(counts)).repeat_interleave(counts)
+    starts = torch.cumsum(counts, 0) - counts
+    if turned_only:  # a group lists the probes' own pixels first (a stable sort of them listed first)
+        own_counts = torch.zeros_like(counts).index_add_(0, group, (where[:, 0] < n).long())
+        starts, counts = starts + own_counts, counts - own_counts
+    keyed = Keyed(where, group, starts, counts)
+    listed = where[:, 0]
+    mine = (listed < n).nonzero()[:, 0]
+    mine = mine[listed[mine].argsort(stable=True)]
+    owners, sizes = listed[mine].unique_consecutive(return_counts=True)
+    return [(probe, _agreeing(keyed, probe, pixels, shape, min_pixels))
+            for probe, pixels in zip(owners.tolist(), mine.split(sizes.tolist())) if probes[probe]]
 
 
 class Keyed(NamedTuple):
     """The keyed pixels of a probe set sorted into groups of equal keys: ``where`` (M, 5) each
     one's (probe, row, column, row and column before turning) (:func:`_places`), ``group`` (M,)
-    its group, and per group its first index (``starts``) and size (``counts``)."""
+    its group, and per group the first index (``starts``) and number (``counts``) of the entries
+    that are partners (all of them, or the turned ones only)."""
 
     where: torch.Tensor
     group: torch.Tensor
@@ -328,35 +373,33 @@ class Keyed(NamedTuple):
     counts: torch.Tensor
 
 
-def _agreeing(keyed: Keyed, probe: int, shape: tuple[int, int, int], min_pixels: int, partners: int) -> torch.Tensor:
-    """The flat positions of ``probe``'s keyed pixels that agree with at least ``partners`` other
-    probes, each at one shift of at least :data:`MIN_SHIFT` pixels carrying at least
+def _agreeing(keyed: Keyed, probe: int, mine: torch.Tensor, shape: tuple[int, int, int], min_pixels: int) -> torch.Tensor:
+    """Codes ``position * N + partner`` of ``probe``'s keyed pixels (entries ``mine`` of ``keyed``) and the other probes they agree
+    with, each at one shift of at least :data:`MIN_SHIFT` pixels carrying at least
     ``min_pixels`` equal keys, as it is or turned (probes numbered from N on; the probe's own
-    turns are not partners). A pair of pixels counts where they sit at least :data:`MIN_SHIFT`
-    apart both in their images as they are and after the partner's turn: aligned images share
-    content at the same place (a turned partner's too, whatever its shift after turning), and
-    an aligned object that the turn leaves alike (a centred '0' turned a half) at the same place
-    after turning. One probe at a time: the pairs of a whole probe set of 224 px images took
-    gigabytes at once."""
+    turns are not partners). A pair of pixels counts where
+    they sit at least :data:`MIN_SHIFT` apart both in their images as they are and after the
+    partner's turn: aligned images share content at the same place (a turned partner's too,
+    whatever its shift after turning), and an aligned object that the turn leaves alike (a
+    centred '0' turned a half) at the same place after turning. One probe at a time: the pairs
+    of a whole probe set of 224 px images took gigabytes at once."""
     n, h, w = shape
     side = max(h, w)
     where = keyed.where
-    mine = (where[:, 0] == probe).nonzero()[:, 0]
     sizes = keyed.counts[keyed.group[mine]]
     other = keyed.starts[keyed.group[mine]].repeat_interleave(sizes) + _ranks(sizes)
-    own = where[mine].repeat_interleave(sizes, 0)
-    partner = where[other]
-    dy, dx = partner[:, 1] - own[:, 1], partner[:, 2] - own[:, 2]
-    apart = ((partner[:, 3] - own[:, 3]).abs() >= MIN_SHIFT) | ((partner[:, 4] - own[:, 4]).abs() >= MIN_SHIFT)
-    keep = (partner[:, 0] % n != probe) & apart & ((dy.abs() >= MIN_SHIFT) | (dx.abs() >= MIN_SHIFT))
-    own, seen, dy, dx = own[keep], partner[keep, 0], dy[keep], dx[keep]
+    own = mine.repeat_interleave(sizes)
+    seen = where[other, 0]
+    keep = seen % n != probe
+    own, other, seen = own[keep], other[keep], seen[keep]
+    dy, dx = where[other, 1] - where[own, 1], where[other, 2] - where[own, 2]
+    apart = ((where[other, 3] - where[own, 3]).abs() >= MIN_SHIFT) | ((where[other, 4] - where[own, 4]).abs() >= MIN_SHIFT)
+    keep = apart & ((dy.abs() >= MIN_SHIFT) | (dx.abs() >= MIN_SHIFT))
+    own, seen, dy, dx = own[keep], seen[keep], dy[keep], dx[keep]
     agreement = seen * (4 * side * side) + (dy + side) * (2 * side) + (dx + side)
     _, which, votes = agreement.unique(return_inverse=True, return_counts=True)
     strong = votes[which] >= min_pixels
-    position = own[strong, 1] * w + own[strong, 2]
-    distinct = torch.unique(position * n + seen[strong] % n)
-    position, partner_count = torch.unique(distinct // n, return_counts=True)
-    return position[partner_count >= partners]
+    return torch.unique((where[own[strong], 1] * w + where[own[strong], 2]) * n + seen[strong] % n)
 
 
 def without_background(boxes: torch.Tensor) -> torch.Tensor:
