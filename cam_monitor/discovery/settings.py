@@ -125,7 +125,9 @@ class DiscoverySettings:
         recurring_turned: let the recurring arm also find copies turned by quarter turns or
             mirrored (a ruler or a scale bar laid along whichever side of the object, a marker on
             a mirrored scan: each probe's content against the other probes turned by the square's
-            eight symmetries). False finds copies at the same orientation only.
+            eight symmetries). False finds copies at the same orientation only: a finder 1.4 to 7
+            times cheaper, once per probe set (about 110 s against 16 s for 64 noisy 224 px probes
+            on one core), that misses a ruler laid along different sides in different probes.
         marked_test: where the probes carry spurious masks, run the marked arm: a probe's marked
             pixels put into a probe of another class (its own marked region filled first),
             against the same pixels from a box of the mark's size elsewhere in the source. It asks
